@@ -1,0 +1,77 @@
+"""The one canonical example type every reader produces and every later stage consumes.
+
+Readers differ wildly in format (PRM800K JSONL trajectories, eQASC question arrays, REVEAL
+multi-row CSV); after reading they all become `Example`s, so rendering, batching, mixing and
+evaluation never need to know where an example came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections import Counter
+from typing import Optional, Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """A problem and its reasoning steps, with one target per step.
+
+  `targets[i]` is a float in [0, 1] (the probability that step i is correct) or None for a
+  step that is shown to the model but not supervised.
+  """
+
+  source: str
+  id: str
+  problem: str
+  steps: tuple[str, ...]
+  targets: tuple[Optional[float], ...]
+
+  def __post_init__(self):
+    if len(self.steps) != len(self.targets):
+      raise ValueError(f"{self.source}/{self.id}: {len(self.steps)} steps but {len(self.targets)} targets")
+    for t in self.targets:
+      if t is not None and not 0.0 <= t <= 1.0:
+        raise ValueError(f"{self.source}/{self.id}: target {t} outside [0, 1]")
+
+  def to_json(self) -> dict:
+    return {"source": self.source, "id": self.id, "problem": self.problem,
+            "steps": list(self.steps), "targets": list(self.targets)}
+
+
+class SkipCounter:
+  """Thread-safe count of skipped records by (source, reason).
+
+  grain reads sources from a thread pool, so skips are counted under a lock. Counts are
+  reported in logs and in final_results.json: bad input is never silently dropped.
+  """
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._counts: Counter = Counter()
+
+  def add(self, source: str, reason: str, n: int = 1) -> None:
+    with self._lock:
+      self._counts[(source, reason)] += n
+
+  def as_dict(self) -> dict[str, dict[str, int]]:
+    with self._lock:
+      out: dict[str, dict[str, int]] = {}
+      for (source, reason), n in sorted(self._counts.items()):
+        out.setdefault(source, {})[reason] = n
+      return out
+
+  def total(self) -> int:
+    with self._lock:
+      return sum(self._counts.values())
+
+
+class BadRecord(ValueError):
+  """Raised (in strict mode) for a record that cannot be read; names file and line."""
+
+
+def format_location(path: str, line: int | None) -> str:
+  return f"{path}:{line}" if line is not None else path
+
+
+__all__ = ["Example", "SkipCounter", "BadRecord", "format_location", "Sequence"]
