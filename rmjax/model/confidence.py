@@ -1,0 +1,36 @@
+"""Decoder + confidence head: token batch in, one logit per marker slot out.
+
+Why it exists: training, evaluation and scoring all need the same composition: run the
+decoder, gather the hidden state at each `<CONFIDENCE>` marker position, apply the head.
+Keeping it in one module gives one param tree `{"decoder": ..., "head": ...}` that LoRA
+labelling, checkpoints and export all address by path.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rmjax.model.config import ModelConfig
+from rmjax.model.head import ConfidenceHead, HeadConfig
+from rmjax.model.transformer import Decoder
+
+
+def gather_markers(hidden_BTD: jax.Array, marker_positions_BM: jax.Array) -> jax.Array:
+  """Hidden states at marker positions: (B, T, D), (B, M) -> (B, M, D)."""
+  return jnp.take_along_axis(hidden_BTD, marker_positions_BM[..., None].astype(jnp.int32), axis=1)
+
+
+class ConfidenceModel(nn.Module):
+  """Returns pre-sigmoid float32 logits (B, M); dropout uses the "dropout" rng."""
+  model_cfg: ModelConfig
+  head_cfg: HeadConfig
+
+  @nn.compact
+  def __call__(self, input_ids_BT: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
+               marker_positions_BM: jax.Array, deterministic: bool = True) -> jax.Array:
+    hidden_BTD = Decoder(self.model_cfg, name="decoder")(input_ids_BT, positions_BT, segment_ids_BT)
+    h_BMD = gather_markers(hidden_BTD, marker_positions_BM).astype(jnp.float32)
+    logits_BM1 = ConfidenceHead(self.head_cfg, name="head")(h_BMD, deterministic=deterministic)
+    return logits_BM1[..., 0].astype(jnp.float32)

@@ -1,0 +1,209 @@
+"""The decoder backbone (Qwen3 / Qwen2 / Llama) in Flax linen, hidden states only.
+
+Why it exists: transformers 5 has no Flax models, so the JAX decoder is ours. It must match
+transformers' hidden states to 1e-5 in fp32 (tests/test_model_parity.py), train with LoRA,
+and compile fast for deep models. Hence:
+  * layers stacked with `nn.scan` (one compiled layer body; params carry a leading layer axis),
+    optional `nn.remat` per layer with a named checkpoint policy;
+  * attention through `jax.nn.dot_product_attention`, causal and restricted to equal nonzero
+    segment ids (0 = padding), which also makes sequence packing correct;
+  * RoPE from explicit position ids (HF rotate_half layout, llama3/linear scaling);
+  * the `<CONFIDENCE>` marker's embedding row is its own parameter `embed/marker`, so LoRA can
+    train it while the embedding matrix stays frozen;
+  * no vocabulary logits, ever: the output is the final-normed hidden state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rmjax.model.config import ModelConfig
+
+Array = jax.Array
+_EMBED_INIT = nn.initializers.normal(stddev=0.02)
+# peft's LoRA A init (kaiming_uniform, a=sqrt(5)) is uniform(+-1/sqrt(fan_in)).
+_LORA_A_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+_REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
+  "full": None,
+  "nothing_saveable": None,
+  "dots_saveable": jax.checkpoint_policies.dots_saveable,
+  "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _dtype(name: str) -> jnp.dtype:
+  return jnp.dtype(name)
+
+
+# -- rope ----------------------------------------------------------------------------------------
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+  """Inverse frequencies (head_dim/2,), float32, computed as transformers does."""
+  dim = cfg.head_dim
+  exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+  inv_freq = (np.float32(1.0) / (np.float32(cfg.rope_theta) ** exponent)).astype(np.float32)
+  rs = cfg.rope_scaling
+  if rs is None or rs.rope_type == "default":
+    return inv_freq
+  if rs.rope_type == "linear":
+    return (inv_freq / np.float32(rs.factor)).astype(np.float32)
+  old_len = rs.original_max_position_embeddings
+  low_wavelen, high_wavelen = old_len / rs.low_freq_factor, old_len / rs.high_freq_factor
+  wavelen = (np.float32(2 * math.pi) / inv_freq).astype(np.float32)
+  scaled = np.where(wavelen > low_wavelen, inv_freq / np.float32(rs.factor), inv_freq).astype(np.float32)
+  smooth = ((old_len / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)).astype(np.float32)
+  smoothed = ((1 - smooth) * scaled / np.float32(rs.factor) + smooth * scaled).astype(np.float32)
+  medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions_BT: Array) -> tuple[Array, Array]:
+  """cos/sin tables (B, T, head_dim) in float32 for explicit positions."""
+  freqs_BTF = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+  emb_BTH = jnp.concatenate([freqs_BTF, freqs_BTF], axis=-1)
+  return jnp.cos(emb_BTH), jnp.sin(emb_BTH)
+
+
+def apply_rope(x_BTNH: Array, cos_BTH: Array, sin_BTH: Array) -> Array:
+  half = x_BTNH.shape[-1] // 2
+  rotated = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
+  cos, sin = cos_BTH[:, :, None, :].astype(x_BTNH.dtype), sin_BTH[:, :, None, :].astype(x_BTNH.dtype)
+  return x_BTNH * cos + rotated * sin
+
+
+def attention_mask(segment_ids_BT: Array) -> Array:
+  """(B, 1, T, T) bool: causal, same nonzero segment. The diagonal is always on so padded
+  query rows are never fully masked (no NaN/garbage from any attention implementation)."""
+  t = segment_ids_BT.shape[1]
+  causal_TT = jnp.tril(jnp.ones((t, t), dtype=bool))
+  seg_q, seg_k = segment_ids_BT[:, :, None], segment_ids_BT[:, None, :]
+  same_BTT = (seg_q == seg_k) & (seg_k != 0)
+  return ((same_BTT & causal_TT) | jnp.eye(t, dtype=bool))[:, None]
+
+
+# -- building blocks -----------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+  """HF RMSNorm: normalise in float32, cast back, multiply by the scale."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), _dtype(self.cfg.param_dtype))
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+    return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Proj(nn.Module):
+  """Linear layer with kernel stored (in, out), optional bias and optional LoRA (A, B)."""
+  cfg: ModelConfig
+  features: int
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg, pdt, cdt = self.cfg, _dtype(self.cfg.param_dtype), _dtype(self.cfg.compute_dtype)
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), pdt)
+    y = jnp.dot(x, kernel.astype(cdt))
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), pdt).astype(cdt)
+    if cfg.lora_rank > 0 and self.name in cfg.lora_targets:
+      # LoRA params are float32 whatever param_dtype is: they are the trained weights.
+      a = self.param("lora_a", _LORA_A_INIT, (x.shape[-1], cfg.lora_rank), jnp.float32)
+      b = self.param("lora_b", nn.initializers.zeros, (cfg.lora_rank, self.features), jnp.float32)
+      y = y + (cfg.lora_alpha / cfg.lora_rank) * jnp.dot(jnp.dot(x, a.astype(cdt)), b.astype(cdt))
+    return y
+
+
+class Embed(nn.Module):
+  """Token embedding; ids equal to cfg.marker_id read the separate `marker` vector."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, input_ids_BT: Array) -> Array:
+    cfg, cdt = self.cfg, _dtype(self.cfg.compute_dtype)
+    table_VD = self.param("embedding", _EMBED_INIT, (cfg.vocab_size, cfg.hidden_size),
+                          _dtype(cfg.param_dtype))
+    x_BTD = jnp.take(table_VD, input_ids_BT, axis=0).astype(cdt)
+    if cfg.marker_id is not None:
+      marker_D = self.param("marker", _EMBED_INIT, (cfg.hidden_size,), jnp.float32)
+      x_BTD = jnp.where((input_ids_BT == cfg.marker_id)[..., None], marker_D.astype(cdt), x_BTD)
+    return x_BTD
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: Array, cos_BTH: Array, sin_BTH: Array, mask_B1TT: Array) -> Array:
+    cfg = self.cfg
+    b, t, _ = x_BTD.shape
+    n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q_BTNH = Proj(cfg, n * h, cfg.attention_bias, name="q_proj")(x_BTD).reshape(b, t, n, h)
+    k_BTKH = Proj(cfg, k * h, cfg.attention_bias, name="k_proj")(x_BTD).reshape(b, t, k, h)
+    v_BTKH = Proj(cfg, k * h, cfg.attention_bias, name="v_proj")(x_BTD).reshape(b, t, k, h)
+    if cfg.qk_norm:
+      q_BTNH = RMSNorm(cfg, name="q_norm")(q_BTNH)
+      k_BTKH = RMSNorm(cfg, name="k_norm")(k_BTKH)
+    q_BTNH = apply_rope(q_BTNH, cos_BTH, sin_BTH)
+    k_BTKH = apply_rope(k_BTKH, cos_BTH, sin_BTH)
+    out_BTNH = jax.nn.dot_product_attention(
+      q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TT, scale=h ** -0.5, implementation=cfg.attention_impl)
+    return Proj(cfg, cfg.hidden_size, cfg.o_bias, name="o_proj")(out_BTNH.reshape(b, t, n * h))
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: Array) -> Array:
+    cfg = self.cfg
+    gate = Proj(cfg, cfg.intermediate_size, name="gate_proj")(x_BTD)
+    up = Proj(cfg, cfg.intermediate_size, name="up_proj")(x_BTD)
+    return Proj(cfg, cfg.hidden_size, name="down_proj")(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm block; scan-shaped: (carry, *broadcast) -> (carry, None)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: Array, cos_BTH: Array, sin_BTH: Array, mask_B1TT: Array):
+    cfg = self.cfg
+    h = x_BTD + Attention(cfg, name="attn")(RMSNorm(cfg, name="input_norm")(x_BTD), cos_BTH, sin_BTH, mask_B1TT)
+    out = h + MLP(cfg, name="mlp")(RMSNorm(cfg, name="post_attn_norm")(h))
+    return out.astype(x_BTD.dtype), None
+
+
+def _layer_class(cfg: ModelConfig) -> type[nn.Module]:
+  if cfg.remat == "none":
+    return DecoderLayer
+  return nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+
+
+class Decoder(nn.Module):
+  """input_ids/positions/segment_ids (B, T) -> final-normed hidden states (B, T, D)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, input_ids_BT: Array, positions_BT: Array, segment_ids_BT: Array) -> Array:
+    cfg = self.cfg
+    x_BTD = Embed(cfg, name="embed")(input_ids_BT)
+    cos_BTH, sin_BTH = rope_cos_sin(cfg, positions_BT)
+    mask_B1TT = attention_mask(segment_ids_BT)
+    layers = nn.scan(_layer_class(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
+                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers)
+    x_BTD, _ = layers(cfg, name="layers")(x_BTD, cos_BTH, sin_BTH, mask_B1TT)
+    return RMSNorm(cfg, name="final_norm")(x_BTD)
+
+
+def init_params(cfg: ModelConfig, rng: Array, seq_len: int = 8) -> dict[str, Any]:
+  """Random decoder params (for tests and shape inference via jax.eval_shape)."""
+  ids = jnp.zeros((1, seq_len), jnp.int32)
+  return Decoder(cfg).init(rng, ids, ids, ids + 1)["params"]
