@@ -1,0 +1,75 @@
+"""The preview CLI as a user runs it: a subprocess, JSON lines on stdout, skip summary on stderr."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+from test_readers_eqasc import real_questions
+
+FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "SYNTHETIC_reveal_eval.csv"
+
+
+def run(*args):
+  return subprocess.run([sys.executable, "-m", "rmjax.data.preview", *map(str, args)],
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_prm800k_directory_with_phase_and_limit(shared_data, tmp_path):
+  (tmp_path / "data").mkdir()
+  src = (shared_data / "prm800k" / "openr_samples_prm800k.jsonl").read_text()
+  (tmp_path / "data" / "phase1_train.jsonl").write_text(src + "not json\n")
+  proc = run("--source", "prm800k", "--path", tmp_path, "--split", "train", "--phase", 1)
+  assert proc.returncode == 0, proc.stderr
+  rows = [json.loads(line) for line in proc.stdout.splitlines()]
+  assert [r["id"] for r in rows] == [f"phase1_train:{i}" for i in range(1, 7)]
+  assert all(set(r) == {"source", "id", "problem", "steps", "targets"} for r in rows)
+  assert rows[1]["targets"] == [1.0, 0.5, 1.0, 1.0, 1.0, 1.0, 0.0]  # the cc88bf76 phase-2 record
+  assert '"bad_json": 1' in proc.stderr
+  limited = run("--source", "prm800k", "--path", tmp_path / "data" / "phase1_train.jsonl", "--limit", 2)
+  assert len(limited.stdout.splitlines()) == 2
+
+
+def test_eqasc_and_reveal(shared_data, tmp_path):
+  (tmp_path / "eqasc_dev_grc.json").write_text(json.dumps(real_questions(shared_data)))
+  proc = run("--source", "eqasc", "--path", tmp_path, "--split", "dev", "--set", "label_all_steps=true")
+  assert proc.returncode == 0, proc.stderr
+  rows = [json.loads(line) for line in proc.stdout.splitlines()]
+  assert len(rows) == 20 and rows[0]["id"] == "3X4JMASXCM8FCX94IM0KEMYGMLZ0BD_1_1"
+  assert rows[0]["targets"] == [0.0, 0.0]
+  proc = run("--source", "reveal", "--path", FIXTURE, "--set", "label=both")
+  assert [json.loads(line)["targets"] for line in proc.stdout.splitlines()] == [
+      [1.0, 1.0, 1.0], [0.0, None], [0.0, 0.0, None, 1.0]]
+  assert '"no_supervised_step": 1' in proc.stderr
+
+
+def test_errors_are_one_line_exit_2(tmp_path):
+  for args in (["--source", "prm800k", "--path", tmp_path / "missing"],
+               ["--source", "eqasc", "--path", tmp_path, "--split", "nope"],
+               ["--source", "reveal", "--path", FIXTURE, "--set", "label=wrong"],
+               ["--source", "reveal", "--path", FIXTURE, "--strict"],
+               ["--source", "unknown", "--path", tmp_path]):
+    proc = run(*args)
+    assert proc.returncode == 2, (args, proc.stderr)
+    assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.startswith("preview: error:")
+
+
+def test_build_source_from_configdict(shared_data, tmp_path):
+  import ml_collections
+  import pytest
+  from rmjax.data.example import SkipCounter
+  from rmjax.data.sources import READER_KEYS, build_source
+  (tmp_path / "phase2_test.jsonl").write_text((shared_data / "prm800k" / "openr_samples_prm800k.jsonl").read_text())
+  cfg = ml_collections.ConfigDict({"reader": "prm800k", "path": str(tmp_path), "phase": 2,
+                                   "neutral_target": 0.0, "weight": 3.0})
+  skips = SkipCounter()
+  src = build_source("prm_p2", cfg, split="test", skips=skips)
+  assert src.skips is skips and src[1].source == "prm_p2" and src[1].targets[1] == 0.0
+  assert "neutral_target" in READER_KEYS["prm800k"] and "label" in READER_KEYS["reveal"]
+  with pytest.raises(ValueError, match="unknown reader 'csv'"):
+    build_source("x", {"reader": "csv", "path": str(tmp_path)})
+  with pytest.raises(ValueError, match="no path configured"):
+    build_source("eqasc", {})
+  with pytest.raises(ValueError, match="phase should be 1 or 2"):
+    build_source("prm800k", {"path": str(tmp_path), "phase": "two"}, split="test")
