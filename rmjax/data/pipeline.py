@@ -1,0 +1,251 @@
+"""grain input pipelines: weighted, sharded, checkpointable training mix; per-source evaluation.
+
+Training, per enabled source:
+  MapDataset.source(reader)[process_index::process_count]   each process reads only its shard
+  EpochShuffle(seed_for_source)                               endless, reshuffled every epoch
+  .map(renderer)                                              Example -> Tokenized | None
+  .to_iter_dataset(ReadOptions(...))                          threads; None (skipped) dropped here
+then IterDataset.mix(per_source, weights) and batching (padded to buckets, or packed).
+
+Why this order: filtering skipped records happens per source BEFORE mixing, and grain's mix
+picks the source of the k-th element by a deterministic interleave of the integer-scaled
+weights. So the proportions are exact over examples actually emitted (a source with many
+skipped records is not under-sampled), on every process, and the iterator state is a few
+integers (per-source next index + mix index): get_state/set_state restore bit for bit.
+A source whose every record is skipped would make its iterator search forever; readers report
+their skip counts, and the caller must not enable an empty source (checked: length 0 raises).
+
+Evaluation, per enabled source: unshuffled, finite, fixed-size batches with example ids. Every
+process yields the same number of batches (its shard is padded with empty rows), which a
+multi-process jitted eval step needs; `max_eval_batches` caps it (0 = all).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import sys
+import threading
+import zlib
+from typing import Any, Mapping, Optional, Sequence
+
+import grain
+import numpy as np
+
+from rmjax.data.example import SkipCounter
+from rmjax.data.render import Packer, RenderConfig, Renderer, Tokenized, batch_rows
+from rmjax.tokenizer import pad_id
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """grain settings, from the spec's `data` section (and `max_eval_batches`)."""
+
+  eval_batch_size: int = 8  # GLOBAL rows per evaluation batch
+  num_threads: int = 2  # grain read threads per source (data.num_workers); 0 = read inline
+  prefetch: int = 64  # examples buffered per source (data.prefetch)
+  pack: bool = False  # pack several examples per training row
+  max_eval_batches: int = 0  # 0 = every evaluation example
+
+  @classmethod
+  def from_spec(cls, spec: Any) -> "PipelineConfig":
+    d = spec.data
+    return cls(eval_batch_size=int(d.eval_batch_size), num_threads=int(d.num_workers),
+               prefetch=int(d.prefetch), pack=bool(d.pack),
+               max_eval_batches=int(spec.get("max_eval_batches", 0)))
+
+  def read_options(self, examples_per_element: int = 1) -> grain.ReadOptions:
+    """Buffers about `prefetch` examples; an element may hold several (an eval batch)."""
+    return grain.ReadOptions(num_threads=self.num_threads,
+                             prefetch_buffer_size=max(1, self.prefetch // examples_per_element))
+
+
+def _per_process(global_rows: int, process_count: int, what: str) -> int:
+  if global_rows <= 0 or global_rows % process_count:
+    raise ValueError(f"{what} ({global_rows}) must be a positive multiple of the number of "
+                     f"processes ({process_count})")
+  return global_rows // process_count
+
+
+def source_seed(seed: int, name: str) -> int:
+  """A per-source shuffle seed: stable across runs and processes, different per source."""
+  return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**32)
+
+
+def normalized_weights(sources: Mapping[str, tuple[Any, float]]) -> dict[str, float]:
+  """Weights of the sources that take part (weight > 0), summing to 1."""
+  ws = {n: float(w) for n, (_, w) in sources.items() if float(w) > 0}
+  if not ws:
+    raise ValueError("no training source has a positive weight")
+  total = sum(ws.values())
+  return {n: w / total for n, w in ws.items()}
+
+
+class EpochShuffle(grain.MapDataset):
+  """Endless dataset: epoch e is a fresh permutation of the parent, drawn from (seed, e).
+
+  Replaces `.shuffle(seed).repeat()`: grain's index_shuffle costs ~1 ms per element on small
+  sources (tests, demo evaluation), while one numpy permutation per epoch costs microseconds
+  per element at any size. Deterministic, thread-safe (permutations cached under a lock).
+  """
+
+  def __init__(self, parent: grain.MapDataset, seed: int):
+    super().__init__(parent)
+    self._n, self._seed = len(parent), int(seed)
+    self._perms: dict[int, np.ndarray] = {}
+    self._lock = threading.Lock()
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def __str__(self) -> str:
+    return f"EpochShuffle(seed={self._seed})"
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    with self._lock:
+      perm = self._perms.get(epoch)
+      if perm is None:
+        perm = np.random.default_rng([self._seed, epoch]).permutation(self._n)
+        self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}  # prefetch overlap
+        self._perms[epoch] = perm
+      return perm
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    epoch, i = divmod(int(index), self._n)
+    return self._parent[int(self._perm(epoch)[i])]
+
+
+def _source_stream(name: str, source: Any, renderer: Renderer, cfg: PipelineConfig, seed: int,
+                   process_index: int, process_count: int) -> grain.IterDataset:
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  if len(ds) == 0:
+    raise ValueError(f"training source {name!r} has no records for process {process_index}")
+  ds = EpochShuffle(ds, source_seed(seed, name)).map(renderer)
+  return ds.to_iter_dataset(cfg.read_options())
+
+
+def train_dataset(sources: Mapping[str, tuple[Any, float]], render_cfg: RenderConfig, tokenizer,
+                  cfg: PipelineConfig, *, seed: int, global_batch: int, process_index: int = 0,
+                  process_count: int = 1, skips: Optional[SkipCounter] = None) -> grain.IterDataset:
+  """Infinite training batches for THIS process (`global_batch // process_count` rows each).
+
+  `sources` maps name -> (random-access source of Example | None, weight); weights are
+  normalised, and sources with weight 0 are left out. `iter(ds)` gives a grain iterator whose
+  `get_state()` / `set_state()` resume exactly.
+  """
+  rows = _per_process(global_batch, process_count, "batch size")
+  renderer = Renderer(tokenizer, render_cfg, skips)
+  weights = normalized_weights(sources)
+  streams = [_source_stream(n, sources[n][0], renderer, cfg, seed, process_index, process_count)
+             for n in weights]
+  mixed = grain.IterDataset.mix(streams, list(weights.values()))
+  batch_fn = functools.partial(batch_rows, cfg=render_cfg, pad_id=pad_id(tokenizer), num_rows=rows)
+  if cfg.pack:
+    return PackedBatchDataset(mixed, rows, render_cfg.max_length, render_cfg.markers, batch_fn)
+  return mixed.batch(rows, drop_remainder=True, batch_fn=batch_fn)
+
+
+class _Box:
+  """Holds a Tokenized or None so grain does not drop skipped rows (eval keeps row counts)."""
+
+  __slots__ = ("value",)
+
+  def __init__(self, value: Optional[Tokenized]):
+    self.value = value
+
+
+class _EvalRows:
+  """This process's shard of one source, rendered, padded to the same length on every process."""
+
+  def __init__(self, source: Any, renderer: Renderer, process_index: int, process_count: int):
+    self._source, self._renderer = source, renderer
+    self._pi, self._pc = process_index, process_count
+    self._len = math.ceil(len(source) / process_count)
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, i: int) -> _Box:
+    j = i * self._pc + self._pi
+    return _Box(self._renderer(self._source[j]) if j < len(self._source) else None)
+
+
+def _eval_batch(boxes: Sequence[_Box], render_cfg: RenderConfig, pad: int, rows: int) -> dict:
+  return batch_rows([b.value for b in boxes], render_cfg, pad, num_rows=rows, with_meta=True)
+
+
+def eval_datasets(sources: Mapping[str, Any], render_cfg: RenderConfig, tokenizer,
+                  cfg: PipelineConfig, *, process_index: int = 0, process_count: int = 1,
+                  skips: Optional[SkipCounter] = None) -> dict[str, grain.IterDataset]:
+  """One finite, unshuffled batched dataset per source (name -> source), in source order.
+
+  Batches carry `example_ids`, `example_index`, `step_index`; skipped records and the tail are
+  all-padding rows (target_mask 0), so every batch has `eval_batch_size // process_count` rows.
+  """
+  rows = _per_process(cfg.eval_batch_size, process_count, "data.eval_batch_size")
+  renderer = Renderer(tokenizer, render_cfg, skips)
+  batch_fn = functools.partial(_eval_batch, render_cfg=render_cfg, pad=pad_id(tokenizer), rows=rows)
+  out = {}
+  for name, source in sources.items():
+    ds = grain.MapDataset.source(_EvalRows(source, renderer, process_index, process_count))
+    ds = ds.batch(rows, batch_fn=batch_fn)
+    if cfg.max_eval_batches > 0:
+      ds = ds[: cfg.max_eval_batches]
+    out[name] = ds.to_iter_dataset(cfg.read_options(rows))
+  return out
+
+
+class PackedBatchDataset(grain.IterDataset):
+  """Packs the mixed example stream into batches of `rows` rows (first-fit, see render.Packer)."""
+
+  def __init__(self, parent: grain.IterDataset, rows: int, row_length: int, max_markers: int,
+               batch_fn):
+    super().__init__(parent)
+    self._args = (rows, row_length, max_markers, batch_fn)
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _PackedBatchIterator(self._parent.__iter__(), *self._args)
+
+
+class _PackedBatchIterator(grain.DatasetIterator):
+  """Fills up to `rows` rows until an example fits nowhere; that example starts the next batch.
+
+  Its state is the parent's state from just BEFORE the held-over example was read, so a
+  restore re-reads that example: the state stays a few integers and resume is exact.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, rows: int, row_length: int,
+               max_markers: int, batch_fn):
+    super().__init__(parent)
+    self._rows, self._row_length, self._max_markers = rows, row_length, max_markers
+    self._batch_fn = batch_fn
+    self._pending: Optional[tuple[Tokenized, Any]] = None
+
+  def __next__(self) -> dict:
+    packer = Packer(self._row_length, self._max_markers, self._rows)
+    while True:
+      if self._pending is not None:
+        (t, state), self._pending = self._pending, None
+      else:
+        state = self._parent.get_state()
+        try:
+          t = next(self._parent)
+        except StopIteration:
+          if packer.bins:
+            break
+          raise
+      if not packer.add(t):
+        self._pending = (t, state)
+        break
+    return self._batch_fn(packer.rows())
+
+  def get_state(self) -> dict:
+    parent = self._pending[1] if self._pending is not None else self._parent.get_state()
+    return {"parent": parent}
+
+  def set_state(self, state: dict) -> None:
+    self._parent.set_state(state["parent"])
+    self._pending = None
