@@ -1,0 +1,296 @@
+"""Optimizer, labels, TrainState and the jitted train/eval steps on a tiny ConfidenceModel.
+
+Runs on the 8 fake CPU devices set up by conftest.py, compute in float32.
+"""
+
+import math
+import re
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+from jax.sharding import PartitionSpec as P
+
+from rmjax import sharding as shd
+from rmjax.model.confidence import ConfidenceModel
+from rmjax.model.config import ModelConfig
+from rmjax.model.head import HeadConfig
+from rmjax.train import optim
+from rmjax.train import state as st
+from rmjax.train import step as sp
+
+warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+
+VOCAB, MARKER = 64, 5
+
+
+def tiny_model(lora_rank: int = 0, dropout: float = 0.0, compute_dtype: str = "float32") -> ConfidenceModel:
+  mc = ModelConfig.tiny("qwen3", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2,
+                        num_heads=4, num_kv_heads=2, head_dim=8, lora_rank=lora_rank, lora_alpha=8.0,
+                        marker_id=MARKER, compute_dtype=compute_dtype)
+  return ConfidenceModel(mc, HeadConfig(hidden_dims=(16,), dropout=dropout))
+
+
+def make_batch(seed: int, rows: int = 8, seq: int = 16, slots: int = 3) -> dict[str, np.ndarray]:
+  """Random rows with trailing padding, markers at valid positions, some empty slots."""
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(seq // 2, seq + 1, rows)
+  valid = np.arange(seq)[None, :] < lengths[:, None]
+  ids = np.where(valid, rng.integers(6, VOCAB, (rows, seq)), 0).astype(np.int32)
+  pos = np.sort(rng.integers(1, seq // 2, (rows, slots)), axis=1).astype(np.int32)
+  ids[np.arange(rows)[:, None], pos] = MARKER
+  mask = (rng.random((rows, slots)) < 0.8).astype(np.float32)
+  mask[0, 0] = 1.0
+  return {
+    "input_ids": ids,
+    "positions": np.where(valid, np.arange(seq)[None, :], 0).astype(np.int32),
+    "segment_ids": valid.astype(np.int32),
+    "marker_positions": np.where(mask > 0, pos, 0).astype(np.int32),
+    "targets": np.where(mask > 0, rng.integers(0, 2, (rows, slots)), 0).astype(np.float32),
+    "target_mask": mask,
+  }
+
+
+def setup(mode="full", k=1, mesh_cfg=(2, 2, 2), devices=None, lora_rank=0, dropout=0.0,
+          compute_dtype="float32", **cfg_kw):
+  model = tiny_model(lora_rank=lora_rank, dropout=dropout, compute_dtype=compute_dtype)
+  cfg = optim.OptimConfig(**({"lr": 1e-3, "warmup_steps": 2, "max_steps": 20, "mode": mode,
+                              "grad_accum_steps": k} | cfg_kw))
+  mesh = shd.make_mesh(shd.MeshConfig(*mesh_cfg), devices=devices)
+  state, shardings = st.create_train_state(model, cfg, mesh, jax.random.PRNGKey(0))
+  return model, cfg, mesh, state, sp.make_steps(model, cfg, mesh, shardings)
+
+
+def snapshot(tree):
+  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def assert_trees_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+# -- optimizer pieces -------------------------------------------------------------------------
+
+def test_schedule_warmup_starts_positive_and_decays():
+  cfg = optim.OptimConfig(lr=1e-3, warmup_steps=4, max_steps=14, schedule="cosine")
+  lr = optim.make_schedule(cfg)
+  np.testing.assert_allclose([float(lr(i)) for i in range(4)], [2.5e-4, 5e-4, 7.5e-4, 1e-3], rtol=1e-6)
+  np.testing.assert_allclose(float(lr(4)), 1e-3, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(9)), 0.5e-3, rtol=1e-5)  # half way through the decay
+  assert 0 < float(lr(13)) < 1e-4  # the last executed step still learns
+  lin = optim.make_schedule(optim.OptimConfig(lr=1e-3, warmup_steps=0, max_steps=10, schedule="linear"))
+  np.testing.assert_allclose([float(lin(0)), float(lin(5))], [1e-3, 0.5e-3], rtol=1e-6)
+  const = optim.make_schedule(optim.OptimConfig(lr=1e-3, warmup_steps=2, max_steps=10, schedule="constant"))
+  np.testing.assert_allclose([float(const(0)), float(const(9))], [0.5e-3, 1e-3], rtol=1e-6)
+
+
+def test_optim_config_from_spec_and_validation():
+  from ml_collections import ConfigDict
+  spec = ConfigDict({"lr": 2e-5, "schedule": "linear", "warmup_steps": 5, "max_steps": 50,
+                     "weight_decay": 0.01, "max_grad_norm": 1.0, "grad_accum_steps": 4, "loss": "bce",
+                     "mode": "lora", "nan_policy": "skip", "model": {"frozen_dtype": "bfloat16"}})
+  cfg = optim.OptimConfig.from_spec(spec)
+  assert (cfg.lr, cfg.schedule, cfg.grad_accum_steps, cfg.loss, cfg.mode, cfg.nan_policy, cfg.frozen_dtype) == (
+    2e-5, "linear", 4, "bce", "lora", "skip", "bfloat16")
+  with pytest.raises(ValueError, match="schedule 'cosinus' must be one of"):
+    optim.OptimConfig(schedule="cosinus")
+  with pytest.raises(ValueError, match="warmup_steps"):
+    optim.OptimConfig(warmup_steps=10, max_steps=5)
+
+
+def _abstract(lora_rank):
+  model = tiny_model(lora_rank=lora_rank)
+  return jax.eval_shape(lambda k: model.init(k, *st.dummy_inputs())["params"], jax.random.PRNGKey(0))
+
+
+def test_labels_full_and_lora():
+  params = _abstract(lora_rank=4)
+  full = traverse_util.flatten_dict(optim.trainable_labels(params, "full"), sep="/")
+  assert set(full.values()) == {"train"}
+  lora = traverse_util.flatten_dict(optim.trainable_labels(params, "lora"), sep="/")
+  assert lora.keys() == full.keys()  # every parameter labelled
+  trained = sorted(k for k, v in lora.items() if v == "train")
+  assert "decoder/embed/marker" in trained
+  assert "decoder/layers/attn/q_proj/lora_a" in trained and "decoder/layers/attn/o_proj/lora_b" in trained
+  assert "head/linear_0/kernel" in trained
+  for frozen in ("decoder/embed/embedding", "decoder/layers/attn/q_proj/kernel",
+                 "decoder/layers/mlp/up_proj/kernel", "decoder/final_norm/scale"):
+    assert lora[frozen] == "freeze"
+  assert all(re.search(r"lora_[ab]$|^head/|^decoder/embed/marker$", k) for k in trained)
+  with pytest.raises(ValueError, match="no lora_a/lora_b"):
+    optim.trainable_labels(_abstract(lora_rank=0), "lora")
+
+
+def test_decay_mask_only_matrices():
+  mask = traverse_util.flatten_dict(optim.decay_mask(_abstract(lora_rank=4)), sep="/")
+  assert mask["decoder/layers/attn/q_proj/kernel"] and mask["head/linear_0/kernel"]
+  assert mask["decoder/layers/attn/q_proj/lora_a"]
+  assert not mask["decoder/embed/embedding"] and not mask["decoder/embed/marker"]
+  assert not mask["decoder/final_norm/scale"] and not mask["head/linear_0/bias"]
+
+
+def test_masked_optimizer_gives_frozen_leaves_no_state():
+  params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), _abstract(lora_rank=4))
+  labels = optim.trainable_labels(params, "lora")
+  opt_state = optim.masked_optimizer(optim.OptimConfig(mode="lora"), labels).init(params)
+  n_train = optim.param_counts(*optim.split_params(params, labels))["trainable"]
+  n_state = sum(x.size for x in jax.tree.leaves(opt_state) if x.ndim)
+  assert n_state == 2 * n_train  # Adam mu + nu, trainable leaves only
+
+
+# -- state ------------------------------------------------------------------------------------
+
+def test_state_is_born_sharded_and_opt_state_follows_params():
+  _, _, _, state, _ = setup(mode="full")
+  q = state.params["decoder"]["layers"]["attn"]["q_proj"]["kernel"]
+  assert q.sharding.spec == P(None, "fsdp", "tensor")
+  assert len(q.sharding.device_set) == 8
+  mu = state.opt_state[1][0].mu["decoder"]["layers"]["attn"]["q_proj"]["kernel"]
+  assert mu.sharding.spec == q.sharding.spec
+  assert state.frozen == {} and int(state.step) == 0
+
+
+def test_state_from_given_params_and_mismatch_error():
+  model = tiny_model()
+  params = model.init(jax.random.PRNGKey(7), *st.dummy_inputs())["params"]
+  cfg = optim.OptimConfig()
+  mesh = shd.make_mesh(shd.MeshConfig(2, 2, 2))
+  state, _ = st.create_train_state(model, cfg, mesh, jax.random.PRNGKey(0), init_params=params)
+  assert_trees_equal(snapshot(st.merged_params(state)), snapshot(params))  # caller's arrays survive
+  host = snapshot(params)
+  state, _ = st.create_train_state(model, cfg, mesh, jax.random.PRNGKey(0), init_params=host)
+  assert_trees_equal(snapshot(st.merged_params(state)), host)
+  params["head"].pop("linear_0")
+  with pytest.raises(ValueError, match="missing .*head/linear_0"):
+    st.create_train_state(model, cfg, mesh, jax.random.PRNGKey(0), init_params=params)
+
+
+# -- steps ------------------------------------------------------------------------------------
+
+def test_traces_once_first_lr_positive_and_loss_matches_eval_probs():
+  _, _, _, state, steps = setup(mode="full")
+  before = snapshot(state.params)
+  batch = make_batch(0)
+  probs = np.asarray(steps.eval_step(state.params, state.frozen, batch))
+  mask = batch["target_mask"] > 0
+  expected = np.mean((probs[mask] - batch["targets"][mask]) ** 2)
+  state, m = steps.train_step(state, batch)
+  np.testing.assert_allclose(float(m["loss"]), expected, rtol=1e-5)
+  assert float(m["num_markers"]) == mask.sum()
+  assert float(m["learning_rate"]) > 0 and bool(m["finite"])
+  changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(snapshot(state.params)))]
+  assert all(changed)  # the very first update moves every parameter
+  for i in (1, 2, 1, 3):  # same bucket shape, different contents
+    state, m = steps.train_step(state, make_batch(i))
+  steps.eval_step(state.params, state.frozen, make_batch(9))
+  assert int(state.step) == 5
+  assert steps.traces == {"train": 1, "eval": 1}
+  state, _ = steps.train_step(state, make_batch(4, seq=32))  # a new bucket length compiles once more
+  assert steps.traces == {"train": 2, "eval": 1}
+
+
+def test_bce_loss_matches_formula():
+  _, _, _, state, steps = setup(mode="full", loss="bce")
+  batch = make_batch(3)
+  p = np.asarray(steps.eval_step(state.params, state.frozen, batch), np.float64)
+  mask, t = batch["target_mask"] > 0, batch["targets"]
+  expected = np.mean(-(t * np.log(p) + (1 - t) * np.log(1 - p))[mask])
+  _, m = steps.train_step(state, batch)
+  np.testing.assert_allclose(float(m["loss"]), expected, rtol=1e-5)
+
+
+def test_lora_freezes_base_and_opt_state_has_only_trainable_shapes():
+  _, _, _, state, steps = setup(mode="lora", lora_rank=4, dropout=0.1)
+  frozen_before = snapshot(state.frozen)
+  trainable_before = snapshot(state.params)
+  for i in range(3):
+    state, m = steps.train_step(state, make_batch(i))
+    assert bool(m["finite"])
+  assert_trees_equal(frozen_before, snapshot(state.frozen))
+  assert not np.array_equal(trainable_before["head"]["linear_0"]["kernel"],
+                            np.asarray(state.params["head"]["linear_0"]["kernel"]))
+  assert not np.array_equal(trainable_before["decoder"]["embed"]["marker"],
+                            np.asarray(state.params["decoder"]["embed"]["marker"]))
+  opt_shapes = [x.shape for x in jax.tree.leaves(state.opt_state)]
+  flat_frozen = traverse_util.flatten_dict(state.frozen, sep="/")
+  for big in ("decoder/embed/embedding", "decoder/layers/attn/q_proj/kernel",
+              "decoder/layers/mlp/down_proj/kernel", "decoder/layers/attn/o_proj/kernel"):
+    assert flat_frozen[big].shape not in opt_shapes, big
+  counts = optim.param_counts(state.params, state.frozen)
+  assert sum(math.prod(s) for s in opt_shapes if s) == 2 * counts["trainable"]
+  assert 0 < counts["trainable_fraction"] < 0.2
+
+
+def test_lora_frozen_base_and_compute_in_bfloat16():
+  _, _, _, state, steps = setup(mode="lora", lora_rank=4, frozen_dtype="bfloat16", compute_dtype="bfloat16")
+  assert {x.dtype for x in jax.tree.leaves(state.frozen)} == {jnp.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+  state, m = steps.train_step(state, make_batch(0))
+  assert bool(m["finite"]) and state.frozen["decoder"]["embed"]["embedding"].dtype == jnp.bfloat16
+
+
+def test_grad_accumulation_matches_one_big_batch():
+  results = []
+  for k in (1, 4):
+    _, _, _, state, steps = setup(mode="full", k=k, mesh_cfg=(2, 1, 1), devices=jax.devices()[:2])
+    losses = []
+    for i in range(2):
+      state, m = steps.train_step(state, make_batch(10 + i, rows=8))
+      losses.append(float(m["loss"]))
+    results.append((losses, snapshot(state.params)))
+  np.testing.assert_allclose(results[0][0], results[1][0], atol=1e-5, rtol=0)
+  for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1]), strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_sharded_losses_equal_single_device_losses():
+  runs = []
+  for mesh_cfg, devices in (((2, 2, 2), None), ((1, 1, 1), jax.devices()[:1])):
+    _, _, _, state, steps = setup(mode="full", k=2, mesh_cfg=mesh_cfg, devices=devices)
+    losses = []
+    for i in range(10):
+      state, m = steps.train_step(state, make_batch(20 + i, rows=8))
+      losses.append(float(m["loss"]))
+    runs.append(losses)
+  np.testing.assert_allclose(runs[0], runs[1], atol=1e-5, rtol=0)
+  assert runs[0][-1] < runs[0][0]  # it learns
+
+
+def test_nan_target_is_skipped_without_touching_state():
+  _, _, _, state, steps = setup(mode="full", nan_policy="skip")
+  state, _ = steps.train_step(state, make_batch(0))
+  before = snapshot(state)
+  bad = make_batch(1)
+  bad["targets"][0, 0] = np.nan  # slot (0, 0) is always supervised
+  state, m = steps.train_step(state, bad)
+  assert not bool(m["finite"]) and not np.isfinite(float(m["loss"]))
+  assert_trees_equal(before, snapshot(state))
+  state, m = steps.train_step(state, make_batch(2))
+  assert bool(m["finite"]) and int(state.step) == 2
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(snapshot(state.params)))
+
+
+def test_nan_in_unsupervised_slot_is_ignored():
+  _, _, _, state, steps = setup(mode="full")
+  batch = make_batch(4)
+  empty = np.argwhere(batch["target_mask"] == 0)[0]
+  batch["targets"][tuple(empty)] = np.nan
+  _, m = steps.train_step(state, batch)
+  assert bool(m["finite"])
+
+
+def test_batch_layout_errors_and_device_batch():
+  mesh = shd.make_mesh(shd.MeshConfig(2, 2, 2))
+  assert sp.check_batch_layout(16, 4, mesh) == 4
+  with pytest.raises(ValueError, match="not divisible by grad_accum_steps"):
+    sp.check_batch_layout(10, 4, mesh)
+  with pytest.raises(ValueError, match="micro-batch 2 .* 4 data x fsdp shards"):
+    sp.check_batch_layout(8, 4, mesh)
+  batch = make_batch(0) | {"example_ids": np.array(["a"] * 8)}
+  arrays = sp.device_batch(batch, mesh)
+  assert set(arrays) == set(sp.TRAIN_KEYS)
+  assert arrays["input_ids"].sharding.spec == P(("data", "fsdp"))
