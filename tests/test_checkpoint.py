@@ -1,0 +1,347 @@
+"""Tests for rmjax.checkpoint: exact round trips, retention (latest N + best), best.json,
+corrupt/partial checkpoints, write failures, and grain iterator state."""
+
+import json
+import math
+import resource
+import shutil
+import signal
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from rmjax import checkpoint as ck
+
+
+def _adam_state(seed: int = 0) -> dict:
+  """A small train-state-like pytree with non-trivial Adam moments after two updates."""
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+  params = {"w": jax.random.normal(k1, (3, 5)), "b": jax.random.normal(k2, (5,)).astype(jnp.bfloat16)}
+  tx = optax.adam(1e-2)
+  opt_state = tx.init(params)
+  for i in range(2):
+    grads = jax.tree.map(lambda p, i=i: jnp.sin(p * (i + 1)).astype(p.dtype), params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+  return {"step": jnp.asarray(2, jnp.int32), "params": params, "opt_state": opt_state,
+          "rng": k3, "key": jax.random.key(seed + 7)}
+
+
+def _leaves_equal(a, b) -> None:
+  """Bit-identical leaves (typed PRNG keys compared through their key data)."""
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      assert y.dtype == x.dtype
+      x, y = jax.random.key_data(x), jax.random.key_data(y)
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_array_equal(np.atleast_1d(np.asarray(x)).view(np.uint8),
+                                  np.atleast_1d(np.asarray(y)).view(np.uint8))
+
+
+def _dirs(directory) -> list[str]:
+  return sorted(p.name for p in directory.iterdir() if p.is_dir())
+
+
+def _tiny():
+  return {"x": jnp.arange(4, dtype=jnp.float32)}
+
+
+def test_round_trip_adam_state_exact(tmp_path):
+  state = _adam_state()
+  with ck.Checkpointer(tmp_path / "checkpoints") as c:
+    assert c.save(2, state, val_loss=0.5, metadata={"config_hash": "abc"})
+    assert not c.save(2, state)  # same step twice: no second write
+    c.wait_until_finished()
+    assert _dirs(tmp_path / "checkpoints") == ["checkpoint_step_2"]
+    r = c.restore_latest(ck.abstract_like(state))
+  assert r.step == 2
+  assert r.metadata == {"config_hash": "abc", "step": 2, "val_loss": 0.5}
+  assert jax.tree.structure(r.state) == jax.tree.structure(state)
+  assert type(r.state["opt_state"][0]) is type(state["opt_state"][0])  # ScaleByAdamState
+  _leaves_equal(r.state, state)
+
+
+def test_sharded_array_restored_with_target_sharding(tmp_path):
+  mesh2 = Mesh(np.array(jax.devices()[:2]), ("data",))
+  sharding2 = NamedSharding(mesh2, P("data"))
+  x = jax.device_put(np.arange(24, dtype=np.float32).reshape(8, 3), sharding2)
+  state = {"x": x, "r": jax.device_put(jnp.ones(3), NamedSharding(mesh2, P()))}
+  with ck.Checkpointer(tmp_path / "checkpoints") as c:
+    c.save(1, state)
+    c.wait_until_finished()
+    same = c.restore(1, ck.abstract_like(state)).state
+    mesh4 = Mesh(np.array(jax.devices()[:4]), ("data",))
+    target4 = {"x": jax.ShapeDtypeStruct((8, 3), jnp.float32, sharding=NamedSharding(mesh4, P("data"))),
+               "r": jax.ShapeDtypeStruct((3,), jnp.float32, sharding=NamedSharding(mesh4, P()))}
+    resharded = c.restore(1, target4).state
+  assert same["x"].sharding == sharding2
+  assert [s.data.shape for s in same["x"].addressable_shards] == [(4, 3), (4, 3)]
+  assert resharded["x"].sharding == target4["x"].sharding
+  assert [s.data.shape for s in resharded["x"].addressable_shards] == [(2, 3)] * 4
+  for got in (same, resharded):
+    np.testing.assert_array_equal(np.asarray(got["x"]), np.arange(24, dtype=np.float32).reshape(8, 3))
+
+
+def test_retention_keeps_latest_three_and_older_best(tmp_path):
+  d = tmp_path / "checkpoints"
+  losses = {1: 5.0, 2: 1.0, 3: 4.0, 4: float("nan"), 5: 3.0, 6: None, 7: 2.0}
+  with ck.Checkpointer(d, ck.CheckpointConfig(max_to_keep=3, keep_best=True)) as c:
+    for step, loss in losses.items():
+      c.save(step, _tiny(), val_loss=loss)
+    c.wait_until_finished()
+    assert c.all_steps() == [2, 5, 6, 7]
+    assert (c.best_step(), c.latest_step()) == (2, 7)
+  assert _dirs(d) == ["checkpoint_step_2", "checkpoint_step_5", "checkpoint_step_6", "checkpoint_step_7"]
+  assert json.loads((d / "best.json").read_text()) == {"step": 2, "val_loss": 1.0, "path": "checkpoint_step_2"}
+  # A relaunch over the same directory still knows step 2 is best and keeps it.
+  with ck.Checkpointer(d) as c:
+    assert c.best_step() == 2
+    for step in (8, 9, 10):
+      c.save(step, _tiny(), val_loss=10.0 + step)
+  assert _dirs(d) == ["checkpoint_step_10", "checkpoint_step_2", "checkpoint_step_8", "checkpoint_step_9"]
+  # A new best among the latest replaces the old one, which then goes.
+  with ck.Checkpointer(d) as c:
+    c.save(11, _tiny(), val_loss=0.25)
+  assert _dirs(d) == ["checkpoint_step_10", "checkpoint_step_11", "checkpoint_step_9"]
+  assert ck.read_best_file(d) == {"step": 11, "val_loss": 0.25, "path": "checkpoint_step_11"}
+
+
+def test_nan_and_inf_val_loss_never_best(tmp_path):
+  d = tmp_path / "checkpoints"
+  with ck.Checkpointer(d, ck.CheckpointConfig(max_to_keep=2, async_save=False)) as c:
+    c.save(1, _tiny(), val_loss=float("nan"))
+    c.save(2, _tiny(), val_loss=float("inf"))
+    assert c.best_step() is None
+    assert ck.read_best_file(d) is None
+    c.save(3, _tiny(), val_loss=7.0)
+    c.save(4, _tiny(), val_loss=float("-inf"))
+    c.save(5, _tiny(), val_loss=float("nan"))
+    assert c.best_step() == 3
+    assert c.all_steps() == [3, 4, 5]
+    meta = c.restore(5, ck.abstract_like(_tiny())).metadata
+  assert meta["val_loss"] is None and meta["val_loss_raw"] == "nan"
+  assert ck.read_best_file(d)["step"] == 3
+  assert not any(math.isnan(v) for v in ck.read_best_file(d).values() if isinstance(v, float))
+
+
+def test_keep_best_off_keeps_only_latest(tmp_path):
+  d = tmp_path / "checkpoints"
+  with ck.Checkpointer(d, ck.CheckpointConfig(max_to_keep=2, keep_best=False)) as c:
+    for step, loss in [(1, 0.1), (2, 5.0), (3, 6.0)]:
+      c.save(step, _tiny(), val_loss=loss)
+    c.wait_until_finished()
+    assert c.best_step() is None
+  assert _dirs(d) == ["checkpoint_step_2", "checkpoint_step_3"]
+  assert not (d / "best.json").exists()
+
+
+def _save_steps(d, steps):
+  with ck.Checkpointer(d, ck.CheckpointConfig(max_to_keep=None)) as c:
+    for s in steps:
+      c.save(s, {"x": jnp.full((4,), float(s))})
+
+
+def test_truncated_checkpoint_reported_by_path_and_fallback(tmp_path):
+  d = tmp_path / "checkpoints"
+  _save_steps(d, [1, 2, 3])
+  data_files = [p for p in (d / "checkpoint_step_3" / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+  assert data_files, "expected OCDBT data files under state/d"
+  for f in data_files:  # truncate the array data
+    f.write_bytes(f.read_bytes()[:8])
+  (d / "checkpoint_step_2" / "state" / "manifest.ocdbt").unlink()  # step 2 loses its manifest
+  target = {"x": jax.ShapeDtypeStruct((4,), jnp.float32)}
+  with ck.Checkpointer(d) as c:
+    with pytest.raises(ck.CheckpointCorrupt) as err:
+      c.restore_latest(target)
+    assert err.value.path == d / "checkpoint_step_3"
+    assert str(d / "checkpoint_step_3") in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ck.CheckpointCorrupt, match="checkpoint_step_2"):
+      c.restore(2, target)
+    r = c.restore_latest(target, fallback_to_previous=True)
+  assert r.step == 1
+  np.testing.assert_array_equal(np.asarray(r.state["x"]), np.full((4,), 1.0, np.float32))
+
+
+def test_all_corrupt_raises_newest_and_missing_step(tmp_path):
+  d = tmp_path / "checkpoints"
+  _save_steps(d, [1, 2])
+  for s in (1, 2):
+    shutil.rmtree(d / f"checkpoint_step_{s}" / "state")
+  target = {"x": jax.ShapeDtypeStruct((4,), jnp.float32)}
+  with ck.Checkpointer(d) as c:
+    with pytest.raises(ck.CheckpointCorrupt, match="checkpoint_step_2"):
+      c.restore_latest(target, fallback_to_previous=True)
+    with pytest.raises(ck.CheckpointNotFound, match="step 9"):
+      c.restore(9, target)
+  with ck.Checkpointer(tmp_path / "empty") as c:
+    assert c.restore_latest(target) is None and c.latest_step() is None
+
+
+def test_uncommitted_tmp_dir_is_ignored_and_cleaned(tmp_path):
+  # What a kill mid-save leaves behind: the step folder under the temporary name orbax
+  # 0.12 writes to (seen in test_failed_write_is_clear_and_keeps_previous) before renaming.
+  d = tmp_path / "checkpoints"
+  _save_steps(d, [1, 2])
+  tmp = d / "checkpoint_step_3.orbax-checkpoint-tmp"
+  shutil.copytree(d / "checkpoint_step_2", tmp)
+  with ck.Checkpointer(d) as c:
+    assert c.all_steps() == [1, 2] and c.latest_step() == 2
+    r = c.restore_latest({"x": jax.ShapeDtypeStruct((4,), jnp.float32)})
+    assert r.step == 2
+    c.save(3, {"x": jnp.full((4,), 3.0)})  # orbax removes leftovers (in the background) on reopen;
+  assert not tmp.exists()                  # a save waits for that clean-up to finish
+  assert _dirs(d) == ["checkpoint_step_1", "checkpoint_step_2", "checkpoint_step_3"]
+
+
+def test_directory_that_is_a_file_is_a_write_error(tmp_path):
+  not_a_dir = tmp_path / "checkpoints"
+  not_a_dir.write_text("oops")
+  with pytest.raises(ck.CheckpointWriteError, match=str(not_a_dir)):
+    ck.Checkpointer(not_a_dir)
+
+
+# orbax's failed background threads leave an asyncio loop-closed message at teardown.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_failed_write_is_clear_and_keeps_previous(tmp_path):
+  # Tests run as root, where chmod does not stop writes. RLIMIT_FSIZE does: while it is
+  # lowered, any write past 16 bytes fails with EFBIG (SIGXFSZ ignored) for root too.
+  d = tmp_path / "checkpoints"
+  c = ck.Checkpointer(d)
+  c.save(1, {"x": jnp.arange(64, dtype=jnp.float32)})
+  c.wait_until_finished()
+  new_x = jnp.arange(64, dtype=jnp.float32) + 1  # computed (and compiled) before the limit
+  old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (16, old_limit[1]))
+  try:
+    with pytest.raises(ck.CheckpointWriteError, match=str(d)) as err:
+      c.save(2, {"x": new_x})
+      c.wait_until_finished()
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+    signal.signal(signal.SIGXFSZ, old_handler)
+  assert "\n" not in str(err.value)
+  assert c.all_steps() == [1]
+  assert "checkpoint_step_2" not in _dirs(d)
+  r = c.restore_latest({"x": jax.ShapeDtypeStruct((64,), jnp.float32)})
+  assert r.step == 1
+  np.testing.assert_array_equal(np.asarray(r.state["x"]), np.arange(64, dtype=np.float32))
+  # The checkpointer stays usable once the disk accepts writes again.
+  assert c.save(3, {"x": jnp.arange(64, dtype=jnp.float32) + 3})
+  c.close()
+  assert _dirs(d) == ["checkpoint_step_1", "checkpoint_step_3"]  # no leftover tmp folder
+
+
+def _grain_iter():
+  return iter(grain.MapDataset.range(100).shuffle(seed=3).batch(4).to_iter_dataset())
+
+
+def test_grain_iterator_state_round_trip(tmp_path):
+  reference = _grain_iter()
+  for _ in range(5):
+    next(reference)
+  expected = [next(reference) for _ in range(3)]
+
+  it = _grain_iter()
+  for _ in range(5):
+    next(it)
+  with ck.Checkpointer(tmp_path / "checkpoints") as c:
+    c.save(5, _tiny(), iterator=it)
+    for _ in range(4):  # the loop moves on while the async write may still be running
+      next(it)
+    c.wait_until_finished()
+    fresh = _grain_iter()
+    r = c.restore_latest(ck.abstract_like(_tiny()), iterator=fresh)
+    assert r.step == 5
+    got = [next(fresh) for _ in range(3)]
+    for g, e in zip(got, expected):
+      np.testing.assert_array_equal(g, e)
+    assert not np.array_equal(expected[0], np.arange(4))  # the shuffle is really on
+    c.save(6, _tiny())  # no iterator in this one
+    with pytest.raises(ck.CheckpointCorrupt, match="data-iterator"):
+      c.restore(6, ck.abstract_like(_tiny()), iterator=_grain_iter())
+
+
+def test_config_from_spec_and_validation():
+  import ml_collections
+  spec = ml_collections.ConfigDict({"checkpoint": {"max_to_keep": 5, "keep_best": False, "async": False}})
+  assert ck.CheckpointConfig.from_spec(spec) == ck.CheckpointConfig(5, False, False)
+  with pytest.raises(ValueError, match="max_to_keep"):
+    ck.CheckpointConfig(max_to_keep=0)
+  assert ck.config_hash({"a": 1, "b": [2]}) == ck.config_hash({"b": [2], "a": 1})
+  assert ck.config_hash({"a": 1}) != ck.config_hash({"a": 2})
+
+
+_KILL_MID_SAVE = """
+import os, signal, sys
+import jax.numpy as jnp
+from rmjax import checkpoint as ck
+c = ck.Checkpointer(sys.argv[1])
+c.save(1, {"x": jnp.zeros((4096, 4096), jnp.float32)})
+c.wait_until_finished()
+c.save(2, {"x": jnp.ones((4096, 4096), jnp.float32)})  # async: returns before the write ends
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.slow
+def test_real_kill_mid_save_leaves_previous_step(tmp_path):
+  import subprocess
+  import sys
+  d = tmp_path / "checkpoints"
+  proc = subprocess.run([sys.executable, "-c", _KILL_MID_SAVE, str(d)], capture_output=True, timeout=120)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+  assert "checkpoint_step_2.orbax-checkpoint-tmp" in _dirs(d), _dirs(d)  # killed mid-write
+  with ck.Checkpointer(d) as c:
+    assert c.all_steps() == [1]
+    r = c.restore_latest({"x": jax.ShapeDtypeStruct((4096, 4096), jnp.float32)})
+  assert r.step == 1 and float(jnp.abs(r.state["x"]).max()) == 0.0
+  assert _dirs(d) == ["checkpoint_step_1"]
+
+
+def test_read_only_open_restores_without_writing(tmp_path):
+  d = tmp_path / "checkpoints"
+  _save_steps(d, [1, 2])
+  before = sorted(p.relative_to(d) for p in d.rglob("*"))
+  with ck.Checkpointer(d, ck.CheckpointConfig(read_only=True)) as c:
+    assert c.restore(1, {"x": jax.ShapeDtypeStruct((4,), jnp.float32)}).metadata["step"] == 1
+  assert sorted(p.relative_to(d) for p in d.rglob("*")) == before
+  with pytest.raises(ck.CheckpointNotFound, match="does not exist"):
+    ck.Checkpointer(tmp_path / "missing", ck.CheckpointConfig(read_only=True))
+
+
+def test_flax_train_state_with_frozen_branch_and_subtree_restore(tmp_path):
+  from flax import struct
+
+  @struct.dataclass
+  class State:
+    step: jax.Array
+    params: dict
+    frozen: dict
+    opt_state: object
+    rng: jax.Array
+
+  params = {"a": jnp.linspace(-1.0, 1.0, 3), "b": jnp.arange(2.0)}
+  tx = optax.multi_transform({"train": optax.adam(1e-3), "freeze": optax.set_to_zero()},
+                             {"a": "train", "b": "freeze"})
+  state = State(jnp.asarray(4, jnp.int32), params, {"c": jnp.full((4,), 0.5, jnp.bfloat16)},
+                tx.init(params), jnp.asarray([1, 2], jnp.uint32))
+  with ck.Checkpointer(tmp_path / "checkpoints") as c:
+    c.save(4, state)
+  with ck.Checkpointer(tmp_path / "checkpoints") as c:
+    r = c.restore_latest(ck.abstract_like(state))
+  assert type(r.state) is State and jax.tree.structure(r.state) == jax.tree.structure(state)
+  _leaves_equal(r.state, state)
+  sub = ck.abstract_like({"params": state.params, "frozen": state.frozen})
+  weights = ck.restore_subtree(tmp_path / "checkpoints" / "checkpoint_step_4", sub)
+  assert set(weights) == {"params", "frozen"}
+  _leaves_equal(weights, {"params": state.params, "frozen": state.frozen})
+  with pytest.raises(ck.CheckpointNotFound, match="no state"):
+    ck.restore_subtree(tmp_path / "checkpoints", sub)
