@@ -1,0 +1,93 @@
+r"""Entry point: python -m rmjax.launch --spec specs/lora.py [--spec.key=value ...].
+
+Why it exists: the one thin place that turns a command line into a run. It parses the spec with
+ml-collections' config_flags (locked, type-checked overrides), turns every command-line mistake
+into one line on stderr (config_flags itself raises raw tracebacks for unknown keys), validates
+the whole spec against the devices before anything compiles, starts jax.distributed when the
+run has several processes, and hands over to rmjax.train.loop.train_and_evaluate.
+
+  python -m rmjax.launch --spec specs/demo.py
+  python -m rmjax.launch --spec specs/lora.py --spec.lr=2e-4 --spec.data.reveal.use=False
+  python -m rmjax.launch --spec specs/demo.py --dry_run     # validate and print the spec
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Sequence
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from rmjax import runtime, spec as spec_lib
+
+_SPEC = config_flags.DEFINE_config_file("spec", None, "spec file, optionally file.py:arg", lock_config=True)
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "validate the spec, print it as JSON and exit")
+_USAGE = "usage: python -m rmjax.launch --spec FILE [--spec.key=value ...] [--dry_run]"
+_HELP = ("-h", "--help", "-help", "--helpshort", "--helpfull", "--helpxml")
+
+
+def _fail(message: str, code: int = 2) -> None:
+  print(f"rmjax.launch: error: {message}", file=sys.stderr)
+  raise SystemExit(code)
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl flag parsing that reports every user error as one line (no traceback)."""
+  if not any(a in _HELP for a in argv[1:]):
+    path = spec_lib.find_flag_value(argv[1:], "spec")
+    if not path:
+      _fail(f"--spec FILE is required (e.g. --spec specs/demo.py); {_USAGE}")
+    try:
+      spec_lib.check_overrides(spec_lib.load_spec_file(path), argv[1:])
+    except spec_lib.SpecError as e:
+      _fail(str(e))
+  try:
+    return flags.FLAGS(list(argv))
+  except flags.IllegalFlagValueError as e:
+    _fail(_value_error(str(e), argv))
+  except Exception as e:  # noqa: BLE001  every other parse error: one line, no traceback
+    _fail(f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
+  return []  # unreachable
+
+
+def _value_error(message: str, argv: Sequence[str]) -> str:
+  """'flag --spec.lr=abc: could not convert ...' -> names the key and its expected type."""
+  message = message.strip().splitlines()[0]
+  if message.startswith("flag --spec."):
+    key = message[len("flag --spec."):].split("=", 1)[0]
+    path = spec_lib.find_flag_value(argv[1:], "spec") or ""
+    expected = spec_lib.describe_type(spec_lib.load_spec_file(path), key)
+    return f"bad value for spec key '{key}' (expected {expected}): {message}"
+  return message
+
+
+def run(spec: Any, dry_run: bool = False) -> Any:
+  """Validates `spec` against the devices, then trains and evaluates (shared with launch/)."""
+  runtime.enable_compilation_cache()
+  runtime.init_distributed(spec.distributed)
+  import jax  # after jax.distributed: the device count must see every process
+  try:
+    warnings = spec_lib.validate(spec, jax.device_count(), jax.process_count())
+  except spec_lib.SpecError as e:
+    _fail(str(e), code=1)
+  for w in warnings:
+    logging.warning("spec: %s", w)
+  if dry_run:
+    mesh = spec_lib.resolve_mesh(spec.mesh, jax.device_count())
+    print(json.dumps({"spec": spec_lib.spec_to_dict(spec), "mesh": mesh,
+                      "micro_batch_size": spec_lib.micro_batch_size(spec)}, indent=1))
+    return None
+  from rmjax.train.loop import train_and_evaluate  # heavy: imported only when training
+  return train_and_evaluate(spec)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {list(argv[1:])}; {_USAGE}")
+  run(_SPEC.value, dry_run=_DRY_RUN.value)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,374 @@
+"""Spec (ml-collections ConfigDict) loading, validation and conversion.
+
+Why it exists: a bad spec must fail in the first second, with every problem listed at once,
+never after minutes of compilation or with a raw traceback from deep inside flag parsing.
+`validate` checks the whole spec against the device count before anything is built;
+`check_overrides` turns a mistyped `--spec.key=value` into one line naming the closest valid
+keys; `spec_to_dict` gives the JSON form written to logs/config.json. Library modules do not
+read the ConfigDict deep inside: each converts its own sub-config into a frozen dataclass at
+its boundary, using the small helpers here (`resolve_mesh`, `micro_batch_size`, ...).
+
+This module must stay light (no jax/flax import): the launcher imports it before jax starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.machinery
+import importlib.util
+import keyword
+import math
+import os
+import pathlib
+import re
+from typing import Any, Iterable, Mapping, Sequence
+
+import ml_collections
+
+from rmjax.model.config import DTYPES, REMAT_POLICIES
+
+ConfigDict = ml_collections.ConfigDict
+
+SOURCES = ("prm800k", "eqasc", "reveal")
+MESH_AXES = ("data", "fsdp", "tensor")
+ENUMS: Mapping[str, tuple[Any, ...]] = {
+  "mode": ("full", "lora"),
+  "schedule": ("cosine", "linear", "constant"),
+  "loss": ("mse", "bce"),
+  "nan_policy": ("stop", "skip"),
+  "model.param_dtype": DTYPES,
+  "model.compute_dtype": DTYPES,
+  "model.frozen_dtype": ("float32", "bfloat16"),
+  "model.remat": REMAT_POLICIES,
+  "model.attention_impl": ("", "xla", "cudnn"),
+  "head.activation": ("gelu", "gelu_tanh", "relu", "silu", "tanh"),
+  "data.template": ("default", "chat"),
+  "data.reveal.label": ("correctness",),
+}
+DEMO_MODEL = "demo"
+
+
+class SpecError(ValueError):
+  """A spec problem the user must fix; the message is meant to be printed as is."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys, loading, overrides.
+
+def dotted_items(spec: ConfigDict, prefix: str = "") -> Iterable[tuple[str, Any]]:
+  """Yields (dotted key, value) for every node, sub-dicts included, depth first."""
+  for key, value in spec.items():
+    name = f"{prefix}{key}"
+    yield name, value
+    if isinstance(value, ConfigDict):
+      yield from dotted_items(value, name + ".")
+
+
+def dotted_keys(spec: ConfigDict) -> list[str]:
+  return [k for k, _ in dotted_items(spec)]
+
+
+def get_dotted(spec: ConfigDict, key: str) -> Any:
+  node: Any = spec
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+def closest_keys(key: str, keys: Sequence[str], n: int = 3) -> list[str]:
+  """Closest valid keys to a mistyped one: whole dotted keys first, then by last component."""
+  found = difflib.get_close_matches(key, keys, n=n, cutoff=0.6)
+  leaf = key.rsplit(".", 1)[-1]
+  by_leaf = [k for k in keys if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], cutoff=0.75)]
+  for k in by_leaf:
+    if k not in found and len(found) < n:
+      found.append(k)
+  return found
+
+
+def load_spec_file(path_arg: str, module_name: str = "rmjax_spec") -> ConfigDict:
+  """Loads `file.py[:arg]` the way ml_collections' config_flags does (an unlocked copy).
+
+  Raises SpecError (one line) when the file is missing or has no get_config.
+  """
+  path, _, arg = path_arg.partition(":")
+  if not path:
+    raise SpecError("empty spec path; pass --spec FILE, e.g. --spec specs/demo.py")
+  if not os.path.isfile(path):
+    raise SpecError(f"spec file not found: {path}")
+  try:
+    loader = importlib.machinery.SourceFileLoader(module_name, path)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(module_name, loader))
+    loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+      raise SpecError(f"spec file {path} defines no get_config(arg=None)")
+    config = module.get_config(arg) if arg else module.get_config()
+  except SpecError:
+    raise
+  except Exception as e:  # noqa: BLE001  a broken spec file is a user error: one line
+    raise SpecError(f"cannot load spec {path_arg}: {type(e).__name__}: {e}") from e
+  if not isinstance(config, ConfigDict):
+    raise SpecError(f"{path}: get_config() returned {type(config).__name__}, not a ConfigDict")
+  return config
+
+
+def find_flag_value(argv: Sequence[str], name: str) -> str | None:
+  """Value of `--name X` / `--name=X` in argv (the last one wins), or None."""
+  value = None
+  for i, arg in enumerate(argv):
+    m = re.fullmatch(rf"--?{re.escape(name)}(=(.*))?", arg)
+    if m:
+      value = m.group(2) if m.group(1) is not None else (argv[i + 1] if i + 1 < len(argv) else "")
+  return value
+
+
+def override_keys(argv: Sequence[str], name: str = "spec") -> list[tuple[str, str]]:
+  """(dotted key, original argument) for every `--spec.key[=v]` / `--nospec.key` in argv."""
+  out = []
+  for arg in argv:
+    m = re.match(rf"--?(?:no)?{re.escape(name)}\.([^=]+)", arg)
+    if m:
+      out.append((m.group(1), arg))
+  return out
+
+
+def check_overrides(spec: ConfigDict, argv: Sequence[str], name: str = "spec") -> None:
+  """Raises SpecError naming the first unknown override key and its closest valid keys."""
+  keys = dotted_keys(spec)
+  known = set(keys)
+  for key, arg in override_keys(argv, name):
+    reserved = [part for part in key.split(".") if keyword.iskeyword(part)]
+    if key in known and reserved:
+      raise SpecError(f"spec key '{key}' cannot be overridden on the command line ('{reserved[0]}' "
+                      "is a Python keyword); set it in a spec file")
+    if key not in known:
+      close = closest_keys(key, keys)
+      hint = f"; did you mean {', '.join(name + '.' + k for k in close)}?" if close else ""
+      raise SpecError(f"unknown spec key '{key}' in {arg}{hint}")
+
+
+def describe_type(spec: ConfigDict, key: str) -> str:
+  try:
+    value = get_dotted(spec, key)
+  except (KeyError, AttributeError):
+    return "?"
+  return type(value).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Derived quantities (pure; used by validate and by the modules that build things).
+
+def resolve_mesh(mesh: ConfigDict | Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """Mesh axis sizes with the (at most one) -1 axis resolved so the product is num_devices."""
+  sizes = {axis: int(mesh[axis]) for axis in MESH_AXES}
+  free = [a for a, s in sizes.items() if s == -1]
+  bad = [f"{a}={s}" for a, s in sizes.items() if s == 0 or s < -1]
+  if bad or len(free) > 1:
+    raise SpecError(f"mesh axes must be >= 1 with at most one -1, got {_fmt_mesh(sizes)}")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if free:
+    if num_devices % fixed:
+      raise SpecError(f"mesh {_fmt_mesh(sizes)}: the fixed axes multiply to {fixed}, which does not "
+                      f"divide the {num_devices} devices")
+    sizes[free[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise SpecError(f"mesh {_fmt_mesh(sizes)} has {fixed} devices but {num_devices} are available")
+  return sizes
+
+
+def _fmt_mesh(sizes: Mapping[str, int]) -> str:
+  return "(" + ", ".join(f"{a}={s}" for a, s in sizes.items()) + ")"
+
+
+def data_parallel_size(spec: ConfigDict, num_devices: int) -> int:
+  """Devices a batch is split across: the data and fsdp mesh axes together."""
+  sizes = resolve_mesh(spec.mesh, num_devices)
+  return sizes["data"] * sizes["fsdp"]
+
+
+def micro_batch_size(spec: ConfigDict) -> int:
+  """Global rows per micro-batch (one forward/backward): batch_size // grad_accum_steps."""
+  return int(spec.batch_size) // int(spec.grad_accum_steps)
+
+
+def is_synthetic(spec: ConfigDict, source: str) -> bool:
+  """PRM800K with an empty path means synthetic PRM800K-format data (demo and tests)."""
+  return source == "prm800k" and not spec.data[source].path
+
+
+def training_sources(spec: ConfigDict) -> dict[str, float]:
+  """Sources that are sampled for training, with their (unnormalised) weights."""
+  data = spec.data
+  out = {}
+  for name in SOURCES:
+    src = data[name]
+    if not src.use or float(src.weight) <= 0:
+      continue
+    if name == "reveal" and not data.allow_reveal_training:
+      continue
+    out[name] = float(src.weight)
+  return out
+
+
+def eval_sources(spec: ConfigDict) -> list[str]:
+  """Every enabled source is evaluated (REVEAL included even when it is not trained on)."""
+  return [name for name in SOURCES if spec.data[name].use]
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation.
+
+def validate(spec: ConfigDict, num_devices: int, process_count: int = 1,
+             check_paths: bool = True) -> list[str]:
+  """Checks the whole spec before anything is built.
+
+  Raises SpecError listing every problem found; returns warnings (strings) otherwise.
+  """
+  problems: list[str] = []
+  warnings: list[str] = []
+  _check_enums(spec, problems)
+  _check_numbers(spec, problems, warnings)
+  _check_batch_and_mesh(spec, num_devices, process_count, problems)
+  _check_data(spec, problems, warnings, check_paths)
+  if check_paths and spec.init_from and "://" not in spec.init_from and not os.path.exists(spec.init_from):
+    problems.append(f"init_from: checkpoint path not found: {spec.init_from}")
+  if check_paths and spec.model.path != DEMO_MODEL and _looks_local(spec.model.path) \
+      and not os.path.isdir(spec.model.path):
+    problems.append(f"model.path: local directory not found: {spec.model.path}")
+  if problems:
+    if len(problems) == 1:
+      raise SpecError(f"invalid spec: {problems[0]}")
+    raise SpecError(f"invalid spec ({len(problems)} problems):\n" + "\n".join(f"  - {p}" for p in problems))
+  return warnings
+
+
+def _looks_local(path: str) -> bool:
+  """Hub ids look like `org/name`; local paths start with / . ~ or exist."""
+  return path.startswith(("/", ".", "~")) or os.path.exists(path)
+
+
+def _check_enums(spec: ConfigDict, problems: list[str]) -> None:
+  for key, allowed in ENUMS.items():
+    value = get_dotted(spec, key)
+    if value not in allowed:
+      problems.append(f"{key}={value!r}; choose from {', '.join(repr(a) for a in allowed)}")
+
+
+def _check_numbers(spec: ConfigDict, problems: list[str], warnings: list[str]) -> None:
+  positive = ["lr", "max_steps", "batch_size", "grad_accum_steps", "logging_steps",
+              "data.max_length", "data.max_steps_per_example", "data.eval_batch_size"]
+  non_negative = ["warmup_steps", "weight_decay", "max_grad_norm", "eval_steps", "save_steps",
+                  "max_eval_batches", "data.num_workers", "data.prefetch",
+                  "checkpoint.max_to_keep"]
+  for key in positive:
+    if not get_dotted(spec, key) > 0:
+      problems.append(f"{key} must be > 0, got {get_dotted(spec, key)}")
+  for key in non_negative:
+    if get_dotted(spec, key) < 0:
+      problems.append(f"{key} must be >= 0, got {get_dotted(spec, key)}")
+  if not 0 <= spec.head.dropout < 1:
+    problems.append(f"head.dropout must be in [0, 1), got {spec.head.dropout}")
+  if not _positive_ints(spec.head.hidden_dims):
+    problems.append(f"head.hidden_dims must be positive integers, got {tuple(spec.head.hidden_dims)}")
+  if not 0 <= spec.data.neutral_target <= 1:
+    problems.append(f"data.neutral_target must be in [0, 1], got {spec.data.neutral_target}")
+  if spec.mode == "lora":
+    if spec.lora.rank <= 0:
+      problems.append(f"lora.rank must be > 0 in mode 'lora', got {spec.lora.rank}")
+    if spec.lora.alpha <= 0:
+      problems.append(f"lora.alpha must be > 0 in mode 'lora', got {spec.lora.alpha}")
+    if not spec.lora.targets or not all(isinstance(t, str) and t for t in spec.lora.targets):
+      problems.append(f"lora.targets must be module names (e.g. q_proj), got {tuple(spec.lora.targets)}")
+  if 0 < spec.max_steps <= spec.warmup_steps:
+    warnings.append(f"warmup_steps ({spec.warmup_steps}) >= max_steps ({spec.max_steps}): "
+                    "the learning rate never reaches its peak")
+  if spec.model.path == DEMO_MODEL:
+    for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size"):
+      if not spec.model.demo[key] > 0:
+        problems.append(f"model.demo.{key} must be > 0, got {spec.model.demo[key]}")
+    if spec.model.demo.num_kv_heads > 0 and spec.model.demo.num_heads % spec.model.demo.num_kv_heads:
+      problems.append(f"model.demo.num_heads ({spec.model.demo.num_heads}) must be a multiple of "
+                      f"model.demo.num_kv_heads ({spec.model.demo.num_kv_heads})")
+
+
+def _positive_ints(values: Iterable[Any]) -> bool:
+  return all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+
+
+def _check_batch_and_mesh(spec: ConfigDict, num_devices: int, process_count: int,
+                          problems: list[str]) -> None:
+  batch, accum = int(spec.batch_size), int(spec.grad_accum_steps)
+  try:
+    sizes = resolve_mesh(spec.mesh, num_devices)
+  except SpecError as e:
+    problems.append(str(e))
+    sizes = None
+  if batch <= 0 or accum <= 0:
+    return  # already reported
+  if batch % accum:
+    problems.append(f"batch_size ({batch}) is not divisible by grad_accum_steps ({accum})")
+    return
+  micro = batch // accum
+  if sizes is not None:
+    dp = sizes["data"] * sizes["fsdp"]
+    if micro % dp:
+      problems.append(f"micro-batch batch_size // grad_accum_steps = {batch} // {accum} = {micro} is not "
+                      f"divisible by the data-parallel size data*fsdp = {dp}")
+    eval_batch = int(spec.data.eval_batch_size)
+    if eval_batch > 0 and eval_batch % dp:
+      problems.append(f"data.eval_batch_size ({eval_batch}) is not divisible by the data-parallel "
+                      f"size data*fsdp = {dp}")
+  if process_count > 1 and micro % process_count:
+    problems.append(f"micro-batch ({micro}) is not divisible by the {process_count} processes")
+  if process_count > 1 and int(spec.data.eval_batch_size) % process_count:
+    problems.append(f"data.eval_batch_size ({spec.data.eval_batch_size}) is not divisible by the "
+                    f"{process_count} processes")
+
+
+def _check_data(spec: ConfigDict, problems: list[str], warnings: list[str], check_paths: bool) -> None:
+  data = spec.data
+  buckets = list(data.length_buckets)
+  if not _positive_ints(buckets) or buckets != sorted(set(buckets)):
+    problems.append(f"data.length_buckets must be positive integers, strictly increasing, got {tuple(buckets)}")
+  elif buckets and max(buckets) < data.max_length:
+    problems.append(f"data.length_buckets {tuple(buckets)}: the largest bucket is below "
+                    f"data.max_length ({data.max_length})")
+  for name in SOURCES:
+    src = data[name]
+    if float(src.weight) < 0:
+      problems.append(f"data.{name}.weight must be >= 0, got {src.weight}")
+    if not src.use or not check_paths or is_synthetic(spec, name):
+      continue
+    if not src.path:
+      problems.append(f"data.{name}.path is empty but data.{name}.use is True "
+                      f"(set --spec.data.{name}.path=DIR or --spec.data.{name}.use=False)")
+    elif not os.path.exists(src.path):
+      problems.append(f"data.{name}.path not found: {src.path} "
+                      f"(set --spec.data.{name}.path=DIR or --spec.data.{name}.use=False)")
+  if not training_sources(spec):
+    problems.append("no training source: enable one with weight > 0 (data.<source>.use / .weight; "
+                    "REVEAL trains only with data.allow_reveal_training)")
+  if data.allow_reveal_training and data.reveal.use:
+    warnings.append("data.allow_reveal_training is set: REVEAL's terms allow it as a test set only, "
+                    "and its eval numbers are no longer held-out")
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion.
+
+def spec_to_dict(spec: ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
+  """A JSON-safe nested dict (tuples -> lists, non-JSON leaves -> str)."""
+  raw = spec.to_dict() if isinstance(spec, ConfigDict) else dict(spec)
+  return _jsonable(raw)
+
+
+def _jsonable(value: Any) -> Any:
+  if isinstance(value, Mapping):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return value
+  if isinstance(value, pathlib.PurePath):
+    return str(value)
+  return repr(value)

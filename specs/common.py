@@ -1,0 +1,123 @@
+"""Shared defaults for every rmjax spec (not a spec itself: it has no get_config).
+
+Why it exists: full.py, lora.py and demo.py differ in a handful of fields; everything else is
+defined once here, with one comment per field, so the specs cannot drift apart. Spec files are
+loaded by path (ml-collections' config_flags uses a SourceFileLoader, so `specs/` is not a
+package): they load this file with `load_common()` below, copied into each of them, which
+resolves it relative to their own __file__.
+
+Every key of the spec contract is created here; a spec only changes values. Empty strings and
+0 stand for "unset" (ml-collections cannot set a field back to None from the command line).
+`checkpoint.async` is a Python keyword: read it as `spec.checkpoint["async"]`.
+"""
+
+import ml_collections
+
+
+def base_spec() -> ml_collections.ConfigDict:
+  """The full spec with the shared defaults (LoRA-independent values; mode left to the spec)."""
+  c = ml_collections.ConfigDict()
+  c.experiment_name = "rmjax"        # run name; run dir = <output_dir>/<experiment_name>
+  c.output_dir = "runs"              # parent of run directories
+  c.seed = 42                        # params init, dropout and data shuffling
+  c.mode = "full"                    # "full" (every weight trains) | "lora" (adapters + head + marker row)
+  c.lr = 2e-5                        # peak learning rate (AdamW)
+  c.max_steps = 5000                 # optimizer steps (each = grad_accum_steps micro-batches)
+  # GLOBAL examples per optimizer step, summed over micro-batches and devices. The seed used
+  # 4 per device x 4 accumulation steps: 16 on one device; scale it with the device count
+  # (e.g. 128 on 8 GPUs keeps 4 per device per micro-batch).
+  c.batch_size = 16
+  c.grad_accum_steps = 4             # micro-batches per step; micro-batch = batch_size // grad_accum_steps
+  c.warmup_steps = 500               # linear warmup from 0 to lr
+  c.schedule = "cosine"              # after warmup: "cosine" | "linear" (decay to 0) | "constant"
+  c.weight_decay = 0.01              # AdamW decoupled weight decay
+  c.max_grad_norm = 1.0              # global-norm gradient clipping; 0 = off
+  c.loss = "mse"                     # on sigmoid(logit) vs target: "mse" | "bce"
+  c.logging_steps = 10               # log train metrics every N steps
+  c.eval_steps = 100                 # evaluate every N steps (and at the end); 0 = only at the end
+  c.save_steps = 500                 # checkpoint every N steps (and at the end); 0 = only at the end
+  c.max_eval_batches = 0             # eval batches per source per evaluation; 0 = the whole split
+  c.init_from = ""                   # "" or a checkpoint dir: weights only, fresh optimizer and step 0
+  c.nan_policy = "stop"              # non-finite loss: "stop" (raise, naming the step) | "skip" the update
+
+  c.model = ml_collections.ConfigDict()
+  c.model.path = "Qwen/Qwen3-4B-Instruct-2507"  # hub id, local HF dir, or "demo" (tiny random backbone)
+  c.model.param_dtype = "float32"    # dtype of trained weights and optimizer moments
+  c.model.compute_dtype = "bfloat16" # matmul/activation dtype ("float32" for CPU tests)
+  c.model.frozen_dtype = "bfloat16"  # LoRA only: dtype the frozen base weights are stored in
+  c.model.remat = "full"             # rematerialisation per layer: "none" | "full" | "dots_saveable" | ...
+  c.model.attention_impl = ""        # "" = let XLA choose | "xla" | "cudnn" (GPU flash attention)
+  c.model.trust_remote_code = False  # passed to the HF tokenizer/config loaders
+  c.model.demo = ml_collections.ConfigDict()  # backbone shape when model.path == "demo"
+  c.model.demo.hidden_size = 64      # model width
+  c.model.demo.num_layers = 2        # decoder layers
+  c.model.demo.num_heads = 4         # query heads
+  c.model.demo.num_kv_heads = 2      # key/value heads (grouped-query attention)
+  c.model.demo.head_dim = 16         # per-head width
+  c.model.demo.intermediate_size = 128  # MLP width
+
+  c.head = ml_collections.ConfigDict()
+  c.head.hidden_dims = (1024, 256)   # MLP hidden widths on the marker's hidden state
+  c.head.activation = "gelu"         # "gelu" (exact erf, torch default) | "gelu_tanh" | "relu" | "silu" | "tanh"
+  c.head.dropout = 0.1               # after each hidden layer, training only
+
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 16                   # adapter rank r (mode "lora")
+  c.lora.alpha = 32.0                # scale = alpha / rank, as in PEFT
+  c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # HF module names that get adapters
+
+  c.data = ml_collections.ConfigDict()
+  c.data.max_length = 2048           # tokens per example after truncation
+  c.data.max_steps_per_example = 10  # supervised steps (markers) kept per example
+  c.data.length_buckets = (256, 512, 1024, 2048)  # rows pad to the smallest bucket that fits (few shapes, few compiles)
+  c.data.template = "default"        # prompt rendering: "default" (plain text) | "chat" (tokenizer's chat template)
+  c.data.neutral_target = 0.5        # target for neutral ratings (PRM800K rating 0)
+  c.data.pack = False                # pack several examples per row (segment ids keep them apart)
+  c.data.eval_batch_size = 16        # global rows per eval batch
+  c.data.num_workers = 2             # grain read threads per source; 0 = read inline
+  c.data.prefetch = 64               # examples buffered per source (grain ReadOptions.prefetch_buffer_size)
+  c.data.allow_reveal_training = False  # REVEAL is eval-only unless set (its terms: test set only)
+
+  c.data.prm800k = ml_collections.ConfigDict()
+  c.data.prm800k.use = True          # train and evaluate on PRM800K
+  c.data.prm800k.weight = 0.5        # sampling weight in the training mix
+  c.data.prm800k.path = ""           # dir with phase{1,2}_{train,test}.jsonl; "" = synthetic PRM800K-format data
+  c.data.prm800k.phase = 2           # PRM800K release phase: 1 or 2 (phase 2 holds most labels)
+  c.data.prm800k.train_split = "train"  # file split used for training
+  c.data.prm800k.eval_split = "test"    # file split used for evaluation
+  c.data.prm800k.drop_quality_control = False  # drop records with is_quality_control_question
+  c.data.prm800k.drop_screening = False        # drop records with is_initial_screening_question
+
+  c.data.eqasc = ml_collections.ConfigDict()
+  c.data.eqasc.use = True            # train and evaluate on eQASC
+  c.data.eqasc.weight = 0.25         # sampling weight in the training mix
+  c.data.eqasc.path = ""             # dir with eqasc_{train,dev,test}_grc.json
+  c.data.eqasc.train_split = "train" # file split used for training
+  c.data.eqasc.eval_split = "dev"    # file split used for evaluation
+  c.data.eqasc.label_all_steps = False  # chain label (turk_label) on every step, not only the conclusion
+
+  c.data.reveal = ml_collections.ConfigDict()
+  c.data.reveal.use = True           # evaluate on REVEAL (train only with allow_reveal_training)
+  c.data.reveal.weight = 0.25        # sampling weight, used only with allow_reveal_training
+  c.data.reveal.path = ""            # dir with eval/reveal_eval.csv (gated dataset, not shipped)
+  c.data.reveal.eval_split = "eval"  # "eval" | "open"
+  c.data.reveal.label = "correctness"  # which REVEAL column is the step target
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                   # data-parallel axis; -1 = all remaining devices
+  c.mesh.fsdp = 1                    # parameter-sharded data-parallel axis (batch splits over data*fsdp)
+  c.mesh.tensor = 1                  # tensor-parallel axis (heads / MLP columns)
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.max_to_keep = 3       # latest checkpoints kept (the best one is kept apart)
+  c.checkpoint.keep_best = True      # also keep the step with the best eval loss
+  # Save in the background (waited for before exit). `async` is a Python keyword: read it as
+  # spec.checkpoint["async"]; it cannot be overridden with --spec.checkpoint.async (ml-collections
+  # parses override paths as Python), only in a spec file.
+  c.checkpoint["async"] = True
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ""  # "host:port" of process 0; "" = from the environment (or one process)
+  c.distributed.num_processes = 0    # 0 = from the environment
+  c.distributed.process_id = -1      # -1 = from the environment
+  return c

@@ -1,0 +1,172 @@
+"""The command line: rmjax.launch errors are one line with no traceback; seed flags map onto specs."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from rmjax import spec as spec_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def launch(*args, module="rmjax.launch"):
+  cmd = [sys.executable, "-m", module, *args] if module else [sys.executable, *args]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def one_line_error(proc):
+  assert proc.returncode != 0
+  assert "Traceback" not in proc.stderr, proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1, proc.stderr
+  return lines[0]
+
+
+def test_unknown_key_suggests_the_closest():
+  line = one_line_error(launch("--spec", "specs/demo.py", "--spec.lrr=1"))
+  assert "'lrr'" in line and "spec.lr" in line
+
+
+def test_unknown_nested_key():
+  line = one_line_error(launch("--spec=specs/lora.py", "--spec.data.max_lenght=8"))
+  assert "spec.data.max_length" in line
+
+
+def test_wrong_type_is_one_line():
+  line = one_line_error(launch("--spec", "specs/demo.py", "--spec.lr=abc"))
+  assert "'lr'" in line and "expected float" in line and "abc" in line
+
+
+def test_missing_spec_flag():
+  line = one_line_error(launch())
+  assert "--spec FILE is required" in line
+
+
+def test_missing_spec_file():
+  line = one_line_error(launch("--spec", "specs/nope.py"))
+  assert line.endswith("spec file not found: specs/nope.py")
+
+
+def test_keyword_key_cannot_be_overridden():
+  line = one_line_error(launch("--spec", "specs/demo.py", "--spec.checkpoint.async=False"))
+  assert "Python keyword" in line
+
+
+def test_indivisible_batch_rejected_before_training():
+  proc = launch("--spec", "specs/demo.py", "--spec.batch_size=10", "--spec.grad_accum_steps=4")
+  assert proc.returncode == 1
+  assert "Traceback" not in proc.stderr
+  assert "batch_size (10) is not divisible by grad_accum_steps (4)" in proc.stderr
+
+
+def test_bad_mesh_rejected():
+  # conftest gives 8 fake CPU devices, inherited by the subprocess through XLA_FLAGS.
+  proc = launch("--spec", "specs/demo.py", "--spec.mesh.data=3")
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert "mesh (data=3, fsdp=1, tensor=1) has 3 devices but 8 are available" in proc.stderr
+
+
+def test_dry_run_prints_the_resolved_spec():
+  proc = launch("--spec", "specs/demo.py:lora", "--spec.lr=0.01", "--spec.data.length_buckets=(32,128)",
+                "--dry_run")
+  assert proc.returncode == 0, proc.stderr
+  out = json.loads(proc.stdout)
+  assert out["spec"]["lr"] == 0.01 and out["spec"]["mode"] == "lora"
+  assert out["spec"]["data"]["length_buckets"] == [32, 128]
+  assert out["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert out["micro_batch_size"] == 8
+
+
+# --- seed-compatible launchers ------------------------------------------------------------------
+
+def _load_seed_launcher():
+  path = ROOT / "launch" / "train.py"
+  module_spec = importlib.util.spec_from_file_location("seed_train_under_test", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope="module")
+def seed():
+  return _load_seed_launcher()
+
+
+def test_seed_flags_map_onto_the_full_spec(seed):
+  args = seed.build_parser("full").parse_args([
+    "--experiment_name", "exp1", "--max_steps", "123", "--learning_rate", "3e-5", "--batch_size", "2",
+    "--logging_steps", "7", "--eval_steps", "50", "--save_steps", "60", "--max_eval_batches", "5"])
+  spec, warnings = seed.map_seed("full", args, {}, num_devices=8)
+  assert warnings == []
+  assert (spec.mode, spec.experiment_name, spec.max_steps, spec.lr) == ("full", "exp1", 123, 3e-5)
+  assert (spec.logging_steps, spec.eval_steps, spec.save_steps, spec.max_eval_batches) == (7, 50, 60, 5)
+  assert (spec.batch_size, spec.grad_accum_steps) == (2 * 4 * 8, 4)  # per-device x accumulation x devices
+  assert spec.data.eval_batch_size == 16  # spec default, already a multiple of 8
+
+
+def test_seed_defaults_give_the_seed_batch(seed):
+  spec, _ = seed.map_seed("lora", seed.build_parser("lora").parse_args([]), {}, num_devices=1)
+  assert (spec.batch_size, spec.grad_accum_steps, spec.lr, spec.lora.rank) == (16, 4, 1e-4, 16)
+  spec, _ = seed.map_seed("lora", seed.build_parser("lora").parse_args([]), {}, num_devices=3)
+  assert (spec.batch_size, spec.data.eval_batch_size) == (48, 15)
+
+
+def test_seed_lora_flags_and_json_config(seed):
+  config = {
+    "model_name_or_path": "some/model", "learning_rate": 5e-5, "gradient_accumulation_steps": 2,
+    "per_device_train_batch_size": 3, "warmup_steps": 10, "lr_scheduler_type": "linear",
+    "max_seq_length": 1024, "bf16": False, "gradient_checkpointing": False, "lora_alpha": 64,
+    "lora_target_modules": ["q_proj", "v_proj"], "prm800k_path": "/p", "eqasc_weight": 0.4,
+    "reveal_path": "", "lora_dropout": 0.05, "report_to": "wandb",
+  }
+  args = seed.build_parser("lora").parse_args(["--lora_r", "8", "--learning_rate", "2e-4"])
+  spec, warnings = seed.map_seed("lora", args, config, num_devices=2)
+  assert spec.model.path == "some/model"
+  assert spec.lr == 2e-4  # the flag beats the JSON config
+  assert (spec.lora.rank, spec.lora.alpha, tuple(spec.lora.targets)) == (8, 64.0, ("q_proj", "v_proj"))
+  assert (spec.grad_accum_steps, spec.batch_size) == (2, 3 * 2 * 2)
+  assert (spec.warmup_steps, spec.schedule, spec.data.max_length) == (10, "linear", 1024)
+  assert (spec.model.compute_dtype, spec.model.remat) == ("float32", "none")
+  assert (spec.data.prm800k.path, spec.data.eqasc.weight, spec.data.reveal.use) == ("/p", 0.4, False)
+  assert warnings == ["ignored seed config keys (no rmjax equivalent): lora_dropout, report_to"]
+
+
+def test_seed_datasets_list(seed):
+  config = {"datasets": [{"name": "eqasc", "path": "/e", "weight": 2}, {"name": "gsm8k", "path": "/g"}]}
+  spec, warnings = seed.map_seed("full", seed.build_parser("full").parse_args([]), config, num_devices=1)
+  assert (spec.data.eqasc.use, spec.data.eqasc.path, spec.data.eqasc.weight) == (True, "/e", 2.0)
+  assert (spec.data.prm800k.use, spec.data.reveal.use) == (False, False)
+  assert warnings == ["ignored seed config keys (no rmjax equivalent): datasets.gsm8k"]
+
+
+def test_seed_bad_value_names_the_key(seed):
+  with pytest.raises(spec_lib.SpecError, match="spec key lr"):
+    seed.map_seed("full", seed.build_parser("full").parse_args([]), {"learning_rate": "fast"}, num_devices=1)
+
+
+def test_full_launcher_has_no_lora_flags(seed):
+  with pytest.raises(SystemExit):
+    seed.build_parser("full").parse_args(["--lora_r", "8"])
+
+
+def test_seed_lora_launcher_dry_run(tmp_path, shared_data):
+  config = tmp_path / "seed.json"
+  config.write_text(json.dumps({"prm800k_path": str(shared_data / "prm800k"), "eqasc_path": str(shared_data / "eqasc"),
+                                "reveal_path": "", "lora_dropout": 0.1}))
+  proc = launch("launch/train_lora.py", "--config", str(config), "--lora_r", "4", "--max_steps", "1000",
+                "--dry_run", module=None)
+  assert proc.returncode == 0, proc.stderr
+  assert "ignored seed config keys (no rmjax equivalent): lora_dropout" in proc.stderr
+  spec = json.loads(proc.stdout)["spec"]
+  assert (spec["mode"], spec["lora"]["rank"], spec["max_steps"], spec["batch_size"]) == ("lora", 4, 1000, 4 * 4 * 8)
+
+
+def test_seed_launcher_missing_config_is_one_line():
+  proc = launch("launch/train.py", "--config", "nope.json", module=None)
+  assert one_line_error(proc) == "launch/train.py: error: config file not found: nope.json"
