@@ -1,0 +1,119 @@
+"""`python -m rmjax.bench`: time rmjax's training step against the PyTorch reference.
+
+Why it exists: the performance claims in BUILD.md must be reproducible with one command.
+Each (implementation, mode) pair runs by default in its own subprocess, so peak host memory
+(ru_maxrss) belongs to that run alone and neither framework's thread pools or allocator
+disturb the other; `--no-isolate` runs everything in this process (faster start-up, used by
+the tests; CPU peak memory is then the process's cumulative peak).
+
+Output: one JSON object per run on stdout, then a last line
+`{"ratios": {"<mode>": rmjax tokens/s / torch tokens/s, ...}}`. Progress goes to stderr.
+
+Examples:
+  python -m rmjax.bench --preset 75m --seq-len 512 --batch 4 --mode both --impl both
+  python -m rmjax.bench --preset qwen3-4b --seq-len 2048 --batch 4 --mode lora --remat
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from typing import Any, Sequence
+
+from rmjax.bench import common
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m rmjax.bench", description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--preset", default="75m", choices=sorted(common.PRESETS), help="model shape")
+  p.add_argument("--seq-len", type=int, default=512, help="tokens per row (no padding)")
+  p.add_argument("--batch", type=int, default=4, help="rows per step")
+  p.add_argument("--mode", default="both", choices=(*common.MODES, "both"))
+  p.add_argument("--impl", default="both", choices=(*common.IMPLS, "both"))
+  p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps first (include compilation)")
+  p.add_argument("--remat", action="store_true", help="full activation checkpointing on both sides")
+  p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                 help="compute dtype; auto = bfloat16 on a GPU, float32 on CPU")
+  p.add_argument("--dropout", type=float, default=0.0, help="head dropout (same on both sides)")
+  p.add_argument("--seed", type=int, default=0, help="numpy seed of the batches and init seed")
+  p.add_argument("--no-isolate", dest="isolate", action="store_false",
+                 help="run every (impl, mode) in this process instead of a subprocess each")
+  p.add_argument("--no-ratios", dest="ratios", action="store_false", help=argparse.SUPPRESS)
+  return p.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> common.BenchSettings:
+  return common.BenchSettings(preset=args.preset, seq_len=args.seq_len, batch=args.batch, steps=args.steps,
+                              warmup=args.warmup, remat=args.remat, dtype=args.dtype,
+                              dropout=args.dropout, seed=args.seed)
+
+
+def run_in_process(impl: str, settings: common.BenchSettings, mode: str) -> dict[str, Any]:
+  if impl == "rmjax":
+    from rmjax.bench import jax_impl
+    return jax_impl.run(settings, mode)
+  from rmjax.bench import torch_ref
+  return torch_ref.run(settings, mode)
+
+
+def child_argv(impl: str, settings: common.BenchSettings, mode: str) -> list[str]:
+  argv = [sys.executable, "-m", "rmjax.bench", "--no-isolate", "--no-ratios", "--impl", impl, "--mode", mode,
+          "--preset", settings.preset, "--seq-len", str(settings.seq_len), "--batch", str(settings.batch),
+          "--steps", str(settings.steps), "--warmup", str(settings.warmup), "--dtype", settings.dtype,
+          "--dropout", str(settings.dropout), "--seed", str(settings.seed)]
+  return argv + (["--remat"] if settings.remat else [])
+
+
+def run_isolated(impl: str, settings: common.BenchSettings, mode: str) -> dict[str, Any]:
+  proc = subprocess.run(child_argv(impl, settings, mode), stdout=subprocess.PIPE, text=True)
+  records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  records = [r for r in records if r.get("impl") == impl]
+  if proc.returncode or not records:
+    return {"impl": impl, "mode": mode, "error": f"subprocess exited with code {proc.returncode}"}
+  return records[-1]
+
+
+def run_one(impl: str, settings: common.BenchSettings, mode: str, isolate: bool) -> dict[str, Any]:
+  if isolate:
+    return run_isolated(impl, settings, mode)  # the child prints its own progress line
+  print(f"[rmjax.bench] {impl} {mode} preset={settings.preset} batch={settings.batch}x{settings.seq_len}",
+        file=sys.stderr, flush=True)
+  try:
+    return run_in_process(impl, settings, mode)
+  except (ValueError, FloatingPointError, MemoryError, RuntimeError) as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f"[rmjax.bench] {impl} {mode} failed: {type(e).__name__}: {first}", file=sys.stderr, flush=True)
+    return {"impl": impl, "mode": mode, "error": f"{type(e).__name__}: {first}"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parse_args(argv)
+  try:
+    settings = settings_from(args)
+    settings.on_device(False).model_config("lora")  # validate shape options before any run
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  modes = common.MODES if args.mode == "both" else (args.mode,)
+  impls = common.IMPLS if args.impl == "both" else (args.impl,)
+  if not args.isolate and len(impls) > 1:
+    # Sharing one GPU with torch: jax must not grab 75% of its memory up front.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  records = []
+  for mode in modes:
+    for impl in impls:
+      record = run_one(impl, settings, mode, args.isolate)
+      common.emit(record)
+      records.append(record)
+  if args.ratios:
+    common.emit({"ratios": common.ratios(records)})
+  return 1 if any("error" in r for r in records) else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,131 @@
+"""Tests for `python -m rmjax.bench`: records, ratios, batches and the analytic FLOP count."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from rmjax.bench import __main__ as bench_main
+from rmjax.bench import common
+from rmjax.model.config import ModelConfig
+
+TINY_ARGS = ["--preset", "tiny", "--seq-len", "64", "--batch", "2", "--steps", "2", "--warmup", "1"]
+
+
+def _lines(text: str) -> list[dict]:
+  return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def _check_record(r: dict, impl: str, mode: str) -> None:
+  assert (r["impl"], r["mode"], r["seq_len"], r["batch"]) == (impl, mode, 64, 2)
+  for key in common.REQUIRED_KEYS:
+    assert key in r, key
+  assert isinstance(r["tokens_per_s"], float) and r["tokens_per_s"] > 0
+  assert isinstance(r["step_time_s"], float) and r["step_time_s"] > 0
+  assert r["tokens_per_s"] == pytest.approx(2 * 64 / r["step_time_s"])
+  assert len(r["step_times_s"]) == 2
+  assert r["peak_mem_mb"] > 50  # a process holding jax or torch is never this small
+  assert r["mfu"] is None  # CPU has no peak FLOP/s entry
+  assert isinstance(r["model_flops"], float) and r["model_flops"] > 0
+  if impl == "rmjax":
+    for key in common.RMJAX_KEYS:
+      assert isinstance(r[key], float) and r[key] > 0, key
+
+
+def test_tiny_both_impls_both_modes(capsys):
+  rc = bench_main.main([*TINY_ARGS, "--mode", "both", "--impl", "both", "--no-isolate"])
+  records = _lines(capsys.readouterr().out)
+  assert rc == 0
+  runs, last = records[:-1], records[-1]
+  assert [(r["impl"], r["mode"]) for r in runs] == [
+    ("rmjax", "full"), ("torch", "full"), ("rmjax", "lora"), ("torch", "lora")]
+  for r in runs:
+    _check_record(r, r["impl"], r["mode"])
+  by = {(r["impl"], r["mode"]): r for r in runs}
+  hidden = common.PRESETS["tiny"]().hidden_size
+  for mode in common.MODES:
+    # Same model shape on both sides: the only extra trainable rmjax weight is the marker row.
+    assert by["rmjax", mode]["trainable_params"] - by["torch", mode]["trainable_params"] == hidden
+    assert by["rmjax", mode]["model_flops"] == by["torch", mode]["model_flops"]
+    assert by["rmjax", mode]["traces"] == 1
+  # peft trains exactly the adapters our FLOP count assumes, plus the head (weights + biases).
+  tiny = common.BenchSettings(preset="tiny").model_config("lora")
+  head = common.head_matmul_params(hidden, (1024, 256)) + 1024 + 256 + 1
+  assert by["torch", "lora"]["trainable_params"] == common.lora_params(tiny) + head
+  assert set(last) == {"ratios"} and set(last["ratios"]) == {"full", "lora"}
+  for mode, ratio in last["ratios"].items():
+    expected = by["rmjax", mode]["tokens_per_s"] / by["torch", mode]["tokens_per_s"]
+    assert ratio == pytest.approx(expected)
+
+
+def test_isolated_subprocess_run():
+  proc = subprocess.run([sys.executable, "-m", "rmjax.bench", *TINY_ARGS, "--impl", "torch", "--mode", "lora"],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  records = _lines(proc.stdout)
+  _check_record(records[0], "torch", "lora")
+  assert records[-1] == {"ratios": {"lora": None}}
+
+
+def test_bad_option_is_one_line_error(capsys):
+  assert bench_main.main(["--preset", "tiny", "--seq-len", "100000", "--no-isolate"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert "max_position_embeddings" in err and len(err.splitlines()) == 1
+
+
+def test_flops_against_hand_count():
+  cfg = ModelConfig(hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2, num_kv_heads=1,
+                    head_dim=4, lora_rank=2)
+  # Per layer: q 8x8=64, k 8x4=32, v 8x4=32, o 8x8=64, MLP 3x8x16=384 -> 576; N = 2 x 576 = 1152.
+  assert common.decoder_matmul_params(cfg) == 1152
+  # LoRA r=2: q 2(8+8)=32, k 2(8+4)=24, v 24, o 32 -> 112 per layer, 224 in all.
+  assert common.lora_params(cfg) == 224
+  # Attention per token: 6 x L2 x H2 x d4 x T10 = 960. 20 tokens.
+  # full: 20 x (6 x 1152 + 960) = 20 x 7872
+  assert common.analytic_model_flops(cfg, 20, 10, "full") == 157440
+  # lora: 20 x (4 x 1152 + 6 x 224 + 960) = 20 x 6912
+  assert common.analytic_model_flops(cfg, 20, 10, "lora") == 138240
+  # head 8->4->1: 36 weights, 6 x 36 x 3 markers = 648 on top.
+  assert common.analytic_model_flops(cfg, 20, 10, "full", head_dims=(4,), markers=3) == 158088
+  with pytest.raises(ValueError, match="mode"):
+    common.analytic_model_flops(cfg, 20, 10, "half")
+
+
+def test_presets_have_documented_sizes():
+  assert common.decoder_matmul_params(common.PRESETS["75m"]()) == 75_497_472
+  big = common.PRESETS["qwen3-4b"]()
+  # Qwen3-4B: 36 x (2560 x 4096 x 2 + 2560 x 1024 x 2 + 3 x 2560 x 9728) = 3.61e9 in matmuls.
+  assert common.decoder_matmul_params(big) == 36 * (2 * 2560 * 4096 + 2 * 2560 * 1024 + 3 * 2560 * 9728)
+
+
+def test_batches_follow_contract_and_are_reproducible():
+  settings = common.BenchSettings(preset="tiny", seq_len=256, batch=3, seed=7)
+  cfg = settings.model_config("full")
+  a, b = common.make_batches(cfg, settings, 2), common.make_batches(cfg, settings, 2)
+  for x, y in zip(a, b):
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  batch = a[0]
+  assert batch["input_ids"].shape == (3, 256) and batch["input_ids"].dtype == np.int32
+  for row in range(3):
+    mask = batch["target_mask"][row] > 0
+    pos = batch["marker_positions"][row][mask]
+    assert np.all(batch["input_ids"][row, pos] == cfg.marker_id)
+    assert np.sum(batch["input_ids"][row] == cfg.marker_id) == mask.sum()
+    assert 3 <= mask.sum() <= 5  # one marker per 48..80 tokens of 256
+    assert set(np.unique(batch["targets"][row][mask])) <= {0.0, 1.0}
+  assert not np.array_equal(a[0]["input_ids"], a[1]["input_ids"])
+
+
+def test_peak_table_and_ratios():
+  assert common.peak_flops("NVIDIA H100 80GB HBM3") == 989.5e12
+  assert common.peak_flops("NVIDIA H200") == 989.5e12
+  assert common.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+  assert common.peak_flops("cpu") is None
+  records = [{"impl": "rmjax", "mode": "full", "tokens_per_s": 30.0},
+             {"impl": "torch", "mode": "full", "tokens_per_s": 20.0},
+             {"impl": "rmjax", "mode": "lora", "error": "boom"},
+             {"impl": "torch", "mode": "lora", "tokens_per_s": 10.0}]
+  assert common.ratios(records) == {"full": 1.5, "lora": None}
