@@ -39,6 +39,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--remat", action="store_true", help="full activation checkpointing on both sides")
   p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                  help="compute dtype; auto = bfloat16 on a GPU, float32 on CPU")
+  p.add_argument("--frozen-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                 help="rmjax LoRA frozen-base dtype; auto = bfloat16 on a GPU, float32 on CPU")
+  p.add_argument("--attention", default="", choices=("", "xla", "cudnn"),
+                 help="rmjax attention implementation (default: let XLA choose)")
   p.add_argument("--dropout", type=float, default=0.0, help="head dropout (same on both sides)")
   p.add_argument("--seed", type=int, default=0, help="numpy seed of the batches and init seed")
   p.add_argument("--no-isolate", dest="isolate", action="store_false",
@@ -50,7 +54,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def settings_from(args: argparse.Namespace) -> common.BenchSettings:
   return common.BenchSettings(preset=args.preset, seq_len=args.seq_len, batch=args.batch, steps=args.steps,
                               warmup=args.warmup, remat=args.remat, dtype=args.dtype,
-                              dropout=args.dropout, seed=args.seed)
+                              dropout=args.dropout, seed=args.seed,
+                              frozen_dtype=args.frozen_dtype, attention=args.attention)
 
 
 def run_in_process(impl: str, settings: common.BenchSettings, mode: str) -> dict[str, Any]:
@@ -65,7 +70,8 @@ def child_argv(impl: str, settings: common.BenchSettings, mode: str) -> list[str
   argv = [sys.executable, "-m", "rmjax.bench", "--no-isolate", "--no-ratios", "--impl", impl, "--mode", mode,
           "--preset", settings.preset, "--seq-len", str(settings.seq_len), "--batch", str(settings.batch),
           "--steps", str(settings.steps), "--warmup", str(settings.warmup), "--dtype", settings.dtype,
-          "--dropout", str(settings.dropout), "--seed", str(settings.seed)]
+          "--dropout", str(settings.dropout), "--seed", str(settings.seed),
+          "--frozen-dtype", settings.frozen_dtype, "--attention", settings.attention]
   return argv + (["--remat"] if settings.remat else [])
 
 

@@ -72,6 +72,8 @@ class BenchSettings:
   weight_decay: float = 0.01
   max_grad_norm: float = 1.0
   seed: int = 0
+  frozen_dtype: str = "auto"  # LoRA frozen base ("auto": bfloat16 on an accelerator, float32 on CPU)
+  attention: str = ""  # jax.nn.dot_product_attention implementation: "" (XLA picks), "xla", "cudnn"
 
   def __post_init__(self):
     if self.preset not in PRESETS:
@@ -86,9 +88,9 @@ class BenchSettings:
 
   def on_device(self, accelerator: bool) -> "BenchSettings":
     """These settings with dtype "auto" resolved for the device the run found."""
-    if self.dtype != "auto":
-      return self
-    return dataclasses.replace(self, dtype="bfloat16" if accelerator else "float32")
+    auto = "bfloat16" if accelerator else "float32"
+    return dataclasses.replace(self, dtype=auto if self.dtype == "auto" else self.dtype,
+                               frozen_dtype=auto if self.frozen_dtype == "auto" else self.frozen_dtype)
 
   def model_config(self, mode: str) -> ModelConfig:
     """The preset's decoder with this run's numerics (marker = last vocabulary row)."""
@@ -99,6 +101,7 @@ class BenchSettings:
       raise ValueError(f"seq_len={self.seq_len} exceeds the {self.preset} preset's "
                        f"max_position_embeddings={cfg.max_position_embeddings}")
     return cfg.replace(compute_dtype=self.dtype, remat="full" if self.remat else "none",
+                       attention_impl=self.attention or None,
                        lora_rank=self.lora_rank if mode == "lora" else 0, lora_alpha=self.lora_alpha,
                        marker_id=cfg.vocab_size - 1)
 

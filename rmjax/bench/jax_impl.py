@@ -35,7 +35,8 @@ def optim_config(settings: common.BenchSettings, mode: str) -> optim.OptimConfig
   return optim.OptimConfig(lr=settings.lr(mode), schedule="constant", warmup_steps=0,
                            max_steps=max(settings.warmup + settings.steps, 1),
                            weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm,
-                           grad_accum_steps=1, loss="mse", mode=mode)
+                           grad_accum_steps=1, loss="mse", mode=mode,
+                           frozen_dtype=settings.frozen_dtype if mode == "lora" else "float32")
 
 
 def build(settings: common.BenchSettings, mode: str, device: jax.Device):
