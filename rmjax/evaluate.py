@@ -1,0 +1,155 @@
+"""Evaluate one checkpoint on every enabled source, outside training.
+
+Why it exists: training logs eval metrics as it goes, but a user comparing checkpoints, or
+evaluating a finished run on a new split, needs the full report on demand:
+
+  python -m rmjax.evaluate --checkpoint runs/demo-full [--spec specs/x.py] [--output DIR] [--max-eval-batches N]
+
+Sources come from the run's own spec (<run_dir>/logs/config.json) unless --spec is given;
+every source with `use=True` is evaluated on its `eval_split` (REVEAL included). Examples are
+rendered with the run's render settings (the ones the model was trained with). DIR (default
+<run_dir>/eval/step_<N>) receives:
+  eval_metrics.json  {"overall": {...}, "sources": {name: {...}}}: MSE, MAE, R2, ECE, Brier,
+                     AUROC, MAE by target band, first-error accuracy (with / without an error)
+                     and F1, AUROC of the minimum step score for "fully correct"
+  predictions.jsonl  per example: source, id, targets (null = unsupervised), predictions
+  reliability.png    reliability diagram per source and pooled
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from typing import Any, Iterator
+
+import numpy as np
+
+from rmjax.metrics import EvalAccumulator
+
+
+def load_eval_spec(run_dir: pathlib.Path, spec_file: str | None) -> Any:
+  """The spec to take sources from: --spec FILE, else the run's logs/config.json."""
+  from ml_collections import ConfigDict
+  from rmjax.spec import load_spec_file
+  if spec_file:
+    return load_spec_file(spec_file)
+  path = run_dir / "logs" / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found; pass --spec FILE to say which sources to evaluate")
+  return ConfigDict(json.loads(path.read_text()))
+
+
+def build_eval_sources(spec: Any, run_dir: pathlib.Path, skips: Any) -> dict[str, Any]:
+  """{name: reader} for every enabled source on its eval split."""
+  from rmjax.data.sources import build_source
+  from rmjax.spec import eval_sources
+  from rmjax.train.build import source_config
+  names = eval_sources(spec)
+  if not names:
+    raise ValueError("the spec enables no data source (data.<source>.use)")
+  return {n: build_source(n, source_config(spec, n, run_dir), split=str(spec.data[n].eval_split), skips=skips)
+          for n in names}
+
+
+def row_predictions(source: str, batch: dict[str, np.ndarray], probs_BM: np.ndarray) -> Iterator[dict]:
+  """predictions.jsonl records of one eval batch (padding rows skipped)."""
+  for b, ex_id in enumerate(batch["example_ids"]):
+    if not ex_id:
+      continue
+    markers = batch["marker_positions"][b]
+    k = 1 + int(np.count_nonzero(markers[1:] > 0))  # slot 0 is always used; later ones are > 0
+    mask = batch["target_mask"][b, :k] > 0
+    yield {"source": source, "id": str(ex_id),
+           "targets": [float(t) if m else None for t, m in zip(batch["targets"][b, :k], mask)],
+           "predictions": [float(p) for p in probs_BM[b, :k]]}
+
+
+def split_metrics(flat: dict[str, Any], sources: list[str]) -> dict[str, Any]:
+  """{"overall": pooled metrics, "sources": {name: metrics}} from EvalAccumulator.result()."""
+  out: dict[str, Any] = {"overall": {}, "sources": {n: {} for n in sources}}
+  for key, value in flat.items():
+    src, sep, name = key.partition("/")
+    if sep:
+      out["sources"].setdefault(src, {})[name] = value
+    else:
+      out["overall"][key] = value
+  return out
+
+
+def evaluate(checkpoint: str | pathlib.Path, spec_file: str | None = None, output: str | None = None,
+             max_eval_batches: int | None = None) -> tuple[pathlib.Path, dict[str, Any]]:
+  import jax
+  from rmjax.data.example import SkipCounter
+  from rmjax.data.pipeline import PipelineConfig, eval_datasets
+  from rmjax.model.confidence import ConfidenceModel
+  from rmjax.plots import reliability_diagram
+  from rmjax.run_artifacts import load_run_model
+  rm = load_run_model(checkpoint)
+  spec = load_eval_spec(rm.run_dir, spec_file)
+  skips = SkipCounter()
+  sources = build_eval_sources(spec, rm.run_dir, skips)
+  limit = int(spec.get("max_eval_batches", 0)) if max_eval_batches is None else max_eval_batches
+  pcfg = PipelineConfig(eval_batch_size=int(spec.data.eval_batch_size), num_threads=int(spec.data.num_workers),
+                        max_eval_batches=limit)
+  datasets = eval_datasets(sources, rm.render_cfg, rm.tokenizer, pcfg, skips=skips)
+  model = ConfidenceModel(rm.model_cfg, rm.head_cfg)
+  params = jax.device_put(rm.params)
+  apply = jax.jit(lambda b: jax.nn.sigmoid(model.apply(
+    {"params": params}, b["input_ids"], b["positions"], b["segment_ids"], b["marker_positions"], deterministic=True)))
+  out_dir = pathlib.Path(output) if output else rm.run_dir / "eval" / f"step_{rm.step}"
+  out_dir.mkdir(parents=True, exist_ok=True)
+  acc = EvalAccumulator()
+  with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as pred_file:
+    for name, ds in datasets.items():
+      for batch in ds:
+        arrays = {k: batch[k] for k in ("input_ids", "positions", "segment_ids", "marker_positions")}
+        probs = np.asarray(apply(arrays))
+        acc.add_batch(name, probs, batch)
+        for rec in row_predictions(name, batch, probs):
+          pred_file.write(json.dumps(rec) + "\n")
+  if not acc.per_source():
+    raise ValueError("no supervised step was evaluated (empty sources, or every record skipped)")
+  report = split_metrics(acc.result(), list(sources))
+  report |= {"checkpoint": str(rm.checkpoint_dir), "step": rm.step, "max_eval_batches": limit,
+             "skipped_records": skips.as_dict()}
+  (out_dir / "eval_metrics.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+  reliability_diagram(acc.per_source(), out_dir / "reliability.png")
+  return out_dir, report
+
+
+def _json_default(value: Any) -> Any:
+  if isinstance(value, np.generic):
+    return value.item()
+  raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _fmt(v: Any) -> str:
+  return "n/a" if v is None else f"{v:.4f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m rmjax.evaluate", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--checkpoint", required=True, help="run dir (best checkpoint) or checkpoint_step_<N> dir")
+  parser.add_argument("--spec", default=None, help="spec file[:arg] naming the sources (default: the run's)")
+  parser.add_argument("--output", default=None, help="output dir (default <run_dir>/eval/step_<N>)")
+  parser.add_argument("--max-eval-batches", type=int, default=None, help="batches per source; 0 = all "
+                      "(default: the spec's max_eval_batches)")
+  args = parser.parse_args(argv)
+  if args.max_eval_batches is not None and args.max_eval_batches < 0:
+    parser.error("--max-eval-batches must be >= 0")
+  try:
+    out_dir, report = evaluate(args.checkpoint, args.spec, args.output, args.max_eval_batches)
+  except (ValueError, FileNotFoundError, OSError, KeyError, RuntimeError) as e:
+    print(f"rmjax.evaluate: error: {(str(e).strip().splitlines() or [''])[0]}", file=sys.stderr)
+    return 2
+  for name, m in [("overall", report["overall"])] + sorted(report["sources"].items()):
+    print(f"{name:>10}: steps {m.get('count')}  mse {_fmt(m.get('mse'))}  auroc {_fmt(m.get('auroc'))}  "
+          f"ece {_fmt(m.get('ece'))}  first-error F1 {_fmt(m.get('first_error_f1'))}")
+  print(f"wrote {out_dir}/eval_metrics.json, predictions.jsonl, reliability.png")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

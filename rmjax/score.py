@@ -1,0 +1,214 @@
+"""Score new solutions with a trained confidence model: JSONL in, JSONL with step scores out.
+
+Why it exists: after training, users need confidences for solutions the model never saw,
+without writing code:
+
+  python -m rmjax.score --checkpoint runs/demo --input in.jsonl --output out.jsonl [--batch-size 8] [--with-tokens]
+
+Each input line is an object with `problem` (string) and `steps` (list of strings); other keys
+pass through. Output lines add `step_scores` (P(step correct) per step, in order; null for a
+step whose marker does not fit in max_length, with a warning) and, with --with-tokens,
+`input_ids` and `marker_positions`. Malformed lines are reported with their line number on
+stderr and skipped.
+
+--checkpoint is a run directory (its best checkpoint), a checkpoint_step_<N> directory (both
+scored in JAX with the run's own model), or an export directory (scored in PyTorch by
+`rmjax.torch_scorer`, so it needs `pip install rmjax[torch]`: this is the path that shows what a
+torch user will get). Every step is scored, not only the first `data.max_steps_per_example`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from rmjax.data.example import Example
+from rmjax.data.render import RenderConfig, Renderer, batch_rows
+from rmjax.export import EXPORT_FILE
+from rmjax.tokenizer import pad_id
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  line: int  # 1-based line number in the input
+  obj: dict
+  problem: str
+  steps: tuple[str, ...]
+
+
+def parse_line(line: str, lineno: int) -> Record | str:
+  """A Record, or a one-line reason why the line is malformed."""
+  try:
+    obj = json.loads(line)
+  except json.JSONDecodeError as e:
+    return f"not valid JSON ({e.msg} at column {e.colno})"
+  if not isinstance(obj, dict):
+    return f"expected a JSON object, got {type(obj).__name__}"
+  problem, steps = obj.get("problem"), obj.get("steps")
+  if not isinstance(problem, str):
+    return "'problem' must be a string"
+  if not isinstance(steps, list) or not all(isinstance(s, str) for s in steps):
+    return "'steps' must be a list of strings"
+  return Record(lineno, obj, problem, tuple(steps))
+
+
+def read_records(path: pathlib.Path, warn) -> Iterator[Record]:
+  with open(path, encoding="utf-8") as fh:
+    for lineno, line in enumerate(fh, 1):
+      if not line.strip():
+        continue
+      rec = parse_line(line, lineno)
+      if isinstance(rec, str):
+        warn(f"{path}:{lineno}: skipped: {rec}")
+        continue
+      yield rec
+
+
+# -- scorers ----------------------------------------------------------------------------------------
+class JaxScorer:
+  """ConfidenceModel of a run's checkpoint; batches are padded to bucket lengths (few compiles)."""
+
+  def __init__(self, checkpoint: str | pathlib.Path):
+    import jax
+    from rmjax.model.confidence import ConfidenceModel
+    from rmjax.run_artifacts import load_run_model
+    rm = load_run_model(checkpoint)
+    self.run, self.tokenizer = rm, rm.tokenizer
+    model = ConfidenceModel(rm.model_cfg, rm.head_cfg)
+    params = jax.device_put(rm.params)
+    self._apply = jax.jit(lambda ids, pos, seg, mk: jax.nn.sigmoid(
+      model.apply({"params": params}, ids, pos, seg, mk, deterministic=True)))
+
+  def render_config(self, num_steps: int) -> RenderConfig:
+    markers = 1 << max(num_steps - 1, 0).bit_length()  # marker slots: power of two (few shapes)
+    return dataclasses.replace(self.run.render_cfg, max_steps_per_example=max(num_steps, 1), max_markers=markers)
+
+  def tokenize(self, recs: Sequence[Record]) -> tuple[RenderConfig, list]:
+    cfg = self.render_config(max(len(r.steps) for r in recs))
+    renderer = Renderer(self.tokenizer, cfg)
+    out = []
+    for r in recs:
+      ex = Example("score", str(r.line), r.problem, r.steps, (None,) * len(r.steps))
+      out.append(renderer(ex) if r.steps else None)
+    return cfg, out
+
+  def score_batch(self, recs: Sequence[Record]) -> list[tuple[list, Any]]:
+    cfg, toks = self.tokenize(recs)
+    kept = [t for t in toks if t is not None]
+    probs = None
+    if kept:
+      b = batch_rows(kept, cfg, pad_id(self.tokenizer), num_rows=len(toks))  # fixed B per batch size
+      probs = np.asarray(self._apply(b["input_ids"], b["positions"], b["segment_ids"], b["marker_positions"]))
+    out, i = [], 0
+    for t in toks:
+      if t is None:
+        out.append(([], None))
+        continue
+      k = t.marker_positions.shape[0]
+      out.append(([float(x) for x in probs[i, :k]], (t.input_ids, t.marker_positions)))
+      i += 1
+    return out
+
+
+class ExportScorer:
+  """rmjax.torch_scorer on an export directory."""
+
+  def __init__(self, export_dir: str | pathlib.Path):
+    from rmjax.torch_scorer import TorchScorer
+    self.scorer = TorchScorer.from_export(export_dir)
+
+  def score_batch(self, recs: Sequence[Record]) -> list[tuple[list, Any]]:
+    toks = [self.scorer.tokenize(r.problem, r.steps) if r.steps else None for r in recs]
+    scores = iter(self.scorer.score_ids([t for t in toks if t is not None]))
+    return [([], None) if t is None else (next(scores), t) for t in toks]
+
+
+def make_scorer(checkpoint: str | pathlib.Path):
+  if (pathlib.Path(checkpoint) / EXPORT_FILE).is_file():
+    return ExportScorer(checkpoint)
+  return JaxScorer(checkpoint)
+
+
+# -- the command ------------------------------------------------------------------------------------
+def _batches(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
+  batch: list[Record] = []
+  for r in records:
+    batch.append(r)
+    if len(batch) == size:
+      yield batch
+      batch = []
+  if batch:
+    yield batch
+
+
+def output_record(rec: Record, scores: list, tokens: Any, with_tokens: bool) -> tuple[dict, int]:
+  """The output object and how many steps got null (did not fit)."""
+  missing = len(rec.steps) - len(scores)
+  out = dict(rec.obj)
+  out["step_scores"] = list(scores) + [None] * missing
+  if with_tokens:
+    out["input_ids"] = [] if tokens is None else [int(x) for x in tokens[0]]
+    out["marker_positions"] = [] if tokens is None else [int(x) for x in tokens[1]]
+  return out, missing
+
+
+def score_file(checkpoint: str | pathlib.Path, input_path: str | pathlib.Path, output_path: str | pathlib.Path,
+               batch_size: int = 8, with_tokens: bool = False, warn=None, progress: bool | None = None) -> dict:
+  """Score every valid line of `input_path` into `output_path`; returns counts."""
+  from rmjax.progress import Progress
+  warn = warn or (lambda m: print(f"rmjax.score: warning: {m}", file=sys.stderr))
+  input_path, output_path = pathlib.Path(input_path), pathlib.Path(output_path)
+  if not input_path.is_file():
+    raise FileNotFoundError(f"input file not found: {input_path}")
+  if batch_size < 1:
+    raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+  total_lines = sum(1 for line in open(input_path, encoding="utf-8") if line.strip())
+  scorer = make_scorer(checkpoint)
+  counts = {"scored": 0, "malformed": 0, "truncated_steps": 0}
+
+  def count_warn(msg: str) -> None:
+    counts["malformed"] += 1
+    warn(msg)
+
+  output_path.parent.mkdir(parents=True, exist_ok=True)
+  with open(output_path, "w", encoding="utf-8") as out, \
+       Progress(total_lines, enabled=progress, stream=sys.stderr, desc="score") as bar:
+    for batch in _batches(read_records(input_path, count_warn), batch_size):
+      for rec, (scores, tokens) in zip(batch, scorer.score_batch(batch)):
+        obj, missing = output_record(rec, scores, tokens, with_tokens)
+        if missing:
+          counts["truncated_steps"] += missing
+          warn(f"{input_path}:{rec.line}: {missing} of {len(rec.steps)} steps do not fit in "
+               f"max_length; their scores are null")
+        out.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        counts["scored"] += 1
+      bar.update(counts["scored"] + counts["malformed"])
+  return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m rmjax.score", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--checkpoint", required=True, help="run dir, checkpoint_step_<N> dir or export dir")
+  parser.add_argument("--input", required=True, help="JSONL, one {problem, steps} object per line")
+  parser.add_argument("--output", required=True, help="JSONL to write")
+  parser.add_argument("--batch-size", type=int, default=8)
+  parser.add_argument("--with-tokens", action="store_true", help="also write input_ids and marker_positions")
+  args = parser.parse_args(argv)
+  try:
+    counts = score_file(args.checkpoint, args.input, args.output, args.batch_size, args.with_tokens)
+  except (ValueError, FileNotFoundError, OSError, KeyError, ImportError, RuntimeError) as e:
+    print(f"rmjax.score: error: {(str(e).strip().splitlines() or [''])[0]}", file=sys.stderr)
+    return 2
+  print(f"rmjax.score: scored {counts['scored']} lines, skipped {counts['malformed']} malformed, "
+        f"{counts['truncated_steps']} steps did not fit (null) -> {args.output}", file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

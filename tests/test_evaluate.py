@@ -1,0 +1,71 @@
+"""`python -m rmjax.evaluate` on a tiny run with three sources: synthetic PRM800K, the real eQASC
+dev chains (shared data) and the SYNTHETIC REVEAL fixture."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+import _tiny_run as R
+from rmjax import evaluate
+from rmjax.spec import load_spec_file, spec_to_dict
+from test_readers_eqasc import real_questions
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+REVEAL = ROOT / "tests" / "fixtures" / "SYNTHETIC_reveal_eval.csv"
+METRICS = ("mse", "mae", "r2", "ece", "brier", "auroc", "mae_low", "mae_medium", "mae_high",
+           "first_error_acc_error", "first_error_acc_correct", "first_error_f1", "min_score_auroc")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, shared_data):
+  d = tmp_path_factory.mktemp("evaluate")
+  run_dir = d / "run"
+  R.make_run(run_dir, R.make_base(d / "base"), mode="lora")
+  eqasc = d / "eqasc"
+  eqasc.mkdir()
+  (eqasc / "eqasc_dev_grc.json").write_text(json.dumps(real_questions(shared_data)))
+  spec = load_spec_file(str(ROOT / "specs" / "demo.py"))
+  spec.data.eqasc.use, spec.data.eqasc.path = True, str(eqasc)
+  spec.data.reveal.use, spec.data.reveal.path = True, str(REVEAL)
+  spec.data.eval_batch_size = 8
+  (run_dir / "logs").mkdir()
+  (run_dir / "logs" / "config.json").write_text(json.dumps(spec_to_dict(spec)))
+  return run_dir
+
+
+def test_three_sources_give_three_blocks_consistent_with_predictions(run, tmp_path, capsys):
+  out = tmp_path / "ev"
+  assert evaluate.main(["--checkpoint", str(run), "--output", str(out), "--max-eval-batches", "2"]) == 0
+  report = json.loads((out / "eval_metrics.json").read_text())
+  assert sorted(report["sources"]) == ["eqasc", "prm800k", "reveal"]
+  for block in [report["overall"], *report["sources"].values()]:
+    assert block["count"] > 0 and set(METRICS) <= set(block)
+  preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+  assert {p["source"] for p in preds} == {"eqasc", "prm800k", "reveal"}
+  for name, block in report["sources"].items():
+    p, y = zip(*[(q, t) for r in preds if r["source"] == name
+                 for q, t in zip(r["predictions"], r["targets"]) if t is not None])
+    assert block["count"] == len(p)
+    assert block["mse"] == pytest.approx(np.mean((np.asarray(p) - np.asarray(y)) ** 2), rel=1e-6)
+  assert len([r for r in preds if r["source"] == "prm800k"]) == 16  # 2 batches of 8
+  assert (out / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "reveal" in capsys.readouterr().out
+
+
+def test_spec_flag_overrides_the_run_spec_and_default_output(run):
+  out_dir, report = evaluate.evaluate(run, spec_file=str(ROOT / "specs" / "demo.py"), max_eval_batches=1)
+  assert sorted(report["sources"]) == ["prm800k"]  # the demo spec enables only synthetic PRM800K
+  assert out_dir == run / "eval" / "step_7" and (out_dir / "eval_metrics.json").is_file()
+
+
+def test_missing_run_spec_is_a_one_line_error(tmp_path, run, capsys):
+  step_dir = run / "checkpoints" / "checkpoint_step_7"
+  (run / "logs" / "config.json").rename(run / "logs" / "config.bak")
+  try:
+    assert evaluate.main(["--checkpoint", str(step_dir), "--output", str(tmp_path / "x")]) == 2
+  finally:
+    (run / "logs" / "config.bak").rename(run / "logs" / "config.json")
+  err = capsys.readouterr().err
+  assert err.startswith("rmjax.evaluate: error:") and "--spec" in err and err.count("\n") == 1

@@ -1,0 +1,230 @@
+"""Run artefacts, export to HF / PEFT / torch head, and the torch round trip (fp32, CPU).
+
+The reference torch scores here are computed independently of rmjax.torch_scorer: one example
+at a time (no padding), AutoModel (+ PeftModel), and a hand-built nn.Sequential loaded from
+mlp_head.pt, at the token ids and marker positions that `rmjax.score --with-tokens` reports.
+"""
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from flax import traverse_util
+from safetensors.numpy import load_file, save_file
+
+import _tiny_run as R
+from rmjax import export, score
+from rmjax.model.hf import TensorFiles
+from rmjax.run_artifacts import RunArtifactError, load_run_model, resolve_checkpoint
+from rmjax.torch_scorer import TorchScorer
+
+TOL = 1e-4
+EXAMPLES = [
+  {"problem": "Compute 3 + 4 * 2.", "steps": ["4 * 2 = 8", "3 + 8 = 11", "The answer is 11."], "id": "a"},
+  {"problem": "How many apples are left? <CONFIDENCE>", "steps": ["We subtract 3 from 10.", "10 - 3 = 7",
+               "So the total is 7 <CONFIDENCE>.", "The answer is 7."], "meta": {"k": 1}},
+  {"problem": "Compute 12 * 12.", "steps": ["12 * 12 = 144", "# Answer 144"]},
+]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  d = tmp_path_factory.mktemp("export")
+  base = R.make_base(d / "base")
+  runs = {"lora": R.make_run(d / "lora", base, mode="lora", later_steps=(9,)),
+          "full": R.make_run(d / "full", base, mode="full"),
+          "demo": R.make_run(d / "demo", base, mode="lora", base_name="demo", seed=3)}
+  export.export(d / "lora", d / "ex_lora")
+  export.export(d / "lora", d / "ex_merged", merge_lora=True)
+  export.export(d / "full", d / "ex_full")
+  export.export(d / "demo", d / "ex_demo")
+  inp = d / "in.jsonl"
+  inp.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
+  return d, base, runs, inp
+
+
+def jax_scores(world, run: str) -> list[dict]:
+  d, _, _, inp = world
+  out = d / f"scores_{run}.jsonl"
+  if not out.exists():
+    assert score.main(["--checkpoint", str(d / run), "--input", str(inp), "--output", str(out),
+                       "--batch-size", "2", "--with-tokens"]) == 0
+  return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def torch_reference(export_dir: pathlib.Path, rows: list[dict], base: pathlib.Path) -> list[list[float]]:
+  from transformers import AutoModel
+  meta = json.loads((export_dir / "rmjax_export.json").read_text())
+  if meta["files"]["backbone"]:
+    model = AutoModel.from_pretrained(export_dir / "backbone", dtype=torch.float32)
+  else:
+    from peft import PeftModel
+    base_dir = export_dir / "backbone_base" if meta["files"]["backbone_base"] else base
+    model = PeftModel.from_pretrained(AutoModel.from_pretrained(base_dir, dtype=torch.float32),
+                                      export_dir / "lora_adapter")
+  model.eval()
+  nn = torch.nn
+  head = nn.Sequential(nn.Linear(64, 16), nn.GELU(), nn.Dropout(0.1), nn.Linear(16, 8), nn.GELU(),
+                       nn.Dropout(0.1), nn.Linear(8, 1)).eval()
+  head.load_state_dict(torch.load(export_dir / "mlp_head.pt", weights_only=True))
+  out = []
+  with torch.no_grad():
+    for r in rows:
+      hidden = model(input_ids=torch.tensor([r["input_ids"]])).last_hidden_state[0]
+      out.append(torch.sigmoid(head(hidden[r["marker_positions"]])[:, 0]).tolist())
+  return out
+
+
+def max_diff(a: list[list[float]], b: list[list[float]]) -> float:
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b, strict=True))
+
+
+# -- run artefacts --------------------------------------------------------------------------------
+def test_load_run_model_restores_saved_params_and_resolves_best(world):
+  d, base, runs, _ = world
+  rm = load_run_model(d / "lora")
+  assert (rm.step, rm.mode, rm.base_model_path) == (7, "lora", str(base))  # best (0.25), not latest (9)
+  got, want = traverse_util.flatten_dict(rm.params), traverse_util.flatten_dict(runs["lora"])
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k])
+  assert resolve_checkpoint(d / "lora" / "checkpoints" / "checkpoint_step_9")[2] == 9
+  assert rm.model_cfg.marker_id == rm.tokenizer.convert_tokens_to_ids("<CONFIDENCE>")
+  tmp = d / "lora_nobest"
+  shutil.copytree(d / "lora", tmp)
+  (tmp / "checkpoints" / "best.json").unlink()
+  assert resolve_checkpoint(tmp)[2] == 9  # no best.json: latest
+  with pytest.raises(RunArtifactError, match="neither a run directory"):
+    resolve_checkpoint(d / "base")
+
+
+# -- file layout ----------------------------------------------------------------------------------
+def test_export_layout_and_head_state_dict(world):
+  d, base, _, _ = world
+  assert sorted(p.name for p in (d / "ex_lora").iterdir()) == [
+    "lora_adapter", "mlp_head.pt", "mlp_head.safetensors", "rmjax_export.json"]
+  assert (d / "ex_full" / "backbone" / "config.json").is_file()
+  meta = json.loads((d / "ex_lora" / "rmjax_export.json").read_text())
+  assert meta["base_model"] == str(base) and meta["mode"] == "lora" and meta["marker_token"] == "<CONFIDENCE>"
+  assert meta["template"] == "default" and meta["max_length"] == R.RENDER.max_length
+  assert meta["head"]["hidden_dims"] == [16, 8] and meta["head"]["output"] == "sigmoid"
+  sd = torch.load(d / "ex_lora" / "mlp_head.pt", weights_only=True)
+  assert {k: tuple(v.shape) for k, v in sd.items()} == {
+    "0.weight": (16, 64), "0.bias": (16,), "3.weight": (8, 16), "3.bias": (8,), "6.weight": (1, 8), "6.bias": (1,)}
+  st = load_file(str(d / "ex_lora" / "mlp_head.safetensors"))
+  for k in sd:
+    np.testing.assert_array_equal(sd[k].numpy(), st[k])
+  cfg = json.loads((d / "ex_lora" / "lora_adapter" / "adapter_config.json").read_text())
+  assert (cfg["base_model_name_or_path"], cfg["r"], cfg["lora_alpha"]) == (str(base), 4, 8)
+  assert sorted(cfg["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+  assert cfg["trainable_token_indices"] == [meta["marker_id"]]
+  for sub in ("ex_lora/lora_adapter", "ex_full/backbone"):
+    assert "<CONFIDENCE>" in (d / sub / "tokenizer.json").read_text()
+
+
+def test_adapter_keys_match_what_peft_saves(world, tmp_path):
+  """Our key names / shapes equal those peft itself writes for the same config on AutoModel."""
+  from peft import LoraConfig, get_peft_model
+  from transformers import AutoModel
+  d, base, _, _ = world
+  cfg = json.loads((d / "ex_lora" / "lora_adapter" / "adapter_config.json").read_text())
+  ref = get_peft_model(AutoModel.from_pretrained(base), LoraConfig(
+    r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_modules=cfg["target_modules"],
+    trainable_token_indices=cfg["trainable_token_indices"]))
+  ref.save_pretrained(tmp_path / "ref")
+  want = {k: v.shape for k, v in load_file(str(tmp_path / "ref" / "adapter_model.safetensors")).items()}
+  got = {k: v.shape for k, v in load_file(str(d / "ex_lora" / "lora_adapter" / "adapter_model.safetensors")).items()}
+  assert got == want
+
+
+# -- round trips ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("run,export_dir", [("full", "ex_full"), ("lora", "ex_lora"), ("demo", "ex_demo")])
+def test_score_round_trip_torch_equals_jax(world, run, export_dir):
+  d, base, _, _ = world
+  rows = jax_scores(world, run)
+  assert all(len(r["step_scores"]) == len(e["steps"]) >= 2 and None not in r["step_scores"]
+             for r, e in zip(rows, EXAMPLES))
+  scores = [r["step_scores"] for r in rows]
+  assert np.std(np.concatenate(scores)) > 1e-2  # not all ~0.5: the comparison means something
+  assert max_diff(torch_reference(d / export_dir, rows, base), scores) < TOL
+  # rmjax's own torch loader renders the text itself: same ids, same scores
+  scorer = TorchScorer.from_export(d / export_dir)
+  for r in rows:
+    ids, markers = scorer.tokenize(r["problem"], r["steps"])
+    assert ids.tolist() == r["input_ids"] and markers.tolist() == r["marker_positions"]
+  assert max_diff(scorer.score_many([(r["problem"], r["steps"]) for r in rows]), scores) < TOL
+  # and rmjax.score on the export directory goes through that loader
+  out = d / f"scores_export_{run}.jsonl"
+  assert score.main(["--checkpoint", str(d / export_dir), "--input", str(world[3]), "--output", str(out)]) == 0
+  assert max_diff([json.loads(x)["step_scores"] for x in out.read_text().splitlines()], scores) < TOL
+
+
+def test_demo_lora_export_writes_base_backbone(world):
+  d, _, _, _ = world
+  meta = json.loads((d / "ex_demo" / "rmjax_export.json").read_text())
+  assert meta["files"]["backbone_base"] == "backbone_base" and meta["base_model"] == "demo"
+  cfg = json.loads((d / "ex_demo" / "lora_adapter" / "adapter_config.json").read_text())
+  assert cfg["base_model_name_or_path"] == str(d / "ex_demo" / "backbone_base")
+
+
+def test_merge_lora_equals_unmerged(world):
+  d, base, _, _ = world
+  rows = jax_scores(world, "lora")
+  merged = torch_reference(d / "ex_merged", rows, base)
+  assert max_diff(merged, torch_reference(d / "ex_lora", rows, base)) < TOL
+  assert max_diff(merged, [r["step_scores"] for r in rows]) < TOL
+
+
+def test_marker_row_is_trained_and_carried(world, tmp_path):
+  d, base, runs, _ = world
+  marker_id = load_run_model(d / "lora").model_cfg.marker_id
+  trained = np.asarray(runs["lora"]["decoder"]["embed"]["marker"])
+  base_row = np.asarray(TensorFiles(base).get("model.embed_tokens.weight"))[marker_id]
+  assert np.max(np.abs(trained - base_row)) > 0.05
+  adapter = load_file(str(d / "ex_lora" / "lora_adapter" / "adapter_model.safetensors"))
+  np.testing.assert_array_equal(adapter["base_model.model.embed_tokens.token_adapter.trainable_tokens_delta"],
+                                trained[None])
+  full_rows = np.asarray(TensorFiles(d / "ex_full" / "backbone").get("model.embed_tokens.weight"))
+  np.testing.assert_array_equal(full_rows[marker_id], np.asarray(runs["full"]["decoder"]["embed"]["marker"]))
+  # without the marker row the torch scores move: torch really uses it
+  broken = _copy_export(d / "ex_lora", tmp_path / "nomarker")
+  _edit_adapter(broken, lambda k: None if "token_adapter" in k else k)
+  cfg_path = broken / "lora_adapter" / "adapter_config.json"
+  cfg_path.write_text(json.dumps(json.loads(cfg_path.read_text()) | {"trainable_token_indices": None}))
+  rows = jax_scores(world, "lora")
+  assert max_diff(torch_reference(broken, rows, base), [r["step_scores"] for r in rows]) > 1e-3
+
+
+def test_broken_adapter_key_makes_comparison_fail(world, tmp_path):
+  """peft only warns about keys it cannot place; the output comparison must catch it."""
+  d, base, _, _ = world
+  broken = _copy_export(d / "ex_lora", tmp_path / "badkey")
+  _edit_adapter(broken, lambda k: k.replace("base_model.model.layers.", "base_model.model.model.layers."))
+  rows = jax_scores(world, "lora")
+  with pytest.warns(UserWarning):
+    got = torch_reference(broken, rows, base)
+  with pytest.raises(AssertionError):
+    assert max_diff(got, [r["step_scores"] for r in rows]) < TOL
+
+
+def _copy_export(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
+  shutil.copytree(src, dst)
+  return dst
+
+
+def _edit_adapter(export_dir: pathlib.Path, rename) -> None:
+  path = export_dir / "lora_adapter" / "adapter_model.safetensors"
+  tensors = load_file(str(path))
+  save_file({rename(k): v for k, v in tensors.items() if rename(k) is not None}, str(path))
+
+
+def test_export_errors_are_one_line(world, capsys):
+  d, _, _, _ = world
+  assert export.main(["--checkpoint", str(d / "lora"), "--output", str(d / "ex_lora")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("rmjax.export: error:") and "not empty" in err and "\n" not in err
+  assert export.main(["--checkpoint", str(d / "nope"), "--output", str(d / "ex_x")]) == 2
+  assert "not found" in capsys.readouterr().err

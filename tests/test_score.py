@@ -1,0 +1,82 @@
+"""`python -m rmjax.score`: input validation, pass-through keys, truncation nulls, batching."""
+
+import json
+
+import numpy as np
+import pytest
+
+import _tiny_run as R
+from rmjax import score
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  d = tmp_path_factory.mktemp("score")
+  R.make_run(d / "run", R.make_base(d / "base"), mode="lora")
+  return d / "run"
+
+
+def _score(run, tmp_path, lines, *extra):
+  inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+  inp.write_text("\n".join(lines) + "\n")
+  rc = score.main(["--checkpoint", str(run), "--input", str(inp), "--output", str(out), *extra])
+  return rc, [json.loads(x) for x in out.read_text().splitlines()] if out.exists() else None
+
+
+def test_malformed_lines_are_reported_with_line_numbers_and_skipped(run, tmp_path, capsys):
+  good = {"problem": "Compute 1 + 2.", "steps": ["1 + 2 = 3", "The answer is 3."], "id": 7, "extra": [1, {"a": 2}]}
+  lines = [json.dumps(good), "{not json", "[1, 2]", json.dumps({"steps": ["x"]}),
+           json.dumps({"problem": "p", "steps": "one step"}), "", json.dumps({"problem": "p", "steps": ["a", 3]}),
+           json.dumps({"problem": "Compute 2 * 2.", "steps": []})]
+  rc, rows = _score(run, tmp_path, lines)
+  err = capsys.readouterr().err
+  assert rc == 0
+  for lineno, reason in [(2, "not valid JSON"), (3, "expected a JSON object"), (4, "'problem' must be a string"),
+                         (5, "'steps' must be a list"), (7, "'steps' must be a list")]:
+    assert f"in.jsonl:{lineno}: skipped: {reason}" in err
+  assert "in.jsonl:1:" not in err and "skipped 5 malformed" in err
+  assert len(rows) == 2
+  assert {k: rows[0][k] for k in good} == good  # other keys pass through unchanged
+  assert len(rows[0]["step_scores"]) == 2 and all(0.0 <= s <= 1.0 for s in rows[0]["step_scores"])
+  assert rows[1]["step_scores"] == []
+  assert "input_ids" not in rows[0] and "marker_positions" not in rows[0]
+
+
+def test_steps_that_do_not_fit_get_null_and_a_warning(run, tmp_path, capsys):
+  long_step = "We subtract the second number from the first and check each step carefully. " * 4
+  rec = {"problem": "Compute the value of the expression.", "steps": [long_step] * 8}
+  first_too_long = {"problem": "Problem " * 400, "steps": ["a", "b"]}
+  rc, rows = _score(run, tmp_path, [json.dumps(rec), json.dumps(first_too_long)], "--with-tokens")
+  err = capsys.readouterr().err
+  assert rc == 0
+  scores = rows[0]["step_scores"]
+  kept = sum(s is not None for s in scores)
+  assert 0 < kept < 8 and scores[kept:] == [None] * (8 - kept) and None not in scores[:kept]
+  assert len(rows[0]["input_ids"]) <= R.RENDER.max_length and len(rows[0]["marker_positions"]) == kept
+  assert rows[1]["step_scores"] == [None, None] and rows[1]["input_ids"] == []
+  assert f"in.jsonl:1: {8 - kept} of 8 steps do not fit" in err and "in.jsonl:2: 2 of 2 steps" in err
+
+
+def test_with_tokens_and_batch_size_do_not_change_scores(run, tmp_path):
+  recs = [{"problem": f"Compute {a} + {b}.", "steps": [f"{a} + {b} = {a + b}", "The answer is."][: 1 + a % 2]}
+          for a, b in [(1, 2), (13, 40), (7, 7), (99, 1), (5, 60)]]
+  lines = [json.dumps(r) for r in recs]
+  _, one = _score(run, tmp_path, lines, "--batch-size", "1", "--with-tokens")
+  _, three = _score(run, tmp_path, lines, "--batch-size", "3")
+  marker = R.build_demo_tokenizer(vocab_size=R.VOCAB - 16).convert_tokens_to_ids("<CONFIDENCE>")
+  for a, b, r in zip(one, three, recs):
+    assert len(a["step_scores"]) == len(r["steps"])
+    np.testing.assert_allclose(a["step_scores"], b["step_scores"], atol=1e-5)
+    ids = np.asarray(a["input_ids"])
+    assert ids[a["marker_positions"]].tolist() == [marker] * len(r["steps"])
+    assert int(np.sum(ids == marker)) == len(r["steps"])
+
+
+def test_bad_arguments_are_one_line_errors(run, tmp_path, capsys):
+  assert score.main(["--checkpoint", str(tmp_path / "none"), "--input", str(tmp_path / "x"),
+                     "--output", str(tmp_path / "o")]) == 2
+  assert capsys.readouterr().err.count("\n") == 1
+  (tmp_path / "in.jsonl").write_text("{}\n")
+  assert score.main(["--checkpoint", str(run), "--input", str(tmp_path / "in.jsonl"),
+                     "--output", str(tmp_path / "o"), "--batch-size", "0"]) == 2
+  assert "--batch-size must be >= 1" in capsys.readouterr().err
