@@ -70,7 +70,7 @@ class CheckpointWriteError(CheckpointError):
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-  """Retention and write mode. `async` is a Python keyword, hence `async_save`."""
+  """Retention and write mode."""
 
   max_to_keep: int | None = 3  # latest steps kept; None = keep every step
   keep_best: bool = True  # also keep the step with the lowest finite val loss
@@ -83,10 +83,10 @@ class CheckpointConfig:
 
   @classmethod
   def from_spec(cls, spec: Any) -> CheckpointConfig:
-    """Reads the `checkpoint` sub-config of a run spec (keys max_to_keep, keep_best, async)."""
+    """Reads the `checkpoint` sub-config of a run spec (keys max_to_keep, keep_best, async_save)."""
     c = spec.checkpoint
     return cls(max_to_keep=c.get("max_to_keep", 3), keep_best=bool(c.get("keep_best", True)),
-               async_save=bool(c.get("async", True)))
+               async_save=bool(c.get("async_save", True)))
 
 
 @dataclasses.dataclass(frozen=True)

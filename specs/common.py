@@ -8,7 +8,6 @@ resolves it relative to their own __file__.
 
 Every key of the spec contract is created here; a spec only changes values. Empty strings and
 0 stand for "unset" (ml-collections cannot set a field back to None from the command line).
-`checkpoint.async` is a Python keyword: read it as `spec.checkpoint["async"]`.
 """
 
 import ml_collections
@@ -78,6 +77,15 @@ def base_spec() -> ml_collections.ConfigDict:
   c.data.prefetch = 64               # examples buffered per source (grain ReadOptions.prefetch_buffer_size)
   c.data.allow_reveal_training = False  # REVEAL is eval-only unless set (its terms: test set only)
 
+  c.data.synthetic = ml_collections.ConfigDict()  # SYNTHETIC PRM800K-format data, used when data.prm800k.path == ""
+  c.data.synthetic.train_records = 4000  # records in <run_dir>/data/phase2_train.jsonl (written once, from seed)
+  c.data.synthetic.test_records = 400    # records in <run_dir>/data/phase2_test.jsonl
+  c.data.synthetic.max_ops = 4           # arithmetic operations per problem (at least 2)
+  c.data.synthetic.max_operand = 9       # operands drawn from 1..max_operand
+  c.data.synthetic.max_value = 30        # running values stay in 0..max_value
+  c.data.synthetic.max_offset = 5        # a wrong step's result is off by 1..max_offset
+  c.data.synthetic.error_rate = 0.5      # fraction of records with a wrong step
+
   c.data.prm800k = ml_collections.ConfigDict()
   c.data.prm800k.use = True          # train and evaluate on PRM800K
   c.data.prm800k.weight = 0.5        # sampling weight in the training mix
@@ -111,10 +119,7 @@ def base_spec() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.max_to_keep = 3       # latest checkpoints kept (the best one is kept apart)
   c.checkpoint.keep_best = True      # also keep the step with the best eval loss
-  # Save in the background (waited for before exit). `async` is a Python keyword: read it as
-  # spec.checkpoint["async"]; it cannot be overridden with --spec.checkpoint.async (ml-collections
-  # parses override paths as Python), only in a spec file.
-  c.checkpoint["async"] = True
+  c.checkpoint.async_save = True     # write in the background (waited for before exit)
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = ""  # "host:port" of process 0; "" = from the environment (or one process)

@@ -271,7 +271,7 @@ def test_grain_iterator_state_round_trip(tmp_path):
 
 def test_config_from_spec_and_validation():
   import ml_collections
-  spec = ml_collections.ConfigDict({"checkpoint": {"max_to_keep": 5, "keep_best": False, "async": False}})
+  spec = ml_collections.ConfigDict({"checkpoint": {"max_to_keep": 5, "keep_best": False, "async_save": False}})
   assert ck.CheckpointConfig.from_spec(spec) == ck.CheckpointConfig(5, False, False)
   with pytest.raises(ValueError, match="max_to_keep"):
     ck.CheckpointConfig(max_to_keep=0)

@@ -53,9 +53,10 @@ def test_missing_spec_file():
   assert line.endswith("spec file not found: specs/nope.py")
 
 
-def test_keyword_key_cannot_be_overridden():
+def test_old_async_key_points_to_async_save():
   line = one_line_error(launch("--spec", "specs/demo.py", "--spec.checkpoint.async=False"))
-  assert "Python keyword" in line
+  assert "unknown spec key 'checkpoint.async'" in line
+  assert "spec.checkpoint.async_save" in line
 
 
 def test_indivisible_batch_rejected_before_training():

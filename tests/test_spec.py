@@ -25,12 +25,14 @@ model.demo.num_kv_heads model.demo.head_dim model.demo.intermediate_size
 head.hidden_dims head.activation head.dropout lora.rank lora.alpha lora.targets
 data.max_length data.max_steps_per_example data.length_buckets data.template data.neutral_target
 data.pack data.eval_batch_size data.num_workers data.prefetch data.allow_reveal_training
+data.synthetic.train_records data.synthetic.test_records data.synthetic.max_ops
+data.synthetic.max_operand data.synthetic.max_value data.synthetic.max_offset data.synthetic.error_rate
 data.prm800k.use data.prm800k.weight data.prm800k.path data.prm800k.phase data.prm800k.train_split
 data.prm800k.eval_split data.prm800k.drop_quality_control data.prm800k.drop_screening
 data.eqasc.use data.eqasc.weight data.eqasc.path data.eqasc.train_split data.eqasc.eval_split
 data.eqasc.label_all_steps data.reveal.use data.reveal.weight data.reveal.path data.reveal.eval_split
 data.reveal.label mesh.data mesh.fsdp mesh.tensor checkpoint.max_to_keep checkpoint.keep_best
-checkpoint.async distributed.coordinator_address distributed.num_processes distributed.process_id
+checkpoint.async_save distributed.coordinator_address distributed.num_processes distributed.process_id
 """.split()
 
 
@@ -243,7 +245,7 @@ def test_spec_to_dict_is_json_safe():
   d = json.loads(json.dumps(spec_lib.spec_to_dict(spec)))
   assert d["data"]["length_buckets"] == [64, 128]
   assert d["lora"]["targets"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
-  assert d["checkpoint"]["async"] is False
+  assert d["checkpoint"]["async_save"] is False
   assert d["mesh"] == {"data": -1, "fsdp": 1, "tensor": 1}
 
 

@@ -1,0 +1,186 @@
+"""Builds what a run needs from its spec: tokenizer, model configs, initial weights, data sources.
+
+Why it exists: the training loop should read as a loop. Everything that turns spec keys into
+objects (the demo backbone or an imported one with its marker, LoRA settings, the synthetic
+PRM800K files of the demo, one reader per enabled source and split) lives here, each piece a
+small function a test can call on its own.
+
+Weights: a real backbone comes from `rmjax.convert.load_backbone` (HF dir, hub id or converted
+dir; marker placed there). The parameters it does not hold (the head, and LoRA adapters) are
+initialised by a jitted `model.init` whose output is cut down to those leaves, so XLA drops the
+random init of the big matrices instead of materialising a second copy of the backbone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+from typing import Any
+
+import jax
+from flax import traverse_util
+
+from rmjax import spec as spec_lib
+from rmjax.data.example import SkipCounter
+from rmjax.data.render import RenderConfig
+from rmjax.data.sources import build_source
+from rmjax.data.synthetic import SyntheticConfig, write_synthetic_prm800k
+from rmjax.model.config import ModelConfig
+from rmjax.model.head import HeadConfig
+from rmjax.tokenizer import build_demo_tokenizer, load_tokenizer, marker_id
+from rmjax.train.state import dummy_inputs
+
+log = logging.getLogger("rmjax.train")
+
+SYNTHETIC_TRAIN = 4000  # demo / test records written when data.prm800k.path == ""
+SYNTHETIC_TEST = 400
+_SYNTHETIC_TEST_SEED_OFFSET = 7919  # train and test records come from disjoint seeds
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelParts:
+  """The tokenizer, both model configs and (for a real backbone) its numpy decoder params."""
+  tokenizer: Any
+  model_cfg: ModelConfig
+  head_cfg: HeadConfig
+  backbone: dict | None  # None = random init of everything (demo)
+
+
+def head_config(spec: Any) -> HeadConfig:
+  h = spec.head
+  return HeadConfig(hidden_dims=tuple(int(d) for d in h.hidden_dims), activation=str(h.activation),
+                    dropout=float(h.dropout))
+
+
+def model_overrides(spec: Any) -> dict[str, Any]:
+  """ModelConfig fields the spec controls on top of the backbone's own architecture."""
+  m = spec.model
+  lora = spec.mode == "lora"
+  return dict(param_dtype=str(m.param_dtype), compute_dtype=str(m.compute_dtype), remat=str(m.remat),
+              attention_impl=str(m.attention_impl) or None,
+              lora_rank=int(spec.lora.rank) if lora else 0, lora_alpha=float(spec.lora.alpha),
+              lora_targets=tuple(spec.lora.targets))
+
+
+def demo_model_config(spec: Any, tokenizer: Any) -> ModelConfig:
+  """The tiny random backbone of `model.path == "demo"`: Qwen3 layout, spec.model.demo shape."""
+  d = spec.model.demo
+  return ModelConfig.tiny(
+    "qwen3", vocab_size=len(tokenizer), hidden_size=int(d.hidden_size), num_layers=int(d.num_layers),
+    num_heads=int(d.num_heads), num_kv_heads=int(d.num_kv_heads), head_dim=int(d.head_dim),
+    intermediate_size=int(d.intermediate_size), max_position_embeddings=int(spec.data.max_length),
+    marker_id=marker_id(tokenizer), **model_overrides(spec))
+
+
+def build_model_parts(spec: Any) -> ModelParts:
+  if spec.model.path == spec_lib.DEMO_MODEL:
+    tokenizer = build_demo_tokenizer()
+    return ModelParts(tokenizer, demo_model_config(spec, tokenizer), head_config(spec), None)
+  from rmjax.convert import load_backbone  # heavy (safetensors, transformers): only when used
+  path, overrides = str(spec.model.path), model_overrides(spec)
+  dtype = overrides.pop("param_dtype")
+  backbone, cfg = load_backbone(path, dtype=dtype, **overrides)
+  tokenizer = load_tokenizer(path, trust_remote_code=bool(spec.model.trust_remote_code))
+  if cfg.marker_id != marker_id(tokenizer):
+    raise ValueError(f"model.path {path}: the backbone's marker id {cfg.marker_id} differs from the "
+                     f"tokenizer's {marker_id(tokenizer)}")
+  return ModelParts(tokenizer, cfg, head_config(spec), backbone)
+
+
+def complete_params(model: Any, backbone: dict, rng: jax.Array) -> dict:
+  """{"decoder": backbone + fresh LoRA leaves, "head": fresh} as a full param tree (numpy/jax).
+
+  Raises a one-line ValueError if the backbone lacks a non-LoRA decoder weight or has extras.
+  """
+  def init_fn(key):
+    return model.init({"params": key}, *dummy_inputs(), deterministic=True)["params"]
+
+  abstract = traverse_util.flatten_dict(jax.eval_shape(init_fn, rng))
+  given = {("decoder",) + k: v for k, v in traverse_util.flatten_dict(backbone).items()}
+  missing = [k for k in abstract if k not in given]
+  bad = [k for k in missing if k[0] != "head" and k[-1] not in ("lora_a", "lora_b")]
+  extra = [k for k in given if k not in abstract]
+  if bad or extra:
+    raise ValueError(f"backbone does not match the model: missing {['/'.join(k) for k in bad[:3]]}, "
+                     f"unexpected {['/'.join(k) for k in extra[:3]]}")
+  fresh = jax.jit(lambda key: {"/".join(k): v for k, v in
+                               traverse_util.flatten_dict(init_fn(key)).items() if k in set(missing)})(rng)
+  flat = dict(given)
+  flat.update({tuple(k.split("/")): v for k, v in fresh.items()})
+  return traverse_util.unflatten_dict(flat)
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def synthetic_config(spec: Any) -> tuple[SyntheticConfig, int, int]:
+  """(generator settings, train records, test records) from the optional `data.synthetic` block."""
+  block = dict(spec.data.synthetic.to_dict()) if "synthetic" in spec.data else {}
+  n_train = int(block.pop("train_records", SYNTHETIC_TRAIN))
+  n_test = int(block.pop("test_records", SYNTHETIC_TEST))
+  cfg = SyntheticConfig(**block)
+  problems = [f"{name} must be >= {low}, got {value}" for name, value, low in (
+    ("train_records", n_train, 1), ("test_records", n_test, 1), ("max_ops", cfg.max_ops, cfg.min_ops),
+    ("max_operand", cfg.max_operand, 1), ("max_value", cfg.max_value, 1), ("max_offset", cfg.max_offset, 1))
+    if value < low]
+  if not 0.0 <= cfg.error_rate <= 1.0:
+    problems.append(f"error_rate must be in [0, 1], got {cfg.error_rate}")
+  if problems:
+    raise ValueError("data.synthetic: " + "; ".join(problems))
+  return cfg, n_train, n_test
+
+
+def ensure_synthetic_prm800k(data_dir: pathlib.Path, seed: int, cfg: SyntheticConfig = SyntheticConfig(),
+                             n_train: int = SYNTHETIC_TRAIN, n_test: int = SYNTHETIC_TEST) -> pathlib.Path:
+  """phase2_{train,test}.jsonl of SYNTHETIC records under data_dir (written only if missing).
+
+  Each file is written to a temporary name and renamed, so concurrent processes (multi-host on
+  a shared filesystem) or a kill mid-write never leave a half file behind; contents depend only
+  on the seed, so whichever process wins writes the same bytes.
+  """
+  data_dir.mkdir(parents=True, exist_ok=True)
+  for split, n, s in (("train", n_train, seed), ("test", n_test, seed + _SYNTHETIC_TEST_SEED_OFFSET)):
+    path = data_dir / f"phase2_{split}.jsonl"
+    if path.exists():
+      continue
+    tmp = data_dir / f".phase2_{split}.{os.getpid()}.tmp"
+    write_synthetic_prm800k(str(tmp), n, s, cfg)
+    os.replace(tmp, path)
+  return data_dir
+
+
+def source_config(spec: Any, name: str, run_dir: pathlib.Path) -> dict[str, Any]:
+  """The reader config of one source: the spec's block plus data-level options, path resolved."""
+  cfg = dict(spec.data[name].to_dict())
+  cfg["neutral_target"] = float(spec.data.neutral_target)
+  if spec_lib.is_synthetic(spec, name):
+    cfg["path"] = str(ensure_synthetic_prm800k(run_dir / "data", int(spec.seed), *synthetic_config(spec)))
+    cfg["phase"] = 2
+  return cfg
+
+
+def train_split(spec: Any, name: str) -> str:
+  src = spec.data[name]
+  return str(src.train_split) if "train_split" in src else str(src.eval_split)  # REVEAL: eval only
+
+
+def build_sources(spec: Any, run_dir: pathlib.Path, skips: SkipCounter
+                  ) -> tuple[dict[str, tuple[Any, float]], dict[str, Any]]:
+  """(training {name: (reader, weight)}, evaluation {name: reader}) for the enabled sources."""
+  train, evals = {}, {}
+  for name, weight in spec_lib.training_sources(spec).items():
+    if name == "reveal":
+      log.warning("REVEAL is in the training mix (data.allow_reveal_training): its terms allow it "
+                  "as a test set only, and its eval numbers are no longer held out")
+    train[name] = (build_source(name, source_config(spec, name, run_dir), split=train_split(spec, name),
+                                skips=skips), weight)
+  for name in spec_lib.eval_sources(spec):
+    evals[name] = build_source(name, source_config(spec, name, run_dir),
+                               split=str(spec.data[name].eval_split), skips=skips)
+  return train, evals
+
+
+def render_config(spec: Any) -> RenderConfig:
+  return RenderConfig.from_spec(spec.data)

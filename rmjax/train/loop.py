@@ -1,0 +1,385 @@
+"""The training loop: `train_and_evaluate(spec)` turns a validated spec into a finished run directory.
+
+Why it exists: this is the one place that owns time. It wires the built pieces together (mesh,
+sharded state, jitted steps, grain data, orbax checkpoints, logs) and decides WHEN things happen:
+train every step, evaluate every `eval_steps`, save every `save_steps` (and on a new best
+validation loss, so the best model is always on disk), stop on SIGTERM or a non-finite loss.
+
+Rules it keeps:
+* The host never waits on the device: step N is dispatched before step N-1's metrics are read.
+* Resume is exact: a relaunch into an existing run directory restores the latest checkpoint
+  (params, optimizer, step, rng AND the grain iterator position) and truncates metrics.jsonl /
+  TensorBoard after it, so every later logged value equals the uninterrupted run's.
+* Nothing non-finite is ever saved: with nan_policy "stop" the run raises `NonFiniteLoss`
+  before any later save; with "skip" the step kept the old state (see rmjax.train.step).
+* The train step traces once per batch shape (length bucket); final_results.json says how many
+  times it traced and which shapes it saw.
+* Multi-process: each process reads its own data shard, batches become global arrays with
+  `device_batch`, evaluation gathers every process's rows, and only process 0 writes logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import pathlib
+import signal
+import time
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+from absl import logging as absl_logging
+from jax.experimental import multihost_utils
+
+from rmjax import checkpoint as ckpt_lib
+from rmjax import sharding as shd
+from rmjax import spec as spec_lib
+from rmjax.data.example import SkipCounter
+from rmjax.data.pipeline import PipelineConfig, eval_datasets, train_dataset
+from rmjax.metrics import EvalAccumulator
+from rmjax.model.confidence import ConfidenceModel
+from rmjax.progress import Progress
+from rmjax.run_logging import RunLogger
+from rmjax.train import build
+from rmjax.train.optim import OptimConfig, param_counts
+from rmjax.train.state import TrainState, create_train_state
+from rmjax.train.step import EVAL_KEYS, Steps, device_batch, make_steps
+
+log = logging.getLogger("rmjax.train")
+
+
+class NonFiniteLoss(RuntimeError):
+  """Training stopped (nan_policy "stop") because a step's loss or gradient norm was NaN/Inf."""
+
+
+def run_dir_of(spec: Any) -> pathlib.Path:
+  return pathlib.Path(spec.output_dir) / str(spec.experiment_name)
+
+
+def val_loss_of(per_source: dict[str, tuple[np.ndarray, np.ndarray]], kind: str) -> dict[str, float | None]:
+  """The training loss measured on eval predictions: {"loss": pooled, "<source>/loss": ...}."""
+  def loss(p: np.ndarray, y: np.ndarray) -> float | None:
+    if p.size == 0:
+      return None
+    if kind == "mse":
+      return float(np.mean((p - y) ** 2))
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return float(np.mean(-(y * np.log(p) + (1 - y) * np.log1p(-p))))
+
+  out = {f"{s}/loss": loss(p, y) for s, (p, y) in per_source.items()}
+  if per_source:
+    out["loss"] = loss(np.concatenate([p for p, _ in per_source.values()]),
+                       np.concatenate([y for _, y in per_source.values()]))
+  return out
+
+
+def optim_config(spec: Any) -> OptimConfig:
+  """OptimConfig of the spec; warmup is capped at max_steps (spec validation only warns there)."""
+  if int(spec.warmup_steps) > int(spec.max_steps):
+    spec = spec.copy_and_resolve_references()
+    with spec.unlocked():
+      spec.warmup_steps = int(spec.max_steps)
+  return OptimConfig.from_spec(spec)
+
+
+def quiet_library_logs() -> None:
+  """orbax logs every save/restore step at INFO through absl; keep stderr for rmjax's own lines."""
+  absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+class _StopFlag:
+  """Set by SIGTERM; the loop saves a checkpoint at the next step boundary and returns."""
+
+  def __init__(self, process_count: int = 1):
+    self.signum: int | None = None
+    self._process_count = process_count
+    self._agreed = False
+
+  def should_stop(self) -> bool:
+    """True once any process got the signal. Several processes must stop at the same step (a
+    collective step with a missing process hangs), so they agree on it every step."""
+    if self._agreed or self._process_count == 1:
+      return self._agreed or self.signum is not None
+    flags = multihost_utils.process_allgather(np.int32(self.signum is not None))
+    self._agreed = bool(np.any(flags))
+    if self._agreed and self.signum is None:
+      self.signum = int(signal.SIGTERM)
+    return self._agreed
+
+  @contextlib.contextmanager
+  def installed(self) -> Iterator[None]:
+    def handler(signum, _frame):
+      self.signum = signum
+    try:
+      previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. called from a worker thread): no handler
+      yield
+      return
+    try:
+      yield
+    finally:
+      signal.signal(signal.SIGTERM, previous)
+
+
+class Trainer:
+  """One run: built from the spec in __init__, executed by `run()`."""
+
+  def __init__(self, spec: Any):
+    self.spec = spec
+    self.run_dir = run_dir_of(spec)
+    self.is_main = jax.process_index() == 0
+    self.process_index, self.process_count = jax.process_index(), jax.process_count()
+    self.checkpointer = ckpt_lib.Checkpointer(self.run_dir / "checkpoints",
+                                              ckpt_lib.CheckpointConfig.from_spec(spec))
+    self.resume_step = self.checkpointer.latest_step()
+    self.logger = RunLogger(self.run_dir, self.is_main, resume_step=self.resume_step)
+    try:
+      self.logger.write_config(spec_lib.spec_to_dict(spec))
+      self.skips = SkipCounter()
+      self.optim_cfg = optim_config(spec)
+      self.mesh = shd.make_mesh(shd.MeshConfig.from_spec(spec))
+      self._build_model()
+      self._build_data()
+    except BaseException:
+      self.close()
+      raise
+    self.best_val_loss, self.best_step = math.inf, None
+    self.last_eval: dict[str, Any] = {}
+    self.train_shapes: set[tuple[int, ...]] = set()
+    self.nonfinite_skipped = 0
+
+  # ---- building --------------------------------------------------------------------------
+
+  def _build_model(self) -> None:
+    parts = build.build_model_parts(self.spec)
+    self.tokenizer, self.model_cfg, self.head_cfg = parts.tokenizer, parts.model_cfg, parts.head_cfg
+    self.render_cfg = build.render_config(self.spec)
+    self.model = ConfidenceModel(self.model_cfg, self.head_cfg)
+    key = jax.random.key(int(self.spec.seed))
+    init_params = None
+    if parts.backbone is not None:
+      init_params = build.complete_params(self.model, parts.backbone, jax.random.fold_in(key, 1))
+    self.state, self.shardings = create_train_state(self.model, self.optim_cfg, self.mesh, key,
+                                                    init_params=init_params)
+    self.steps: Steps = make_steps(self.model, self.optim_cfg, self.mesh, self.shardings)
+    counts = param_counts(self.state.params, self.state.frozen)
+    self.logger.log(f"Model {self.model_cfg.architecture} ({self.spec.model.path}), mode {self.spec.mode}: "
+                    f"{counts['trainable']:,} trainable / {counts['total']:,} parameters "
+                    f"({100 * counts['trainable_fraction']:.2f}%); mesh {dict(self.mesh.shape)} on "
+                    f"{jax.device_count()} {jax.devices()[0].platform} device(s), {self.process_count} process(es)")
+    self._save_run_model()
+
+  def _save_run_model(self) -> None:
+    """<run_dir>/model/ (tokenizer + model json) so export/score can rebuild from a run dir."""
+    if not self.is_main:
+      return
+    try:
+      from rmjax.run_artifacts import save_run_model
+    except ImportError:
+      log.warning("rmjax.run_artifacts is not available: <run_dir>/model/ not written")
+      return
+    save_run_model(self.run_dir, self.model_cfg, self.head_cfg, self.render_cfg, self.tokenizer,
+                   str(self.spec.model.path), str(self.spec.mode))
+
+  def _build_data(self) -> None:
+    train_sources, eval_sources = build.build_sources(self.spec, self.run_dir, self.skips)
+    self.pipeline_cfg = PipelineConfig.from_spec(self.spec)
+    common = dict(process_index=self.process_index, process_count=self.process_count, skips=self.skips)
+    self.train_ds = train_dataset(train_sources, self.render_cfg, self.tokenizer, self.pipeline_cfg,
+                                  seed=int(self.spec.seed), global_batch=int(self.spec.batch_size), **common)
+    self.eval_ds = eval_datasets(eval_sources, self.render_cfg, self.tokenizer, self.pipeline_cfg, **common)
+    self.train_iter = iter(self.train_ds)
+    sizes = ", ".join(f"{n}: {len(r)} train records (weight {w:g})" for n, (r, w) in train_sources.items())
+    self.logger.log(f"Data: {sizes}; evaluating on {', '.join(f'{n} ({len(r)})' for n, r in eval_sources.items())}")
+
+  # ---- start: resume or init_from ---------------------------------------------------------
+
+  def _restore(self) -> int:
+    """Step to continue from: the latest checkpoint's (state + iterator restored), else 0."""
+    if self.resume_step is not None:
+      restored = self.checkpointer.restore(self.resume_step, ckpt_lib.abstract_like(self.state),
+                                           iterator=self.train_iter)
+      self.state = restored.state
+      best = ckpt_lib.read_best_file(self.checkpointer.directory)
+      if best is not None:
+        self.best_val_loss, self.best_step = float(best["val_loss"]), int(best["step"])
+      self.logger.log(f"Resumed from {self.checkpointer.step_path(restored.step)} (step {restored.step})")
+      return restored.step
+    if self.spec.init_from:
+      target = {"params": ckpt_lib.abstract_like(self.state.params),
+                "frozen": ckpt_lib.abstract_like(self.state.frozen)}
+      weights = ckpt_lib.restore_subtree(self.spec.init_from, target)
+      self.state = self.state.replace(params=weights["params"], frozen=weights["frozen"])
+      self.logger.log(f"Initialised weights from {self.spec.init_from} (fresh optimizer, step 0)")
+    return 0
+
+  # ---- evaluation -------------------------------------------------------------------------
+
+  def _host_rows(self, batch: dict[str, np.ndarray], probs: jax.Array) -> dict[str, np.ndarray]:
+    """Every process's rows of one eval batch, on every host (rows of process p after p-1's)."""
+    rows = batch["input_ids"].shape[0]
+    local = {"probs": None, "targets": batch["targets"], "target_mask": batch["target_mask"],
+             "step_index": batch["step_index"],
+             "example_index": batch["example_index"] + self.process_index * rows}
+    if self.process_count == 1:
+      local["probs"] = np.asarray(probs)
+      return local
+    gathered = multihost_utils.process_allgather(
+      {k: v for k, v in local.items() if k != "probs"}, tiled=True)
+    gathered["probs"] = multihost_utils.process_allgather(probs, tiled=True)
+    return {k: np.asarray(v) for k, v in gathered.items()}
+
+  def evaluate(self, step: int) -> dict[str, Any]:
+    acc = EvalAccumulator()
+    for name, ds in self.eval_ds.items():
+      for i, batch in enumerate(ds):
+        probs = self.steps.eval_step(self.state.params, self.state.frozen,
+                                     device_batch(batch, self.mesh, EVAL_KEYS))
+        rows = self._host_rows(batch, probs)
+        ids = np.asarray([f"{i}:{r}" for r in range(rows["probs"].shape[0])])
+        acc.add(name, rows["probs"], rows["targets"], rows["target_mask"], example_ids=ids,
+                example_index_BM=rows["example_index"], step_index_BM=rows["step_index"])
+    results = acc.result() if acc.per_source() else {}
+    results.update(val_loss_of(acc.per_source(), self.optim_cfg.loss))
+    metrics = {f"val/{k}": v for k, v in sorted(results.items())}
+    self.logger.log_scalars(step, metrics)
+    loss = results.get("loss")
+    auroc = results.get("auroc")
+    self.logger.log(f"Eval at step {step}: val/loss {_fmt(loss)}, val/auroc {_fmt(auroc)}, "
+                    + ", ".join(f"{n}/auroc {_fmt(results.get(f'{n}/auroc'))}" for n in self.eval_ds))
+    if loss is not None and math.isfinite(loss) and loss < self.best_val_loss:
+      self.best_val_loss, self.best_step = loss, step
+      self.logger.best(loss, step)
+    self.last_eval = metrics
+    return metrics
+
+  # ---- saving -----------------------------------------------------------------------------
+
+  def save(self, step: int, val_loss: float | None) -> None:
+    saved = self.checkpointer.save(step, self.state, iterator=self.train_iter, val_loss=val_loss,
+                                   metadata={"config_hash": ckpt_lib.config_hash(spec_lib.spec_to_dict(self.spec))})
+    if saved:
+      self.logger.log(f"Saved checkpoint {self.checkpointer.step_path(step)}"
+                      + (f" (val loss {val_loss:.6f})" if val_loss is not None else ""))
+
+  # ---- the loop ---------------------------------------------------------------------------
+
+  def _log_train(self, step: int, metrics: dict[str, Any], tokens: float, data_wait: float,
+                 window: dict[str, float]) -> float:
+    """Reads one step's device metrics (blocks on that step only), logs them when due; the loss."""
+    host = jax.device_get(metrics)
+    window["tokens"] += tokens
+    window["data_wait"] += data_wait
+    if not bool(host["finite"]):
+      message = (f"Non-finite loss at step {step} (loss {float(host['loss'])}, grad norm "
+                 f"{float(host['grad_norm'])}); the update was not applied")
+      if self.optim_cfg.nan_policy == "stop":
+        self.logger.log(message + ". Stopping (nan_policy='stop'); no checkpoint is written for this "
+                        "or any later step", logging.ERROR)
+        raise NonFiniteLoss(message)
+      self.nonfinite_skipped += 1
+      self.logger.log(message + " (nan_policy='skip')", logging.WARNING)
+    if step % int(self.spec.logging_steps) and step != int(self.spec.max_steps):
+      return float(host["loss"])
+    now = time.perf_counter()
+    elapsed = max(now - window["start"], 1e-9)
+    self.logger.log_scalars(step, {
+      "train/loss": float(host["loss"]), "train/learning_rate": float(host["learning_rate"]),
+      "train/grad_norm": float(host["grad_norm"]), "train/tokens_per_s": window["tokens"] / elapsed,
+      "train/data_wait_frac": min(window["data_wait"] / elapsed, 1.0)})
+    window.update(start=now, tokens=0.0, data_wait=0.0)
+    return float(host["loss"])
+
+  def run(self) -> dict[str, Any]:
+    start = self._restore()
+    max_steps = int(self.spec.max_steps)
+    eval_every, save_every = int(self.spec.eval_steps), int(self.spec.save_steps)
+    stop = _StopFlag(self.process_count)
+    pending: tuple[int, Any, float, float] | None = None  # step, device metrics, tokens, data wait
+    window = {"start": time.perf_counter(), "tokens": 0.0, "data_wait": 0.0}
+    step = start
+    self.logger.log(f"Training steps {start + 1}..{max_steps} in {self.run_dir}")
+    with stop.installed(), Progress(max_steps, initial=start, is_main_process=self.is_main) as bar:
+      interrupted = False
+      while step < max_steps and not (interrupted := stop.should_stop()):
+        t0 = time.perf_counter()
+        batch = next(self.train_iter)
+        data_wait = time.perf_counter() - t0
+        tokens = float(np.count_nonzero(batch["segment_ids"])) * self.process_count
+        self.train_shapes.add(tuple(batch["input_ids"].shape))
+        self.state, metrics = self.steps.train_step(self.state, device_batch(batch, self.mesh))
+        step += 1
+        if pending is not None:  # step N is queued; now read step N-1 (the device stays busy)
+          bar.update(pending[0], loss=self._log_train(*pending, window))
+        pending = (step, metrics, tokens, data_wait)
+        is_last = step == max_steps
+        eval_due = is_last or (eval_every > 0 and step % eval_every == 0)
+        save_due = is_last or (save_every > 0 and step % save_every == 0)
+        if eval_due or save_due:
+          # Read this step now: a checkpoint or eval must never follow an unseen non-finite step.
+          bar.update(step, loss=self._log_train(*pending, window))
+          pending = None
+        val_loss = None
+        if eval_due:
+          best_before = self.best_val_loss
+          val_loss = self.evaluate(step).get("val/loss")
+          save_due = save_due or (self.checkpointer.config.keep_best and self.best_val_loss < best_before)
+        if save_due:
+          self.save(step, val_loss)
+      if pending is not None:
+        self._log_train(*pending, window)
+    if interrupted:
+      self.save(step, None)
+      self.logger.log(f"Received signal {stop.signum} (SIGTERM): saved step {step} and stopped; "
+                      "relaunch the same command to resume")
+    elif start >= max_steps:
+      self.logger.log(f"Run already complete at step {start}")
+      previous = self.run_dir / "logs" / "final_results.json"
+      if previous.is_file():
+        return json.loads(previous.read_text())
+      self.evaluate(start)
+    return self._final_results(step, interrupted=interrupted)
+
+  def _final_results(self, step: int, interrupted: bool) -> dict[str, Any]:
+    self.checkpointer.wait_until_finished()
+    results = {
+      "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
+      "best_step": self.best_step, "total_steps": step, "max_steps": int(self.spec.max_steps),
+      "interrupted": interrupted, "resumed_from_step": self.resume_step,
+      "final_metrics": self.last_eval, "skipped_records": self.skips.as_dict(),
+      "nonfinite_steps_skipped": self.nonfinite_skipped,
+      "train_step_traces": int(self.steps.traces["train"]),
+      "train_batch_shapes": sorted(list(s) for s in self.train_shapes),
+      "eval_step_traces": int(self.steps.traces["eval"]),
+      "checkpoints": self.checkpointer.all_steps(),
+    }
+    self.logger.write_final(results)
+    self.logger.log(f"Done at step {step}: best val loss {_fmt(results['best_val_loss'])} at step "
+                    f"{results['best_step']}; final val auroc {_fmt(self.last_eval.get('val/auroc'))}")
+    return results
+
+  def close(self) -> None:
+    try:
+      self.checkpointer.close()
+    finally:
+      self.logger.close()
+
+
+def _fmt(value: Any) -> str:
+  return "n/a" if value is None else f"{float(value):.4f}"
+
+
+def train_and_evaluate(spec: Any) -> dict[str, Any]:
+  """Trains and evaluates as `spec` says, in <output_dir>/<experiment_name>; returns final results.
+
+  Raises NonFiniteLoss (after logging it) when a loss is NaN/Inf and nan_policy is "stop".
+  """
+  quiet_library_logs()
+  trainer = Trainer(spec)
+  try:
+    return trainer.run()
+  finally:
+    trainer.close()

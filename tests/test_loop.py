@@ -1,0 +1,358 @@
+"""The training loop end to end on the demo spec with tiny settings: run directory, logs and
+TensorBoard, trace count, checkpoint retention, NaN stop, SIGTERM and exact resume after SIGKILL."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from rmjax import spec as spec_lib
+from rmjax.run_logging import read_tensorboard_scalars
+from rmjax.train import loop
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEMO = ROOT / "specs" / "demo.py"
+
+# Small enough for 8 fake CPU devices on 2 cores: micro-batch 8 = one row per device.
+TINY = {
+  "max_steps": 6, "warmup_steps": 1, "logging_steps": 1, "eval_steps": 3, "save_steps": 2,
+  "batch_size": 16, "grad_accum_steps": 2, "max_eval_batches": 2,
+  "data.eval_batch_size": 8, "data.length_buckets": (128,), "data.num_workers": 0,
+}
+TRAIN_KEYS = {"step", "timestamp", "train/loss", "train/learning_rate", "train/grad_norm",
+              "train/tokens_per_s", "train/data_wait_frac"}
+
+
+def tiny_spec(out: pathlib.Path, **overrides):
+  spec = spec_lib.load_spec_file(str(DEMO))
+  for key, value in {**TINY, "output_dir": str(out), **overrides}.items():
+    *parents, leaf = key.split(".")
+    node = spec
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return spec
+
+
+def read_jsonl(path):
+  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+
+
+def checkpoint_steps(run_dir):
+  names = os.listdir(run_dir / "checkpoints")
+  return sorted(int(n.rsplit("_", 1)[1]) for n in names if n.startswith("checkpoint_step_") and "tmp" not in n)
+
+
+def test_run_directory_logs_tensorboard_and_single_trace(tmp_path):
+  spec = tiny_spec(tmp_path)
+  results = loop.train_and_evaluate(spec)
+  run = tmp_path / "demo-full"
+  logs = run / "logs"
+  for name in ("train.log", "metrics.jsonl", "config.json", "final_results.json"):
+    assert (logs / name).is_file(), name
+  assert json.loads((logs / "config.json").read_text())["max_steps"] == 6
+
+  rows = read_jsonl(logs / "metrics.jsonl")
+  train_rows = [r for r in rows if "train/loss" in r]
+  assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+  assert all(set(r) == TRAIN_KEYS for r in train_rows)
+  assert all(0.0 <= r["train/data_wait_frac"] <= 1.0 and r["train/tokens_per_s"] > 0 for r in train_rows)
+  eval_rows = [r for r in rows if "val/loss" in r]
+  assert [r["step"] for r in eval_rows] == [3, 6]
+  for key in ("val/loss", "val/auroc", "val/mse", "val/ece", "val/prm800k/loss", "val/prm800k/auroc"):
+    assert key in eval_rows[-1], key
+
+  final = json.loads((logs / "final_results.json").read_text())
+  assert final == json.loads(json.dumps(results))
+  assert final["total_steps"] == 6 and final["final_metrics"] == {k: v for k, v in eval_rows[-1].items()
+                                                                  if k.startswith("val/")}
+  best = min(eval_rows, key=lambda r: r["val/loss"])
+  assert (final["best_step"], final["best_val_loss"]) == (best["step"], best["val/loss"])
+  assert isinstance(final["skipped_records"], dict)
+  # One bucket (128) -> one batch shape -> the train step traced exactly once in 6 steps.
+  assert final["train_batch_shapes"] == [[16, 128]]
+  assert final["train_step_traces"] == 1
+  assert "New best validation loss" in (logs / "train.log").read_text()
+
+  # Every scalar in metrics.jsonl is in TensorBoard at the same step, with the same float32 value.
+  tb = read_tensorboard_scalars(run / "tensorboard")
+  for row in rows:
+    for tag, value in row.items():
+      if tag in ("step", "timestamp") or value is None:
+        continue
+      assert (row["step"], float(np.float32(value))) in tb[tag], (tag, row["step"])
+  assert len(tb["train/loss"]) == 6
+
+  # Saves at 2, 4, 6 (save_steps) and 3 (a new best at an eval step); latest 3 + best kept.
+  steps = checkpoint_steps(run)
+  assert {4, 6} <= set(steps) and len(steps) <= 4
+  assert (run / "checkpoints" / f"checkpoint_step_6" / "data").is_dir()  # iterator state
+  assert json.loads((run / "checkpoints" / "best.json").read_text())["step"] == final["best_step"]
+
+
+def test_best_checkpoint_survives_when_older_than_latest_three(tmp_path, monkeypatch):
+  # The validation loss is made to get worse after the first evaluation (honest monkeypatch:
+  # the loop's retention and best tracking are what is tested, not the model).
+  real = loop.val_loss_of
+  calls = []
+
+  def worsening(per_source, kind):
+    out = real(per_source, kind)
+    calls.append(1)
+    return {k: (v + len(calls) if v is not None else v) for k, v in out.items()}
+
+  monkeypatch.setattr(loop, "val_loss_of", worsening)
+  spec = tiny_spec(tmp_path, max_steps=6, eval_steps=1, save_steps=1)
+  final = loop.train_and_evaluate(spec)
+  run = tmp_path / "demo-full"
+  assert final["best_step"] == 1
+  assert checkpoint_steps(run) == [1, 4, 5, 6]
+  assert json.loads((run / "checkpoints" / "best.json").read_text())["step"] == 1
+  assert (run / "logs" / "train.log").read_text().count("New best validation loss") == 1
+
+
+class _Poisoned:
+  """Wraps the training iterator: targets of batch `at` (1-based) become NaN."""
+
+  def __init__(self, it, at):
+    self._it, self._at, self._n = it, at, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self._it)
+    self._n += 1
+    if self._n == self._at:
+      batch = dict(batch, targets=np.full_like(batch["targets"], np.nan))
+    return batch
+
+  def get_state(self):
+    return self._it.get_state()
+
+  def set_state(self, state):
+    self._it.set_state(state)
+
+
+class _PoisonedDataset:
+  def __init__(self, ds, at):
+    self._ds, self._at = ds, at
+
+  def __iter__(self):
+    return _Poisoned(iter(self._ds), self._at)
+
+
+def _poison_step(monkeypatch, at):
+  real = loop.train_dataset
+  monkeypatch.setattr(loop, "train_dataset", lambda *a, **k: _PoisonedDataset(real(*a, **k), at))
+
+
+def test_nan_loss_stops_with_clear_message_and_no_bad_checkpoint(tmp_path, monkeypatch):
+  _poison_step(monkeypatch, at=3)
+  spec = tiny_spec(tmp_path, max_steps=6, eval_steps=2, save_steps=2)
+  with pytest.raises(loop.NonFiniteLoss, match="Non-finite loss at step 3"):
+    loop.train_and_evaluate(spec)
+  run = tmp_path / "demo-full"
+  assert checkpoint_steps(run) == [2]
+  assert json.loads((run / "checkpoints" / "best.json").read_text())["step"] == 2
+  log_text = (run / "logs" / "train.log").read_text()
+  assert "Non-finite loss at step 3" in log_text and "Stopping (nan_policy='stop')" in log_text
+  assert max(r["step"] for r in read_jsonl(run / "logs" / "metrics.jsonl")) == 2
+  assert not (run / "logs" / "final_results.json").exists()
+
+
+def test_nan_policy_skip_keeps_training(tmp_path, monkeypatch):
+  _poison_step(monkeypatch, at=2)
+  spec = tiny_spec(tmp_path, max_steps=4, eval_steps=0, save_steps=0, nan_policy="skip")
+  final = loop.train_and_evaluate(spec)
+  assert final["nonfinite_steps_skipped"] == 1 and final["total_steps"] == 4
+  rows = read_jsonl(tmp_path / "demo-full" / "logs" / "metrics.jsonl")
+  losses = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+  assert losses[2] is None and all(np.isfinite(losses[s]) for s in (1, 3, 4))
+  assert np.isfinite(final["best_val_loss"])
+
+
+def test_init_from_loads_weights_with_a_fresh_optimizer(tmp_path):
+  first = tiny_spec(tmp_path, max_steps=2, eval_steps=0, save_steps=0)
+  loop.train_and_evaluate(first)
+  source = tmp_path / "demo-full" / "checkpoints" / "checkpoint_step_2"
+  second = tiny_spec(tmp_path, experiment_name="progressive", max_steps=2, init_from=str(source))
+  trainer = loop.Trainer(second)
+  try:
+    import jax
+    fresh_params = jax.device_get(trainer.state.params)
+    assert trainer._restore() == 0
+    loaded = jax.device_get(trainer.state.params)
+    assert int(trainer.state.step) == 0
+    assert all(float(np.abs(m).max()) == 0.0 for m in jax.tree.leaves(jax.device_get(trainer.state.opt_state))
+               if np.ndim(m) > 0)
+  finally:
+    trainer.close()
+  saved = loop.ckpt_lib.Checkpointer(source.parent, loop.ckpt_lib.CheckpointConfig(read_only=True))
+  try:
+    target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), loaded)}
+    expect = loop.ckpt_lib.restore_subtree(source, target)["params"]
+  finally:
+    saved.close()
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(expect)))
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(fresh_params)))
+
+
+# ------------------------------------------------------------------------- subprocess runs
+
+def _launch_cmd(out: pathlib.Path, max_steps: int, *extra: str) -> list[str]:
+  return [sys.executable, "-m", "rmjax.launch", f"--spec={DEMO}", f"--spec.output_dir={out}",
+          f"--spec.max_steps={max_steps}", "--spec.warmup_steps=2", "--spec.logging_steps=1",
+          "--spec.max_eval_batches=2", "--spec.data.eval_batch_size=8", "--spec.batch_size=8",
+          "--spec.grad_accum_steps=1", *extra]
+
+
+def _env():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  return env
+
+
+def _run(cmd, timeout=240):
+  proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def _wait_for(predicate, proc, timeout=180.0):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if predicate():
+      return True
+    if proc.poll() is not None:
+      return False
+    time.sleep(0.02)
+  return False
+
+
+def _metric_rows(run_dir):
+  return {(r["step"], k): v for r in read_jsonl(run_dir / "logs" / "metrics.jsonl")
+          for k, v in r.items() if k != "timestamp"}
+
+
+@pytest.mark.slow
+def test_sigkill_then_relaunch_logs_exactly_the_uninterrupted_metrics(tmp_path):
+  steps, extra = 40, ("--spec.eval_steps=10", "--spec.save_steps=4")
+  _run(_launch_cmd(tmp_path / "a", steps, *extra))
+  reference = _metric_rows(tmp_path / "a" / "demo-full")
+
+  run_b = tmp_path / "b" / "demo-full"
+  proc = subprocess.Popen(_launch_cmd(tmp_path / "b", steps, *extra), cwd=ROOT, env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  committed = lambda: (run_b / "checkpoints").is_dir() and any(s >= 8 for s in checkpoint_steps(run_b))
+  try:
+    assert _wait_for(committed, proc), "no checkpoint before the run ended"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == -signal.SIGKILL
+  killed_at = max(checkpoint_steps(run_b))
+  assert killed_at < steps
+  _run(_launch_cmd(tmp_path / "b", steps, *extra))
+  final = json.loads((run_b / "logs" / "final_results.json").read_text())
+  assert final["resumed_from_step"] is not None and final["resumed_from_step"] < steps
+  resumed = _metric_rows(run_b)
+  assert resumed.keys() == reference.keys()
+  after = {k for k in reference if k[0] > final["resumed_from_step"] and k[1] != "train/tokens_per_s"
+           and k[1] != "train/data_wait_frac"}
+  assert any(k[1] == "train/loss" for k in after)
+  assert {k: resumed[k] for k in after} == {k: reference[k] for k in after}  # exact, not approx
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
+  run_dir = tmp_path / "demo-full"
+  proc = subprocess.Popen(_launch_cmd(tmp_path, 100000, "--spec.eval_steps=0", "--spec.save_steps=0"),
+                          cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics = run_dir / "logs" / "metrics.jsonl"
+  try:
+    assert _wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0, proc), "training never started"
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    _, stderr = proc.communicate(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 0, stderr[-3000:]
+  assert time.monotonic() - t0 < 30
+  steps = checkpoint_steps(run_dir)
+  assert len(steps) == 1 and 0 < steps[0] < 100000
+  final = json.loads((run_dir / "logs" / "final_results.json").read_text())
+  assert final["interrupted"] is True and final["total_steps"] == steps[0]
+  assert "SIGTERM" in (run_dir / "logs" / "train.log").read_text()
+
+
+def _free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_evaluate_every_row(tmp_path):
+  from rmjax.data.render import Renderer
+  from rmjax.data.sources import build_source
+  from rmjax.tokenizer import build_demo_tokenizer
+  from rmjax.train import build
+
+  port = _free_port()
+  cmd = _launch_cmd(tmp_path, 4, "--spec.eval_steps=2", "--spec.save_steps=2",
+                    "--spec.data.eval_batch_size=16", f"--spec.distributed.coordinator_address=localhost:{port}",
+                    "--spec.distributed.num_processes=2")
+  env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  procs = [subprocess.Popen(cmd + [f"--spec.distributed.process_id={i}"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    errs = [p.communicate(timeout=240)[1] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+  run = tmp_path / "demo-full"
+  final = json.loads((run / "logs" / "final_results.json").read_text())
+  assert final["total_steps"] == 4 and checkpoint_steps(run)[-1] == 4
+  # 2 eval batches of 16 global rows: processes read rows 0,2,.. and 1,3,..; together the first
+  # 32 test examples, whose supervised steps are counted here straight from the reader.
+  spec = tiny_spec(tmp_path)
+  reader = build_source("prm800k", build.source_config(spec, "prm800k", run), split="test")
+  renderer = Renderer(build_demo_tokenizer(), build.render_config(spec))
+  expected = sum(int(t.target_mask.sum()) for t in (renderer(reader[i]) for i in range(32)) if t is not None)
+  assert final["final_metrics"]["val/count"] == expected
+
+
+def test_hf_backbone_in_lora_mode(tmp_path):
+  import jax
+  import _tiny_run
+  from rmjax.convert import load_backbone
+
+  base = _tiny_run.make_base(tmp_path / "base")
+  spec = tiny_spec(tmp_path / "runs", max_steps=2, eval_steps=0, save_steps=0, mode="lora",
+                   **{"model.path": str(base), "model.frozen_dtype": "float32"})
+  final = loop.train_and_evaluate(spec)
+  assert final["total_steps"] == 2 and np.isfinite(final["best_val_loss"])
+  assert "Model qwen3" in (tmp_path / "runs" / "demo-full" / "logs" / "train.log").read_text()
+  trainer = loop.Trainer(spec)  # resumes the finished run: its checkpoint holds the frozen base
+  try:
+    trainer._restore()
+    frozen = jax.device_get(trainer.state.frozen)
+  finally:
+    trainer.close()
+  hf, _ = load_backbone(str(base))
+  assert np.array_equal(frozen["decoder"]["layers"]["attn"]["q_proj"]["kernel"],
+                        hf["layers"]["attn"]["q_proj"]["kernel"])
+  assert "lora_a" in jax.device_get(trainer.state.params)["decoder"]["layers"]["attn"]["q_proj"]
