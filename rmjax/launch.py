@@ -14,6 +14,7 @@ run has several processes, and hands over to rmjax.train.loop.train_and_evaluate
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any, Sequence
 
@@ -80,7 +81,20 @@ def run(spec: Any, dry_run: bool = False) -> Any:
                       "micro_batch_size": spec_lib.micro_batch_size(spec)}, indent=1))
     return None
   from rmjax.train.loop import train_and_evaluate  # heavy: imported only when training
-  return train_and_evaluate(spec)
+  try:
+    return train_and_evaluate(spec)
+  except _user_facing_errors() as e:  # a bad input or a stopped run: one line, no traceback
+    if os.environ.get("RMJAX_DEBUG"):
+      raise
+    _fail(f"{type(e).__name__}: {e}", code=1)
+
+
+def _user_facing_errors() -> tuple[type[BaseException], ...]:
+  """Errors that describe the user's input or the run's state (set RMJAX_DEBUG=1 for a traceback)."""
+  from rmjax.checkpoint import CheckpointError
+  from rmjax.data.example import BadRecord
+  from rmjax.train.loop import NonFiniteLoss
+  return (NonFiniteLoss, CheckpointError, BadRecord, FileNotFoundError, spec_lib.SpecError)
 
 
 def main(argv: Sequence[str]) -> None:
