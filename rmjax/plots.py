@@ -94,7 +94,8 @@ def reliability_diagram(per_source: Mapping[str, tuple[Sequence[float], Sequence
     found = ax_curve.get_legend_handles_labels()
     if len(found[0]) > len(handles):  # an empty first panel has only the diagonal
       handles, labels = found
-  fig.suptitle(f"Reliability diagram ({n_bins} equal-width bins; red = gap to the diagonal)", fontsize=12)
+  title = f"Reliability diagram ({n_bins} equal-width bins)"
+  fig.suptitle(title if ncols > 1 else title.replace(" (", "\n("), fontsize=12)
   fig.legend(handles, labels, loc="outside lower center", ncols=len(handles), fontsize=9, frameon=False)
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
