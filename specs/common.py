@@ -31,6 +31,7 @@ def base_spec() -> ml_collections.ConfigDict:
   c.schedule = "cosine"              # after warmup: "cosine" | "linear" (decay to 0) | "constant"
   c.weight_decay = 0.01              # AdamW decoupled weight decay
   c.max_grad_norm = 1.0              # global-norm gradient clipping; 0 = off
+  c.opt_state_dtype = "float32"      # Adam moments mu/nu: float32 | bfloat16 (bf16 fits 4B full FT on 80 GB)
   c.loss = "mse"                     # on sigmoid(logit) vs target: "mse" | "bce"
   c.logging_steps = 10               # log train metrics every N steps
   c.eval_steps = 100                 # evaluate every N steps (and at the end); 0 = only at the end

@@ -18,7 +18,7 @@ SPEC_ARGS = ["full.py", "lora.py", "demo.py", "demo.py:lora"]
 # The contract in the spec layout, written out by hand (not derived from the code under test).
 LAYOUT_LEAVES = """
 experiment_name output_dir seed mode lr max_steps batch_size grad_accum_steps warmup_steps schedule
-weight_decay max_grad_norm loss logging_steps eval_steps save_steps max_eval_batches init_from nan_policy
+weight_decay max_grad_norm opt_state_dtype loss logging_steps eval_steps save_steps max_eval_batches init_from nan_policy
 model.path model.param_dtype model.compute_dtype model.frozen_dtype model.remat model.attention_impl
 model.trust_remote_code model.demo.hidden_size model.demo.num_layers model.demo.num_heads
 model.demo.num_kv_heads model.demo.head_dim model.demo.intermediate_size

@@ -71,7 +71,8 @@ class ModelConfig:
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
   remat: str = "none"
-  attention_impl: str | None = None  # None / "xla" / "cudnn" for jax.nn.dot_product_attention
+  attention_impl: str | None = None  # None (auto: cuDNN on a GPU when it applies, else XLA) / "xla" / "cudnn"
+  scan_unroll: int = 1  # layers per iteration of the layer scan; num_layers unrolls it (cost analysis)
   lora_rank: int = 0
   lora_alpha: float = 32.0
   lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -92,6 +93,8 @@ class ModelConfig:
         raise ValueError(f"{name}={getattr(self, name)!r}; choose from {', '.join(DTYPES)}")
     if self.attention_impl not in (None, "xla", "cudnn"):
       raise ValueError(f"attention_impl={self.attention_impl!r}; choose None, 'xla' or 'cudnn'")
+    if not 1 <= self.scan_unroll <= max(self.num_layers, 1):
+      raise ValueError(f"scan_unroll={self.scan_unroll} must be in [1, num_layers={self.num_layers}]")
     if isinstance(self.lora_targets, list):
       object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
     bad = set(self.lora_targets) - set(LORA_TARGETS)

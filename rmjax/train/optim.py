@@ -56,6 +56,7 @@ class OptimConfig:
   loss: str = "mse"
   mode: str = "full"
   frozen_dtype: str = "float32"
+  opt_state_dtype: str = "float32"  # Adam moments mu and nu ("bfloat16" halves optimizer memory)
   nan_policy: str = "stop"
   b1: float = 0.9
   b2: float = 0.999
@@ -68,6 +69,8 @@ class OptimConfig:
       (self.mode in MODES, f"mode {self.mode!r} must be one of {MODES}"),
       (self.nan_policy in NAN_POLICIES, f"nan_policy {self.nan_policy!r} must be one of {NAN_POLICIES}"),
       (self.frozen_dtype in ("float32", "bfloat16"), f"frozen_dtype {self.frozen_dtype!r} must be float32 or bfloat16"),
+      (self.opt_state_dtype in ("float32", "bfloat16"),
+       f"opt_state_dtype {self.opt_state_dtype!r} must be float32 or bfloat16"),
       (self.lr > 0, f"lr must be > 0, got {self.lr}"),
       (self.max_steps > 0, f"max_steps must be > 0, got {self.max_steps}"),
       (0 <= self.warmup_steps <= self.max_steps, f"warmup_steps {self.warmup_steps} must be in [0, max_steps={self.max_steps}]"),
@@ -88,6 +91,7 @@ class OptimConfig:
       max_grad_norm=float(spec.max_grad_norm), grad_accum_steps=int(spec.grad_accum_steps),
       loss=str(spec.loss), mode=str(spec.mode), nan_policy=str(spec.get("nan_policy", "stop")),
       frozen_dtype=str(model.get("frozen_dtype", "float32")) if model else "float32",
+      opt_state_dtype=str(spec.get("opt_state_dtype", "float32")),
     )
 
 
@@ -122,10 +126,50 @@ def decay_mask(params: Any) -> Any:
   return traverse_util.unflatten_dict({k: bool(re.search(DECAY_PATTERN, k)) for k in flat}, sep="/")
 
 
+def scale_by_adam_in(dtype: str, b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+  """Adam's scaling with BOTH moments stored in `dtype` (optax's mu_dtype covers mu only).
+
+  The arithmetic is float32: the moments are read, updated and bias-corrected in float32 and
+  only the stored copies are rounded to `dtype`. With bfloat16 the optimizer state of a
+  4B-parameter model drops from 32 GB to 16 GB. The state is optax's ScaleByAdamState, so
+  sharding rules and checkpoints treat it like optax's own.
+  """
+  store = jnp.dtype(dtype)
+
+  def init(params):
+    zeros = lambda p: jnp.zeros(jnp.shape(p), store)
+    return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=jax.tree.map(zeros, params),
+                                  nu=jax.tree.map(zeros, params))
+
+  def update(updates, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    c = count.astype(jnp.float32)
+    bc1, bc2 = 1.0 - b1 ** c, 1.0 - b2 ** c
+
+    def leaf(g, mu, nu):
+      g32 = g.astype(jnp.float32)
+      mu32 = b1 * mu.astype(jnp.float32) + (1.0 - b1) * g32
+      nu32 = b2 * nu.astype(jnp.float32) + (1.0 - b2) * g32 * g32
+      step = (mu32 / bc1) / (jnp.sqrt(nu32 / bc2) + eps)
+      return step.astype(g.dtype), mu32.astype(store), nu32.astype(store)
+
+    out = jax.tree.map(leaf, updates, state.mu, state.nu)
+    pick = lambda i: jax.tree.map(lambda _, o: o[i], updates, out)
+    return pick(0), optax.ScaleByAdamState(count=count, mu=pick(1), nu=pick(2))
+
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
   """Global-norm clipping then AdamW on the (trainable) parameters it is initialised with."""
-  adamw = optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                      weight_decay=cfg.weight_decay, mask=decay_mask)
+  if cfg.opt_state_dtype == "float32":
+    adamw = optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay, mask=decay_mask)
+  else:  # same chain as optax.adamw, with the low-precision moments
+    adamw = optax.chain(scale_by_adam_in(cfg.opt_state_dtype, cfg.b1, cfg.b2, cfg.eps),
+                        optax.add_decayed_weights(cfg.weight_decay, decay_mask),
+                        optax.scale_by_learning_rate(make_schedule(cfg)))
   if cfg.max_grad_norm > 0:
     return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
   return adamw
