@@ -86,6 +86,16 @@ def closest_keys(key: str, keys: Sequence[str], n: int = 3) -> list[str]:
   return found
 
 
+def load_sibling(spec_file: str, filename: str = "common.py"):
+  """Imports a module that sits next to a spec file (config_flags loads specs by path, so the
+  specs directory is not a package and `import common` would not resolve)."""
+  path = pathlib.Path(spec_file).resolve().with_name(filename)
+  module_spec = importlib.util.spec_from_file_location(f"rmjax_specs_{path.stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
 def load_spec_file(path_arg: str, module_name: str = "rmjax_spec") -> ConfigDict:
   """Loads `file.py[:arg]` the way ml_collections' config_flags does (an unlocked copy).
 

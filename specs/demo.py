@@ -11,17 +11,12 @@ its eval loss must fall: a smoke test of the whole system.
 Argument: "" (full fine-tuning) or "lora".
 """
 
-import importlib.util
-import pathlib
+from rmjax.spec import load_sibling
 
 
 def load_common():
-  """specs/common.py, found next to this file (spec files are loaded by path, not as a package)."""
-  path = pathlib.Path(__file__).resolve().with_name("common.py")
-  module_spec = importlib.util.spec_from_file_location("rmjax_specs_common", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module
+  """specs/common.py, next to this file."""
+  return load_sibling(__file__)
 
 
 def get_config(arg=None):

@@ -11,17 +11,12 @@ batch_size is GLOBAL (16 = the seed's 4 per device x 4 accumulation steps on one
 8 GPUs use --spec.batch_size=128 to keep 4 rows per device per micro-batch.
 """
 
-import importlib.util
-import pathlib
+from rmjax.spec import load_sibling
 
 
 def load_common():
-  """specs/common.py, found next to this file (spec files are loaded by path, not as a package)."""
-  path = pathlib.Path(__file__).resolve().with_name("common.py")
-  module_spec = importlib.util.spec_from_file_location("rmjax_specs_common", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module
+  """specs/common.py, next to this file."""
+  return load_sibling(__file__)
 
 
 def get_config(arg=None):
