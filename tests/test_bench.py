@@ -129,3 +129,31 @@ def test_peak_table_and_ratios():
              {"impl": "rmjax", "mode": "lora", "error": "boom"},
              {"impl": "torch", "mode": "lora", "tokens_per_s": 10.0}]
   assert common.ratios(records) == {"full": 1.5, "lora": None}
+
+
+def test_layer_extrapolated_flops_equal_a_fully_unrolled_compile():
+  """compiled_flops comes from 1- and 2-layer unrolled compiles; check it against an honest
+  3-layer compile with the whole layer scan unrolled (XLA then counts every layer)."""
+  import jax
+  from rmjax.bench import jax_impl
+  settings = common.BenchSettings(preset="tiny", seq_len=32, batch=2, dtype="float32", frozen_dtype="float32")
+  device = jax.devices()[0]
+  host = common.make_batches(settings.model_config("full"), settings, 1)[0]
+  for mode in ("full", "lora"):
+    cfg3 = settings.model_config(mode).replace(num_layers=3, scan_unroll=3, attention_impl="xla")
+    steps, abstract = jax_impl.build_abstract(settings, mode, device, cfg3)
+    want = jax_impl._cost_flops(jax_impl.compile_step(steps, abstract, jax_impl.abstract_batch(host)))
+    got = jax_impl.layer_extrapolated_flops(settings, mode, device, host, cfg=cfg3)["compiled_flops"]
+    assert abs(got - want) / want < 1e-3, (mode, got, want)
+
+
+def test_attention_defaults_to_cudnn_only_on_gpu_with_half_precision(monkeypatch):
+  import jax
+  import jax.numpy as jnp
+  from rmjax.model import transformer
+  cfg = common.PRESETS["qwen3-4b"]()
+  assert transformer.auto_attention_impl(cfg, jnp.bfloat16) == ("cudnn" if jax.default_backend() == "gpu" else "xla")
+  monkeypatch.setattr(transformer.jax, "default_backend", lambda: "gpu")
+  assert transformer.auto_attention_impl(cfg, jnp.bfloat16) == "cudnn"
+  assert transformer.auto_attention_impl(cfg, jnp.float32) == "xla"  # cuDNN has no fp32 attention
+  assert transformer.auto_attention_impl(cfg.replace(head_dim=256), jnp.bfloat16) == "xla"

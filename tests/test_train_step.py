@@ -3,6 +3,7 @@
 Runs on the 8 fake CPU devices set up by conftest.py, compute in float32.
 """
 
+import json
 import math
 import re
 import warnings
@@ -294,3 +295,112 @@ def test_batch_layout_errors_and_device_batch():
   arrays = sp.device_batch(batch, mesh)
   assert set(arrays) == set(sp.TRAIN_KEYS)
   assert arrays["input_ids"].sharding.spec == P(("data", "fsdp"))
+
+
+# -- optimizer-state dtype (Adam moments) -------------------------------------------------------
+def _adam_run(tx, params, grads_seq):
+  state = tx.init(params)
+  out = []
+  for g in grads_seq:
+    upd, state = tx.update(g, state, params)
+    out.append(upd)
+  return out, state
+
+
+def test_adam_moments_in_float32_equal_optax_scale_by_adam():
+  """Our low-precision-capable Adam at float32 is optax's scale_by_adam (the reference)."""
+  import optax
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)}
+  grads = [{"w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)} for _ in range(4)]
+  ours, _ = _adam_run(optim.scale_by_adam_in("float32", 0.9, 0.999, 1e-8), params, grads)
+  ref, _ = _adam_run(optax.scale_by_adam(0.9, 0.999, 1e-8), params, grads)
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(np.asarray(a["w"]), np.asarray(b["w"]), rtol=1e-6, atol=1e-7)
+
+
+def test_bfloat16_moments_are_stored_in_bfloat16_and_track_float32():
+  import optax
+  rng = np.random.default_rng(1)
+  params = {"w": jnp.asarray(rng.normal(size=(64, 32)), jnp.float32)}
+  grads = [{"w": jnp.asarray(rng.normal(size=(64, 32)), jnp.float32)} for _ in range(5)]
+  ours, state = _adam_run(optim.scale_by_adam_in("bfloat16", 0.9, 0.999, 1e-8), params, grads)
+  ref, _ = _adam_run(optax.scale_by_adam(0.9, 0.999, 1e-8), params, grads)
+  assert state.mu["w"].dtype == jnp.bfloat16 and state.nu["w"].dtype == jnp.bfloat16
+  assert ours[-1]["w"].dtype == jnp.float32
+  rel = np.linalg.norm(np.asarray(ours[-1]["w"] - ref[-1]["w"])) / np.linalg.norm(np.asarray(ref[-1]["w"]))
+  assert rel < 2e-2  # bf16 has an 8-bit mantissa: ~0.4% per rounding
+
+
+def test_train_state_with_bfloat16_opt_state_steps_and_is_sharded():
+  model = tiny_model()
+  mesh = shd.make_mesh(shd.MeshConfig(2, 2, 2))
+  cfg = optim.OptimConfig(lr=1e-3, schedule="constant", max_steps=10, opt_state_dtype="bfloat16")
+  state, shardings = st.create_train_state(model, cfg, mesh, jax.random.key(0))
+  moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
+  assert moments and all(x.dtype == jnp.bfloat16 for x in moments)
+  steps = sp.make_steps(model, cfg, mesh, shardings)
+  before = snapshot(state.params)
+  state, metrics = steps.train_step(state, sp.device_batch(make_batch(0), mesh))
+  assert bool(metrics["finite"]) and int(state.step) == 1
+  changed = [not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params))]
+  assert any(changed)
+  abstract, abs_shardings = st.abstract_train_state(model, cfg, mesh)
+  assert jax.tree.structure(abstract) == jax.tree.structure(state)
+  assert all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(jax.tree.leaves(abstract), jax.tree.leaves(state)))
+
+
+def test_opt_state_dtype_validation():
+  with pytest.raises(ValueError, match="opt_state_dtype"):
+    optim.OptimConfig(opt_state_dtype="float16")
+
+
+# -- host-to-device prefetch ---------------------------------------------------------------------
+def _grain_iter(n: int = 10):
+  import grain
+  return iter(grain.MapDataset.range(n).map(lambda i: {"x": np.full((8, 2), i, np.int32)}).to_iter_dataset())
+
+
+def test_prefetch_yields_the_same_batches_on_device_in_order():
+  from rmjax.train.prefetch import DevicePrefetcher
+  mesh = shd.make_mesh(shd.MeshConfig(2, 2, 2))
+  place = lambda b: sp.device_batch(b, mesh, keys=("x",))
+  got = list(DevicePrefetcher(_grain_iter(), place, depth=2))
+  assert [int(p.host["x"][0, 0]) for p in got] == list(range(10))
+  for i, p in enumerate(got):
+    assert p.device["x"].sharding == shd.batch_sharding(mesh)
+    np.testing.assert_array_equal(np.asarray(p.device["x"]), np.full((8, 2), i))
+
+
+def test_prefetch_state_is_the_consumed_position_not_the_thread_position():
+  import time
+  from rmjax.train.prefetch import DevicePrefetcher
+  pre = DevicePrefetcher(_grain_iter(), lambda b: b, depth=2)
+  taken = [int(next(pre).host["x"][0, 0]) for _ in range(3)]
+  time.sleep(0.2)  # let the thread run ahead by `depth` batches
+  state = pre.get_state()
+  pre.close()
+  fresh = DevicePrefetcher(_grain_iter(), lambda b: b, depth=2)
+  fresh.set_state(json.dumps(state).encode())  # as grain's checkpoint handler passes it
+  rest = [int(p.host["x"][0, 0]) for p in fresh]
+  assert taken == [0, 1, 2] and rest == list(range(3, 10))
+  # set_state on a running prefetcher drops what it prefetched
+  pre2 = DevicePrefetcher(_grain_iter(), lambda b: b, depth=3)
+  next(pre2), next(pre2)
+  pre2.set_state(state)
+  assert int(next(pre2).host["x"][0, 0]) == 3
+
+
+def test_prefetch_reraises_pipeline_errors_and_rejects_bad_depth():
+  from rmjax.train.prefetch import DevicePrefetcher
+
+  def broken():
+    yield {"x": np.zeros((8, 2))}
+    raise KeyError("bad record")
+
+  pre = DevicePrefetcher(broken(), lambda b: b)
+  next(pre)
+  with pytest.raises(KeyError, match="bad record"):
+    next(pre)
+  with pytest.raises(ValueError, match="depth"):
+    DevicePrefetcher(iter([]), lambda b: b, depth=0)

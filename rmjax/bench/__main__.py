@@ -24,6 +24,7 @@ import sys
 from typing import Any, Sequence
 
 from rmjax.bench import common
+from rmjax.model.config import REMAT_POLICIES
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -42,7 +43,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--frozen-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                  help="rmjax LoRA frozen-base dtype; auto = bfloat16 on a GPU, float32 on CPU")
   p.add_argument("--attention", default="", choices=("", "xla", "cudnn"),
-                 help="rmjax attention implementation (default: let XLA choose)")
+                 help="rmjax attention implementation (default: cuDNN on a GPU when it applies, else XLA)")
+  p.add_argument("--opt-state-dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="rmjax Adam moment (mu, nu) dtype")
+  p.add_argument("--remat-policy", default="", choices=("", *REMAT_POLICIES),
+                 help="rmjax remat policy by name (overrides --remat on the rmjax side; torch: full if not none)")
+  p.add_argument("--no-flops", dest="flops", action="store_false",
+                 help="skip the two unrolled analysis compiles that give compiled_flops")
+  p.add_argument("--analysis-only", action="store_true",
+                 help="rmjax: compile the step from shapes, print flops/memory analysis, run nothing")
   p.add_argument("--dropout", type=float, default=0.0, help="head dropout (same on both sides)")
   p.add_argument("--seed", type=int, default=0, help="numpy seed of the batches and init seed")
   p.add_argument("--no-isolate", dest="isolate", action="store_false",
@@ -55,7 +64,9 @@ def settings_from(args: argparse.Namespace) -> common.BenchSettings:
   return common.BenchSettings(preset=args.preset, seq_len=args.seq_len, batch=args.batch, steps=args.steps,
                               warmup=args.warmup, remat=args.remat, dtype=args.dtype,
                               dropout=args.dropout, seed=args.seed,
-                              frozen_dtype=args.frozen_dtype, attention=args.attention)
+                              frozen_dtype=args.frozen_dtype, attention=args.attention,
+                              opt_state_dtype=args.opt_state_dtype, remat_name=args.remat_policy,
+                              flops=args.flops, analysis_only=args.analysis_only)
 
 
 def run_in_process(impl: str, settings: common.BenchSettings, mode: str) -> dict[str, Any]:
@@ -71,8 +82,11 @@ def child_argv(impl: str, settings: common.BenchSettings, mode: str) -> list[str
           "--preset", settings.preset, "--seq-len", str(settings.seq_len), "--batch", str(settings.batch),
           "--steps", str(settings.steps), "--warmup", str(settings.warmup), "--dtype", settings.dtype,
           "--dropout", str(settings.dropout), "--seed", str(settings.seed),
-          "--frozen-dtype", settings.frozen_dtype, "--attention", settings.attention]
-  return argv + (["--remat"] if settings.remat else [])
+          "--frozen-dtype", settings.frozen_dtype, "--attention", settings.attention,
+          "--opt-state-dtype", settings.opt_state_dtype, "--remat-policy", settings.remat_name]
+  flags = [("--remat", settings.remat), ("--no-flops", not settings.flops),
+           ("--analysis-only", settings.analysis_only)]
+  return argv + [flag for flag, on in flags if on]
 
 
 def run_isolated(impl: str, settings: common.BenchSettings, mode: str) -> dict[str, Any]:
@@ -107,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   modes = common.MODES if args.mode == "both" else (args.mode,)
   impls = common.IMPLS if args.impl == "both" else (args.impl,)
+  if args.analysis_only:
+    impls = ("rmjax",)
   if not args.isolate and len(impls) > 1:
     # Sharing one GPU with torch: jax must not grab 75% of its memory up front.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

@@ -73,7 +73,15 @@ class BenchSettings:
   max_grad_norm: float = 1.0
   seed: int = 0
   frozen_dtype: str = "auto"  # LoRA frozen base ("auto": bfloat16 on an accelerator, float32 on CPU)
-  attention: str = ""  # jax.nn.dot_product_attention implementation: "" (XLA picks), "xla", "cudnn"
+  attention: str = ""  # rmjax attention: "" (auto: cuDNN on a GPU when it applies, else XLA), "xla", "cudnn"
+  opt_state_dtype: str = "float32"  # rmjax Adam moments (mu and nu) dtype
+  remat_name: str = ""  # rmjax remat policy by name ("" = "full" if remat else "none")
+  flops: bool = True  # compute compiled_flops from the unrolled 1- and 2-layer analysis compiles
+  analysis_only: bool = False  # rmjax: compile from shapes and report the analysis, no steps
+
+  @property
+  def remat_policy(self) -> str:
+    return self.remat_name or ("full" if self.remat else "none")
 
   def __post_init__(self):
     if self.preset not in PRESETS:
@@ -83,6 +91,8 @@ class BenchSettings:
                        f"batch={self.batch}, steps={self.steps}, warmup={self.warmup}")
     if self.dtype not in ("auto", "float32", "bfloat16"):
       raise ValueError(f"dtype={self.dtype!r}; choose auto, float32 or bfloat16")
+    if self.opt_state_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"opt_state_dtype={self.opt_state_dtype!r}; choose float32 or bfloat16")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
 
@@ -100,7 +110,7 @@ class BenchSettings:
     if self.seq_len > cfg.max_position_embeddings:
       raise ValueError(f"seq_len={self.seq_len} exceeds the {self.preset} preset's "
                        f"max_position_embeddings={cfg.max_position_embeddings}")
-    return cfg.replace(compute_dtype=self.dtype, remat="full" if self.remat else "none",
+    return cfg.replace(compute_dtype=self.dtype, remat=self.remat_policy,
                        attention_impl=self.attention or None,
                        lora_rank=self.lora_rank if mode == "lora" else 0, lora_alpha=self.lora_alpha,
                        marker_id=cfg.vocab_size - 1)

@@ -7,11 +7,15 @@ training loop uses), for the model shape and batches of `common.py`. Before timi
 is lowered and compiled once ahead of time to read XLA's cost and memory analysis; jax reuses
 that executable for the jitted calls, so nothing is compiled twice.
 
-`compiled_flops` is XLA's count for the compiled program: it includes remat recomputation
-and optimizer arithmetic, but XLA's cost analysis counts a while-loop body ONCE, and the
-decoder's layers are an `nn.scan` (a while loop), so it holds one layer, not L of them
-(measured: 1, 2 and 4 layers give nearly the same count). It is therefore reported beside,
-never instead of, the analytic `model_flops` that MFU uses (GUIDE.md section 4).
+`compiled_flops` must be comparable with the analytic `model_flops`, but XLA's cost analysis
+counts a while-loop body ONCE and the decoder's layers are an `nn.scan` (a while loop). So the
+FLOPs come from two analysis-only compiles of the same step with the layer scan UNROLLED
+(`scan_unroll`), at 1 and at 2 layers, with XLA attention (a cuDNN custom call reports no
+FLOPs): per_layer = F(2) - F(1), rest = F(1) - per_layer (embedding, head, loss, optimizer of
+the non-layer params), compiled_flops = rest + L * per_layer. Layers are identical, so this is
+exact up to XLA making different fusion choices at depth L. The analysis compiles use abstract
+state (no device memory). `compiled_temp_mb` / `compiled_arg_mb` come from the real step's
+compile (memory analysis; XLA's temp is the live peak beyond arguments and outputs).
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from rmjax import sharding as shd
 from rmjax.bench import common
 from rmjax.model.confidence import ConfidenceModel
 from rmjax.model.head import HeadConfig
+from rmjax.model.transformer import auto_attention_impl
 from rmjax.train import optim
-from rmjax.train.state import create_train_state
+from rmjax.train.state import abstract_train_state, create_train_state
 from rmjax.train.step import TRAIN_KEYS, device_batch, make_steps
 
 
@@ -36,33 +41,78 @@ def optim_config(settings: common.BenchSettings, mode: str) -> optim.OptimConfig
                            max_steps=max(settings.warmup + settings.steps, 1),
                            weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm,
                            grad_accum_steps=1, loss="mse", mode=mode,
-                           frozen_dtype=settings.frozen_dtype if mode == "lora" else "float32")
+                           frozen_dtype=settings.frozen_dtype if mode == "lora" else "float32",
+                           opt_state_dtype=settings.opt_state_dtype)
+
+
+def _model(settings: common.BenchSettings, cfg) -> ConfidenceModel:
+  return ConfidenceModel(cfg, HeadConfig(hidden_dims=settings.head_dims, activation="gelu",
+                                         dropout=settings.dropout))
 
 
 def build(settings: common.BenchSettings, mode: str, device: jax.Device):
   """(steps, state, mesh) on a one-device mesh."""
-  cfg = settings.model_config(mode)
-  model = ConfidenceModel(cfg, HeadConfig(hidden_dims=settings.head_dims, activation="gelu",
-                                          dropout=settings.dropout))
+  model = _model(settings, settings.model_config(mode))
   mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=1, tensor=1), devices=[device])
   opt_cfg = optim_config(settings, mode)
   state, shardings = create_train_state(model, opt_cfg, mesh, jax.random.key(settings.seed))
   return make_steps(model, opt_cfg, mesh, shardings), state, mesh
 
 
-def compiled_analysis(steps, state, batch: dict[str, jax.Array]) -> dict[str, Any]:
-  """XLA cost / memory analysis of the jitted train step for these shapes."""
+def build_abstract(settings: common.BenchSettings, mode: str, device: jax.Device, cfg=None):
+  """(steps, abstract state): the same step, with shapes only (nothing allocated)."""
+  model = _model(settings, cfg or settings.model_config(mode))
+  mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=1, tensor=1), devices=[device])
+  opt_cfg = optim_config(settings, mode)
+  abstract, shardings = abstract_train_state(model, opt_cfg, mesh)
+  return make_steps(model, opt_cfg, mesh, shardings), abstract
+
+
+def abstract_batch(host_batch: dict[str, np.ndarray]) -> dict[str, jax.ShapeDtypeStruct]:
+  return {k: jax.ShapeDtypeStruct(np.shape(host_batch[k]), np.asarray(host_batch[k]).dtype) for k in TRAIN_KEYS}
+
+
+def compile_step(steps, state, batch):
   with jax.set_mesh(steps.mesh):
-    compiled = steps._train.lower(state, {k: batch[k] for k in TRAIN_KEYS}).compile()
+    return steps._train.lower(state, {k: batch[k] for k in TRAIN_KEYS}).compile()
+
+
+def _cost_flops(compiled) -> float | None:
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax returned one dict per program
     cost = cost[0] if cost else {}
+  flops = (cost or {}).get("flops")
+  return None if flops is None else float(flops)
+
+
+def memory_analysis(compiled) -> dict[str, Any]:
   mem = compiled.memory_analysis()
   mb = lambda name: None if mem is None else round(getattr(mem, name) / 2**20, 1)
-  flops = (cost or {}).get("flops")
-  return {"compiled_flops": None if flops is None else float(flops),
-          "compiled_flops_note": "XLA count; the scanned layer body is counted once, not per layer",
-          "compiled_temp_mb": mb("temp_size_in_bytes"), "compiled_arg_mb": mb("argument_size_in_bytes")}
+  return {"compiled_temp_mb": mb("temp_size_in_bytes"), "compiled_arg_mb": mb("argument_size_in_bytes"),
+          "compiled_out_mb": mb("output_size_in_bytes"), "compiled_alias_mb": mb("alias_size_in_bytes")}
+
+
+def layer_extrapolated_flops(settings: common.BenchSettings, mode: str, device: jax.Device,
+                             host_batch: dict[str, np.ndarray], cfg=None) -> dict[str, Any]:
+  """compiled_flops of the L-layer step from unrolled 1- and 2-layer compiles (module docstring)."""
+  cfg = cfg or settings.model_config(mode)
+  counts = []
+  for n in (1, 2):
+    small = cfg.replace(num_layers=n, scan_unroll=n, attention_impl="xla")
+    steps, abstract = build_abstract(settings, mode, device, small)
+    counts.append(_cost_flops(compile_step(steps, abstract, abstract_batch(host_batch))))
+  if None in counts:
+    return {"compiled_flops": None}
+  per_layer = counts[1] - counts[0]
+  total = counts[0] - per_layer + cfg.num_layers * per_layer
+  return {"compiled_flops": total, "compiled_flops_per_layer": per_layer,
+          "compiled_flops_note": "XLA cost analysis, layer scan unrolled at 1 and 2 layers, "
+                                 "extrapolated to num_layers; XLA attention"}
+
+
+def compiled_analysis(steps, state, batch: dict[str, jax.Array]) -> dict[str, Any]:
+  """XLA memory analysis of the jitted train step for these shapes (the executable jax reuses)."""
+  return memory_analysis(compile_step(steps, state, batch))
 
 
 def _device_peak_mb(device: jax.Device) -> float | None:
@@ -77,10 +127,19 @@ def run(settings: common.BenchSettings, mode: str) -> dict[str, Any]:
   accelerator = device.platform != "cpu"
   settings = settings.on_device(accelerator)
   cfg = settings.model_config(mode)
-  steps, state, mesh = build(settings, mode, device)
   host_batches = common.make_batches(cfg, settings, settings.warmup + settings.steps)
+  analysis = layer_extrapolated_flops(settings, mode, device, host_batches[0]) if settings.flops else {}
+  if settings.analysis_only:  # compile the real step from shapes only: memory without allocating
+    steps, abstract = build_abstract(settings, mode, device)
+    analysis |= memory_analysis(compile_step(steps, abstract, abstract_batch(host_batches[0])))
+    record = {"impl": "rmjax", "mode": mode, "preset": settings.preset, "seq_len": settings.seq_len,
+            "batch": settings.batch, "dtype": settings.dtype, "remat": settings.remat_policy,
+            "opt_state_dtype": settings.opt_state_dtype, "device": device.device_kind, "analysis_only": True,
+            "model_flops": common.mean_model_flops(cfg, settings, host_batches[:1], mode), **analysis}
+    return with_ratio(record)
+  steps, state, mesh = build(settings, mode, device)
   batches = [device_batch(b, mesh) for b in host_batches]
-  analysis = compiled_analysis(steps, state, batches[0])
+  analysis |= compiled_analysis(steps, state, batches[0])
   holder = {"state": state}
 
   def step(batch: dict[str, jax.Array]) -> None:
@@ -97,6 +156,15 @@ def run(settings: common.BenchSettings, mode: str) -> dict[str, Any]:
     peak_mem, peak = common.host_peak_rss_mb(), None
   trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(holder["state"].params))
   flops = common.mean_model_flops(cfg, settings, host_batches[settings.warmup:], mode)
-  return common.make_record("rmjax", mode, settings, host_batches[0], flops, times, peak_mem, peak,
+  record = common.make_record("rmjax", mode, settings, host_batches[0], flops, times, peak_mem, peak,
                             device.device_kind, **analysis, trainable_params=trainable,
-                            traces=int(steps.traces["train"]), jax_version=jax.__version__)
+                            traces=int(steps.traces["train"]), jax_version=jax.__version__,
+                            opt_state_dtype=settings.opt_state_dtype, remat_policy=settings.remat_policy,
+                            attention=cfg.attention_impl or f"auto:{auto_attention_impl(cfg, cfg.compute_dtype)}")
+  return with_ratio(record)
+
+
+def with_ratio(record: dict[str, Any]) -> dict[str, Any]:
+  """Adds compiled_over_model = compiled_flops / model_flops when both are known."""
+  c, m = record.get("compiled_flops"), record.get("model_flops")
+  return record | ({"compiled_over_model": round(c / m, 4)} if c and m else {})

@@ -78,7 +78,7 @@ def build(settings: common.BenchSettings, mode: str, device: str):
   cfg = settings.model_config(mode)
   torch.manual_seed(settings.seed)
   backbone = AutoModel.from_config(hf_config(cfg), attn_implementation="sdpa", dtype=torch.float32)
-  if settings.remat:
+  if settings.remat_policy != "none":
     enable = getattr(backbone, "activation_checkpointing_enable", None)
     if enable is not None:
       enable(activation_checkpointing_kwargs={"use_reentrant": False})

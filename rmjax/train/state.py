@@ -120,5 +120,30 @@ def create_train_state(model: nn.Module, optim_cfg: optim.OptimConfig, mesh: Mes
   return state, shardings
 
 
+def abstract_train_state(model: nn.Module, optim_cfg: optim.OptimConfig, mesh: Mesh,
+                         rules: Sequence[tuple[str, P]] = shd.DEFAULT_RULES) -> tuple[TrainState, TrainState]:
+  """(state of jax.ShapeDtypeStruct with shardings, shardings) as create_train_state makes them.
+
+  Nothing is allocated: for compiling (and reading XLA's memory analysis) the step of a model
+  that may not fit next to its own state.
+  """
+  def init_fn(key):
+    return model.init({"params": key}, *dummy_inputs(), deterministic=True)["params"]
+
+  abstract = jax.eval_shape(init_fn, jax.random.key(0))
+  labels = optim.trainable_labels(abstract, optim_cfg.mode)
+  tr_shardings, fr_shardings = optim.split_params(shd.param_shardings(abstract, mesh, rules), labels)
+  trainable, frozen = jax.eval_shape(lambda p: _split_and_cast(p, labels, optim_cfg.frozen_dtype), abstract)
+  tx = optim.make_optimizer(optim_cfg)
+  opt_shardings = opt_state_shardings(tx, trainable, tr_shardings, mesh)
+  opt = jax.eval_shape(tx.init, trainable)
+  rep = shd.replicated(mesh)
+  shardings = TrainState(step=rep, params=tr_shardings, frozen=fr_shardings, opt_state=opt_shardings, rng=rep)
+  shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=trainable, frozen=frozen, opt_state=opt,
+                      rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+  with_sharding = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+  return jax.tree.map(with_sharding, shapes, shardings), shardings
+
+
 def _is_typed_key(key: jax.Array) -> bool:
   return jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
