@@ -121,7 +121,9 @@ def _finite(value: float | None) -> float | None:
 def _one_line(exc: BaseException) -> str:
   """First line of an exception message, bounded, prefixed with its type."""
   text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-  return f"{type(exc).__name__}: {text[:400]}"
+  if len(text) > 400:  # keep the end too: tensorstore puts the OS reason ("File too large") last
+    text = f"{text[:220]} ... {text[-170:]}"
+  return f"{type(exc).__name__}: {text}"
 
 
 class _IteratorSnapshot:

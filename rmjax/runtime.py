@@ -54,7 +54,13 @@ def distributed_args(dist: Any, env: Mapping[str, str] = os.environ) -> dict[str
       args["process_id"] = int(dist.process_id)
     return args
   if env.get("JAX_COORDINATOR_ADDRESS"):
-    return {}
+    # jax reads the address itself but not the count or the id (no cluster type does for a
+    # plain environment), so launch/local.sh and launch/k8s-indexed-job.yaml set these two.
+    args = {}
+    for key, name in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+      if env.get(key, "").strip():
+        args[name] = int(env[key])
+    return args
   for key in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
     if int(env.get(key, "1") or "1") > 1:
       return {}

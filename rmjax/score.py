@@ -55,13 +55,23 @@ def parse_line(line: str, lineno: int) -> Record | str:
     return "'problem' must be a string"
   if not isinstance(steps, list) or not all(isinstance(s, str) for s in steps):
     return "'steps' must be a list of strings"
+  try:  # JSON escapes can spell lone surrogates ("\ud800"), which no tokenizer accepts
+    for text in (problem, *steps):
+      text.encode("utf-8")
+  except UnicodeEncodeError:
+    return "'problem' or 'steps' contains an invalid Unicode escape (lone surrogate)"
   return Record(lineno, obj, problem, tuple(steps))
 
 
 def read_records(path: pathlib.Path, warn) -> Iterator[Record]:
-  with open(path, encoding="utf-8") as fh:
-    for lineno, line in enumerate(fh, 1):
-      if not line.strip():
+  with open(path, "rb") as fh:  # bytes: one non-UTF-8 line is skipped, not the whole file
+    for lineno, raw in enumerate(fh, 1):
+      if not raw.strip():
+        continue
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        warn(f"{path}:{lineno}: skipped: not valid UTF-8 (byte {e.start})")
         continue
       rec = parse_line(line, lineno)
       if isinstance(rec, str):
@@ -168,7 +178,8 @@ def score_file(checkpoint: str | pathlib.Path, input_path: str | pathlib.Path, o
     raise FileNotFoundError(f"input file not found: {input_path}")
   if batch_size < 1:
     raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-  total_lines = sum(1 for line in open(input_path, encoding="utf-8") if line.strip())
+  with open(input_path, "rb") as fh:
+    total_lines = sum(1 for line in fh if line.strip())
   scorer = make_scorer(checkpoint)
   counts = {"scored": 0, "malformed": 0, "truncated_steps": 0}
 

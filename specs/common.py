@@ -31,7 +31,7 @@ def base_spec() -> ml_collections.ConfigDict:
   c.schedule = "cosine"              # after warmup: "cosine" | "linear" (decay to 0) | "constant"
   c.weight_decay = 0.01              # AdamW decoupled weight decay
   c.max_grad_norm = 1.0              # global-norm gradient clipping; 0 = off
-  c.opt_state_dtype = "float32"      # Adam moments mu/nu: float32 | bfloat16 (bf16 fits 4B full FT on 80 GB)
+  c.opt_state_dtype = "float32"      # Adam moments mu/nu: float32 | bfloat16 (halves optimizer memory)
   c.loss = "mse"                     # on sigmoid(logit) vs target: "mse" | "bce"
   c.logging_steps = 10               # log train metrics every N steps
   c.eval_steps = 100                 # evaluate every N steps (and at the end); 0 = only at the end
@@ -121,6 +121,9 @@ def base_spec() -> ml_collections.ConfigDict:
   c.checkpoint.max_to_keep = 3       # latest checkpoints kept (the best one is kept apart)
   c.checkpoint.keep_best = True      # also keep the step with the best eval loss
   c.checkpoint.async_save = True     # write in the background (waited for before exit)
+  # On resume, a corrupt/truncated latest checkpoint is an error naming its path (default);
+  # True = log it and resume from the newest older checkpoint that restores.
+  c.checkpoint.fallback_to_previous = False
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = ""  # "host:port" of process 0; "" = from the environment (or one process)

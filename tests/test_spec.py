@@ -32,7 +32,7 @@ data.prm800k.eval_split data.prm800k.drop_quality_control data.prm800k.drop_scre
 data.eqasc.use data.eqasc.weight data.eqasc.path data.eqasc.train_split data.eqasc.eval_split
 data.eqasc.label_all_steps data.reveal.use data.reveal.weight data.reveal.path data.reveal.eval_split
 data.reveal.label mesh.data mesh.fsdp mesh.tensor checkpoint.max_to_keep checkpoint.keep_best
-checkpoint.async_save distributed.coordinator_address distributed.num_processes distributed.process_id
+checkpoint.async_save checkpoint.fallback_to_previous distributed.coordinator_address distributed.num_processes distributed.process_id
 """.split()
 
 

@@ -45,8 +45,10 @@ from rmjax.progress import Progress
 from rmjax.run_logging import RunLogger
 from rmjax.train import build
 from rmjax.train.optim import OptimConfig, param_counts
+from rmjax.train.prefetch import DevicePrefetcher
 from rmjax.train.state import TrainState, create_train_state
 from rmjax.train.step import EVAL_KEYS, Steps, device_batch, make_steps
+from rmjax.tokenizer import pad_id
 
 log = logging.getLogger("rmjax.train")
 
@@ -191,7 +193,11 @@ class Trainer:
     self.train_ds = train_dataset(train_sources, self.render_cfg, self.tokenizer, self.pipeline_cfg,
                                   seed=int(self.spec.seed), global_batch=int(self.spec.batch_size), **common)
     self.eval_ds = eval_datasets(eval_sources, self.render_cfg, self.tokenizer, self.pipeline_cfg, **common)
-    self.train_iter = iter(self.train_ds)
+    # The pipeline runs 2 batches ahead in a thread (get_state() stays the consumed position).
+    # One process: batches are also placed on the mesh there. Several: the length agreement in
+    # _same_length is a collective, so it and the placement stay on this thread.
+    place = (lambda b: device_batch(b, self.mesh)) if self.process_count == 1 else (lambda b: None)
+    self.train_iter = DevicePrefetcher(iter(self.train_ds), place, depth=2)
     sizes = ", ".join(f"{n}: {len(r)} train records (weight {w:g})" for n, (r, w) in train_sources.items())
     self.logger.log(f"Data: {sizes}; evaluating on {', '.join(f'{n} ({len(r)})' for n, r in eval_sources.items())}")
 
@@ -200,8 +206,13 @@ class Trainer:
   def _restore(self) -> int:
     """Step to continue from: the latest checkpoint's (state + iterator restored), else 0."""
     if self.resume_step is not None:
-      restored = self.checkpointer.restore(self.resume_step, ckpt_lib.abstract_like(self.state),
-                                           iterator=self.train_iter)
+      fallback = bool(self.spec.checkpoint.get("fallback_to_previous", False))
+      restored = self.checkpointer.restore_latest(ckpt_lib.abstract_like(self.state), iterator=self.train_iter,
+                                                  fallback_to_previous=fallback)
+      if restored.step != self.resume_step:  # the newer step(s) were corrupt (logged by restore_latest)
+        self.logger.log(f"Checkpoint {self.checkpointer.step_path(self.resume_step)} is corrupt; fell back to "
+                        f"step {restored.step} (checkpoint.fallback_to_previous)", logging.WARNING)
+        self.resume_step = restored.step
       self.state = restored.state
       best = ckpt_lib.read_best_file(self.checkpointer.directory)
       if best is not None:
@@ -215,6 +226,23 @@ class Trainer:
       self.state = self.state.replace(params=weights["params"], frozen=weights["frozen"])
       self.logger.log(f"Initialised weights from {self.spec.init_from} (fresh optimizer, step 0)")
     return 0
+
+  def _same_length(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Pads this process's rows to the longest bucket any process chose for this batch.
+
+    Each process buckets its own rows, so their lengths can differ at the same step; every
+    process must run the same program on one global (B, T) array, so T is agreed here (one tiny
+    all-gather per batch, multi-process runs only). Extra columns are padding (segment 0)."""
+    if self.process_count == 1:
+      return batch
+    t = batch["input_ids"].shape[1]
+    longest = int(np.max(multihost_utils.process_allgather(np.asarray([t], np.int32))))
+    if longest == t:
+      return batch
+    out = dict(batch)
+    for key, fill in (("input_ids", pad_id(self.tokenizer)), ("positions", 0), ("segment_ids", 0)):
+      out[key] = np.pad(batch[key], ((0, 0), (0, longest - t)), constant_values=fill)
+    return out
 
   # ---- evaluation -------------------------------------------------------------------------
 
@@ -237,7 +265,7 @@ class Trainer:
     for name, ds in self.eval_ds.items():
       for i, batch in enumerate(ds):
         probs = self.steps.eval_step(self.state.params, self.state.frozen,
-                                     device_batch(batch, self.mesh, EVAL_KEYS))
+                                     device_batch(self._same_length(batch), self.mesh, EVAL_KEYS))
         rows = self._host_rows(batch, probs)
         ids = np.asarray([f"{i}:{r}" for r in range(rows["probs"].shape[0])])
         acc.add(name, rows["probs"], rows["targets"], rows["target_mask"], example_ids=ids,
@@ -306,11 +334,13 @@ class Trainer:
       interrupted = False
       while step < max_steps and not (interrupted := stop.should_stop()):
         t0 = time.perf_counter()
-        batch = next(self.train_iter)
+        batch, placed = next(self.train_iter)
         data_wait = time.perf_counter() - t0
         tokens = float(np.count_nonzero(batch["segment_ids"])) * self.process_count
         self.train_shapes.add(tuple(batch["input_ids"].shape))
-        self.state, metrics = self.steps.train_step(self.state, device_batch(batch, self.mesh))
+        if placed is None:
+          placed = device_batch(self._same_length(batch), self.mesh)
+        self.state, metrics = self.steps.train_step(self.state, placed)
         step += 1
         if pending is not None:  # step N is queued; now read step N-1 (the device stays busy)
           bar.update(pending[0], loss=self._log_train(*pending, window))

@@ -1,0 +1,111 @@
+"""Multi-host training on one machine: 2 JAX processes (jax.distributed, local coordinator, one
+CPU device each) against one process with 2 devices, and the multi-process checkpoint restored in
+a single process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import _run_helpers as R
+from test_loop import _env, _launch_cmd, checkpoint_steps
+
+STEPS = 4
+# Default demo buckets (64, 128): processes may pad to different lengths on the same step.
+EXTRA = ("--spec.eval_steps=0", f"--spec.save_steps={STEPS}", "--spec.batch_size=16",
+         "--spec.grad_accum_steps=2", "--spec.data.eval_batch_size=16")
+
+
+def _run_two_processes(out, env_style: bool):
+  port = R.free_port()
+  cmd = _launch_cmd(out, STEPS, *EXTRA)
+  env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  procs = []
+  for i in range(2):
+    if env_style:  # what launch/local.sh, SLURM-less clusters and the k8s Job set
+      penv = dict(env, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+      pcmd = cmd
+    else:
+      penv = env
+      pcmd = cmd + [f"--spec.distributed.coordinator_address=localhost:{port}",
+                    "--spec.distributed.num_processes=2", f"--spec.distributed.process_id={i}"]
+    procs.append(subprocess.Popen(pcmd, cwd=R.ROOT, env=penv, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True))
+  try:
+    errs = [p.communicate(timeout=240)[1] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+  return out / "demo-full"
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_two_devices_and_restore_in_one(tmp_path):
+  multi = _run_two_processes(tmp_path / "multi", env_style=True)
+  # The reference: one process, 2 devices, fed the same global batches (process 0's rows then
+  # process 1's: each process reads only its own shard, so the data order depends on the
+  # process count by design; the numerics of the distributed step must not).
+  ref = subprocess.run([sys.executable, str(R.ROOT / "tests" / "_run_helpers.py"), "merged",
+                        str(tmp_path / "single"), str(STEPS), "warmup_steps=2", "logging_steps=1",
+                        "eval_steps=0", f"save_steps={STEPS}", "batch_size=16", "grad_accum_steps=2",
+                        "max_eval_batches=2", "data.eval_batch_size=16"],
+                       cwd=R.ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  single = tmp_path / "single" / "demo-full"
+
+  got, want = R.train_losses(multi), R.train_losses(single)
+  assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=0, atol=1e-5)
+  assert len(set(got.values())) == STEPS  # the loss moves: real steps were taken
+  # The two shards picked different buckets on some step, so agreeing on T is exercised.
+  lengths = [json.loads(x) for x in (tmp_path / "single" / "shard_lengths.jsonl").read_text().splitlines()]
+  assert len(lengths) >= STEPS and any(len(set(t)) > 1 for t in lengths[:STEPS]), lengths
+
+  # The checkpoint the 2 processes wrote collectively restores here, in ONE process (8 devices),
+  # and holds the same weights as the single-process run's.
+  assert checkpoint_steps(multi) == [STEPS]
+  a = R.flat(R.checkpoint_params(multi / "checkpoints" / f"checkpoint_step_{STEPS}"))
+  b = R.flat(R.checkpoint_params(single / "checkpoints" / f"checkpoint_step_{STEPS}"))
+  assert a.keys() == b.keys() and len(a) > 5
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.slow
+def test_launch_local_sh_runs_two_processes(tmp_path):
+  env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHON=sys.executable)
+  cmd = ["bash", str(R.ROOT / "launch" / "local.sh"), "2"] + _launch_cmd(tmp_path, 2, *EXTRA)[3:]
+  proc = subprocess.run(cmd, cwd=R.ROOT, env=env, capture_output=True, text=True, timeout=240)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  run = tmp_path / "demo-full"
+  log = (run / "logs" / "train.log").read_text()
+  assert "2 process(es)" in log
+  assert checkpoint_steps(run) == [2]
+  assert os.path.isfile(run / "logs" / "final_results.json")
+
+
+def test_k8s_job_and_runtime_agree_on_process_layout():
+  import yaml
+  from rmjax import runtime
+  service, job = yaml.safe_load_all((R.ROOT / "launch" / "k8s-indexed-job.yaml").read_text())
+  spec = job["spec"]
+  assert (service["kind"], job["kind"], spec["completionMode"]) == ("Service", "Job", "Indexed")
+  assert service["spec"]["clusterIP"] == "None" and service["spec"]["selector"] == {"job-name": job["metadata"]["name"]}
+  pod = spec["template"]["spec"]
+  container = pod["containers"][0]
+  env = {e["name"]: e["value"] for e in container["env"]}
+  n = spec["completions"]
+  assert spec["parallelism"] == n == int(env["JAX_NUM_PROCESSES"])
+  host, port = env["JAX_COORDINATOR_ADDRESS"].rsplit(":", 1)
+  assert pod["subdomain"] == service["metadata"]["name"]
+  assert host == f"{job['metadata']['name']}-0.{service['metadata']['name']}"
+  assert int(port) == service["spec"]["ports"][0]["port"] == container["ports"][0]["containerPort"]
+  assert 'JAX_PROCESS_ID="$JOB_COMPLETION_INDEX"' in container["args"][0]
+  dist = type("D", (), {"coordinator_address": "", "num_processes": 0, "process_id": -1})()
+  pod_env = dict(env, JAX_PROCESS_ID="1")
+  assert runtime.distributed_args(dist, pod_env) == {"num_processes": n, "process_id": 1}
