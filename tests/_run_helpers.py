@@ -71,6 +71,18 @@ def wait_for(predicate: Callable[[], bool], proc: subprocess.Popen, timeout: flo
   return False
 
 
+def finish_all(procs: list[subprocess.Popen], timeout: float = 240.0) -> list[str]:
+  """Waits for every process (killing stragglers) and asserts they all exited 0; returns stderrs."""
+  try:
+    errs = [p.communicate(timeout=timeout)[1] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert [p.returncode for p in procs] == [0] * len(procs), "".join(e[-2000:] for e in errs)
+  return errs
+
+
 def kill9(proc: subprocess.Popen) -> None:
   proc.send_signal(signal.SIGKILL)
   proc.wait(timeout=30)

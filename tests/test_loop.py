@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+import _run_helpers as R
 from rmjax import spec as spec_lib
 from rmjax.run_logging import read_tensorboard_scalars
 from rmjax.train import loop
@@ -225,15 +226,6 @@ def _run(cmd, timeout=240):
   return proc
 
 
-def _wait_for(predicate, proc, timeout=180.0):
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
-    if predicate():
-      return True
-    if proc.poll() is not None:
-      return False
-    time.sleep(0.02)
-  return False
 
 
 def _metric_rows(run_dir):
@@ -252,7 +244,7 @@ def test_sigkill_then_relaunch_logs_exactly_the_uninterrupted_metrics(tmp_path):
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   committed = lambda: (run_b / "checkpoints").is_dir() and any(s >= 8 for s in checkpoint_steps(run_b))
   try:
-    assert _wait_for(committed, proc), "no checkpoint before the run ended"
+    assert R.wait_for(committed, proc), "no checkpoint before the run ended"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
   finally:
@@ -279,7 +271,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
                           cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   metrics = run_dir / "logs" / "metrics.jsonl"
   try:
-    assert _wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0, proc), "training never started"
+    assert R.wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0, proc), "training never started"
     proc.send_signal(signal.SIGTERM)
     t0 = time.monotonic()
     _, stderr = proc.communicate(timeout=60)
@@ -316,13 +308,7 @@ def test_two_processes_train_and_evaluate_every_row(tmp_path):
   env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=1")
   procs = [subprocess.Popen(cmd + [f"--spec.distributed.process_id={i}"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  try:
-    errs = [p.communicate(timeout=240)[1] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+  R.finish_all(procs)
   run = tmp_path / "demo-full"
   final = json.loads((run / "logs" / "final_results.json").read_text())
   assert final["total_steps"] == 4 and checkpoint_steps(run)[-1] == 4

@@ -34,13 +34,7 @@ def _run_two_processes(out, env_style: bool):
                     "--spec.distributed.num_processes=2", f"--spec.distributed.process_id={i}"]
     procs.append(subprocess.Popen(pcmd, cwd=R.ROOT, env=penv, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True))
-  try:
-    errs = [p.communicate(timeout=240)[1] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+  R.finish_all(procs)
   return out / "demo-full"
 
 
