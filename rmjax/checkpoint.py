@@ -231,6 +231,7 @@ class Checkpointer:
     if step in self._mgr.all_steps():
       log.info("checkpoint step %d already exists in %s; not saving again", step, self.directory)
       return False
+    self._check_writable(step)
     loss = _finite(val_loss)
     meta = {**(metadata or {}), "step": step, _METRIC: loss}
     if val_loss is not None and loss is None:
@@ -246,6 +247,19 @@ class Checkpointer:
     if not self.config.async_save:
       self.wait_until_finished()
     return True
+
+  def _check_writable(self, step: int) -> None:
+    """Creates and removes a probe folder where orbax will put its tmp folder. orbax
+    (0.12) waits forever for a commit signal when creating that folder fails (read-only
+    or immutable directory, exhausted inodes), so such a directory is reported here, as
+    one line, before orbax is involved. A directory that turns read-only between this
+    probe and the write is not covered."""
+    probe = self.directory / f".{STEP_PREFIX}_{step}.rmjax-probe-{jax.process_index()}-{os.getpid()}"
+    try:
+      probe.mkdir()
+      probe.rmdir()
+    except OSError as e:
+      raise CheckpointWriteError(self.directory, f"step {step}: {_one_line(e)}") from e
 
   def wait_until_finished(self) -> None:
     """Blocks until the in-flight save is committed, then refreshes best.json."""

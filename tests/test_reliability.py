@@ -1,12 +1,14 @@
 """Faults at the launch level: SIGKILL at three moments (one during an asynchronous save) with a
-bit-identical result, a checkpoint write that fails mid-run, a corrupt latest checkpoint (error
+bit-identical result, a checkpoint write that fails mid-run (full disk, read-only directory), a corrupt latest checkpoint (error
 by path, or fallback when the spec allows). SIGTERM and NaN injection are in tests/test_loop.py
 (test_sigterm_saves_a_checkpoint_and_exits_zero, test_nan_loss_stops_with_clear_message_and_no_bad_checkpoint,
 test_nan_policy_skip_keeps_training)."""
 
 import collections
+import contextlib
 import hashlib
 import json
+import os
 import random
 import re
 import shlex
@@ -139,6 +141,43 @@ def test_failed_checkpoint_write_stops_with_one_line_and_keeps_previous(tmp_path
   assert {s: _tree_digest(run / "checkpoints" / f"checkpoint_step_{s}") for s in (3, 6)} == before
   assert max(_logged_steps(run)) > 6  # it did train on before the write failed
   assert not (run / "logs" / "final_results.json").read_text().count('"total_steps": 12')
+
+
+@contextlib.contextmanager
+def _read_only(directory):
+  """Makes `directory` unwritable for this test's processes: chmod for a normal user; as root
+  (CI) permissions do not stop writes, so the immutable attribute (chattr +i) is used."""
+  if os.geteuid() != 0:
+    mode = directory.stat().st_mode
+    directory.chmod(0o555)
+    undo = lambda: directory.chmod(mode)
+  else:
+    if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(directory)],
+                                                    capture_output=True).returncode:
+      pytest.skip("running as root and this filesystem has no immutable attribute (chattr +i)")
+    undo = lambda: subprocess.run(["chattr", "-i", str(directory)], check=True)
+  try:
+    yield
+  finally:
+    undo()
+
+
+@pytest.mark.slow
+def test_read_only_checkpoint_directory_stops_with_one_line_and_keeps_previous(tmp_path, six_step_run):
+  run = _copy(six_step_run, tmp_path / "out")
+  ckpts = run / "checkpoints"
+  before = {s: _tree_digest(ckpts / f"checkpoint_step_{s}") for s in (3, 6)}
+  with _read_only(ckpts):
+    rc, err = _finish(_start(tmp_path / "out"), timeout=180)
+    after = sorted(p.name for p in ckpts.iterdir())
+  assert rc == 1, err[-3000:]
+  errors = _error_lines(err)
+  assert len(errors) == 1 and errors[0].startswith(
+    f"rmjax.launch: error: CheckpointWriteError: cannot write checkpoint in {ckpts}: step 9: "), err[-3000:]
+  assert "Traceback" not in err, err[-3000:]
+  assert after == ["best.json", "checkpoint_step_3", "checkpoint_step_6"]
+  assert {s: _tree_digest(ckpts / f"checkpoint_step_{s}") for s in (3, 6)} == before
+  assert max(_logged_steps(run)) == 9  # trained up to the failed save, then stopped
 
 
 def _corrupt(step_dir):
