@@ -67,7 +67,10 @@ def _value_error(message: str, argv: Sequence[str]) -> str:
 def run(spec: Any, dry_run: bool = False) -> Any:
   """Validates `spec` against the devices, then trains and evaluates (shared with launch/)."""
   runtime.enable_compilation_cache()
-  runtime.init_distributed(spec.distributed)
+  try:
+    runtime.init_distributed(spec.distributed)
+  except ValueError as e:  # a malformed JAX_NUM_PROCESSES / JAX_PROCESS_ID / SLURM_NTASKS
+    _fail(str(e), code=1)
   import jax  # after jax.distributed: the device count must see every process
   try:
     warnings = spec_lib.validate(spec, jax.device_count(), jax.process_count())

@@ -59,12 +59,20 @@ def distributed_args(dist: Any, env: Mapping[str, str] = os.environ) -> dict[str
     args = {}
     for key, name in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
       if env.get(key, "").strip():
-        args[name] = int(env[key])
+        args[name] = _env_int(env, key)
     return args
   for key in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
-    if int(env.get(key, "1") or "1") > 1:
+    if env.get(key, "").strip() and _env_int(env, key) > 1:
       return {}
   return None
+
+
+def _env_int(env: Mapping[str, str], key: str) -> int:
+  """A non-negative integer from the environment, or a ValueError that names the variable."""
+  value = env[key].strip()
+  if not value.isdigit():
+    raise ValueError(f"environment variable {key}={env[key]!r} must be a non-negative integer")
+  return int(value)
 
 
 def init_distributed(dist: Any, env: Mapping[str, str] = os.environ) -> bool:

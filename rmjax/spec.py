@@ -36,6 +36,7 @@ ENUMS: Mapping[str, tuple[Any, ...]] = {
   "schedule": ("cosine", "linear", "constant"),
   "loss": ("mse", "bce"),
   "nan_policy": ("stop", "skip"),
+  "opt_state_dtype": ("float32", "bfloat16"),
   "model.param_dtype": DTYPES,
   "model.compute_dtype": DTYPES,
   "model.frozen_dtype": ("float32", "bfloat16"),

@@ -14,9 +14,9 @@ from rmjax import spec as spec_lib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def launch(*args, module="rmjax.launch"):
+def launch(*args, module="rmjax.launch", env=None):
   cmd = [sys.executable, "-m", module, *args] if module else [sys.executable, *args]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -57,6 +57,17 @@ def test_old_async_key_points_to_async_save():
   line = one_line_error(launch("--spec", "specs/demo.py", "--spec.checkpoint.async=False"))
   assert "unknown spec key 'checkpoint.async'" in line
   assert "spec.checkpoint.async_save" in line
+
+
+def test_bad_enum_value_lists_the_choices():
+  line = one_line_error(launch("--spec", "specs/demo.py", "--spec.opt_state_dtype=float16"))
+  assert "opt_state_dtype" in line and "float16" in line and "bfloat16" in line
+
+
+def test_malformed_process_count_in_the_environment_is_one_line():
+  line = one_line_error(launch("--spec", "specs/demo.py",
+                               env={"JAX_COORDINATOR_ADDRESS": "localhost:1", "JAX_NUM_PROCESSES": "two"}))
+  assert line == "rmjax.launch: error: environment variable JAX_NUM_PROCESSES='two' must be a non-negative integer"
 
 
 def test_indivisible_batch_rejected_before_training():

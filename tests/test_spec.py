@@ -289,5 +289,9 @@ def test_distributed_args():
   assert runtime.distributed_args(dist, {"SLURM_NTASKS": "1"}) is None
   assert runtime.distributed_args(dist, {"SLURM_NTASKS": "4"}) == {}
   assert runtime.distributed_args(dist, {"JAX_COORDINATOR_ADDRESS": "h:1"}) == {}
+  with pytest.raises(ValueError, match="SLURM_NTASKS='x'"):
+    runtime.distributed_args(dist, {"SLURM_NTASKS": "x"})
+  with pytest.raises(ValueError, match="JAX_PROCESS_ID='-1'"):
+    runtime.distributed_args(dist, {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_PROCESS_ID": "-1"})
   dist.coordinator_address, dist.num_processes, dist.process_id = "h:123", 2, 1
   assert runtime.distributed_args(dist, {}) == {"coordinator_address": "h:123", "num_processes": 2, "process_id": 1}
