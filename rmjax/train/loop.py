@@ -290,7 +290,8 @@ class Trainer:
     saved = self.checkpointer.save(step, self.state, iterator=self.train_iter, val_loss=val_loss,
                                    metadata={"config_hash": ckpt_lib.config_hash(spec_lib.spec_to_dict(self.spec))})
     if saved:
-      self.logger.log(f"Saved checkpoint {self.checkpointer.step_path(step)}"
+      verb = "Saving checkpoint (asynchronously)" if self.checkpointer.config.async_save else "Saved checkpoint"
+      self.logger.log(f"{verb} {self.checkpointer.step_path(step)}"
                       + (f" (val loss {val_loss:.6f})" if val_loss is not None else ""))
 
   # ---- the loop ---------------------------------------------------------------------------
