@@ -157,3 +157,34 @@ def test_attention_defaults_to_cudnn_only_on_gpu_with_half_precision(monkeypatch
   assert transformer.auto_attention_impl(cfg, jnp.bfloat16) == "cudnn"
   assert transformer.auto_attention_impl(cfg, jnp.float32) == "xla"  # cuDNN has no fp32 attention
   assert transformer.auto_attention_impl(cfg.replace(head_dim=256), jnp.bfloat16) == "xla"
+
+
+def test_profile_classifies_ops_by_kind_direction_and_component():
+  from rmjax.bench import profile
+  hlo = "\n".join([
+    '  %dot.1 = f32[8,8]{1,0} dot(%a, %b), metadata={op_name="jit(_train_step)/decoder/layers/mlp/up_proj/dot_general"}',
+    '  %copy_fusion.2 = f32[8,8]{1,0} fusion(%c), kind=kLoop, metadata={op_name="jit(_train_step)/'
+    'transpose(jvp(ConfidenceModel))/decoder/layers/mlp/jit(silu)/mul"}',
+    '  %add_fusion = f32[8]{0} fusion(%d), metadata={op_name="jit(_train_step)/head/add"}'])
+  names = profile.op_names(hlo)
+  assert names["dot.1"].endswith("up_proj/dot_general") and set(names) == {"dot.1", "copy_fusion.2", "add_fusion"}
+  events = [{"name": "dot.1", "dur": 600.0}, {"name": "copy_fusion.2", "dur": 300.0},
+            {"name": "add_fusion", "dur": 100.0}, {"name": "ThunkExecutor::Execute", "dur": 5000.0}]
+  s = profile.summarize(events, names)
+  assert s["op_time_ms"] == 1.0  # the executor wrapper is not an op
+  assert s["by_kind"] == {"matmul": 0.6, "copy/transpose": 0.3, "other": 0.1}
+  assert s["by_direction"] == {"fwd": 0.7, "bwd": 0.3}
+  assert [(t["direction"], t["kind"], t["component"]) for t in s["top"]] == [
+    ("fwd", "matmul", "layers/mlp/up_proj"), ("bwd", "copy/transpose", "layers/mlp"), ("fwd", "other", "head")]
+
+
+def test_profile_option_traces_a_real_step(tmp_path, capsys):
+  rc = bench_main.main([*TINY_ARGS, "--mode", "full", "--impl", "rmjax", "--no-isolate", "--no-flops",
+                        "--profile", str(tmp_path)])
+  record = _lines(capsys.readouterr().out)[0]
+  assert rc == 0
+  prof = record["profile"]
+  assert prof["op_time_ms"] > 0 and list((tmp_path / "rmjax-full").rglob("perfetto_trace.json.gz"))
+  assert sum(prof["by_kind"].values()) == pytest.approx(1.0, abs=1e-3)
+  assert prof["by_kind"]["matmul"] > 0 and set(prof["by_direction"]) == {"fwd", "bwd"}
+  assert any(t["component"].startswith("layers/") for t in prof["top"])

@@ -12,6 +12,7 @@ Output: one JSON object per run on stdout, then a last line
 Examples:
   python -m rmjax.bench --preset 75m --seq-len 512 --batch 4 --mode both --impl both
   python -m rmjax.bench --preset qwen3-4b --seq-len 2048 --batch 4 --mode lora --remat
+  python -m rmjax.bench --preset 75m --impl rmjax --mode full --profile /tmp/rmjax-trace
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help="skip the two unrolled analysis compiles that give compiled_flops")
   p.add_argument("--analysis-only", action="store_true",
                  help="rmjax: compile the step from shapes, print flops/memory analysis, run nothing")
+  p.add_argument("--profile", default="", metavar="DIR",
+                 help="rmjax: trace one extra step into DIR and add a `profile` summary (time by kind, "
+                      "direction and model component) to the record")
   p.add_argument("--dropout", type=float, default=0.0, help="head dropout (same on both sides)")
   p.add_argument("--seed", type=int, default=0, help="numpy seed of the batches and init seed")
   p.add_argument("--no-isolate", dest="isolate", action="store_false",
@@ -66,7 +70,8 @@ def settings_from(args: argparse.Namespace) -> common.BenchSettings:
                               dropout=args.dropout, seed=args.seed,
                               frozen_dtype=args.frozen_dtype, attention=args.attention,
                               opt_state_dtype=args.opt_state_dtype, remat_name=args.remat_policy,
-                              flops=args.flops, analysis_only=args.analysis_only)
+                              flops=args.flops, analysis_only=args.analysis_only,
+                              profile_dir=args.profile)
 
 
 def run_in_process(impl: str, settings: common.BenchSettings, mode: str) -> dict[str, Any]:
@@ -83,7 +88,8 @@ def child_argv(impl: str, settings: common.BenchSettings, mode: str) -> list[str
           "--steps", str(settings.steps), "--warmup", str(settings.warmup), "--dtype", settings.dtype,
           "--dropout", str(settings.dropout), "--seed", str(settings.seed),
           "--frozen-dtype", settings.frozen_dtype, "--attention", settings.attention,
-          "--opt-state-dtype", settings.opt_state_dtype, "--remat-policy", settings.remat_name]
+          "--opt-state-dtype", settings.opt_state_dtype, "--remat-policy", settings.remat_name,
+          "--profile", settings.profile_dir]
   flags = [("--remat", settings.remat), ("--no-flops", not settings.flops),
            ("--analysis-only", settings.analysis_only)]
   return argv + [flag for flag, on in flags if on]

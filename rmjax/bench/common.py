@@ -78,6 +78,7 @@ class BenchSettings:
   remat_name: str = ""  # rmjax remat policy by name ("" = "full" if remat else "none")
   flops: bool = True  # compute compiled_flops from the unrolled 1- and 2-layer analysis compiles
   analysis_only: bool = False  # rmjax: compile from shapes and report the analysis, no steps
+  profile_dir: str = ""  # rmjax: trace one extra step into this folder and summarise it (bench/profile.py)
 
   @property
   def remat_policy(self) -> str:

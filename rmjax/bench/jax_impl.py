@@ -110,9 +110,11 @@ def layer_extrapolated_flops(settings: common.BenchSettings, mode: str, device: 
                                  "extrapolated to num_layers; XLA attention"}
 
 
-def compiled_analysis(steps, state, batch: dict[str, jax.Array]) -> dict[str, Any]:
-  """XLA memory analysis of the jitted train step for these shapes (the executable jax reuses)."""
-  return memory_analysis(compile_step(steps, state, batch))
+def compiled_analysis(steps, state, batch: dict[str, jax.Array]) -> tuple[dict[str, Any], str]:
+  """XLA memory analysis of the jitted train step for these shapes (the executable jax reuses),
+  and the compiled HLO text (for attributing profile events)."""
+  compiled = compile_step(steps, state, batch)
+  return memory_analysis(compiled), compiled.as_text()
 
 
 def _device_peak_mb(device: jax.Device) -> float | None:
@@ -139,7 +141,8 @@ def run(settings: common.BenchSettings, mode: str) -> dict[str, Any]:
     return with_ratio(record)
   steps, state, mesh = build(settings, mode, device)
   batches = [device_batch(b, mesh) for b in host_batches]
-  analysis |= compiled_analysis(steps, state, batches[0])
+  memory, hlo_text = compiled_analysis(steps, state, batches[0])
+  analysis |= memory
   holder = {"state": state}
 
   def step(batch: dict[str, jax.Array]) -> None:
@@ -150,6 +153,10 @@ def run(settings: common.BenchSettings, mode: str) -> dict[str, Any]:
     holder["state"] = new_state
 
   times = common.time_steps(step, batches, settings.warmup, settings.steps)
+  if settings.profile_dir:  # one more step, traced (after timing, so tracing costs no timed step)
+    from rmjax.bench import profile
+    trace_dir = f"{settings.profile_dir}/rmjax-{mode}"
+    analysis["profile"] = profile.profile_step(lambda: step(batches[0]), trace_dir, hlo_text)
   if accelerator:
     peak_mem, peak = _device_peak_mb(device), common.peak_flops(device.device_kind)
   else:

@@ -8,9 +8,14 @@ are stepped through once as padded rows and once as packed rows of `--row` token
 `--batch` rows per step either way, every batch shape compiled before timing.
 
 Lengths are SYNTHETIC, PRM800K-like: log-normal with median `--median` tokens (default 450,
-sigma 0.6), clipped to [64, row]; one marker per ~50 tokens (PRM800K steps are short). Token
-ids are random; the FLOPs do not depend on them. Output: one JSON line per layout, then one
-with the ratio.
+sigma 0.6), clipped to [--min-length, row]; one marker per ~50 tokens (PRM800K steps are
+short). Token ids are random; the FLOPs do not depend on them. Output: one JSON line per
+layout, then one with the ratio.
+
+The ratio depends on how much of a step is attention: packed rows are full-length, so their
+attention (quadratic in the row) costs more per token than short padded rows'. A CPU proxy for
+Qwen3-4B at 2048 keeps that share (attention / 6N = 8.3% at full rows) with the 75m preset at
+a third of the row and lengths: `--preset 75m --row 680 --median 150 --min-length 21`.
 
   python -m rmjax.bench.packing --preset tiny --examples 64 --batch 4 --row 2048
 """
@@ -33,9 +38,10 @@ from rmjax.train.step import device_batch
 TOKENS_PER_MARKER = 50
 
 
-def synthetic_examples(n: int, row: int, median: float, marker_id: int, seed: int) -> list[Tokenized]:
+def synthetic_examples(n: int, row: int, median: float, marker_id: int, seed: int,
+                       min_length: int = 64) -> list[Tokenized]:
   rng = np.random.default_rng(seed)
-  lengths = np.clip(rng.lognormal(np.log(median), 0.6, size=n), 64, row).astype(int)
+  lengths = np.clip(rng.lognormal(np.log(median), 0.6, size=n), min_length, row).astype(int)
   out = []
   for i, length in enumerate(lengths):
     ids = rng.integers(0, marker_id, size=length).astype(np.int32)
@@ -79,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--row", type=int, default=2048)
   p.add_argument("--median", type=float, default=450.0)
+  p.add_argument("--min-length", type=int, default=64, help="shortest example (lengths are clipped)")
   p.add_argument("--mode", default="lora", choices=common.MODES)
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
@@ -86,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   settings = common.BenchSettings(preset=args.preset, seq_len=args.row, batch=args.batch,
                                   seed=args.seed).on_device(device.platform != "cpu")
   cfg = settings.model_config(args.mode)
-  examples = synthetic_examples(args.examples, args.row, args.median, cfg.marker_id, args.seed)
+  examples = synthetic_examples(args.examples, args.row, args.median, cfg.marker_id, args.seed, args.min_length)
   max_markers = args.row // TOKENS_PER_MARKER + 1
   steps, state, mesh = jax_impl.build(settings, args.mode, device)
   results = {}

@@ -1,0 +1,98 @@
+"""Where the compiled training step spends its time: a jax.profiler trace, summarised.
+
+Why it exists: the performance issue asks where XLA's time goes, not only how long a step
+takes. `python -m rmjax.bench --profile DIR` traces one extra step of the rmjax side with
+`jax.profiler.trace(DIR, create_perfetto_trace=True)` and adds a `profile` object to its JSON
+record. The summary joins the trace's op events (one per executed HLO instruction: fusions,
+dots, copies) with the compiled HLO's `op_name` metadata, so each microsecond is attributed to
+
+  kind       matmul (dots, YNNPACK / cuBLAS / cuDNN calls), copy/transpose (layout changes),
+             other (elementwise and reduction fusions, slices, scan bookkeeping);
+  direction  bwd when jax's transpose of the forward produced the op, else fwd (optimizer
+             updates count as fwd: they are not under transpose(jvp(...)));
+  component  the innermost model scope (layers/mlp/up_proj, layers/attn, head, ...).
+
+The raw trace stays in DIR for TensorBoard's profile plugin or Perfetto.
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import pathlib
+import re
+from typing import Any, Mapping
+
+# Trace events that are wrappers around the ops (executor, thread pool, Python frames).
+_WRAPPERS = ("ThunkExecutor", "SlinkyThreadPool", "PjRt", "Pjrt", "$")
+_INSTRUCTION = re.compile(r"%([\w.\-]+) = [^\n]*?metadata=\{op_name=\"([^\"]*)\"")
+_COMPONENT = re.compile(r"(layers/(?:attn|mlp)(?:/[a-z_]+_proj)?|head|embed|marker|loss)")
+_MATMUL = ("dot", "ynn_fusion", "gemm", "cublas", "cudnn", "custom-call", "__cudnn")
+
+
+def op_names(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name -> the jax op_name it came from, for every instruction with metadata."""
+  names: dict[str, str] = {}
+  for match in _INSTRUCTION.finditer(hlo_text):
+    names.setdefault(match.group(1), match.group(2))
+  return names
+
+
+def classify(instruction: str, op_name: str) -> tuple[str, str, str]:
+  """(kind, direction, component) of one executed instruction."""
+  lowered = instruction.lower()
+  if lowered.startswith(_MATMUL) or any(m in lowered for m in ("gemm", "cublas", "cudnn")):
+    kind = "matmul"
+  elif "copy" in lowered or "transpose" in lowered:
+    kind = "copy/transpose"
+  else:
+    kind = "other"
+  direction = "bwd" if "transpose(jvp" in op_name else "fwd"
+  scopes = _COMPONENT.findall(op_name)
+  return kind, direction, scopes[-1] if scopes else "other"
+
+
+def load_trace_events(trace_dir: str | pathlib.Path) -> list[dict[str, Any]]:
+  """Complete ("X") events of the newest perfetto trace under `trace_dir`."""
+  files = sorted(pathlib.Path(trace_dir).rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
+  if not files:
+    raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
+  with gzip.open(files[-1], "rt") as fh:
+    data = json.load(fh)
+  events = data["traceEvents"] if isinstance(data, dict) else data
+  return [e for e in events if e.get("ph") == "X" and "dur" in e]
+
+
+def summarize(events: list[Mapping[str, Any]], names: Mapping[str, str], top: int = 12) -> dict[str, Any]:
+  """Op time by kind, by direction, and the `top` (direction, kind, component) groups."""
+  by_kind: collections.Counter = collections.Counter()
+  by_direction: collections.Counter = collections.Counter()
+  groups: collections.Counter = collections.Counter()
+  total = 0.0
+  for event in events:
+    instruction = str((event.get("args") or {}).get("hlo_op", event["name"]))
+    if instruction.startswith(_WRAPPERS):
+      continue
+    kind, direction, component = classify(instruction, names.get(instruction, ""))
+    dur = float(event["dur"])
+    by_kind[kind] += dur
+    by_direction[direction] += dur
+    groups[(direction, kind, component)] += dur
+    total += dur
+  share = lambda us: round(us / total, 4) if total else None
+  return {
+    "op_time_ms": round(total / 1e3, 3),
+    "by_kind": {k: share(v) for k, v in by_kind.most_common()},
+    "by_direction": {k: share(v) for k, v in by_direction.most_common()},
+    "top": [{"direction": d, "kind": k, "component": c, "ms": round(v / 1e3, 3), "share": share(v)}
+            for (d, k, c), v in groups.most_common(top)],
+  }
+
+
+def profile_step(step_fn, trace_dir: str | pathlib.Path, hlo_text: str) -> dict[str, Any]:
+  """Runs `step_fn()` (one blocking step) under the profiler and summarises its trace."""
+  import jax
+  with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+    step_fn()
+  return summarize(load_trace_events(trace_dir), op_names(hlo_text)) | {"trace_dir": str(trace_dir)}
