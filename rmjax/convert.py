@@ -20,8 +20,9 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from rmjax import cli
 from rmjax.model.config import ModelConfig
-from rmjax.model.hf import load_hf_params, resolve_model_dir
+from rmjax.model.hf import hf_model_config, load_hf_params, resolve_model_dir
 from rmjax.model.marker import add_marker
 
 CONFIG_FILE = "rmjax_model.json"
@@ -39,14 +40,13 @@ def _np_dtype(name: str) -> np.dtype:
 
 def _tokenizer_with_marker(model_dir: pathlib.Path) -> tuple[Any, int, int]:
   """(tokenizer with marker, marker id, token count before the marker was added)."""
-  from transformers import AutoTokenizer
-  from rmjax.tokenizer import ensure_marker, marker_id
-  try:
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-  except (OSError, ValueError) as e:
-    raise ValueError(f"no usable tokenizer in {model_dir}: {str(e).splitlines()[0]}") from None
+  from rmjax.tokenizer import ensure_marker, load_tokenizer_dir, marker_id
+  tok = load_tokenizer_dir(model_dir, marker=False)
   before = len(tok)
-  tok = ensure_marker(tok)
+  try:
+    tok = ensure_marker(tok)
+  except ValueError as e:
+    raise ValueError(f"tokenizer in {model_dir}: {e}") from None
   return tok, marker_id(tok), before
 
 
@@ -54,7 +54,7 @@ def load_hf_backbone(path_or_id: str | os.PathLike, dtype: str | None = None, ma
                      keep_lm_head: bool = False, **overrides: Any) -> tuple[dict, ModelConfig, Any]:
   """(params, cfg, tokenizer or None) from an HF directory or hub id, marker placed."""
   model_dir = resolve_model_dir(path_or_id)
-  cfg = ModelConfig.from_hf(model_dir, **overrides)
+  cfg = hf_model_config(model_dir, **overrides)
   if dtype:
     cfg = cfg.replace(param_dtype=dtype)
   params = load_hf_params(model_dir, cfg, cfg.param_dtype, keep_lm_head=keep_lm_head)
@@ -83,7 +83,7 @@ def save_converted(params: dict, cfg: ModelConfig, out_dir: str | os.PathLike, t
 def load_converted(path: str | os.PathLike, dtype: str | None = None) -> tuple[dict, ModelConfig]:
   import orbax.checkpoint as ocp
   path = pathlib.Path(path).resolve()
-  meta = json.loads((path / CONFIG_FILE).read_text())
+  meta = cli.read_json_object(path / CONFIG_FILE)
   if meta.get("format") != FORMAT:
     raise ValueError(f"{path / CONFIG_FILE} has format {meta.get('format')!r}, expected {FORMAT!r}")
   cfg = ModelConfig.from_dict(meta["model"])
@@ -127,12 +127,11 @@ def main(argv: list[str] | None = None) -> int:
                       help="param dtype to store (default: the checkpoint's)")
   parser.add_argument("--no-marker", action="store_true", help="do not add the <CONFIDENCE> marker")
   args = parser.parse_args(argv)
-  try:
-    out = convert(args.model, args.output, args.dtype, marker=not args.no_marker)
-  except (ValueError, FileNotFoundError, FileExistsError, OSError, KeyError) as e:
-    msg = (str(e).splitlines() or [""])[0]
-    print(f"rmjax.convert: error: {type(e).__name__}: {msg}", file=sys.stderr)
-    return 2
+  return cli.run("convert", lambda: _convert_command(args))
+
+
+def _convert_command(args: argparse.Namespace) -> int:
+  out = convert(args.model, args.output, args.dtype, marker=not args.no_marker)
   print(f"wrote {out}")
   return 0
 

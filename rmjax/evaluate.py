@@ -19,6 +19,7 @@ rendered with the run's render settings (the ones the model was trained with). D
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
 import sys
@@ -26,6 +27,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from rmjax import cli
 from rmjax.metrics import EvalAccumulator
 
 
@@ -38,7 +40,19 @@ def load_eval_spec(run_dir: pathlib.Path, spec_file: str | None) -> Any:
   path = run_dir / "logs" / "config.json"
   if not path.is_file():
     raise FileNotFoundError(f"{path} not found; pass --spec FILE to say which sources to evaluate")
-  return ConfigDict(json.loads(path.read_text()))
+  return ConfigDict(cli.read_json_object(path))
+
+
+@contextlib.contextmanager
+def spec_values(origin: str | pathlib.Path) -> Iterator[None]:
+  """A missing key or a value of the wrong type met while reading the spec (a hand-edited or
+  damaged config.json) becomes one ValueError naming the spec."""
+  try:
+    yield
+  except KeyError as e:
+    raise ValueError(f"{origin}: spec key {e} is missing") from None
+  except (AttributeError, TypeError) as e:
+    raise ValueError(f"{origin}: malformed spec: {type(e).__name__}: {cli.first_line(e)}") from None
 
 
 def build_eval_sources(spec: Any, run_dir: pathlib.Path, skips: Any) -> dict[str, Any]:
@@ -89,10 +103,11 @@ def evaluate(checkpoint: str | pathlib.Path, spec_file: str | None = None, outpu
   rm = load_run_model(checkpoint)
   spec = load_eval_spec(rm.run_dir, spec_file)
   skips = SkipCounter()
-  sources = build_eval_sources(spec, rm.run_dir, skips)
-  limit = int(spec.get("max_eval_batches", 0)) if max_eval_batches is None else max_eval_batches
-  pcfg = PipelineConfig(eval_batch_size=int(spec.data.eval_batch_size), num_threads=int(spec.data.num_workers),
-                        max_eval_batches=limit)
+  with spec_values(spec_file or rm.run_dir / "logs" / "config.json"):
+    sources = build_eval_sources(spec, rm.run_dir, skips)
+    limit = int(spec.get("max_eval_batches", 0)) if max_eval_batches is None else max_eval_batches
+    pcfg = PipelineConfig(eval_batch_size=int(spec.data.eval_batch_size), num_threads=int(spec.data.num_workers),
+                          max_eval_batches=limit)
   datasets = eval_datasets(sources, rm.render_cfg, rm.tokenizer, pcfg, skips=skips)
   model = ConfidenceModel(rm.model_cfg, rm.head_cfg)
   params = jax.device_put(rm.params)
@@ -139,11 +154,11 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if args.max_eval_batches is not None and args.max_eval_batches < 0:
     parser.error("--max-eval-batches must be >= 0")
-  try:
-    out_dir, report = evaluate(args.checkpoint, args.spec, args.output, args.max_eval_batches)
-  except (ValueError, FileNotFoundError, OSError, KeyError, RuntimeError) as e:
-    print(f"rmjax.evaluate: error: {(str(e).strip().splitlines() or [''])[0]}", file=sys.stderr)
-    return 2
+  return cli.run("evaluate", lambda: _evaluate_command(args))
+
+
+def _evaluate_command(args: argparse.Namespace) -> int:
+  out_dir, report = evaluate(args.checkpoint, args.spec, args.output, args.max_eval_batches)
   for name, m in [("overall", report["overall"])] + sorted(report["sources"].items()):
     print(f"{name:>10}: steps {m.get('count')}  mse {_fmt(m.get('mse'))}  auroc {_fmt(m.get('auroc'))}  "
           f"ece {_fmt(m.get('ece'))}  first-error F1 {_fmt(m.get('first_error_f1'))}")

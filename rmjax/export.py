@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
+from rmjax import cli
 from rmjax.model.config import ModelConfig
 from rmjax.model.head import TORCH_ACTIVATIONS, HeadConfig, torch_layer_names
 from rmjax.model.hf import param_table, save_hf_params
@@ -240,12 +241,11 @@ def main(argv: list[str] | None = None) -> int:
                       "base as backbone_base/ and point the adapter at it (default only when the "
                       "base is not an HF model, e.g. the demo backbone)")
   args = parser.parse_args(argv)
-  try:
-    out = export(args.checkpoint, args.output, merge_lora=args.merge_lora, write_base=args.write_base)
-  except (ValueError, FileNotFoundError, FileExistsError, OSError, KeyError, RuntimeError) as e:
-    msg = (str(e).strip().splitlines() or [""])[0]
-    print(f"rmjax.export: error: {msg}", file=sys.stderr)
-    return 2
+  return cli.run("export", lambda: _export_command(args))
+
+
+def _export_command(args: argparse.Namespace) -> int:
+  out = export(args.checkpoint, args.output, merge_lora=args.merge_lora, write_base=args.write_base)
   print(f"wrote {out}")
   return 0
 

@@ -26,7 +26,7 @@ import numpy as np
 from rmjax.model.config import ModelConfig
 from rmjax.model.head import HeadConfig
 from rmjax.data.render import RenderConfig
-from rmjax.tokenizer import MARKER, ensure_marker, marker_id
+from rmjax.tokenizer import MARKER, marker_id
 
 MODEL_DIR = "model"
 MODEL_FILE = "rmjax_model.json"
@@ -140,7 +140,8 @@ def read_run_meta(run_dir: pathlib.Path) -> dict[str, Any]:
   if not f.is_file():
     raise RunArtifactError(f"{f} not found: this run was not written by rmjax training "
                            f"(or the model/ folder was removed)")
-  meta = json.loads(f.read_text())
+  from rmjax.cli import read_json_object
+  meta = read_json_object(f)
   if meta.get("format") != FORMAT:
     raise RunArtifactError(f"{f} has format {meta.get('format')!r}, expected {FORMAT!r}")
   return meta
@@ -151,9 +152,32 @@ def configs_from_meta(meta: dict[str, Any]) -> tuple[ModelConfig, HeadConfig, Re
           RenderConfig(**{**meta["render"], "length_buckets": tuple(meta["render"]["length_buckets"])}))
 
 
+def _checked_meta(run_dir: pathlib.Path, meta: dict[str, Any]) -> tuple[ModelConfig, HeadConfig, RenderConfig, int]:
+  """configs_from_meta and the marker id, with a missing key or a value of the wrong type named
+  with the file. Every config field must be present (save_run_model writes them all): a default
+  filled in for a lost field would silently score with another model."""
+  from rmjax.cli import first_line
+  f = run_dir / MODEL_DIR / MODEL_FILE
+  try:
+    for key, cls in (("model", ModelConfig), ("head", HeadConfig), ("render", RenderConfig)):
+      if not isinstance(meta[key], dict):
+        raise TypeError(f"'{key}' is a {type(meta[key]).__name__}, expected an object")
+      missing = sorted({field.name for field in dataclasses.fields(cls)} - set(meta[key]))
+      if missing:
+        raise KeyError(f"{key}.{missing[0]}")
+    configs = configs_from_meta(meta)
+    if meta["mode"] not in ("full", "lora") or not isinstance(meta["base_model"], str):
+      raise ValueError(f"bad mode {meta['mode']!r} or base_model {meta['base_model']!r}")
+    return (*configs, int(meta["marker_id"]))
+  except KeyError as e:
+    raise RunArtifactError(f"{f} has no key {e}") from None
+  except (TypeError, ValueError, AttributeError) as e:  # a value of the wrong type or range
+    raise RunArtifactError(f"{f} is malformed: {type(e).__name__}: {first_line(e)}") from None
+
+
 def load_run_tokenizer(run_dir: pathlib.Path, expected_marker_id: int) -> Any:
-  from transformers import AutoTokenizer
-  tok = ensure_marker(AutoTokenizer.from_pretrained(str(run_dir / MODEL_DIR)))
+  from rmjax.tokenizer import load_tokenizer_dir
+  tok = load_tokenizer_dir(run_dir / MODEL_DIR)
   if marker_id(tok) != expected_marker_id:
     raise RunArtifactError(f"tokenizer in {run_dir / MODEL_DIR} gives {MARKER} id {marker_id(tok)}, "
                            f"rmjax_model.json says {expected_marker_id}")
@@ -165,14 +189,21 @@ def _abstract_state(step_dir: pathlib.Path) -> dict[str, Any]:
   """ShapeDtypeStruct tree of the saved "params" and "frozen" fields, read from orbax metadata."""
   import jax
   import orbax.checkpoint as ocp
+  from rmjax.checkpoint import CheckpointCorrupt
+  from rmjax.cli import first_line
   absl_log = logging.getLogger("absl")  # orbax warns about a metadata file it does not need
   level = absl_log.level
   absl_log.setLevel(logging.ERROR)
   try:
     with ocp.PyTreeCheckpointer() as pc:
-      tree = pc.metadata(step_dir / "state").item_metadata.tree
+      metadata = pc.metadata(step_dir / "state")
+    tree = getattr(getattr(metadata, "item_metadata", None), "tree", None)
+  except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise many types for bad files
+    raise CheckpointCorrupt(step_dir, f"{type(e).__name__}: {first_line(e)}") from e
   finally:
     absl_log.setLevel(level)
+  if not isinstance(tree, dict):
+    raise CheckpointCorrupt(step_dir, "state/ has no readable tree metadata (_METADATA missing or broken)")
   dev = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
   to_abstract = lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev)
   out = {}
@@ -195,16 +226,32 @@ def restore_params(step_dir: pathlib.Path) -> dict:
   return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), full)
 
 
+def _check_params_match(params: dict, model_cfg: ModelConfig, head_cfg: HeadConfig, step_dir: pathlib.Path,
+                        meta_file: pathlib.Path) -> None:
+  """The restored tree must be exactly the one the configs describe (names and shapes)."""
+  import jax
+  from rmjax.cli import first_line
+  from rmjax.model.confidence import ConfidenceModel
+  from rmjax.train.state import _check_same_tree, dummy_inputs
+  try:
+    model = ConfidenceModel(model_cfg, head_cfg)
+    expected = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)}, *dummy_inputs()))["params"]
+    _check_same_tree(params, expected)
+  except (TypeError, ValueError) as e:  # a config value of the wrong type, or another model's tree
+    raise RunArtifactError(f"{step_dir} does not match {meta_file}: {first_line(e)}") from None
+
+
 def load_run_model(path: str | os.PathLike) -> RunModel:
   """A run directory (best, else latest checkpoint) or a checkpoint_step_<N> directory -> RunModel."""
   run_dir, step_dir, step = resolve_checkpoint(path)
   meta = read_run_meta(run_dir)
-  model_cfg, head_cfg, render_cfg = configs_from_meta(meta)
-  tok = load_run_tokenizer(run_dir, int(meta["marker_id"]))
+  model_cfg, head_cfg, render_cfg, mid = _checked_meta(run_dir, meta)
+  tok = load_run_tokenizer(run_dir, mid)
   params = restore_params(step_dir)
   for key in ("decoder", "head"):
     if key not in params:
       raise RunArtifactError(f"{step_dir}: restored params have no '{key}' subtree")
+  _check_params_match(params, model_cfg, head_cfg, step_dir, run_dir / MODEL_DIR / MODEL_FILE)
   return RunModel(model_cfg=model_cfg, head_cfg=head_cfg, render_cfg=render_cfg, tokenizer=tok,
                   params=params, mode=meta["mode"], base_model_path=meta["base_model"], step=step,
                   run_dir=run_dir, checkpoint_dir=step_dir)

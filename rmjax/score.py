@@ -28,6 +28,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from rmjax import cli
 from rmjax.data.example import Example
 from rmjax.data.render import RenderConfig, Renderer, batch_rows
 from rmjax.export import EXPORT_FILE
@@ -211,11 +212,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--batch-size", type=int, default=8)
   parser.add_argument("--with-tokens", action="store_true", help="also write input_ids and marker_positions")
   args = parser.parse_args(argv)
-  try:
-    counts = score_file(args.checkpoint, args.input, args.output, args.batch_size, args.with_tokens)
-  except (ValueError, FileNotFoundError, OSError, KeyError, ImportError, RuntimeError) as e:
-    print(f"rmjax.score: error: {(str(e).strip().splitlines() or [''])[0]}", file=sys.stderr)
-    return 2
+  return cli.run("score", lambda: _score_command(args))
+
+
+def _score_command(args: argparse.Namespace) -> int:
+  counts = score_file(args.checkpoint, args.input, args.output, args.batch_size, args.with_tokens)
   print(f"rmjax.score: scored {counts['scored']} lines, skipped {counts['malformed']} malformed, "
         f"{counts['truncated_steps']} steps did not fit (null) -> {args.output}", file=sys.stderr)
   return 0

@@ -11,8 +11,11 @@ CPU demo, on a built-in corpus that covers the synthetic arithmetic data.
 
 from __future__ import annotations
 
+import os
+import pathlib
 import random
 
+from huggingface_hub.errors import StrictDataclassError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -87,6 +90,30 @@ def load_tokenizer(path_or_id: str, trust_remote_code: bool = False) -> PreTrain
   except (OSError, ValueError) as e:
     raise ValueError(f"cannot load tokenizer from {path_or_id!r}: {str(e).splitlines()[0]}") from None
   return ensure_marker(tok)
+
+
+# How transformers and tokenizers report a malformed tokenizer file: the Rust parser raises a plain
+# `Exception` ("data did not match any variant of untagged enum ..."), the Python side OSError,
+# ValueError, or TypeError / AttributeError / KeyError on a field of the wrong type, and
+# huggingface_hub's StrictDataclassError on a config.json field of the wrong type.
+_BAD_TOKENIZER_FILE = (OSError, ValueError, TypeError, AttributeError, KeyError, StrictDataclassError)
+
+
+def load_tokenizer_dir(directory: str | os.PathLike, marker: bool = True) -> PreTrainedTokenizerBase:
+  """The tokenizer saved in `directory` (with the marker ensured unless `marker=False`); a missing
+  or malformed one is one ValueError naming the directory (run, export and model directories)."""
+  directory = pathlib.Path(directory)
+  if not directory.is_dir():
+    raise FileNotFoundError(f"tokenizer directory not found: {directory}")
+  try:
+    tok = AutoTokenizer.from_pretrained(str(directory))
+    tok.encode(MARKER, add_special_tokens=False)  # uses the settings every call reads (model_max_length...)
+    return ensure_marker(tok) if marker else tok
+  except Exception as e:  # noqa: BLE001 -- narrowed below to what a bad file raises
+    if type(e) is not Exception and not isinstance(e, _BAD_TOKENIZER_FILE):
+      raise
+    reason = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    raise ValueError(f"no usable tokenizer in {directory}: {type(e).__name__}: {reason}") from e
 
 
 def marker_id(tok: PreTrainedTokenizerBase) -> int:

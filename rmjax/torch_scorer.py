@@ -8,19 +8,25 @@ Token ids are produced by rmjax's own `Renderer` (same template text, same token
 truncation rules) from the tokenizer and render settings stored in the export, so they are
 exactly the ids rmjax trained and scored on.
 
+A damaged export (a file missing, truncated or overwritten, rmjax_export.json of the wrong
+shape) is a ValueError / FileNotFoundError naming the file, never a model with some weights
+silently left at their initial values.
+
   scorer = TorchScorer.from_export("export/")
   scorer.score("What is 2+3?", ["2+3 = 5", "The answer is 5."])  # -> [0.93, 0.88]
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import pathlib
-from typing import Any, Sequence
+from pickle import UnpicklingError  # only the error type torch.load(weights_only=True) raises
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from rmjax.cli import first_line, read_json_object
 from rmjax.data.example import Example
 from rmjax.data.render import RenderConfig, Renderer
 from rmjax.export import ADAPTER, BACKBONE, BASE_BACKBONE, EXPORT_FILE, FORMAT, HEAD_PT, HEAD_ST
@@ -38,14 +44,55 @@ def _require_torch():
   return torch, transformers
 
 
+# rmjax_export.json's head.torch_activation -> (torch.nn class, arguments)
+_ACTIVATIONS = {"GELU()": ("GELU", {}), "GELU(approximate='tanh')": ("GELU", {"approximate": "tanh"}),
+                "ReLU()": ("ReLU", {}), "SiLU()": ("SiLU", {}), "Tanh()": ("Tanh", {})}
+_DIR_KEYS = (BACKBONE, ADAPTER, BASE_BACKBONE)
+# Decoder settings an HF config.json must give exactly as rmjax trained them (rmjax_export.json's
+# model_config); vocab_size may be smaller (the embeddings are resized for the marker).
+_ARCH_FIELDS = ("architecture", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling", "attention_bias", "o_bias", "qk_norm",
+                "tie_word_embeddings")
+
+
 def read_export_meta(export_dir: str | pathlib.Path) -> dict[str, Any]:
   path = pathlib.Path(export_dir) / EXPORT_FILE
   if not path.is_file():
     raise FileNotFoundError(f"{path} not found: not an rmjax export directory")
-  meta = json.loads(path.read_text())
+  meta = read_json_object(path)
   if meta.get("format") != FORMAT:
     raise ValueError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+  try:
+    _check_meta(meta)
+  except KeyError as e:
+    raise ValueError(f"{path} has no key {e}") from None
+  except (TypeError, ValueError, AttributeError) as e:  # a value of the wrong type or range
+    raise ValueError(f"{path} is malformed: {first_line(e)}") from None
   return meta
+
+
+def _positive_ints(values: Any) -> bool:
+  return all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+
+
+def _check_meta(meta: dict[str, Any]) -> None:
+  """Raises KeyError / TypeError / ValueError where a field this scorer reads is missing or odd."""
+  from rmjax.model.config import ModelConfig
+  render_config(meta)
+  ModelConfig.from_dict(meta["model_config"])
+  h = meta["head"]
+  if not _positive_ints([h["input_dim"], *h["hidden_dims"]]) or h["torch_activation"] not in _ACTIVATIONS \
+      or not 0 <= float(h["dropout"]) < 1:
+    raise ValueError("head: input_dim / hidden_dims must be positive integers, torch_activation one of "
+                     f"{', '.join(_ACTIVATIONS)}, dropout in [0, 1)")
+  files = meta["files"]
+  names = [files.get(k) for k in _DIR_KEYS]
+  if not all(n is None or (isinstance(n, str) and n and pathlib.Path(n).name == n) for n in names):
+    raise ValueError(f"files: {', '.join(_DIR_KEYS)} must be folder names inside the export or null")
+  if not files.get(BACKBONE) and not files.get(ADAPTER):
+    raise ValueError(f"files names neither {BACKBONE!r} nor {ADAPTER!r}")
+  if not _positive_ints([meta["vocab_size"], meta["marker_id"] + 1]) or not isinstance(meta["base_model"], str):
+    raise ValueError("vocab_size and marker_id must be integers, base_model a string")
 
 
 def render_config(meta: dict[str, Any], num_steps: int | None = None) -> RenderConfig:
@@ -60,23 +107,95 @@ def build_head(meta: dict[str, Any], export_dir: pathlib.Path):
   """nn.Sequential(Linear, act, Dropout, ..., Linear(., 1)) with the exported weights, eval mode."""
   torch, _ = _require_torch()
   nn = torch.nn
-  acts = {"GELU()": lambda: nn.GELU(), "GELU(approximate='tanh')": lambda: nn.GELU(approximate="tanh"),
-          "ReLU()": nn.ReLU, "SiLU()": nn.SiLU, "Tanh()": nn.Tanh}
   h = meta["head"]
+  act_class, act_args = _ACTIVATIONS[h["torch_activation"]]
   layers, width = [], h["input_dim"]
   for dim in h["hidden_dims"]:
-    layers += [nn.Linear(width, dim), acts[h["torch_activation"]](), nn.Dropout(h["dropout"])]
+    layers += [nn.Linear(width, dim), getattr(nn, act_class)(**act_args), nn.Dropout(float(h["dropout"]))]
     width = dim
   layers.append(nn.Linear(width, 1))
   head = nn.Sequential(*layers)
-  pt = export_dir / HEAD_PT
-  if pt.is_file():
-    state = torch.load(pt, map_location="cpu", weights_only=True)
-  else:
-    from safetensors.torch import load_file
-    state = load_file(str(export_dir / HEAD_ST))
-  head.load_state_dict(state, strict=True)
+  from safetensors import SafetensorError
+  from safetensors.torch import load_file
+  pt, st = export_dir / HEAD_PT, export_dir / HEAD_ST
+  path = pt if pt.exists() else st
+  if not path.exists():
+    raise FileNotFoundError(f"{pt} and {st} not found: the export has no head weights")
+  try:  # what torch / safetensors raise for a truncated, foreign or mismatched weights file
+    state = torch.load(path, map_location="cpu", weights_only=True) if path == pt else load_file(str(path))
+    head.load_state_dict(state, strict=True)
+  except (OSError, RuntimeError, ValueError, EOFError, UnpicklingError, SafetensorError) as e:
+    raise ValueError(f"{path}: unreadable head weights: {type(e).__name__}: {first_line(e)}") from None
   return head.float().eval()
+
+
+def _require_files(directory: pathlib.Path, *names: str) -> None:
+  """transformers and peft would look a missing local file up on the hub: say it is missing."""
+  for name in names:
+    if not (directory / name).is_file():
+      raise FileNotFoundError(f"{directory / name} not found (incomplete export)")
+
+
+@contextlib.contextmanager
+def _loading(directory: str | pathlib.Path) -> Iterator[None]:
+  """Keeps transformers' progress bars off stderr and names the directory when its files cannot
+  be read."""
+  from huggingface_hub.errors import StrictDataclassError
+  from safetensors import SafetensorError
+  from transformers.utils import logging as hf_logging
+  bars = hf_logging.is_progress_bar_enabled()
+  hf_logging.disable_progress_bar()
+  try:
+    yield
+  # What transformers / peft / safetensors raise for truncated or foreign files, and (TypeError,
+  # KeyError, AttributeError) for a config field of the wrong type they do not validate.
+  except (OSError, ValueError, RuntimeError, SafetensorError, StrictDataclassError, TypeError, KeyError,
+          AttributeError) as e:
+    raise ValueError(f"cannot load {directory}: {type(e).__name__}: {first_line(e)}") from None
+  finally:
+    if bars:
+      hf_logging.enable_progress_bar()
+
+
+def _check_hf_config(meta: dict[str, Any], model_dir: pathlib.Path, written_by_export: bool) -> None:
+  """config.json must describe the decoder rmjax trained (a changed value would score silently
+  wrong); one the export wrote must also keep every key it was written with (transformers'
+  defaults for a lost key, e.g. head_dim, are not rmjax's)."""
+  from rmjax.model.config import ModelConfig
+  from rmjax.model.hf import hf_model_config
+  path = model_dir / "config.json"
+  got, want = hf_model_config(model_dir), ModelConfig.from_dict(meta["model_config"])
+  bad = [f for f in _ARCH_FIELDS if getattr(got, f) != getattr(want, f)]
+  if written_by_export:
+    written = read_json_object(path)
+    bad += [k for k in want.replace(lora_rank=0, marker_id=None).to_hf() if k not in written]
+  if bad:
+    raise ValueError(f"{path} disagrees with {EXPORT_FILE} on {', '.join(bad)}")
+
+
+def _check_adapter_config(meta: dict[str, Any], adapter: pathlib.Path) -> None:
+  """adapter_config.json must give the LoRA settings rmjax trained with (rmjax_export.json)."""
+  path = adapter / "adapter_config.json"
+  cfg, model = read_json_object(path), meta["model_config"]
+  want = {"r": model["lora_rank"], "lora_alpha": model["lora_alpha"], "target_modules": sorted(model["lora_targets"]),
+          "trainable_token_indices": [meta["marker_id"]], "use_dora": False, "use_rslora": False}
+  got = dict(cfg, target_modules=sorted(map(str, cfg.get("target_modules") or [])))
+  bad = [k for k in want if got.get(k) != want[k]]
+  if bad:
+    raise ValueError(f"{path} disagrees with {EXPORT_FILE} on {', '.join(bad)}")
+
+
+def _check_adapter_used(model: Any, adapter: pathlib.Path) -> None:
+  """Every tensor of adapter_model.safetensors was loaded and every adapter weight came from it
+  (peft only warns about unexpected or missing keys, leaving weights at their initial values)."""
+  from peft import get_peft_model_state_dict
+  from safetensors import safe_open
+  with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+    saved = set(f.keys())
+  loaded = set(get_peft_model_state_dict(model).keys())
+  if saved != loaded:
+    raise ValueError(f"{adapter / 'adapter_model.safetensors'} does not match adapter_config.json: "
+                     f"{len(saved - loaded)} tensors unused, {len(loaded - saved)} missing")
 
 
 def build_backbone(meta: dict[str, Any], export_dir: pathlib.Path, dtype: Any = None):
@@ -84,17 +203,32 @@ def build_backbone(meta: dict[str, Any], export_dir: pathlib.Path, dtype: Any = 
   torch, transformers = _require_torch()
   dtype = dtype or torch.float32
   files = meta["files"]
+  model_files = ("config.json", "model.safetensors")
   if files.get("backbone"):
-    return transformers.AutoModel.from_pretrained(str(export_dir / files["backbone"]), dtype=dtype).eval()
+    path = export_dir / files["backbone"]
+    _require_files(path, *model_files)
+    _check_hf_config(meta, path, written_by_export=True)
+    with _loading(path):
+      return transformers.AutoModel.from_pretrained(str(path), dtype=dtype).eval()
   try:
     from peft import PeftModel
   except ImportError as e:
     raise ImportError(f"LoRA exports need peft ({_INSTALL}): {e}") from None
   base_path = str(export_dir / files["backbone_base"]) if files.get("backbone_base") else meta["base_model"]
-  base = transformers.AutoModel.from_pretrained(base_path, dtype=dtype)
+  if files.get("backbone_base") or pathlib.Path(base_path).is_dir():  # a hub id is not checked offline
+    _require_files(pathlib.Path(base_path), *model_files)
+    _check_hf_config(meta, pathlib.Path(base_path), written_by_export=bool(files.get("backbone_base")))
+  with _loading(base_path):
+    base = transformers.AutoModel.from_pretrained(base_path, dtype=dtype)
   if base.get_input_embeddings().weight.shape[0] < meta["vocab_size"]:
     base.resize_token_embeddings(meta["vocab_size"])  # the marker row lies past the base's rows
-  return PeftModel.from_pretrained(base, str(export_dir / files["lora_adapter"])).eval()
+  adapter = export_dir / files["lora_adapter"]
+  _require_files(adapter, "adapter_config.json", "adapter_model.safetensors")
+  _check_adapter_config(meta, adapter)
+  with _loading(adapter):
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+  _check_adapter_used(model, adapter)
+  return model
 
 
 @dataclasses.dataclass
@@ -107,13 +241,12 @@ class TorchScorer:
 
   @classmethod
   def from_export(cls, export_dir: str | pathlib.Path, dtype: Any = None) -> "TorchScorer":
-    from transformers import AutoTokenizer
-    from rmjax.tokenizer import ensure_marker, marker_id
+    from rmjax.tokenizer import load_tokenizer_dir, marker_id
     export_dir = pathlib.Path(export_dir)
     meta = read_export_meta(export_dir)
     files = meta["files"]
     tok_dir = export_dir / (files.get("backbone") or files.get("lora_adapter") or BACKBONE)
-    tok = ensure_marker(AutoTokenizer.from_pretrained(str(tok_dir)))
+    tok = load_tokenizer_dir(tok_dir)
     if marker_id(tok) != meta["marker_id"]:
       raise ValueError(f"tokenizer in {tok_dir} gives marker id {marker_id(tok)}, export says {meta['marker_id']}")
     return cls(build_backbone(meta, export_dir, dtype), build_head(meta, export_dir), tok, meta)

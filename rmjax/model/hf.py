@@ -6,13 +6,16 @@ tensor is a torch (out, in) weight (transposed) and/or per-layer (stacked on the
 Loading reads safetensors files directly into numpy arrays in the target dtype (no torch
 model, memory-mapped), and checks that every expected tensor exists with the expected shape
 and nothing unexpected is left over. The safetensors header is parsed here because the
-library's numpy API cannot represent bfloat16 (the dtype of most real checkpoints).
+library's numpy API cannot represent bfloat16 (the dtype of most real checkpoints); it is
+checked against the file (every tensor's bytes inside it), so a truncated or foreign file is a
+ValueError naming it, never weights read from the wrong bytes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import re
@@ -23,6 +26,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
+from rmjax.cli import first_line, read_json_object
 from rmjax.model.config import ModelConfig
 
 Params = dict[str, Any]
@@ -84,41 +88,87 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 # -- reading safetensors ---------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  path: pathlib.Path
+  offset: int  # of the tensor's first byte in the file
+  dtype: np.dtype
+  shape: tuple[int, ...]
+
+
+def _is_count(x: Any) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _valid_entry(info: Any) -> bool:
+  """A header entry {"dtype": known name, "shape": [n, ...], "data_offsets": [begin, end]}."""
+  if not isinstance(info, dict):
+    return False
+  dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+  return (isinstance(dtype, str) and dtype in _ST_DTYPES and isinstance(shape, list) and all(map(_is_count, shape))
+          and isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets)))
+
+
+def read_safetensors_header(path: pathlib.Path) -> dict[str, _Entry]:
+  """Tensor name -> where its bytes are, after checking that every tensor lies inside the file
+  with the size its dtype and shape need; a ValueError naming `path` otherwise."""
+  if not path.is_file():
+    raise FileNotFoundError(f"safetensors file not found: {path}")
+  size = path.stat().st_size
+  with open(path, "rb") as fh:
+    head = fh.read(8)
+    n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+    if n is None or n > size - 8:
+      raise ValueError(f"{path} is truncated or not a safetensors file ({size} bytes)")
+    try:
+      header = json.loads(fh.read(n))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+      raise ValueError(f"{path} has an unreadable safetensors header: {first_line(e)}") from None
+  if not isinstance(header, dict):
+    raise ValueError(f"{path} has a safetensors header that is not a JSON object")
+  data_bytes, entries = size - 8 - n, {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    if not _valid_entry(info):
+      raise ValueError(f"{path}: tensor {name!r} has a malformed or unsupported header entry")
+    dtype, shape = np.dtype(_ST_DTYPES[info["dtype"]]), tuple(info["shape"])
+    begin, end = info["data_offsets"]
+    if not begin <= end <= data_bytes or end - begin != dtype.itemsize * math.prod(shape):
+      raise ValueError(f"{path}: tensor {name!r} does not fit in the file (truncated or corrupt)")
+    entries[name] = _Entry(path, 8 + n + begin, dtype, shape)
+  return entries
+
+
 class TensorFiles:
   """Name -> lazily memory-mapped numpy tensor across one or several safetensors files."""
 
   def __init__(self, model_dir: pathlib.Path):
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-      files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+      weight_map = read_json_object(index).get("weight_map")
+      if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ValueError(f"{index} has no 'weight_map' object of file names")
+      files = sorted(set(weight_map.values()))
     elif (model_dir / "model.safetensors").is_file():
       files = ["model.safetensors"]
     else:
       raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
-    self._entries: dict[str, tuple[pathlib.Path, int, dict[str, Any]]] = {}
+    self._entries: dict[str, _Entry] = {}
     for name in files:
-      path = model_dir / name
-      with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-      for key, info in header.items():
-        if key != "__metadata__":
-          self._entries[key] = (path, 8 + n, info)
+      self._entries |= read_safetensors_header(model_dir / name)
 
   def names(self) -> set[str]:
     return set(self._entries)
 
   def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self._entries[name][2]["shape"])
+    return self._entries[name].shape
 
   def get(self, name: str) -> np.ndarray:
-    path, start, info = self._entries[name]
-    dtype = _ST_DTYPES[info["dtype"]]
-    begin, _ = info["data_offsets"]
-    shape = tuple(info["shape"])
-    if not shape or 0 in shape:
-      return np.zeros(shape, dtype) if 0 in shape else np.fromfile(path, dtype, 1, offset=start + begin).reshape(())
-    return np.memmap(path, dtype=dtype, mode="r", offset=start + begin, shape=shape)
+    e = self._entries[name]
+    if not e.shape or 0 in e.shape:
+      return np.zeros(e.shape, e.dtype) if e.shape else np.fromfile(e.path, e.dtype, 1, offset=e.offset).reshape(())
+    return np.memmap(e.path, dtype=e.dtype, mode="r", offset=e.offset, shape=e.shape)
 
 
 def _hf_prefix(names: set[str]) -> str:
@@ -149,6 +199,20 @@ def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
   return tree
 
 
+def hf_model_config(model_dir: pathlib.Path, **overrides: Any) -> ModelConfig:
+  """ModelConfig from `model_dir`/config.json; a missing or malformed file is an error naming it."""
+  path = model_dir / "config.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found: not an HF model directory")
+  config = read_json_object(path)
+  try:
+    return ModelConfig.from_hf(config, **overrides)
+  except KeyError as e:
+    raise ValueError(f"{path} has no key {e}") from None
+  except (TypeError, ValueError, AttributeError) as e:  # a value of the wrong type or range
+    raise ValueError(f"{path}: {first_line(e)}") from None
+
+
 def resolve_model_dir(path_or_id: str | os.PathLike) -> pathlib.Path:
   """A local directory as is; anything else is a hub id fetched with snapshot_download."""
   path = pathlib.Path(path_or_id)
@@ -172,9 +236,13 @@ def load_hf_params(path_or_id: str | os.PathLike, cfg: ModelConfig, dtype: str |
   error too, except rotary inv_freq buffers and `lm_head.weight` (unused here: we never compute
   vocab logits; kept as `lm_head/embedding` when `keep_lm_head` and the model is untied).
   """
-  files = TensorFiles(resolve_model_dir(path_or_id))
+  model_dir = resolve_model_dir(path_or_id)
+  files = TensorFiles(model_dir)
   target = np.dtype(ml_dtypes.bfloat16) if (dtype or cfg.param_dtype) == "bfloat16" else np.dtype(dtype or cfg.param_dtype)
-  names = _canonical(files.names())
+  try:
+    names = _canonical(files.names())
+  except ValueError as e:
+    raise ValueError(f"{model_dir}: {e}") from None
   shapes = hf_shapes(cfg)
   params: Params = {}
   used: set[str] = set()
@@ -187,10 +255,10 @@ def load_hf_params(path_or_id: str | os.PathLike, cfg: ModelConfig, dtype: str |
     for i in layers:
       name = row.hf.format(i=i)
       if name not in names:
-        raise ValueError(f"checkpoint is missing tensor {name!r} (expected shape {expected})")
+        raise ValueError(f"{model_dir}: checkpoint is missing tensor {name!r} (expected shape {expected})")
       found = files.shape(names[name])
       if found != expected:
-        raise ValueError(f"tensor {name!r} has shape {found}, expected {expected}")
+        raise ValueError(f"{model_dir}: tensor {name!r} has shape {found}, expected {expected} from config.json")
       arr = files.get(names[name])
       value[() if i is None else i] = arr.T if row.transpose else arr
       used.add(name)
@@ -198,7 +266,7 @@ def load_hf_params(path_or_id: str | os.PathLike, cfg: ModelConfig, dtype: str |
   extra = sorted(n for n in names if n not in used and n != "lm_head.weight"
                  and not any(p.match(n) for p in _IGNORABLE))
   if extra:
-    raise ValueError(f"checkpoint has {len(extra)} unexpected tensor(s) for {cfg.architecture}: "
+    raise ValueError(f"{model_dir}: checkpoint has {len(extra)} unexpected tensor(s) for {cfg.architecture}: "
                      f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
   return params
 

@@ -1,0 +1,70 @@
+"""One way for every command-line tool to report bad input: one line on stderr, exit code 2.
+
+Why it exists: `python -m rmjax.{convert,export,score,evaluate}` are given paths typed by users,
+and a missing, truncated or foreign file must end in one readable line, never a traceback. The
+tools share this instead of each keeping its own `except (...)` list, so the list of what counts
+as "bad input" is written once:
+
+  def main(argv=None) -> int:
+    args = parser.parse_args(argv)
+    return cli.run("score", lambda: _main(args))
+
+Only exception types that mean "the input is wrong" are caught (`user_errors()`); a TypeError,
+AttributeError or KeyError escaping a tool is a bug in rmjax (the readers translate malformed
+files into ValueError / OSError naming the path where they arise) and keeps its traceback.
+`read_json_object` is that translation for the small JSON files the tools read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+from typing import Any, Callable
+
+EXIT_USER_ERROR = 2
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+  """Exception types that mean bad input: the path, a file in it, or a missing optional package.
+
+  ValueError covers json.JSONDecodeError, UnicodeDecodeError and rmjax's own one-line errors
+  (RunArtifactError, ExportError, SpecError); OSError covers missing / unreadable paths;
+  CheckpointError is orbax / tensorstore failing on a checkpoint folder (already one line,
+  naming it); SafetensorError is the safetensors library rejecting a file.
+  """
+  from safetensors import SafetensorError
+  from rmjax.checkpoint import CheckpointError
+  return (ValueError, OSError, ImportError, CheckpointError, SafetensorError)
+
+
+def first_line(exc: BaseException) -> str:
+  """The first non-empty line of the message, or the type name when there is no message."""
+  for line in str(exc).splitlines():
+    if line.strip():
+      return line.strip()
+  return type(exc).__name__
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+  """The JSON object in `path`; a ValueError naming the path if it is not valid JSON or not an
+  object (a missing or unreadable file stays an OSError, which names the path itself)."""
+  path = pathlib.Path(path)
+  try:
+    obj = json.loads(path.read_bytes())
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    raise ValueError(f"{path} is not valid JSON: {first_line(e)}") from None
+  if not isinstance(obj, dict):
+    raise ValueError(f"{path} holds a JSON {type(obj).__name__}, expected an object")
+  return obj
+
+
+def run(tool: str, body: Callable[[], int]) -> int:
+  """body()'s return code, or EXIT_USER_ERROR after printing "rmjax.<tool>: error: <line>"."""
+  errors = user_errors()
+  try:
+    return body()
+  except errors as e:
+    print(f"rmjax.{tool}: error: {first_line(e)}", file=sys.stderr)
+    return EXIT_USER_ERROR
