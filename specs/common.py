@@ -73,6 +73,7 @@ def base_spec() -> ml_collections.ConfigDict:
   c.data.template = "default"        # prompt rendering: "default" (plain text) | "chat" (tokenizer's chat template)
   c.data.neutral_target = 0.5        # target for neutral ratings (PRM800K rating 0)
   c.data.pack = False                # pack several examples per row (segment ids keep them apart)
+  c.data.pack_lookahead = 16         # packing: read on past this many examples that fit no row
   c.data.eval_batch_size = 16        # global rows per eval batch
   c.data.num_workers = 2             # grain read threads per source; 0 = read inline
   c.data.prefetch = 64               # examples buffered per source (grain ReadOptions.prefetch_buffer_size)

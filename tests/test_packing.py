@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rmjax.data.render import RenderConfig, Tokenized, batch_rows, pack_examples
+from rmjax.data.render import RenderConfig, Tokenized, batch_rows, pack_batch, pack_examples, pack_stream
 from rmjax.model.confidence import ConfidenceModel
 from rmjax.model.config import ModelConfig
 from rmjax.model.head import HeadConfig
@@ -104,3 +104,37 @@ def test_packing_changes_loss_when_segments_leak(model_and_params):
   leaky = dict(packed, segment_ids=(packed["segment_ids"] > 0).astype(np.int32))
   unpacked = batch_rows(examples, render, pad_id=0)
   assert abs(_per_marker(model, params, leaky)[1] - _per_marker(model, params, unpacked)[1]) > 1e-4
+
+
+def _sized(lengths) -> list[Tokenized]:
+  """Examples of the given token counts, one marker each (ids are irrelevant to packing)."""
+  return [Tokenized("synthetic", f"ex{i}", np.zeros(n, np.int32), np.asarray([n - 1], np.int32),
+                    np.zeros(1, np.float32), np.ones(1, np.float32)) for i, n in enumerate(lengths)]
+
+
+def test_lookahead_fills_the_hole_a_long_example_leaves():
+  examples = _sized([6, 6, 3, 1, 9])  # one row of 10 tokens per batch
+  layout = lambda lookahead: [[r.example_ids for r in batch] for batch in pack_stream(examples, 1, 10, 4, lookahead)]
+  # Lookahead 0 closes the batch at the first example that does not fit.
+  assert layout(0) == [[("ex0",)], [("ex1", "ex2", "ex3")], [("ex4",)]]
+  # Lookahead 1 reads past ex1 (held over, it starts the next batch) and fills the row with ex2, ex3.
+  assert layout(1) == [[("ex0", "ex2", "ex3")], [("ex1",)], [("ex4",)]]
+
+
+@pytest.mark.parametrize("lookahead", [0, 3, 16])
+def test_streaming_packer_places_every_example_once_within_limits(lookahead):
+  rng = np.random.default_rng(lookahead)
+  examples = _sized(np.clip(rng.lognormal(np.log(30), 0.6, size=400), 4, ROW).astype(int))
+  stream, pending, seen, fills = iter((t, i) for i, t in enumerate(examples)), [], [], []
+  while True:
+    before = len(pending)
+    rows, pending = pack_batch(pending, lambda: next(stream, None), 4, ROW, 8, lookahead)
+    if not rows:
+      break
+    assert len(rows) <= 4 and all(len(r.input_ids) <= ROW and len(r.marker_positions) <= 8 for r in rows)
+    assert len(pending) <= max(lookahead + 1, before - 1)  # held-over examples stay bounded
+    seen += [int(i[2:]) for r in rows for i in r.example_ids]
+    fills.append(sum(len(r.input_ids) for r in rows) / (4 * ROW))
+  assert sorted(seen) == list(range(len(examples)))
+  if lookahead == 16:  # the pipeline default: rows nearly full
+    assert np.mean(fills[:-2]) > 0.95

@@ -24,7 +24,7 @@ model.trust_remote_code model.demo.hidden_size model.demo.num_layers model.demo.
 model.demo.num_kv_heads model.demo.head_dim model.demo.intermediate_size
 head.hidden_dims head.activation head.dropout lora.rank lora.alpha lora.targets
 data.max_length data.max_steps_per_example data.length_buckets data.template data.neutral_target
-data.pack data.eval_batch_size data.num_workers data.prefetch data.allow_reveal_training
+data.pack data.pack_lookahead data.eval_batch_size data.num_workers data.prefetch data.allow_reveal_training
 data.synthetic.train_records data.synthetic.test_records data.synthetic.max_ops
 data.synthetic.max_operand data.synthetic.max_value data.synthetic.max_offset data.synthetic.error_rate
 data.prm800k.use data.prm800k.weight data.prm800k.path data.prm800k.phase data.prm800k.train_split

@@ -2,10 +2,11 @@
 
 Why it exists: PRM800K-like data has many examples far shorter than max_length, so one example
 per row (padded to the smallest length bucket) spends most of each step on padding, while
-first-fit packing (`rmjax.data.render.pack_examples`, segment ids, per-segment positions)
-fills rows. This measures what that buys with the real jitted train step: the same examples
-are stepped through once as padded rows and once as packed rows of `--row` tokens, with
-`--batch` rows per step either way, every batch shape compiled before timing.
+first-fit packing (segment ids, per-segment positions) fills rows. This measures what that
+buys with the real jitted train step: the same examples are stepped through once as padded rows and once as packed rows of `--row` tokens, with
+`--batch` rows per step either way, every batch shape compiled before timing. Both layouts are
+the training pipeline's own: bucketed padding, and the streaming packer with its lookahead
+(`render.pack_stream`, the same `pack_batch` the pipeline's iterator calls).
 
 Lengths are SYNTHETIC, PRM800K-like: log-normal with median `--median` tokens (default 450,
 sigma 0.6), clipped to [--min-length, row]; one marker per ~50 tokens (PRM800K steps are
@@ -18,6 +19,7 @@ Qwen3-4B at 2048 keeps that share (attention / 6N = 8.3% at full rows) with the 
 a third of the row and lengths: `--preset 75m --row 680 --median 150 --min-length 21`.
 
   python -m rmjax.bench.packing --preset tiny --examples 64 --batch 4 --row 2048
+  python -m rmjax.bench.packing --preset 75m --row 680 --median 150 --min-length 21 --examples 384
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ import jax
 import numpy as np
 
 from rmjax.bench import common, jax_impl
-from rmjax.data.render import RenderConfig, Tokenized, batch_rows, pack_examples
+from rmjax.data.pipeline import PipelineConfig
+from rmjax.data.render import RenderConfig, Tokenized, batch_rows, pack_stream
 from rmjax.train.step import device_batch
 
 TOKENS_PER_MARKER = 50
@@ -53,12 +56,14 @@ def synthetic_examples(n: int, row: int, median: float, marker_id: int, seed: in
   return out
 
 
-def layouts(examples: list[Tokenized], row: int, batch: int, max_markers: int) -> dict[str, list[dict]]:
+def layouts(examples: list[Tokenized], row: int, batch: int, max_markers: int,
+            lookahead: int) -> dict[str, list[dict]]:
+  """The batches the training pipeline makes of `examples`, padded (pack=False) and packed."""
   buckets = tuple(b for b in (256, 512, 1024, 2048, 4096) if b < row) + (row,)
   render = RenderConfig(max_length=row, length_buckets=buckets, max_markers=max_markers)
-  chunk = lambda rows: [batch_rows(rows[i:i + batch], render, pad_id=0, num_rows=batch)
-                        for i in range(0, len(rows), batch)]
-  return {"unpacked": chunk(examples), "packed": chunk(pack_examples(examples, row, max_markers))}
+  pad = lambda rows: batch_rows(rows, render, pad_id=0, num_rows=batch)
+  return {"unpacked": [pad(examples[i:i + batch]) for i in range(0, len(examples), batch)],
+          "packed": [pad(rows) for rows in pack_stream(examples, batch, row, max_markers, lookahead)]}
 
 
 def time_layout(steps, state, batches: list[dict], mesh) -> tuple[float, object]:
@@ -86,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--row", type=int, default=2048)
   p.add_argument("--median", type=float, default=450.0)
   p.add_argument("--min-length", type=int, default=64, help="shortest example (lengths are clipped)")
+  p.add_argument("--lookahead", type=int, default=PipelineConfig.pack_lookahead,
+                 help="packer lookahead (the spec's data.pack_lookahead; 0 = close a batch at the first miss)")
   p.add_argument("--mode", default="lora", choices=common.MODES)
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
@@ -97,14 +104,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   max_markers = args.row // TOKENS_PER_MARKER + 1
   steps, state, mesh = jax_impl.build(settings, args.mode, device)
   results = {}
-  for name, batches in layouts(examples, args.row, args.batch, max_markers).items():
+  for name, batches in layouts(examples, args.row, args.batch, max_markers, args.lookahead).items():
     seconds, state = time_layout(steps, state, batches, mesh)
     markers = sum(common.supervised_markers(b) for b in batches)
     real = sum(common.non_pad_tokens(b) for b in batches)
     slots = sum(b["input_ids"].size for b in batches)
     results[name] = markers / seconds
     print(json.dumps({"layout": name, "preset": args.preset, "mode": args.mode, "device": device.device_kind,
-                      "examples": len(examples), "steps": len(batches), "seconds": round(seconds, 4),
+                      "examples": len(examples), "lookahead": args.lookahead if name == "packed" else None, "steps": len(batches), "seconds": round(seconds, 4),
                       "markers_per_s": markers / seconds, "real_tokens_per_s": real / seconds,
                       "token_fill": round(real / slots, 4)}), flush=True)
   print(json.dumps({"packed_over_unpacked_markers_per_s": results["packed"] / results["unpacked"]}))

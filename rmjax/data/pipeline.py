@@ -34,7 +34,7 @@ import grain
 import numpy as np
 
 from rmjax.data.example import SkipCounter
-from rmjax.data.render import Packer, RenderConfig, Renderer, Tokenized, batch_rows
+from rmjax.data.render import RenderConfig, Renderer, Tokenized, batch_rows, pack_batch
 from rmjax.tokenizer import pad_id
 
 
@@ -46,13 +46,14 @@ class PipelineConfig:
   num_threads: int = 2  # grain read threads per source (data.num_workers); 0 = read inline
   prefetch: int = 64  # examples buffered per source (data.prefetch)
   pack: bool = False  # pack several examples per training row
+  pack_lookahead: int = 16  # packing reads on past this many examples that fit no row (fills holes)
   max_eval_batches: int = 0  # 0 = every evaluation example
 
   @classmethod
   def from_spec(cls, spec: Any) -> "PipelineConfig":
     d = spec.data
     return cls(eval_batch_size=int(d.eval_batch_size), num_threads=int(d.num_workers),
-               prefetch=int(d.prefetch), pack=bool(d.pack),
+               prefetch=int(d.prefetch), pack=bool(d.pack), pack_lookahead=int(d.pack_lookahead),
                max_eval_batches=int(spec.get("max_eval_batches", 0)))
 
   def read_options(self, examples_per_element: int = 1) -> grain.ReadOptions:
@@ -144,7 +145,8 @@ def train_dataset(sources: Mapping[str, tuple[Any, float]], render_cfg: RenderCo
   mixed = grain.IterDataset.mix(streams, list(weights.values()))
   batch_fn = functools.partial(batch_rows, cfg=render_cfg, pad_id=pad_id(tokenizer), num_rows=rows)
   if cfg.pack:
-    return PackedBatchDataset(mixed, rows, render_cfg.max_length, render_cfg.markers, batch_fn)
+    return PackedBatchDataset(mixed, rows, render_cfg.max_length, render_cfg.markers, batch_fn,
+                              cfg.pack_lookahead)
   return mixed.batch(rows, drop_remainder=True, batch_fn=batch_fn)
 
 
@@ -199,53 +201,61 @@ def eval_datasets(sources: Mapping[str, Any], render_cfg: RenderConfig, tokenize
 
 
 class PackedBatchDataset(grain.IterDataset):
-  """Packs the mixed example stream into batches of `rows` rows (first-fit, see render.Packer)."""
+  """Packs the mixed example stream into batches of `rows` rows (first-fit with lookahead,
+  see render.pack_batch)."""
 
   def __init__(self, parent: grain.IterDataset, rows: int, row_length: int, max_markers: int,
-               batch_fn):
+               batch_fn, lookahead: int = 0):
     super().__init__(parent)
-    self._args = (rows, row_length, max_markers, batch_fn)
+    self._args = (rows, row_length, max_markers, batch_fn, lookahead)
 
   def __iter__(self) -> grain.DatasetIterator:
     return _PackedBatchIterator(self._parent.__iter__(), *self._args)
 
 
 class _PackedBatchIterator(grain.DatasetIterator):
-  """Fills up to `rows` rows until an example fits nowhere; that example starts the next batch.
+  """Batches of up to `rows` first-fit rows; examples that fit nowhere are held over for the
+  next batch, and reading goes on past them for `lookahead` more misses (render.pack_batch).
 
-  Its state is the parent's state from just BEFORE the held-over example was read, so a
-  restore re-reads that example: the state stays a few integers and resume is exact.
+  State: the parent's current state plus, for each held-over example, the parent's state from
+  just BEFORE it was read. A restore re-reads each held-over example from its own state, then
+  returns the parent to the current one, so resume is exact and the state stays a few small
+  dicts (at most lookahead + 1 held over). States written before lookahead existed (parent only,
+  positioned before the single held-over example) restore the same way.
   """
 
   def __init__(self, parent: grain.DatasetIterator, rows: int, row_length: int,
-               max_markers: int, batch_fn):
+               max_markers: int, batch_fn, lookahead: int = 0):
     super().__init__(parent)
     self._rows, self._row_length, self._max_markers = rows, row_length, max_markers
-    self._batch_fn = batch_fn
-    self._pending: Optional[tuple[Tokenized, Any]] = None
+    self._batch_fn, self._lookahead = batch_fn, lookahead
+    self._pending: list[tuple[Tokenized, Any]] = []
+    self._exhausted = False
+
+  def _read(self) -> Optional[tuple[Tokenized, Any]]:
+    if self._exhausted:
+      return None
+    state = self._parent.get_state()
+    try:
+      return next(self._parent), state
+    except StopIteration:
+      self._exhausted = True
+      return None
 
   def __next__(self) -> dict:
-    packer = Packer(self._row_length, self._max_markers, self._rows)
-    while True:
-      if self._pending is not None:
-        (t, state), self._pending = self._pending, None
-      else:
-        state = self._parent.get_state()
-        try:
-          t = next(self._parent)
-        except StopIteration:
-          if packer.bins:
-            break
-          raise
-      if not packer.add(t):
-        self._pending = (t, state)
-        break
-    return self._batch_fn(packer.rows())
+    rows, self._pending = pack_batch(self._pending, self._read, self._rows, self._row_length,
+                                     self._max_markers, self._lookahead)
+    if not rows:
+      raise StopIteration
+    return self._batch_fn(rows)
 
   def get_state(self) -> dict:
-    parent = self._pending[1] if self._pending is not None else self._parent.get_state()
-    return {"parent": parent}
+    return {"parent": self._parent.get_state(), "pending": [state for _, state in self._pending]}
 
   def set_state(self, state: dict) -> None:
+    pending = []
+    for before in state.get("pending", []):
+      self._parent.set_state(before)
+      pending.append((next(self._parent), before))
     self._parent.set_state(state["parent"])
-    self._pending = None
+    self._pending, self._exhausted = pending, False

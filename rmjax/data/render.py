@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -216,6 +216,47 @@ def pack_examples(examples: Sequence[Tokenized], row_length: int, max_markers: i
   for t in examples:
     packer.add(t)
   return packer.rows()
+
+
+def pack_batch(pending: Sequence[tuple[Tokenized, Any]], read: Callable[[], Optional[tuple[Tokenized, Any]]],
+               rows: int, row_length: int, max_markers: int, lookahead: int = 0,
+               ) -> tuple[list[Row], list[tuple[Tokenized, Any]]]:
+  """One batch of at most `rows` first-fit rows from a stream; returns (rows, still pending).
+
+  The examples held over from earlier batches (`pending`, in order) are placed first, then
+  examples from `read()` (None once the stream ends). An example that fits no row is held over
+  (a miss); reading stops after `lookahead + 1` misses, so later short examples fill the holes
+  the first miss left (lookahead 0: stop at the first miss). Each item carries a tag (the
+  pipeline's iterator state before it was read) that is returned with it untouched. The number
+  held over stays bounded: at most `lookahead + 1` when anything was read, and it shrinks
+  otherwise (the first pending example always opens a row).
+  """
+  packer, held, misses = Packer(row_length, max_markers, rows), [], 0
+  for item in pending:
+    if not packer.add(item[0]):
+      held.append(item)
+      misses += 1
+  while misses <= lookahead:
+    item = read()
+    if item is None:
+      break
+    if not packer.add(item[0]):
+      held.append(item)
+      misses += 1
+  return packer.rows(), held
+
+
+def pack_stream(examples: Sequence[Tokenized], rows: int, row_length: int, max_markers: int,
+                lookahead: int = 0) -> list[list[Row]]:
+  """The batches the training pipeline's packer makes from `examples` in this order (the
+  packing benchmark's layout; the pipeline itself reads a grain iterator, see pipeline.py)."""
+  stream = iter((t, None) for t in examples)
+  batches, pending = [], []
+  while True:
+    batch, pending = pack_batch(pending, lambda: next(stream, None), rows, row_length, max_markers, lookahead)
+    if not batch:
+      return batches
+    batches.append(batch)
 
 
 def _concat(parts: Sequence[Tokenized]) -> Row:
