@@ -9,6 +9,8 @@
 #      and LoRA peak device memory (target 16 GB at batch 4, full remat measured 18.0 GB before)
 #   3. packing vs padded rows on the 4B shape (target 2x supervised markers/s)
 #   4. a profile summary of the full step (where the GPU time goes)
+#   5. the training loop on a Qwen3-4B-shaped random backbone (the demo's synthetic PRM800K data,
+#      packed rows of 2048): train/data_wait_frac, the share of step time spent waiting for data
 # Usage (repository root, jax[cuda12] + the project installed or on PYTHONPATH):
 #   OUT=/tmp/gpu-out bash rmjax/bench/gpu_checks.sh
 set -u
@@ -28,3 +30,18 @@ run lora_none 120 python -m rmjax.bench "${BASE[@]}" --mode lora --remat-policy 
 run lora_dots 120 python -m rmjax.bench "${BASE[@]}" --mode lora --remat-policy dots_with_no_batch_dims_saveable
 run packing 150 python -m rmjax.bench.packing --preset qwen3-4b --row 2048 --examples 96 --batch 4 --mode lora
 rm -rf "$OUT/trace"  # the summary is in full_dots.jsonl; the raw trace is large
+SHAPE=(--spec.model.demo.hidden_size=2560 --spec.model.demo.num_layers=36 --spec.model.demo.num_heads=32
+       --spec.model.demo.num_kv_heads=8 --spec.model.demo.head_dim=128 --spec.model.demo.intermediate_size=9728)
+run loop_4b_shape 240 python -m rmjax.launch --spec specs/demo.py:lora --spec.output_dir="$OUT/run" "${SHAPE[@]}" \
+  --spec.model.compute_dtype=bfloat16 --spec.model.frozen_dtype=bfloat16 --spec.model.remat=full \
+  --spec.batch_size=4 --spec.grad_accum_steps=1 --spec.data.max_length=2048 "--spec.data.length_buckets=(1024, 2048)" \
+  --spec.data.pack=True --spec.max_steps=60 --spec.eval_steps=0 --spec.save_steps=0 --spec.logging_steps=10 \
+  "--spec.head.hidden_dims=(1024, 256)" --spec.lr=1e-4
+python - "$OUT/run" > "$OUT/data_wait.json" <<'PY'
+import json, pathlib, sys
+rows = [json.loads(l) for l in (pathlib.Path(sys.argv[1]) / "demo-lora/logs/metrics.jsonl").read_text().splitlines()]
+rows = [r for r in rows if "train/data_wait_frac" in r][1:]  # the first window includes compilation
+print(json.dumps({"steps": [r["step"] for r in rows], "data_wait_frac": [r["train/data_wait_frac"] for r in rows],
+                  "tokens_per_s": [r["train/tokens_per_s"] for r in rows]}))
+PY
+rm -rf "$OUT/run/demo-lora/checkpoints"
