@@ -232,11 +232,11 @@ def _check_params_match(params: dict, model_cfg: ModelConfig, head_cfg: HeadConf
   import jax
   from rmjax.cli import first_line
   from rmjax.model.confidence import ConfidenceModel
-  from rmjax.train.state import _check_same_tree, dummy_inputs
+  from rmjax.train.state import check_same_tree, dummy_inputs
   try:
     model = ConfidenceModel(model_cfg, head_cfg)
     expected = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)}, *dummy_inputs()))["params"]
-    _check_same_tree(params, expected)
+    check_same_tree(params, expected)
   except (TypeError, ValueError) as e:  # a config value of the wrong type, or another model's tree
     raise RunArtifactError(f"{step_dir} does not match {meta_file}: {first_line(e)}") from None
 

@@ -44,16 +44,16 @@ def dummy_inputs(seq_len: int = 8, num_markers: int = 1) -> tuple[jax.Array, ...
   return ids, ids, ids + 1, jnp.zeros((1, num_markers), jnp.int32)
 
 
-def _check_same_tree(given: Any, expected: Any) -> None:
+def check_same_tree(given: Any, expected: Any) -> None:
   """One-line error naming the first missing / unexpected / mis-shaped parameter."""
   got = traverse_util.flatten_dict(given, sep="/")
   want = traverse_util.flatten_dict(expected, sep="/")
   missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
   if missing or extra:
-    raise ValueError(f"init_params do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    raise ValueError(f"parameters do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
   for k, v in want.items():
     if tuple(got[k].shape) != tuple(v.shape):
-      raise ValueError(f"init_params {k}: shape {tuple(got[k].shape)} != model {tuple(v.shape)}")
+      raise ValueError(f"parameter {k}: shape {tuple(got[k].shape)} != model {tuple(v.shape)}")
 
 
 def _split_and_cast(params: Any, labels: Any, frozen_dtype: str) -> tuple[dict, dict]:
@@ -97,7 +97,7 @@ def create_train_state(model: nn.Module, optim_cfg: optim.OptimConfig, mesh: Mes
                    out_shardings=(tr_shardings, fr_shardings))
     trainable, frozen = make(init_key)
   else:
-    _check_same_tree(init_params, abstract)
+    check_same_tree(init_params, abstract)
     placed = jax.device_put(init_params, full_shardings)
     # Host (numpy) weights were just copied: their device copy can be donated to save memory.
     # Device arrays may come back from device_put unchanged, so they must not be donated.
