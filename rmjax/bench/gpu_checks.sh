@@ -13,9 +13,17 @@
 #      packed rows of 2048): train/data_wait_frac, the share of step time spent waiting for data
 # Usage (repository root, jax[cuda12] + the project installed or on PYTHONPATH):
 #   OUT=/tmp/gpu-out bash rmjax/bench/gpu_checks.sh
+# Step 5 needs grain, ml-collections and tensorboardX. A GPU machine without them and without
+# PyPI gets them from a .wheels/ folder (git-ignored) prepared beforehand on a machine with PyPI:
+#   for v in 3.10 3.11 3.12; do pip download grain ml-collections tensorboardX -d .wheels --only-binary=:all: \
+#     --python-version $v --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64; done
+#   rm .wheels/numpy-*    # numpy comes with jax; the rest is about 15 MB
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
+if ! python -c "import grain, ml_collections, tensorboardX" 2>/dev/null && [ -d .wheels ]; then
+  pip install -q --no-index --find-links .wheels grain ml-collections tensorboardX
+fi
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
 BASE=(--preset qwen3-4b --seq-len 2048 --batch 4 --impl rmjax --steps 5 --warmup 2 --no-flops)
 run() {  # run NAME SECONDS COMMAND...: JSON lines to $OUT/NAME.jsonl, stderr tail to $OUT/NAME.err

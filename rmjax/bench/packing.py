@@ -34,8 +34,7 @@ import jax
 import numpy as np
 
 from rmjax.bench import common, jax_impl
-from rmjax.data.pipeline import PipelineConfig
-from rmjax.data.render import RenderConfig, Tokenized, batch_rows, pack_stream
+from rmjax.data.render import DEFAULT_PACK_LOOKAHEAD, RenderConfig, Tokenized, batch_rows, pack_stream
 from rmjax.train.step import device_batch
 
 TOKENS_PER_MARKER = 50
@@ -91,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--row", type=int, default=2048)
   p.add_argument("--median", type=float, default=450.0)
   p.add_argument("--min-length", type=int, default=64, help="shortest example (lengths are clipped)")
-  p.add_argument("--lookahead", type=int, default=PipelineConfig.pack_lookahead,
+  p.add_argument("--lookahead", type=int, default=DEFAULT_PACK_LOOKAHEAD,
                  help="packer lookahead (the spec's data.pack_lookahead; 0 = close a batch at the first miss)")
   p.add_argument("--mode", default="lora", choices=common.MODES)
   p.add_argument("--seed", type=int, default=0)

@@ -34,7 +34,7 @@ import grain
 import numpy as np
 
 from rmjax.data.example import SkipCounter
-from rmjax.data.render import RenderConfig, Renderer, Tokenized, batch_rows, pack_batch
+from rmjax.data.render import DEFAULT_PACK_LOOKAHEAD, RenderConfig, Renderer, Tokenized, batch_rows, pack_batch
 from rmjax.tokenizer import pad_id
 
 
@@ -46,7 +46,7 @@ class PipelineConfig:
   num_threads: int = 2  # grain read threads per source (data.num_workers); 0 = read inline
   prefetch: int = 64  # examples buffered per source (data.prefetch)
   pack: bool = False  # pack several examples per training row
-  pack_lookahead: int = 16  # packing reads on past this many examples that fit no row (fills holes)
+  pack_lookahead: int = DEFAULT_PACK_LOOKAHEAD  # packing reads on past this many misfits (fills holes)
   max_eval_batches: int = 0  # 0 = every evaluation example
 
   @classmethod

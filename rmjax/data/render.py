@@ -218,6 +218,9 @@ def pack_examples(examples: Sequence[Tokenized], row_length: int, max_markers: i
   return packer.rows()
 
 
+DEFAULT_PACK_LOOKAHEAD = 16  # data.pack_lookahead's default (rows ~97% full on PRM800K-like lengths)
+
+
 def pack_batch(pending: Sequence[tuple[Tokenized, Any]], read: Callable[[], Optional[tuple[Tokenized, Any]]],
                rows: int, row_length: int, max_markers: int, lookahead: int = 0,
                ) -> tuple[list[Row], list[tuple[Tokenized, Any]]]:
