@@ -188,3 +188,19 @@ def test_profile_option_traces_a_real_step(tmp_path, capsys):
   assert sum(prof["by_kind"].values()) == pytest.approx(1.0, abs=1e-3)
   assert prof["by_kind"]["matmul"] > 0 and set(prof["by_direction"]) == {"fwd", "bwd"}
   assert any(t["component"].startswith("layers/") for t in prof["top"])
+
+
+def test_buffers_names_the_stacked_layer_residuals_in_the_temp_block(tmp_path):
+  """A remat=full step keeps one (layers, batch, seq, hidden) stack of layer inputs in its temp
+  block; the dump summary must find it there (shape from the tiny preset, not from the tool)."""
+  import os
+  from rmjax.bench import buffers
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_dump_to={tmp_path}")
+  subprocess.run([sys.executable, "-m", "rmjax.bench", *TINY_ARGS, "--mode", "lora", "--impl", "rmjax",
+                  "--remat", "--analysis-only", "--no-flops", "--no-isolate"],
+                 env=env, check=True, capture_output=True, timeout=300)
+  summary = buffers.summarize(tmp_path)
+  cfg = common.PRESETS["tiny"]()
+  stack = f"f32[{cfg.num_layers},2,64,{cfg.hidden_size}]"
+  assert summary["temp_mb"] > 0 and summary["largest"]
+  assert any(v["shape"].startswith(stack) for v in summary["largest"]), summary["largest"][:5]
