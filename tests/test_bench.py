@@ -204,3 +204,18 @@ def test_buffers_names_the_stacked_layer_residuals_in_the_temp_block(tmp_path):
   stack = f"f32[{cfg.num_layers},2,64,{cfg.hidden_size}]"
   assert summary["temp_mb"] > 0 and summary["largest"]
   assert any(v["shape"].startswith(stack) for v in summary["largest"]), summary["largest"][:5]
+
+
+def test_packing_bench_steps_the_same_examples_in_both_layouts(capsys):
+  from rmjax.bench import packing
+  rc = packing.main(["--preset", "tiny", "--row", "64", "--examples", "24", "--batch", "2", "--median", "20",
+                     "--min-length", "8", "--buckets", "16,32,64"])
+  unpacked, packed, ratio = _lines(capsys.readouterr().out)
+  assert rc == 0 and (unpacked["layout"], packed["layout"]) == ("unpacked", "packed")
+  assert unpacked["steps"] == 12 and packed["steps"] < unpacked["steps"]  # 24 examples, 2 per padded step
+  assert unpacked["markers"] == packed["markers"] and unpacked["real_tokens"] == packed["real_tokens"]
+  assert packed["token_fill"] > unpacked["token_fill"]
+  assert ratio["packed_over_unpacked_markers_per_s"] == pytest.approx(
+    packed["markers_per_s"] / unpacked["markers_per_s"])
+  with pytest.raises(SystemExit):
+    packing.main(["--preset", "tiny", "--row", "64", "--buckets", "16,32"])

@@ -16,10 +16,11 @@ layout, then one with the ratio.
 The ratio depends on how much of a step is attention: packed rows are full-length, so their
 attention (quadratic in the row) costs more per token than short padded rows'. A CPU proxy for
 Qwen3-4B at 2048 keeps that share (attention / 6N = 8.3% at full rows) with the 75m preset at
-a third of the row and lengths: `--preset 75m --row 680 --median 150 --min-length 21`.
+a third of the row, lengths and buckets:
+`--preset 75m --row 680 --median 150 --min-length 21 --buckets 85,170,340,680`.
 
   python -m rmjax.bench.packing --preset tiny --examples 64 --batch 4 --row 2048
-  python -m rmjax.bench.packing --preset 75m --row 680 --median 150 --min-length 21 --examples 384
+  python -m rmjax.bench.packing --preset 75m --row 680 --median 150 --min-length 21 --buckets 85,170,340,680 --examples 384
 """
 
 from __future__ import annotations
@@ -55,10 +56,15 @@ def synthetic_examples(n: int, row: int, median: float, marker_id: int, seed: in
   return out
 
 
+def default_buckets(row: int) -> tuple[int, ...]:
+  """specs/common.py's length buckets (256, 512, 1024, 2048) below `row`, then `row`."""
+  return tuple(b for b in (256, 512, 1024, 2048, 4096) if b < row) + (row,)
+
+
 def layouts(examples: list[Tokenized], row: int, batch: int, max_markers: int,
-            lookahead: int) -> dict[str, list[dict]]:
-  """The batches the training pipeline makes of `examples`, padded (pack=False) and packed."""
-  buckets = tuple(b for b in (256, 512, 1024, 2048, 4096) if b < row) + (row,)
+            lookahead: int, buckets: tuple[int, ...]) -> dict[str, list[dict]]:
+  """The batches the training pipeline makes of `examples`, padded (pack=False) to the smallest
+  of `buckets` that fits, and packed."""
   render = RenderConfig(max_length=row, length_buckets=buckets, max_markers=max_markers)
   pad = lambda rows: batch_rows(rows, render, pad_id=0, num_rows=batch)
   return {"unpacked": [pad(examples[i:i + batch]) for i in range(0, len(examples), batch)],
@@ -90,11 +96,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--row", type=int, default=2048)
   p.add_argument("--median", type=float, default=450.0)
   p.add_argument("--min-length", type=int, default=64, help="shortest example (lengths are clipped)")
+  p.add_argument("--buckets", default="", help="padded-row lengths, comma-separated, the last = --row "
+                 "(default: specs/common.py's 256,512,1024,2048 below --row, then --row)")
   p.add_argument("--lookahead", type=int, default=DEFAULT_PACK_LOOKAHEAD,
                  help="packer lookahead (the spec's data.pack_lookahead; 0 = close a batch at the first miss)")
   p.add_argument("--mode", default="lora", choices=common.MODES)
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
+  try:
+    buckets = tuple(int(b) for b in args.buckets.split(",")) if args.buckets else default_buckets(args.row)
+  except ValueError:
+    p.error(f"--buckets {args.buckets!r}: expected comma-separated integers")
+  if list(buckets) != sorted(set(buckets)) or buckets[-1] != args.row:
+    p.error(f"--buckets {args.buckets!r}: expected increasing lengths ending at --row {args.row}")
   device = jax.devices()[0]
   settings = common.BenchSettings(preset=args.preset, seq_len=args.row, batch=args.batch,
                                   seed=args.seed).on_device(device.platform != "cpu")
@@ -103,14 +117,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   max_markers = args.row // TOKENS_PER_MARKER + 1
   steps, state, mesh = jax_impl.build(settings, args.mode, device)
   results = {}
-  for name, batches in layouts(examples, args.row, args.batch, max_markers, args.lookahead).items():
+  for name, batches in layouts(examples, args.row, args.batch, max_markers, args.lookahead, buckets).items():
     seconds, state = time_layout(steps, state, batches, mesh)
     markers = sum(common.supervised_markers(b) for b in batches)
     real = sum(common.non_pad_tokens(b) for b in batches)
     slots = sum(b["input_ids"].size for b in batches)
     results[name] = markers / seconds
-    print(json.dumps({"layout": name, "preset": args.preset, "mode": args.mode, "device": device.device_kind,
-                      "examples": len(examples), "lookahead": args.lookahead if name == "packed" else None, "steps": len(batches), "seconds": round(seconds, 4),
+    layout = {"buckets": list(buckets)} if name == "unpacked" else {"lookahead": args.lookahead}
+    print(json.dumps({"layout": name, **layout, "preset": args.preset, "mode": args.mode,
+                      "device": device.device_kind, "examples": len(examples), "steps": len(batches),
+                      "seconds": round(seconds, 4), "markers": markers, "real_tokens": real,
                       "markers_per_s": markers / seconds, "real_tokens_per_s": real / seconds,
                       "token_fill": round(real / slots, 4)}), flush=True)
   print(json.dumps({"packed_over_unpacked_markers_per_s": results["packed"] / results["unpacked"]}))
