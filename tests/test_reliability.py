@@ -126,8 +126,9 @@ def _error_lines(err):
 def test_failed_checkpoint_write_stops_with_one_line_and_keeps_previous(tmp_path, six_step_run):
   run = _copy(six_step_run, tmp_path / "out")
   before = {s: _tree_digest(run / "checkpoints" / f"checkpoint_step_{s}") for s in (3, 6)}
-  # Run as root, chmod does not stop writes; a file-size limit does: the next checkpoint (step
-  # 9, ~470 kB of arrays) fails with EFBIG ("disk full"), logs and metrics (small) still write.
+  # Run as root, chmod does not stop writes; a file-size limit does: a later checkpoint (~470 kB
+  # of arrays) fails with EFBIG ("disk full"), logs and metrics (small) still write. Which save
+  # fails first depends on how tensorstore happens to split the arrays into files (step 9 or 12).
   cmd = " ".join(shlex.quote(a) for a in _launch_cmd(tmp_path / "out", STEPS, *EXTRA))
   proc = subprocess.Popen(["bash", "-c", f'trap "" XFSZ; ulimit -f 256; exec {cmd}'], cwd=R.ROOT, env=_env(),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -137,8 +138,11 @@ def test_failed_checkpoint_write_stops_with_one_line_and_keeps_previous(tmp_path
   assert len(errors) == 1 and errors[0].startswith(
     f"rmjax.launch: error: CheckpointWriteError: cannot write checkpoint in {run / 'checkpoints'}: "), err[-3000:]
   assert "File too large" in errors[0]
-  assert checkpoint_steps(run) == [3, 6]
+  steps = checkpoint_steps(run)
+  assert steps in ([3, 6], [3, 6, 9]), steps  # the save that failed was not committed
   assert {s: _tree_digest(run / "checkpoints" / f"checkpoint_step_{s}") for s in (3, 6)} == before
+  for s in steps[2:]:  # a save that completed before the failing one restores
+    assert R.flat(R.checkpoint_params(run / "checkpoints" / f"checkpoint_step_{s}"))
   assert max(_logged_steps(run)) > 6  # it did train on before the write failed
   assert not (run / "logs" / "final_results.json").read_text().count('"total_steps": 12')
 
