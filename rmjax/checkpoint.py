@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import pathlib
+import re
 from typing import Any
 
 import grain
@@ -119,11 +120,14 @@ def _finite(value: float | None) -> float | None:
 
 
 def _one_line(exc: BaseException) -> str:
-  """First line of an exception message, bounded, prefixed with its type."""
+  """First line of an exception message, bounded, prefixed with its type, ending with the OS
+  reason when tensorstore only gives its code (`[os_error_code='27']` -> "File too large")."""
   text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-  if len(text) > 400:  # keep the end too: tensorstore puts the OS reason ("File too large") last
+  code = re.search(r"os_error_code='?(\d+)", text)
+  if len(text) > 400:  # keep the end too: tensorstore puts the OS reason last
     text = f"{text[:220]} ... {text[-170:]}"
-  return f"{type(exc).__name__}: {text}"
+  reason = os.strerror(int(code.group(1))) if code else ""
+  return f"{type(exc).__name__}: {text}" + (f" ({reason})" if reason and reason not in text else "")
 
 
 class _IteratorSnapshot:

@@ -345,3 +345,12 @@ def test_flax_train_state_with_frozen_branch_and_subtree_restore(tmp_path):
   _leaves_equal(weights, {"params": state.params, "frozen": state.frozen})
   with pytest.raises(ck.CheckpointNotFound, match="no state"):
     ck.restore_subtree(tmp_path / "checkpoints", sub)
+
+
+def test_write_error_line_names_the_os_reason_when_tensorstore_only_gives_its_code():
+  from rmjax.checkpoint import _one_line
+  long_message = "OUT_OF_RANGE: Error writing \"opt_state/mu\" " + "{...}" * 200 + " [os_error_code='27']"
+  line = _one_line(ValueError(long_message + "\nsecond line"))
+  assert line.startswith("ValueError: OUT_OF_RANGE") and len(line) < 500 and "\n" not in line
+  assert line.endswith("[os_error_code='27'] (File too large)")  # EFBIG on Linux
+  assert _one_line(ValueError("File too large [os_error_code='27']")).count("File too large") == 1
