@@ -112,8 +112,8 @@ def load_tokenizer_dir(directory: str | os.PathLike, marker: bool = True) -> Pre
   except Exception as e:  # noqa: BLE001 -- narrowed below to what a bad file raises
     if type(e) is not Exception and not isinstance(e, _BAD_TOKENIZER_FILE):
       raise
-    reason = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
-    raise ValueError(f"no usable tokenizer in {directory}: {type(e).__name__}: {reason}") from e
+    from rmjax.cli import first_line
+    raise ValueError(f"no usable tokenizer in {directory}: {type(e).__name__}: {first_line(e)}") from e
 
 
 def marker_id(tok: PreTrainedTokenizerBase) -> int:

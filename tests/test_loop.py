@@ -93,7 +93,7 @@ def test_run_directory_logs_tensorboard_and_single_trace(tmp_path):
   # Saves at 2, 4, 6 (save_steps) and 3 (a new best at an eval step); latest 3 + best kept.
   steps = checkpoint_steps(run)
   assert {4, 6} <= set(steps) and len(steps) <= 4
-  assert (run / "checkpoints" / f"checkpoint_step_6" / "data").is_dir()  # iterator state
+  assert (run / "checkpoints" / "checkpoint_step_6" / "data").is_dir()  # iterator state
   assert json.loads((run / "checkpoints" / "best.json").read_text())["step"] == final["best_step"]
 
 
@@ -224,8 +224,6 @@ def _run(cmd, timeout=240):
   proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
-
-
 
 
 def _metric_rows(run_dir):

@@ -3,9 +3,9 @@
 Why it exists: PRM800K-like data has many examples far shorter than max_length, so one example
 per row (padded to the smallest length bucket) spends most of each step on padding, while
 first-fit packing (segment ids, per-segment positions) fills rows. This measures what that
-buys with the real jitted train step: the same examples are stepped through once as padded rows and once as packed rows of `--row` tokens, with
-`--batch` rows per step either way, every batch shape compiled before timing. Both layouts are
-the training pipeline's own: bucketed padding, and the streaming packer with its lookahead
+buys with the real jitted train step: the same examples are stepped through once as padded
+rows and once as packed rows of `--row` tokens, with `--batch` rows per step either way, every
+batch shape compiled before timing. Both layouts are the training pipeline's own: bucketed padding, and the streaming packer with its lookahead
 (`render.pack_stream`, the same `pack_batch` the pipeline's iterator calls).
 
 Lengths are SYNTHETIC, PRM800K-like: log-normal with median `--median` tokens (default 450,

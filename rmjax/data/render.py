@@ -234,18 +234,13 @@ def pack_batch(pending: Sequence[tuple[Tokenized, Any]], read: Callable[[], Opti
   held over stays bounded: at most `lookahead + 1` when anything was read, and it shrinks
   otherwise (the first pending example always opens a row).
   """
-  packer, held, misses = Packer(row_length, max_markers, rows), [], 0
+  packer, held = Packer(row_length, max_markers, rows), []  # len(held) is the miss count
   for item in pending:
     if not packer.add(item[0]):
       held.append(item)
-      misses += 1
-  while misses <= lookahead:
-    item = read()
-    if item is None:
-      break
+  while len(held) <= lookahead and (item := read()) is not None:
     if not packer.add(item[0]):
       held.append(item)
-      misses += 1
   return packer.rows(), held
 
 
