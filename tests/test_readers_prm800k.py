@@ -14,7 +14,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from rmjax.data.example import BadRecord, SkipCounter
+from rmjax.data.example import BadRecord
 from rmjax.data.jsonl_index import LineFile, scan_line_starts
 from rmjax.data.prm800k import Prm800kOptions, Prm800kReader
 

@@ -46,7 +46,7 @@ from rmjax.run_logging import RunLogger
 from rmjax.train import build
 from rmjax.train.optim import OptimConfig, param_counts
 from rmjax.train.prefetch import DevicePrefetcher
-from rmjax.train.state import TrainState, create_train_state
+from rmjax.train.state import create_train_state
 from rmjax.train.step import EVAL_KEYS, Steps, device_batch, make_steps
 from rmjax.tokenizer import pad_id
 
