@@ -159,6 +159,55 @@ def test_attention_defaults_to_cudnn_only_on_gpu_with_half_precision(monkeypatch
   assert transformer.auto_attention_impl(cfg.replace(head_dim=256), jnp.bfloat16) == "xla"
 
 
+def test_attention_auto_for_an_explicit_backend():
+  import jax.numpy as jnp
+  from rmjax.model import transformer
+  cfg = common.PRESETS["qwen3-4b"]()
+  assert transformer.auto_attention_impl(cfg, jnp.bfloat16, "gpu") == "cudnn"
+  assert transformer.auto_attention_impl(cfg, jnp.bfloat16, "cpu") == "xla"
+
+
+def test_compiled_peak_is_the_larger_of_init_and_step():
+  from rmjax.bench import jax_impl
+  step = {"compiled_arg_mb": 100.0, "compiled_temp_mb": 30.0, "compiled_out_mb": 101.0, "compiled_alias_mb": 100.0}
+  assert jax_impl.compiled_peak(step | {"compiled_init_mb": 90.0}) == {"compiled_peak_mb": 131.0}
+  assert jax_impl.compiled_peak(step | {"compiled_init_mb": 180.0}) == {"compiled_peak_mb": 180.0}
+  assert jax_impl.compiled_peak(step | {"compiled_temp_mb": None}) == {}
+
+
+def test_analysis_only_reports_init_and_peak_memory(capsys):
+  rc = bench_main.main([*TINY_ARGS, "--mode", "lora", "--impl", "rmjax", "--analysis-only", "--no-flops",
+                        "--no-isolate", "--dtype", "bfloat16", "--frozen-dtype", "bfloat16"])
+  record = _lines(capsys.readouterr().out)[0]
+  assert rc == 0 and record["analysis_only"] and record["target"] is None
+  assert record["frozen_dtype"] == "bfloat16" and record["compiled_init_mb"] > 0
+  step = (record["compiled_arg_mb"] + record["compiled_temp_mb"] + record["compiled_out_mb"]
+          - record["compiled_alias_mb"])
+  assert record["compiled_peak_mb"] == pytest.approx(max(step, record["compiled_init_mb"]), abs=0.11)
+
+
+def test_gpu_target_compiles_for_an_h100_or_says_why_not_in_one_line():
+  """With jax's CUDA plugin installed, --target h100 compiles the tiny step for an H100 on this
+  machine; without it (CI), the run stops with one line naming what is missing."""
+  import importlib.util
+  import os
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  proc = subprocess.run([sys.executable, "-m", "rmjax.bench", *TINY_ARGS, "--mode", "lora", "--target", "h100",
+                         "--no-flops", "--no-isolate", "--remat"], capture_output=True, text=True, env=env,
+                        timeout=300)
+  if importlib.util.find_spec("jax_plugins") is None or importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    assert proc.returncode == 2 and proc.stdout == ""
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: cannot compile for the h100 GPU target here")
+    assert "pip install -e '.[cuda12]'" in err[0]
+  else:
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = _lines(proc.stdout)[0]
+    assert record["device"] == "NVIDIA H100 80GB HBM3" and record["target"] == "h100"
+    assert (record["dtype"], record["frozen_dtype"], record["attention"]) == ("bfloat16", "bfloat16", "cudnn")
+    assert record["compiled_peak_mb"] >= record["compiled_init_mb"] > 0
+
+
 def test_profile_classifies_ops_by_kind_direction_and_component():
   from rmjax.bench import profile
   hlo = "\n".join([

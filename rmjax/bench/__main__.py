@@ -13,6 +13,7 @@ Examples:
   python -m rmjax.bench --preset 75m --seq-len 512 --batch 4 --mode both --impl both
   python -m rmjax.bench --preset qwen3-4b --seq-len 2048 --batch 4 --mode lora --remat
   python -m rmjax.bench --preset 75m --impl rmjax --mode full --profile /tmp/rmjax-trace
+  python -m rmjax.bench --preset qwen3-4b --seq-len 2048 --mode lora --remat --target h100
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import subprocess
 import sys
 from typing import Any, Sequence
 
-from rmjax.bench import common
+from rmjax.bench import common, gpu_target
 from rmjax.model.config import REMAT_POLICIES
 
 
@@ -53,6 +54,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help="skip the two unrolled analysis compiles that give compiled_flops")
   p.add_argument("--analysis-only", action="store_true",
                  help="rmjax: compile the step from shapes, print flops/memory analysis, run nothing")
+  p.add_argument("--target", default="", choices=("", *gpu_target.TARGET_CONFIGS),
+                 help="rmjax: compile for this GPU without one attached (needs jax's CUDA plugin) and "
+                      "report XLA's memory analysis; implies --analysis-only")
   p.add_argument("--profile", default="", metavar="DIR",
                  help="rmjax: trace one extra step into DIR and add a `profile` summary (time by kind, "
                       "direction and model component) to the record")
@@ -70,8 +74,8 @@ def settings_from(args: argparse.Namespace) -> common.BenchSettings:
                               dropout=args.dropout, seed=args.seed,
                               frozen_dtype=args.frozen_dtype, attention=args.attention,
                               opt_state_dtype=args.opt_state_dtype, remat_name=args.remat_policy,
-                              flops=args.flops, analysis_only=args.analysis_only,
-                              profile_dir=args.profile)
+                              flops=args.flops, analysis_only=args.analysis_only or bool(args.target),
+                              profile_dir=args.profile, target=args.target)
 
 
 def run_in_process(impl: str, settings: common.BenchSettings, mode: str) -> dict[str, Any]:
@@ -89,7 +93,7 @@ def child_argv(impl: str, settings: common.BenchSettings, mode: str) -> list[str
           "--dropout", str(settings.dropout), "--seed", str(settings.seed),
           "--frozen-dtype", settings.frozen_dtype, "--attention", settings.attention,
           "--opt-state-dtype", settings.opt_state_dtype, "--remat-policy", settings.remat_name,
-          "--profile", settings.profile_dir]
+          "--profile", settings.profile_dir, "--target", settings.target]
   flags = [("--remat", settings.remat), ("--no-flops", not settings.flops),
            ("--analysis-only", settings.analysis_only)]
   return argv + [flag for flag, on in flags if on]
@@ -125,9 +129,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if args.target:
+    # Compile-only: the local backend is the CPU. Without this, jax would first try to start the
+    # CUDA plugin on a machine without a GPU (a long warning), and the plugin would stay unusable.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    try:
+      gpu_target.target_device(args.target)
+    except gpu_target.TargetUnavailable as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
   modes = common.MODES if args.mode == "both" else (args.mode,)
   impls = common.IMPLS if args.impl == "both" else (args.impl,)
-  if args.analysis_only:
+  if settings.analysis_only:
     impls = ("rmjax",)
   if not args.isolate and len(impls) > 1:
     # Sharing one GPU with torch: jax must not grab 75% of its memory up front.

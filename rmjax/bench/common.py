@@ -79,6 +79,7 @@ class BenchSettings:
   flops: bool = True  # compute compiled_flops from the unrolled 1- and 2-layer analysis compiles
   analysis_only: bool = False  # rmjax: compile from shapes and report the analysis, no steps
   profile_dir: str = ""  # rmjax: trace one extra step into this folder and summarise it (bench/profile.py)
+  target: str = ""  # rmjax, analysis only: compile for this GPU (bench/gpu_target.py) instead of the local device
 
   @property
   def remat_policy(self) -> str:

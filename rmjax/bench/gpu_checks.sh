@@ -8,9 +8,12 @@
 #   part "bench":
 #     1. full fine-tuning, best known setting (bf16 Adam moments, dots_with_no_batch_dims_saveable),
 #        with a profile summary of the step (where the GPU time goes)
-#     2. LoRA without remat and with the same lighter policy: LoRA tokens/s vs full (target 1.4x)
-#        and LoRA peak device memory (target 16 GB at batch 4; 18.0 GB measured with full remat)
-#     3. what fills the LoRA step's temp memory (full remat; rmjax/bench/buffers.py on XLA's dump)
+#     2. the same with cuBLAS instead of XLA's Triton GEMM fusions (XLA_FLAGS): the compiled step's
+#        matmuls are Triton gemm fusions, and at 0.37 MFU they, not memory traffic, hold most of the
+#        step (about 280 GB moved per step by all ops, from the deviceless H100 compile)
+#     3. LoRA without remat: LoRA tokens/s vs full (target 1.4x; compiled peak 57 GB)
+#     4. LoRA with full remat: peak device memory at batch 4 (target 16 GB; compiled peak 10.4 GB
+#        since the init draws the frozen base in bf16; 18.0 GB was measured before, the init's peak)
 #   part "data":
 #     4. packing vs padded rows on the 4B shape (target 2x supervised markers/s)
 #     5. the training loop on a Qwen3-4B-shaped random backbone (the demo's synthetic PRM800K data,
@@ -48,12 +51,10 @@ part_bench() {
   run full_dots 150 python -m rmjax.bench "${BASE[@]}" --mode full --opt-state-dtype bfloat16 \
     --remat-policy dots_with_no_batch_dims_saveable --profile "$OUT/trace"
   rm -rf "$OUT/trace"  # the summary is in full_dots.jsonl; the raw trace is large
+  XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" run full_dots_cublas 150 python -m rmjax.bench "${BASE[@]}" \
+    --mode full --opt-state-dtype bfloat16 --remat-policy dots_with_no_batch_dims_saveable
   run lora_none 120 python -m rmjax.bench "${BASE[@]}" --mode lora --remat-policy none
-  run lora_dots 120 python -m rmjax.bench "${BASE[@]}" --mode lora --remat-policy dots_with_no_batch_dims_saveable
-  XLA_FLAGS="--xla_dump_to=$OUT/dump" run lora_full_remat_analysis 120 python -m rmjax.bench "${BASE[@]}" \
-    --mode lora --remat --analysis-only --no-isolate
-  python -m rmjax.bench.buffers "$OUT/dump" > "$OUT/lora_temp_buffers.json"
-  rm -rf "$OUT/dump"
+  run lora_remat 120 python -m rmjax.bench "${BASE[@]}" --mode lora --remat
 }
 
 part_data() {

@@ -16,22 +16,30 @@ the non-layer params), compiled_flops = rest + L * per_layer. Layers are identic
 exact up to XLA making different fusion choices at depth L. The analysis compiles use abstract
 state (no device memory). `compiled_temp_mb` / `compiled_arg_mb` come from the real step's
 compile (memory analysis; XLA's temp is the live peak beyond arguments and outputs).
+`compiled_init_mb` is the random init's compiled temp + result (the state's birth), and
+`compiled_peak_mb` the larger of that and the step's arguments + temp + non-aliased outputs:
+XLA's bound on the device peak, which matched the measured H100 peaks within 0.5% (BUILD.md).
+
+`--target h100` compiles for a described GPU without one (gpu_target.py): the step and the init
+compile for it, `compiled_flops` still comes from the local device (the count is the same).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rmjax import sharding as shd
-from rmjax.bench import common
+from rmjax.bench import common, gpu_target
 from rmjax.model.confidence import ConfidenceModel
 from rmjax.model.head import HeadConfig
 from rmjax.model.transformer import auto_attention_impl
 from rmjax.train import optim
-from rmjax.train.state import abstract_train_state, create_train_state
+from rmjax.train.state import abstract_train_state, create_train_state, param_layout, random_init
 from rmjax.train.step import TRAIN_KEYS, device_batch, make_steps
 
 
@@ -87,9 +95,34 @@ def _cost_flops(compiled) -> float | None:
 
 def memory_analysis(compiled) -> dict[str, Any]:
   mem = compiled.memory_analysis()
-  mb = lambda name: None if mem is None else round(getattr(mem, name) / 2**20, 1)
+  mb = lambda name: None if mem is None else _mb(getattr(mem, name))
   return {"compiled_temp_mb": mb("temp_size_in_bytes"), "compiled_arg_mb": mb("argument_size_in_bytes"),
           "compiled_out_mb": mb("output_size_in_bytes"), "compiled_alias_mb": mb("alias_size_in_bytes")}
+
+
+def _mb(nbytes: int) -> float:
+  return round(nbytes / 2**20, 1)
+
+
+def init_memory(settings: common.BenchSettings, mode: str, device: jax.Device) -> dict[str, Any]:
+  """compiled_init_mb: the jitted random init's temp + result bytes on `device` (nothing runs)."""
+  model = _model(settings, settings.model_config(mode))
+  mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=1, tensor=1), devices=[device])
+  opt_cfg = optim_config(settings, mode)
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=shd.replicated(mesh))
+  init = random_init(model, opt_cfg, param_layout(model, opt_cfg, mesh))
+  with jax.set_mesh(mesh):
+    mem = init.lower(key).compile().memory_analysis()
+  return {} if mem is None else {"compiled_init_mb": _mb(mem.temp_size_in_bytes + mem.output_size_in_bytes)}
+
+
+def compiled_peak(analysis: dict[str, Any]) -> dict[str, Any]:
+  """compiled_peak_mb = max(init, step arguments + temp + outputs not aliased to arguments)."""
+  keys = ("compiled_arg_mb", "compiled_temp_mb", "compiled_out_mb", "compiled_alias_mb")
+  if any(analysis.get(k) is None for k in keys):
+    return {}
+  arg, temp, out, alias = (analysis[k] for k in keys)
+  return {"compiled_peak_mb": round(max(arg + temp + out - alias, analysis.get("compiled_init_mb") or 0.0), 1)}
 
 
 def layer_extrapolated_flops(settings: common.BenchSettings, mode: str, device: jax.Device,
@@ -125,24 +158,33 @@ def _device_peak_mb(device: jax.Device) -> float | None:
 
 def run(settings: common.BenchSettings, mode: str) -> dict[str, Any]:
   """Benchmark rmjax's train step for one mode; returns the JSON record."""
-  device = jax.devices()[0]
+  local = jax.devices()[0]
+  device = gpu_target.target_device(settings.target) if settings.target else local
   accelerator = device.platform != "cpu"
   settings = settings.on_device(accelerator)
+  if settings.target and not settings.attention:  # "auto" would ask this machine's backend
+    cfg = settings.model_config(mode)
+    settings = dataclasses.replace(settings, attention=auto_attention_impl(cfg, cfg.compute_dtype, "gpu"))
   cfg = settings.model_config(mode)
   host_batches = common.make_batches(cfg, settings, settings.warmup + settings.steps)
-  analysis = layer_extrapolated_flops(settings, mode, device, host_batches[0]) if settings.flops else {}
+  analysis = layer_extrapolated_flops(settings, mode, local, host_batches[0]) if settings.flops else {}
   if settings.analysis_only:  # compile the real step from shapes only: memory without allocating
     steps, abstract = build_abstract(settings, mode, device)
     analysis |= memory_analysis(compile_step(steps, abstract, abstract_batch(host_batches[0])))
+    analysis |= init_memory(settings, mode, device)
     record = {"impl": "rmjax", "mode": mode, "preset": settings.preset, "seq_len": settings.seq_len,
             "batch": settings.batch, "dtype": settings.dtype, "remat": settings.remat_policy,
-            "opt_state_dtype": settings.opt_state_dtype, "device": device.device_kind, "analysis_only": True,
-            "model_flops": common.mean_model_flops(cfg, settings, host_batches[:1], mode), **analysis}
+            "opt_state_dtype": settings.opt_state_dtype, "frozen_dtype": settings.frozen_dtype,
+            "attention": cfg.attention_impl or f"auto:{auto_attention_impl(cfg, cfg.compute_dtype)}",
+            "device": device.device_kind, "analysis_only": True, "target": settings.target or None,
+            "model_flops": common.mean_model_flops(cfg, settings, host_batches[:1], mode),
+            **analysis, **compiled_peak(analysis)}
     return with_ratio(record)
   steps, state, mesh = build(settings, mode, device)
   batches = [device_batch(b, mesh) for b in host_batches]
   memory, hlo_text = compiled_analysis(steps, state, batches[0])
-  analysis |= memory
+  analysis |= memory | init_memory(settings, mode, device)
+  analysis |= compiled_peak(analysis)
   holder = {"state": state}
 
   def step(batch: dict[str, jax.Array]) -> None:

@@ -87,16 +87,17 @@ def attention_mask(segment_ids_BT: Array) -> Array:
   return ((same_BTT & causal_TT) | jnp.eye(t, dtype=bool))[:, None]
 
 
-def auto_attention_impl(cfg: ModelConfig, dtype: Any) -> str:
+def auto_attention_impl(cfg: ModelConfig, dtype: Any, backend: str | None = None) -> str:
   """The attention implementation when the config leaves it open (attention_impl=None).
 
   cuDNN's fused attention on a GPU when it applies (fp16/bf16, head_dim a multiple of 8 and at
   most 128: measured 1.7x XLA's on an H100 for the Qwen3-4B shape), XLA otherwise (CPU, fp32).
-  Decided at trace time from the default backend, so one config runs on both platforms.
+  Decided at trace time from the default backend (or `backend`, when compiling for a GPU that
+  is not attached), so one config runs on both platforms.
   """
   cudnn_ok = (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
               and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128)
-  return "cudnn" if cudnn_ok and jax.default_backend() == "gpu" else "xla"
+  return "cudnn" if cudnn_ok and (backend or jax.default_backend()) == "gpu" else "xla"
 
 
 # -- building blocks -----------------------------------------------------------------------------
