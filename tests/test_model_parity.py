@@ -100,6 +100,18 @@ def test_padding_does_not_change_real_tokens():
   np.testing.assert_allclose(long[:, :5], short, atol=1e-6)
 
 
+def test_attention_is_declared_causal_besides_the_segment_mask(monkeypatch):
+  """cuDNN skips the blocks above the diagonal only when told is_causal; the mask alone selects
+  its NO_MASK kernel (all T x T scores). Values are covered by the parity tests above."""
+  from rmjax.model import transformer
+  calls, real = [], jax.nn.dot_product_attention
+  monkeypatch.setattr(transformer.jax.nn, "dot_product_attention",
+                      lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+  cfg, params = _tiny()
+  _apply(cfg, params, *H.padded_batch([5, 3], 5, left=False, vocab=64))
+  assert calls and all(kw["is_causal"] and kw["mask"] is not None for kw in calls)
+
+
 @pytest.mark.parametrize("remat", ["full", "dots_saveable", "save_dots_no_batch"])
 def test_remat_policies_same_values_and_grads(remat):
   cfg, params = _tiny()
