@@ -112,7 +112,18 @@ def test_attention_is_declared_causal_besides_the_segment_mask(monkeypatch):
   assert calls and all(kw["is_causal"] and kw["mask"] is not None for kw in calls)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots_saveable", "save_dots_no_batch"])
+def test_dots_and_attention_policy_saves_cudnn_attention_and_dots_only():
+  from rmjax.model import transformer
+  policy = transformer._REMAT_POLICIES["dots_and_attention_saveable"]
+  f32 = jax.core.ShapedArray((8, 8), jnp.float32)
+  cudnn_fwd = type("Prim", (), {"name": "dot_product_attention_fwd_wrapper"})()
+  assert policy(cudnn_fwd, f32, f32, f32)
+  assert policy(jax.lax.dot_general_p, f32, f32, dimension_numbers=(((1,), (0,)), ((), ())))
+  assert not policy(jax.lax.dot_general_p, f32, f32, dimension_numbers=(((1,), (0,)), ((0,), (0,))))
+  assert not policy(jax.lax.exp_p, f32)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots_saveable", "save_dots_no_batch", "dots_and_attention_saveable"])
 def test_remat_policies_same_values_and_grads(remat):
   cfg, params = _tiny()
   ids, pos, seg = H.padded_batch([6, 3], 6, left=False, vocab=64)

@@ -27,12 +27,12 @@ _ALLOCATION = re.compile(r"^allocation (\d+): size (\d+)(.*)$")
 _VALUE = re.compile(r"^\s*value: <\d+ (\S+) @\d+> \(size=(\d+),offset=(\d+)\): (\S+)")
 
 
-def step_dump(dump_dir: str | pathlib.Path, module: str = "jit__train_step") -> pathlib.Path:
-  """The newest buffer-assignment file of `module` in `dump_dir`."""
-  files = sorted(pathlib.Path(dump_dir).glob(f"*{module}*buffer-assignment.txt"),
-                 key=lambda p: p.stat().st_mtime)
+def step_dump(dump_dir: str | pathlib.Path, module: str = "jit__train_step",
+              suffix: str = "buffer-assignment.txt") -> pathlib.Path:
+  """The newest `*{module}*{suffix}` file in `dump_dir` (XLA's dump of that compiled module)."""
+  files = sorted(pathlib.Path(dump_dir).glob(f"*{module}*{suffix}"), key=lambda p: p.stat().st_mtime)
   if not files:
-    raise FileNotFoundError(f"no {module} buffer-assignment file in {dump_dir} "
+    raise FileNotFoundError(f"no {module} {suffix} file in {dump_dir} "
                             "(compile with XLA_FLAGS=--xla_dump_to=DIR)")
   return files[-1]
 

@@ -9,9 +9,11 @@
 #     1. full fine-tuning, best known setting (bf16 Adam moments, dots_with_no_batch_dims_saveable),
 #        with a profile summary of the step (where the GPU time goes)
 #     2. the same with cuBLAS instead of XLA's Triton GEMM fusions (XLA_FLAGS): the compiled step's
-#        matmuls are Triton gemm fusions, and at 0.37 MFU they, not memory traffic, hold most of the
-#        step (about 280 GB moved per step by all ops, from the deviceless H100 compile)
-#     3. LoRA without remat: LoRA tokens/s vs full (target 1.4x; compiled peak 57 GB)
+#        matmuls are Triton gemm fusions; at 0.37 MFU (0.52 s per step) the 545 GB the step moves
+#        would take about 0.16 s at full HBM bandwidth, so the matmuls hold most of the step
+#     3. LoRA saving dots and cuDNN attention outputs (the speed setting): LoRA tokens/s vs full
+#        (target 1.4x). Compiled for an H100 it recomputes no matmul and no attention forward and
+#        moves 431 GB per step (no remat: 522 GB; python -m rmjax.bench.traffic); peak 33 GB
 #     4. LoRA with full remat: peak device memory at batch 4 (target 16 GB; compiled peak 10.4 GB
 #        since the init draws the frozen base in bf16; 18.0 GB was measured before, the init's peak)
 #   part "data":
@@ -53,7 +55,7 @@ part_bench() {
   rm -rf "$OUT/trace"  # the summary is in full_dots.jsonl; the raw trace is large
   XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" run full_dots_cublas 150 python -m rmjax.bench "${BASE[@]}" \
     --mode full --opt-state-dtype bfloat16 --remat-policy dots_with_no_batch_dims_saveable
-  run lora_none 120 python -m rmjax.bench "${BASE[@]}" --mode lora --remat-policy none
+  run lora_dots_attn 120 python -m rmjax.bench "${BASE[@]}" --mode lora --remat-policy dots_and_attention_saveable
   run lora_remat 120 python -m rmjax.bench "${BASE[@]}" --mode lora --remat
 }
 

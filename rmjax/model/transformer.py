@@ -29,12 +29,25 @@ Array = jax.Array
 _EMBED_INIT = nn.initializers.normal(stddev=0.02)
 # peft's LoRA A init (kaiming_uniform, a=sqrt(5)) is uniform(+-1/sqrt(fan_in)).
 _LORA_A_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# The primitive of jax's cuDNN attention forward (outputs: attention output, softmax log-sum-exp).
+_CUDNN_ATTENTION_FWD = frozenset({"dot_product_attention_fwd_wrapper", "dot_product_attention_fwd"})
+
+
+def _dots_and_attention_saveable(prim, *avals, **params) -> bool:
+  """dots_with_no_batch_dims_saveable, plus cuDNN attention's outputs: under the dots policy
+  alone the backward pass runs each layer's cuDNN attention forward again (it is a custom call,
+  not a dot); saving its output and log-sum-exp costs B*T*H*d + B*H*T values per layer."""
+  return (prim.name in _CUDNN_ATTENTION_FWD
+          or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params))
+
+
 _REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
   "full": None,
   "nothing_saveable": None,
   "dots_saveable": jax.checkpoint_policies.dots_saveable,
   "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
   "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "dots_and_attention_saveable": _dots_and_attention_saveable,
 }
 
 
