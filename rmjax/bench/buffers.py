@@ -21,7 +21,9 @@ import json
 import pathlib
 import re
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+from rmjax import cli
 
 _ALLOCATION = re.compile(r"^allocation (\d+): size (\d+)(.*)$")
 _VALUE = re.compile(r"^\s*value: <\d+ (\S+) @\d+> \(size=(\d+),offset=(\d+)\): (\S+)")
@@ -61,17 +63,22 @@ def summarize(dump_dir: str | pathlib.Path, top: int = 20) -> dict[str, Any]:
           "largest": [{**v, "mb": round(v["mb"], 1), "offset_mb": round(v["offset_mb"], 1)} for v in values[:top]]}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def dump_summary_cli(tool: str, summarize_dump: Callable[[str], dict[str, Any]],
+                     argv: Sequence[str] | None) -> int:
+  """`python -m rmjax.bench.<tool> DUMP_DIR`: the summary as one JSON line, or a one-line error."""
   args = list(sys.argv[1:] if argv is None else argv)
   if len(args) != 1:
-    print("usage: python -m rmjax.bench.buffers DUMP_DIR", file=sys.stderr)
+    print(f"usage: python -m rmjax.bench.{tool} DUMP_DIR", file=sys.stderr)
     return 2
-  try:
-    print(json.dumps(summarize(args[0])))
-  except (OSError, ValueError) as e:
-    print(f"rmjax.bench.buffers: error: {e}", file=sys.stderr)
-    return 2
-  return 0
+
+  def body() -> int:
+    print(json.dumps(summarize_dump(args[0])))
+    return 0
+  return cli.run(f"bench.{tool}", body)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return dump_summary_cli("buffers", summarize, argv)
 
 
 if __name__ == "__main__":

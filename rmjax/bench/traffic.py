@@ -25,13 +25,12 @@ parameters, bitcasts and control flow move nothing themselves. For example:
 from __future__ import annotations
 
 import collections
-import json
 import pathlib
 import re
 import sys
 from typing import Any, Iterator, Sequence
 
-from rmjax.bench.buffers import step_dump
+from rmjax.bench.buffers import dump_summary_cli, step_dump
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
           "u32": 4, "f64": 8, "s64": 8, "u64": 8}
@@ -224,16 +223,7 @@ def summarize(dump_dir: str | pathlib.Path, top: int = 15) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = list(sys.argv[1:] if argv is None else argv)
-  if len(args) != 1:
-    print("usage: python -m rmjax.bench.traffic DUMP_DIR", file=sys.stderr)
-    return 2
-  try:
-    print(json.dumps(summarize(args[0])))
-  except (OSError, ValueError) as e:
-    print(f"rmjax.bench.traffic: error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  return dump_summary_cli("traffic", summarize, argv)
 
 
 if __name__ == "__main__":
