@@ -1,24 +1,25 @@
 #!/usr/bin/env bash
 # The GPU figures BUILD.md's Results still lacks, in two parts that each fit one lent command
-# (about 10 minutes on an H100 80GB).
+# (about 10 minutes on an H100 80GB). A session's device time (15 minutes with the machine's
+# start) may not hold both: run "bench" first, "data" with what is left.
 #
 # Why it exists: GPU time is lent in short slots, so the open measurements of the performance
 # issue are prepared here, each bounded by `timeout`, each writing the benchmark's own JSON lines
 # into $OUT (default ./gpu-out):
-#   part "bench":
+#   part "bench" (in order of value, so a cut-off call still brings back the first ones):
 #     1. full fine-tuning, best known setting (bf16 Adam moments, dots_with_no_batch_dims_saveable),
 #        with a profile summary of the step (where the GPU time goes)
-#     2. the same with cuBLAS instead of XLA's Triton GEMM fusions (XLA_FLAGS): the compiled step's
-#        matmuls are Triton gemm fusions; at 0.37 MFU (0.52 s per step) the 545 GB the step moves
-#        would take about 0.16 s at full HBM bandwidth, so the matmuls hold most of the step
-#     3. LoRA saving dots and cuDNN attention outputs (the speed setting): LoRA tokens/s vs full
+#     2. LoRA saving dots and cuDNN attention outputs (the speed setting): LoRA tokens/s vs full
 #        (target 1.4x). Compiled for an H100 it recomputes no matmul and no attention forward and
 #        moves 431 GB per step (no remat: 522 GB; python -m rmjax.bench.traffic); peak 33 GB
-#     4. LoRA with full remat: peak device memory at batch 4 (target 16 GB; compiled peak 10.4 GB
+#     3. LoRA with full remat: peak device memory at batch 4 (target 16 GB; compiled peak 10.4 GB
 #        since the init draws the frozen base in bf16; 18.0 GB was measured before, the init's peak)
+#     4. 1. with cuBLAS instead of XLA's Triton GEMM fusions (XLA_FLAGS): the compiled step's
+#        matmuls are Triton gemm fusions; at 0.37 MFU (0.52 s per step) the 545 GB the step moves
+#        would take about 0.16 s at full HBM bandwidth, so the matmuls hold most of the step
 #   part "data":
-#     4. packing vs padded rows on the 4B shape (target 2x supervised markers/s)
-#     5. the training loop on a Qwen3-4B-shaped random backbone (the demo's synthetic PRM800K data,
+#     5. packing vs padded rows on the 4B shape (target 2x supervised markers/s)
+#     6. the training loop on a Qwen3-4B-shaped random backbone (the demo's synthetic PRM800K data,
 #        packed rows of 2048): train/data_wait_frac, the share of step time spent waiting for data
 # Usage (repository root, jax[cuda12] + the project installed or on PYTHONPATH):
 #   OUT=/tmp/gpu-out bash rmjax/bench/gpu_checks.sh bench
@@ -53,10 +54,10 @@ part_bench() {
   run full_dots 150 python -m rmjax.bench "${BASE[@]}" --mode full --opt-state-dtype bfloat16 \
     --remat-policy dots_with_no_batch_dims_saveable --profile "$OUT/trace"
   rm -rf "$OUT/trace"  # the summary is in full_dots.jsonl; the raw trace is large
-  XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" run full_dots_cublas 150 python -m rmjax.bench "${BASE[@]}" \
-    --mode full --opt-state-dtype bfloat16 --remat-policy dots_with_no_batch_dims_saveable
   run lora_dots_attn 120 python -m rmjax.bench "${BASE[@]}" --mode lora --remat-policy dots_and_attention_saveable
   run lora_remat 120 python -m rmjax.bench "${BASE[@]}" --mode lora --remat
+  XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" run full_dots_cublas 150 python -m rmjax.bench "${BASE[@]}" \
+    --mode full --opt-state-dtype bfloat16 --remat-policy dots_with_no_batch_dims_saveable
 }
 
 part_data() {
