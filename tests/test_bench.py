@@ -73,6 +73,10 @@ def test_bad_option_is_one_line_error(capsys):
   assert bench_main.main(["--preset", "tiny", "--seq-len", "100000", "--no-isolate"]) == 2
   err = capsys.readouterr().err.strip()
   assert "max_position_embeddings" in err and len(err.splitlines()) == 1
+  for flag in (["--analysis-only"], ["--target", "h100"]):
+    assert bench_main.main(["--preset", "tiny", "--impl", "torch", *flag]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --analysis-only and --target compile rmjax's step only; use --impl rmjax"
 
 
 def test_flops_against_hand_count():

@@ -129,6 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if settings.analysis_only and args.impl == "torch":
+    print("error: --analysis-only and --target compile rmjax's step only; use --impl rmjax", file=sys.stderr)
+    return 2
   if args.target:
     # Compile-only: the local backend is the CPU. Without this, jax would first try to start the
     # CUDA plugin on a machine without a GPU (a long warning), and the plugin would stay unusable.
