@@ -8,7 +8,9 @@ a target config (XLA's GpuTargetConfigProto: compute capability, SM count, memor
 report XLA's memory analysis of the executable. `python -m rmjax.bench --target h100
 --analysis-only` uses it. Checked against the measured H100 figures in BUILD.md: the full
 step's temp bytes within 1.2% for three remat policies, and step and init peaks within 0.5%.
-Timings still need a real GPU.
+Timings still need a real GPU, and so do GEMM choices: with no device to autotune on, XLA picks
+its GEMM kernels (Triton fusion or cuBLAS, tile sizes) by heuristics, so matmul fusions in the
+compiled HLO may differ from a real GPU's.
 """
 
 from __future__ import annotations
