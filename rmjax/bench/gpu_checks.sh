@@ -14,9 +14,10 @@
 #        moves 431 GB per step (no remat: 522 GB; python -m rmjax.bench.traffic); peak 33 GB
 #     3. LoRA with full remat: peak device memory at batch 4 (target 16 GB; compiled peak 10.4 GB
 #        since the init draws the frozen base in bf16; 18.0 GB was measured before, the init's peak)
-#     4. 1. with cuBLAS instead of XLA's Triton GEMM fusions (XLA_FLAGS): the compiled step's
-#        matmuls are Triton gemm fusions; at 0.37 MFU (0.52 s per step) the 545 GB the step moves
-#        would take about 0.16 s at full HBM bandwidth, so the matmuls hold most of the step
+#     4. 1. with cuBLAS instead of XLA's Triton GEMM fusions (XLA_FLAGS). At 0.37 MFU (0.52 s per
+#        step) the 545 GB the step moves would take about 0.16 s at full HBM bandwidth, so the
+#        matmuls hold most of the step; the deviceless compile made them all Triton fusions (a
+#        real GPU autotunes that choice, so this shows whether cuBLAS would do better)
 #   part "data":
 #     5. packing vs padded rows on the 4B shape (target 2x supervised markers/s)
 #     6. the training loop on a Qwen3-4B-shaped random backbone (the demo's synthetic PRM800K data,
