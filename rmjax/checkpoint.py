@@ -37,6 +37,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
+from rmjax import background_errors
+
 log = logging.getLogger(__name__)
 
 STEP_PREFIX = "checkpoint_step"
@@ -161,6 +163,7 @@ class Checkpointer:
       raise CheckpointWriteError(self.directory, "path exists and is not a directory")
     if self.config.read_only and not self.directory.is_dir():
       raise CheckpointNotFound(f"checkpoint directory {self.directory} does not exist")
+    background_errors.install()  # a failed async write: rmjax's one line, not orbax's tracebacks
     self._mgr = self._open_manager()
     self._closed = False
 
