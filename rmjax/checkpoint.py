@@ -38,6 +38,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 from rmjax import background_errors
+from rmjax.cli import first_line
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def _finite(value: float | None) -> float | None:
 def _one_line(exc: BaseException) -> str:
   """First line of an exception message, bounded, prefixed with its type, ending with the OS
   reason when tensorstore only gives its code (`[os_error_code='27']` -> "File too large")."""
-  text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+  text = first_line(exc) if str(exc).strip() else ""
   code = re.search(r"os_error_code='?(\d+)", text)
   if len(text) > 400:  # keep the end too: tensorstore puts the OS reason last
     text = f"{text[:220]} ... {text[-170:]}"

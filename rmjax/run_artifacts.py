@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from rmjax.cli import first_line, read_json_object
 from rmjax.model.config import ModelConfig
 from rmjax.model.head import HeadConfig
 from rmjax.data.render import RenderConfig
@@ -140,7 +141,6 @@ def read_run_meta(run_dir: pathlib.Path) -> dict[str, Any]:
   if not f.is_file():
     raise RunArtifactError(f"{f} not found: this run was not written by rmjax training "
                            f"(or the model/ folder was removed)")
-  from rmjax.cli import read_json_object
   meta = read_json_object(f)
   if meta.get("format") != FORMAT:
     raise RunArtifactError(f"{f} has format {meta.get('format')!r}, expected {FORMAT!r}")
@@ -156,7 +156,6 @@ def _checked_meta(run_dir: pathlib.Path, meta: dict[str, Any]) -> tuple[ModelCon
   """configs_from_meta and the marker id, with a missing key or a value of the wrong type named
   with the file. Every config field must be present (save_run_model writes them all): a default
   filled in for a lost field would silently score with another model."""
-  from rmjax.cli import first_line
   f = run_dir / MODEL_DIR / MODEL_FILE
   try:
     for key, cls in (("model", ModelConfig), ("head", HeadConfig), ("render", RenderConfig)):
@@ -190,7 +189,6 @@ def _abstract_state(step_dir: pathlib.Path) -> dict[str, Any]:
   import jax
   import orbax.checkpoint as ocp
   from rmjax.checkpoint import CheckpointCorrupt
-  from rmjax.cli import first_line
   absl_log = logging.getLogger("absl")  # orbax warns about a metadata file it does not need
   level = absl_log.level
   absl_log.setLevel(logging.ERROR)
@@ -230,7 +228,6 @@ def _check_params_match(params: dict, model_cfg: ModelConfig, head_cfg: HeadConf
                         meta_file: pathlib.Path) -> None:
   """The restored tree must be exactly the one the configs describe (names and shapes)."""
   import jax
-  from rmjax.cli import first_line
   from rmjax.model.confidence import ConfidenceModel
   from rmjax.train.state import check_same_tree, dummy_inputs
   try:

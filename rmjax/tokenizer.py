@@ -19,6 +19,8 @@ from huggingface_hub.errors import StrictDataclassError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from rmjax.cli import first_line
+
 MARKER = "<CONFIDENCE>"
 DEMO_PAD = "<pad>"
 DEMO_EOS = "<eos>"
@@ -112,7 +114,6 @@ def load_tokenizer_dir(directory: str | os.PathLike, marker: bool = True) -> Pre
   except Exception as e:  # noqa: BLE001 -- narrowed below to what a bad file raises
     if type(e) is not Exception and not isinstance(e, _BAD_TOKENIZER_FILE):
       raise
-    from rmjax.cli import first_line
     raise ValueError(f"no usable tokenizer in {directory}: {type(e).__name__}: {first_line(e)}") from e
 
 

@@ -164,10 +164,10 @@ def _check_hf_config(meta: dict[str, Any], model_dir: pathlib.Path, written_by_e
   from rmjax.model.config import ModelConfig
   from rmjax.model.hf import hf_model_config
   path = model_dir / "config.json"
-  got, want = hf_model_config(model_dir), ModelConfig.from_dict(meta["model_config"])
+  written = read_json_object(path)  # read once: parsed below and checked for lost keys
+  got, want = hf_model_config(model_dir, written), ModelConfig.from_dict(meta["model_config"])
   bad = [f for f in _ARCH_FIELDS if getattr(got, f) != getattr(want, f)]
   if written_by_export:
-    written = read_json_object(path)
     bad += [k for k in want.replace(lora_rank=0, marker_id=None).to_hf() if k not in written]
   if bad:
     raise ValueError(f"{path} disagrees with {EXPORT_FILE} on {', '.join(bad)}")

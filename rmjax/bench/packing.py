@@ -5,8 +5,9 @@ per row (padded to the smallest length bucket) spends most of each step on paddi
 first-fit packing (segment ids, per-segment positions) fills rows. This measures what that
 buys with the real jitted train step: the same examples are stepped through once as padded
 rows and once as packed rows of `--row` tokens, with `--batch` rows per step either way, every
-batch shape compiled before timing. Both layouts are the training pipeline's own: bucketed padding, and the streaming packer with its lookahead
-(`render.pack_stream`, the same `pack_batch` the pipeline's iterator calls).
+batch shape compiled before timing. Both layouts are the training pipeline's own: bucketed
+padding, and the streaming packer with its lookahead (`render.pack_stream`, the same
+`pack_batch` the pipeline's iterator calls).
 
 Lengths are SYNTHETIC, PRM800K-like: log-normal with median `--median` tokens (default 450,
 sigma 0.6), clipped to [--min-length, row]; one marker per ~50 tokens (PRM800K steps are

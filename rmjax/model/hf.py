@@ -199,12 +199,14 @@ def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
   return tree
 
 
-def hf_model_config(model_dir: pathlib.Path, **overrides: Any) -> ModelConfig:
-  """ModelConfig from `model_dir`/config.json; a missing or malformed file is an error naming it."""
+def hf_model_config(model_dir: pathlib.Path, config: dict[str, Any] | None = None, **overrides: Any) -> ModelConfig:
+  """ModelConfig from `model_dir`/config.json (or from `config`, that file already read); a
+  missing or malformed file is an error naming it."""
   path = model_dir / "config.json"
-  if not path.is_file():
-    raise FileNotFoundError(f"{path} not found: not an HF model directory")
-  config = read_json_object(path)
+  if config is None:
+    if not path.is_file():
+      raise FileNotFoundError(f"{path} not found: not an HF model directory")
+    config = read_json_object(path)
   try:
     return ModelConfig.from_hf(config, **overrides)
   except KeyError as e:
