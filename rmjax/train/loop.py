@@ -296,12 +296,14 @@ class Trainer:
 
   # ---- the loop ---------------------------------------------------------------------------
 
-  def _log_train(self, step: int, metrics: dict[str, Any], tokens: float, data_wait: float,
+  def _log_train(self, step: int, metrics: dict[str, Any], tokens: float, data_times: dict[str, float],
                  window: dict[str, float]) -> float:
     """Reads one step's device metrics (blocks on that step only), logs them when due; the loss."""
     host = jax.device_get(metrics)
     window["tokens"] += tokens
-    window["data_wait"] += data_wait
+    for key, seconds in data_times.items():
+      window[key] += seconds
+    window["steps"] += 1
     if not bool(host["finite"]):
       message = (f"Non-finite loss at step {step} (loss {float(host['loss'])}, grad norm "
                  f"{float(host['grad_norm'])}); the update was not applied")
@@ -318,8 +320,12 @@ class Trainer:
     self.logger.log_scalars(step, {
       "train/loss": float(host["loss"]), "train/learning_rate": float(host["learning_rate"]),
       "train/grad_norm": float(host["grad_norm"]), "train/tokens_per_s": window["tokens"] / elapsed,
-      "train/data_wait_frac": min(window["data_wait"] / elapsed, 1.0)})
-    window.update(start=now, tokens=0.0, data_wait=0.0)
+      "train/data_wait_frac": min(window["data_wait"] / elapsed, 1.0),
+      # Where a wait comes from: the prefetch thread's time per batch in the pipeline and in
+      # placing it on the devices (both overlap the device's work unless data_wait_frac says not).
+      "train/data_read_ms": 1e3 * window["data_read"] / max(window["steps"], 1),
+      "train/data_place_ms": 1e3 * window["data_place"] / max(window["steps"], 1)})
+    window.update(start=now, tokens=0.0, data_wait=0.0, data_read=0.0, data_place=0.0, steps=0)
     return float(host["loss"])
 
   def run(self) -> dict[str, Any]:
@@ -327,16 +333,19 @@ class Trainer:
     max_steps = int(self.spec.max_steps)
     eval_every, save_every = int(self.spec.eval_steps), int(self.spec.save_steps)
     stop = _StopFlag(self.process_count)
-    pending: tuple[int, Any, float, float] | None = None  # step, device metrics, tokens, data wait
-    window = {"start": time.perf_counter(), "tokens": 0.0, "data_wait": 0.0}
+    pending: tuple[int, Any, float, dict] | None = None  # step, device metrics, tokens, data times
+    window = {"start": time.perf_counter(), "tokens": 0.0, "data_wait": 0.0, "data_read": 0.0,
+              "data_place": 0.0, "steps": 0}
     step = start
     self.logger.log(f"Training steps {start + 1}..{max_steps} in {self.run_dir}")
     with stop.installed(), Progress(max_steps, initial=start, is_main_process=self.is_main) as bar:
       interrupted = False
       while step < max_steps and not (interrupted := stop.should_stop()):
         t0 = time.perf_counter()
-        batch, placed = next(self.train_iter)
+        item = next(self.train_iter)
         data_wait = time.perf_counter() - t0
+        batch, placed = item.host, item.device
+        data_times = {"data_wait": data_wait, "data_read": item.read_s, "data_place": item.place_s}
         tokens = float(np.count_nonzero(batch["segment_ids"])) * self.process_count
         self.train_shapes.add(tuple(batch["input_ids"].shape))
         if placed is None:
@@ -345,7 +354,7 @@ class Trainer:
         step += 1
         if pending is not None:  # step N is queued; now read step N-1 (the device stays busy)
           bar.update(pending[0], loss=self._log_train(*pending, window))
-        pending = (step, metrics, tokens, data_wait)
+        pending = (step, metrics, tokens, data_times)
         is_last = step == max_steps
         eval_due = is_last or (eval_every > 0 and step % eval_every == 0)
         save_due = is_last or (save_every > 0 and step % save_every == 0)

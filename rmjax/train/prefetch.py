@@ -18,12 +18,15 @@ from __future__ import annotations
 import json
 import queue
 import threading
+import time
 from typing import Any, Callable, Iterator, NamedTuple
 
 
 class Prefetched(NamedTuple):
   host: dict[str, Any]  # the numpy batch (shapes, token counts, eval metadata)
   device: dict[str, Any]  # `place(host)`: jax arrays with their shardings
+  read_s: float = 0.0  # seconds the pipeline took to produce `host` (in the prefetch thread)
+  place_s: float = 0.0  # seconds `place(host)` took to return (in the prefetch thread)
 
 
 class _End(NamedTuple):
@@ -50,12 +53,15 @@ class DevicePrefetcher:
   def _worker(self, q: queue.Queue, stop: threading.Event) -> None:
     try:
       while not stop.is_set():
+        t0 = time.perf_counter()
         try:
           host = next(self._it)
         except StopIteration:
           q.put(_End(None))
           return
-        item = (Prefetched(host, self._place(host)), self._parent_state())
+        t1 = time.perf_counter()
+        device = self._place(host)
+        item = (Prefetched(host, device, t1 - t0, time.perf_counter() - t1), self._parent_state())
         while not stop.is_set():
           try:
             q.put(item, timeout=0.1)
