@@ -4,6 +4,8 @@ per row, because attention never crosses segments and positions restart per segm
 
 from __future__ import annotations
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,3 +149,28 @@ def test_lookahead_fills_rows_better_on_prm800k_like_lengths():
 
   closed_at_first_miss, default = fill(0), fill(16)
   assert closed_at_first_miss < 0.92 and default > 0.96, (closed_at_first_miss, default)
+
+
+def test_causal_only_attention_is_exact_on_unpacked_rows_and_not_on_packed_ones(model_and_params):
+  """ModelConfig.attention_mask="causal" (no mask array; cuDNN's plain causal kernel) gives the
+  segment mask's supervised logits on unpacked, right-padded rows with varying lengths, and
+  different ones on packed rows, where only the segment mask keeps examples apart."""
+  model, params = model_and_params
+  causal = ConfidenceModel(model.model_cfg.replace(attention_mask="causal"), model.head_cfg)
+  examples = _examples(np.random.default_rng(3), 9)
+  render = RenderConfig(max_length=ROW, length_buckets=(64, ROW), max_markers=16)
+  unpacked = batch_rows(examples, render, pad_id=0)
+  assert (unpacked["segment_ids"] == 0).any()  # padded rows: the case the causal mask must get right
+  np.testing.assert_allclose(_per_marker(causal, params, unpacked)[0], _per_marker(model, params, unpacked)[0],
+                             atol=1e-6, rtol=0)
+  packed = batch_rows(pack_examples(examples, ROW, 16), render, pad_id=0)
+  assert np.abs(_per_marker(causal, params, packed)[0] - _per_marker(model, params, packed)[0]).max() > 1e-3
+
+
+def test_training_picks_causal_attention_only_for_unpacked_rows():
+  from rmjax.spec import load_spec_file
+  from rmjax.train.build import model_overrides
+  spec = load_spec_file(str(pathlib.Path(__file__).parents[1] / "specs" / "demo.py"))
+  assert spec.data.pack is False and model_overrides(spec)["attention_mask"] == "causal"
+  spec.data.pack = True
+  assert model_overrides(spec)["attention_mask"] == "segments"

@@ -46,6 +46,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help="rmjax LoRA frozen-base dtype; auto = bfloat16 on a GPU, float32 on CPU")
   p.add_argument("--attention", default="", choices=("", "xla", "cudnn"),
                  help="rmjax attention implementation (default: cuDNN on a GPU when it applies, else XLA)")
+  p.add_argument("--attention-mask", default="causal", choices=("causal", "segments"),
+                 help="rmjax: 'causal' (no mask array, what training uses for unpacked rows such as these "
+                      "synthetic ones) or 'segments' (the segment-id mask packed rows need)")
   p.add_argument("--opt-state-dtype", default="float32", choices=("float32", "bfloat16"),
                  help="rmjax Adam moment (mu, nu) dtype")
   p.add_argument("--remat-policy", default="", choices=("", *REMAT_POLICIES),
@@ -73,6 +76,7 @@ def settings_from(args: argparse.Namespace) -> common.BenchSettings:
                               warmup=args.warmup, remat=args.remat, dtype=args.dtype,
                               dropout=args.dropout, seed=args.seed,
                               frozen_dtype=args.frozen_dtype, attention=args.attention,
+                              attention_mask=args.attention_mask,
                               opt_state_dtype=args.opt_state_dtype, remat_name=args.remat_policy,
                               flops=args.flops, analysis_only=args.analysis_only or bool(args.target),
                               profile_dir=args.profile, target=args.target)
@@ -92,6 +96,7 @@ def child_argv(impl: str, settings: common.BenchSettings, mode: str) -> list[str
           "--steps", str(settings.steps), "--warmup", str(settings.warmup), "--dtype", settings.dtype,
           "--dropout", str(settings.dropout), "--seed", str(settings.seed),
           "--frozen-dtype", settings.frozen_dtype, "--attention", settings.attention,
+          "--attention-mask", settings.attention_mask,
           "--opt-state-dtype", settings.opt_state_dtype, "--remat-policy", settings.remat_name,
           "--profile", settings.profile_dir, "--target", settings.target]
   flags = [("--remat", settings.remat), ("--no-flops", not settings.flops),

@@ -73,6 +73,9 @@ class BenchSettings:
   max_grad_norm: float = 1.0
   seed: int = 0
   frozen_dtype: str = "auto"  # LoRA frozen base ("auto": bfloat16 on an accelerator, float32 on CPU)
+  # rmjax ModelConfig.attention_mask: "causal" (no mask array), what training uses for unpacked
+  # rows like the benchmark's (one example per row); "segments" is what packed rows need.
+  attention_mask: str = "causal"
   attention: str = ""  # rmjax attention: "" (auto: cuDNN on a GPU when it applies, else XLA), "xla", "cudnn"
   opt_state_dtype: str = "float32"  # rmjax Adam moments (mu and nu) dtype
   remat_name: str = ""  # rmjax remat policy by name ("" = "full" if remat else "none")
@@ -113,7 +116,7 @@ class BenchSettings:
       raise ValueError(f"seq_len={self.seq_len} exceeds the {self.preset} preset's "
                        f"max_position_embeddings={cfg.max_position_embeddings}")
     return cfg.replace(compute_dtype=self.dtype, remat=self.remat_policy,
-                       attention_impl=self.attention or None,
+                       attention_impl=self.attention or None, attention_mask=self.attention_mask,
                        lora_rank=self.lora_rank if mode == "lora" else 0, lora_alpha=self.lora_alpha,
                        marker_id=cfg.vocab_size - 1)
 

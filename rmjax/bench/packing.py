@@ -7,7 +7,8 @@ buys with the real jitted train step: the same examples are stepped through once
 rows and once as packed rows of `--row` tokens, with `--batch` rows per step either way, every
 batch shape compiled before timing. Both layouts are the training pipeline's own: bucketed
 padding, and the streaming packer with its lookahead (`render.pack_stream`, the same
-`pack_batch` the pipeline's iterator calls).
+`pack_batch` the pipeline's iterator calls); each with the attention training uses for it
+(unpacked rows causal attention alone, packed rows the segment mask; train/build.py).
 
 Lengths are SYNTHETIC, PRM800K-like: log-normal with median `--median` tokens (default 450,
 sigma 0.6), clipped to [--min-length, row]; one marker per ~50 tokens (PRM800K steps are
@@ -27,6 +28,7 @@ a third of the row, lengths and buckets:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -111,20 +113,29 @@ def main(argv: Sequence[str] | None = None) -> int:
   if list(buckets) != sorted(set(buckets)) or buckets[-1] != args.row:
     p.error(f"--buckets {args.buckets!r}: expected increasing lengths ending at --row {args.row}")
   device = jax.devices()[0]
-  settings = common.BenchSettings(preset=args.preset, seq_len=args.row, batch=args.batch,
+  # dtype "auto": bf16 on an accelerator, as in `python -m rmjax.bench` (BenchSettings' own
+  # default is float32, which on a GPU also rules out cuDNN attention).
+  settings = common.BenchSettings(preset=args.preset, seq_len=args.row, batch=args.batch, dtype="auto",
                                   seed=args.seed).on_device(device.platform != "cpu")
   cfg = settings.model_config(args.mode)
   examples = synthetic_examples(args.examples, args.row, args.median, cfg.marker_id, args.seed, args.min_length)
   max_markers = args.row // TOKENS_PER_MARKER + 1
-  steps, state, mesh = jax_impl.build(settings, args.mode, device)
+  # Each layout runs the step training gives it (train/build.py): packed rows the segment mask,
+  # unpacked rows causal attention alone. One state serves both (the mask is not a parameter).
+  steps = {}
+  steps["packed"], state, mesh = jax_impl.build(dataclasses.replace(settings, attention_mask="segments"),
+                                                args.mode, device)
+  steps["unpacked"], _ = jax_impl.build_abstract(settings, args.mode, device,
+                                                 cfg=cfg.replace(attention_mask="causal"))
   results = {}
   for name, batches in layouts(examples, args.row, args.batch, max_markers, args.lookahead, buckets).items():
-    seconds, state = time_layout(steps, state, batches, mesh)
+    seconds, state = time_layout(steps[name], state, batches, mesh)
     markers = sum(common.supervised_markers(b) for b in batches)
     real = sum(common.non_pad_tokens(b) for b in batches)
     slots = sum(b["input_ids"].size for b in batches)
     results[name] = markers / seconds
-    layout = {"buckets": list(buckets)} if name == "unpacked" else {"lookahead": args.lookahead}
+    layout = ({"buckets": list(buckets), "attention_mask": "causal"} if name == "unpacked"
+              else {"lookahead": args.lookahead, "attention_mask": "segments"})
     print(json.dumps({"layout": name, **layout, "preset": args.preset, "mode": args.mode,
                       "device": device.device_kind, "examples": len(examples), "steps": len(batches),
                       "seconds": round(seconds, 4), "markers": markers, "real_tokens": real,

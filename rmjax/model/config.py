@@ -72,6 +72,10 @@ class ModelConfig:
   compute_dtype: str = "float32"
   remat: str = "none"
   attention_impl: str | None = None  # None (auto: cuDNN on a GPU when it applies, else XLA) / "xla" / "cudnn"
+  # "segments": causal within each nonzero segment id (packed rows need it). "causal": causal
+  # only, no mask array: exact for rows holding one example from position 0 with padding at the
+  # end (real tokens never see the padding), and lets cuDNN run its plain causal kernel.
+  attention_mask: str = "segments"
   scan_unroll: int = 1  # layers per iteration of the layer scan; num_layers unrolls it (cost analysis)
   lora_rank: int = 0
   lora_alpha: float = 32.0
@@ -93,6 +97,8 @@ class ModelConfig:
         raise ValueError(f"{name}={getattr(self, name)!r}; choose from {', '.join(DTYPES)}")
     if self.attention_impl not in (None, "xla", "cudnn"):
       raise ValueError(f"attention_impl={self.attention_impl!r}; choose None, 'xla' or 'cudnn'")
+    if self.attention_mask not in ("segments", "causal"):
+      raise ValueError(f"attention_mask={self.attention_mask!r}; choose 'segments' or 'causal'")
     if not 1 <= self.scan_unroll <= max(self.num_layers, 1):
       raise ValueError(f"scan_unroll={self.scan_unroll} must be in [1, num_layers={self.num_layers}]")
     if isinstance(self.lora_targets, list):

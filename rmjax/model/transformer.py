@@ -233,7 +233,7 @@ class Decoder(nn.Module):
     cfg = self.cfg
     x_BTD = Embed(cfg, name="embed")(input_ids_BT)
     cos_BTH, sin_BTH = rope_cos_sin(cfg, positions_BT)
-    mask_B1TT = attention_mask(segment_ids_BT)
+    mask_B1TT = attention_mask(segment_ids_BT) if cfg.attention_mask == "segments" else None
     layers = nn.scan(_layer_class(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                      unroll=cfg.scan_unroll)

@@ -58,8 +58,12 @@ def model_overrides(spec: Any) -> dict[str, Any]:
   """ModelConfig fields the spec controls on top of the backbone's own architecture."""
   m = spec.model
   lora = spec.mode == "lora"
+  # Unpacked rows hold one example from position 0, padded at the end: causal attention alone is
+  # exact there and runs cuDNN's plain causal kernel (measured 1.09x the full step on an H100).
+  # Packed rows need the segment mask. Scoring and evaluation rows are unpacked either way.
   return dict(param_dtype=str(m.param_dtype), compute_dtype=str(m.compute_dtype), remat=str(m.remat),
               attention_impl=str(m.attention_impl) or None,
+              attention_mask="segments" if bool(spec.data.pack) else "causal",
               lora_rank=int(spec.lora.rank) if lora else 0, lora_alpha=float(spec.lora.alpha),
               lora_targets=tuple(spec.lora.targets))
 
