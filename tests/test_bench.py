@@ -231,6 +231,34 @@ def test_profile_classifies_ops_by_kind_direction_and_component():
     ("fwd", "matmul", "layers/mlp/up_proj"), ("bwd", "copy/transpose", "layers/mlp"), ("fwd", "other", "head")]
 
 
+def test_profile_counts_only_gpu_kernels_and_matches_them_to_hlo_by_name(tmp_path):
+  """A GPU trace (event layout and kernel names as an H100 run of the bench wrote them): the host
+  thread's events are not ops, a fusion kernel under a CUDA graph is found by its own name, and
+  cuBLAS / cuDNN library kernels are matmul / attention with no HLO instruction to name."""
+  import gzip
+  from rmjax.bench import profile
+  trace = {"traceEvents": [
+    {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+    {"ph": "M", "pid": 701, "name": "process_name", "args": {"name": "/host:CPU"}},
+    {"ph": "X", "pid": 701, "tid": 3, "name": "PjitFunction(_train_step)", "dur": 4000.0, "args": {}},
+    {"ph": "X", "pid": 1, "tid": 14, "name": "loop_select_fusion_11", "dur": 200.0,
+     "args": {"hlo_module": "jit__train_step", "hlo_op": "command_buffer_1"}},
+    {"ph": "X", "pid": 1, "tid": 14, "name": "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NTT", "dur": 500.0,
+     "args": {"hlo_op": "command_buffer_9"}},
+    {"ph": "X", "pid": 1, "tid": 14, "name": "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_3",
+     "dur": 250.0, "args": {"hlo_op": "command_buffer_9"}},
+    {"ph": "X", "pid": 1, "tid": 14, "name": "memcpy128", "dur": 50.0, "args": {"hlo_op": "command_buffer_16"}}]}
+  (tmp_path / "plugins").mkdir()
+  with gzip.open(tmp_path / "plugins" / "perfetto_trace.json.gz", "wt") as fh:
+    json.dump(trace, fh)
+  names = profile.op_names('  %loop_select_fusion.11 = f32[8]{0} fusion(%p), metadata={op_name="jit(_train_step)/'
+                           'optimizer/select_n"}')
+  s = profile.summarize(profile.load_trace_events(tmp_path), names)
+  assert s["op_time_ms"] == 1.0  # the host's 4 ms launch is not device time
+  assert s["by_kind"] == {"matmul": 0.5, "attention": 0.25, "other": 0.2, "copy/transpose": 0.05}
+  assert s["by_direction"] == {"unattributed": 0.8, "fwd": 0.2}
+
+
 def test_profile_option_traces_a_real_step(tmp_path, capsys):
   rc = bench_main.main([*TINY_ARGS, "--mode", "full", "--impl", "rmjax", "--no-isolate", "--no-flops",
                         "--profile", str(tmp_path)])
@@ -239,7 +267,7 @@ def test_profile_option_traces_a_real_step(tmp_path, capsys):
   prof = record["profile"]
   assert prof["op_time_ms"] > 0 and list((tmp_path / "rmjax-full").rglob("perfetto_trace.json.gz"))
   assert sum(prof["by_kind"].values()) == pytest.approx(1.0, abs=1e-3)
-  assert prof["by_kind"]["matmul"] > 0 and set(prof["by_direction"]) == {"fwd", "bwd"}
+  assert prof["by_kind"]["matmul"] > 0 and {"fwd", "bwd"} <= set(prof["by_direction"])
   assert any(t["component"].startswith("layers/") for t in prof["top"])
 
 

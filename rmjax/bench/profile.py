@@ -6,11 +6,17 @@ takes. `python -m rmjax.bench --profile DIR` traces one extra step of the rmjax 
 record. The summary joins the trace's op events (one per executed HLO instruction: fusions,
 dots, copies) with the compiled HLO's `op_name` metadata, so each microsecond is attributed to
 
-  kind       matmul (dots, YNNPACK / cuBLAS / cuDNN calls), copy/transpose (layout changes),
-             other (elementwise and reduction fusions, slices, scan bookkeeping);
-  direction  bwd when jax's transpose of the forward produced the op, else fwd (optimizer
-             updates count as fwd: they are not under transpose(jvp(...)));
+  kind       matmul (dots, YNNPACK / cuBLAS / Triton GEMM kernels), attention (cuDNN's fused
+             attention kernels), copy/transpose (layout changes, memcpy), other (elementwise and
+             reduction fusions, slices, scan bookkeeping);
+  direction  bwd when jax's transpose of the forward produced the op, fwd otherwise (optimizer
+             updates count as fwd: they are not under transpose(jvp(...))), unattributed when
+             the kernel names no HLO instruction (cuBLAS and cuDNN library kernels on a GPU);
   component  the innermost model scope (layers/mlp/up_proj, layers/attn, head, ...).
+
+On a GPU the trace also holds the host's threads; only the device's kernels are counted, and
+a kernel is matched to its HLO instruction by name (XLA names a fusion's kernel after the
+fusion, "." written "_"), since under CUDA graphs every kernel's hlo_op is the command buffer.
 
 The raw trace stays in DIR for TensorBoard's profile plugin or Perfetto.
 """
@@ -28,7 +34,8 @@ from typing import Any, Mapping
 _WRAPPERS = ("ThunkExecutor", "SlinkyThreadPool", "PjRt", "Pjrt", "$")
 _INSTRUCTION = re.compile(r"%([\w.\-]+) = [^\n]*?metadata=\{op_name=\"([^\"]*)\"")
 _COMPONENT = re.compile(r"(layers/(?:attn|mlp)(?:/[a-z_]+_proj)?|head|embed|marker|loss)")
-_MATMUL = ("dot", "ynn_fusion", "gemm", "cublas", "cudnn", "custom-call", "__cudnn")
+_MATMUL = ("dot", "ynn_fusion", "gemm", "cublas", "custom-call", "nvjet", "cutlass")
+_ATTENTION = ("sdpa", "fmha", "flash", "dot_product_attention", "cudnn")
 
 
 def op_names(hlo_text: str) -> dict[str, str]:
@@ -42,26 +49,43 @@ def op_names(hlo_text: str) -> dict[str, str]:
 def classify(instruction: str, op_name: str) -> tuple[str, str, str]:
   """(kind, direction, component) of one executed instruction."""
   lowered = instruction.lower()
-  if lowered.startswith(_MATMUL) or any(m in lowered for m in ("gemm", "cublas", "cudnn")):
+  if any(m in lowered for m in _ATTENTION):
+    kind = "attention"
+  elif lowered.startswith(_MATMUL) or any(m in lowered for m in ("gemm", "cublas", "nvjet", "xmma")):
     kind = "matmul"
-  elif "copy" in lowered or "transpose" in lowered:
+  elif any(m in lowered for m in ("copy", "transpose", "memcpy", "memset")):
     kind = "copy/transpose"
   else:
     kind = "other"
-  direction = "bwd" if "transpose(jvp" in op_name else "fwd"
+  direction = "bwd" if "transpose(jvp" in op_name else ("fwd" if op_name else "unattributed")
   scopes = _COMPONENT.findall(op_name)
   return kind, direction, scopes[-1] if scopes else "other"
 
 
 def load_trace_events(trace_dir: str | pathlib.Path) -> list[dict[str, Any]]:
-  """Complete ("X") events of the newest perfetto trace under `trace_dir`."""
+  """Complete ("X") events of the newest perfetto trace under `trace_dir`: the accelerator's
+  kernels where the trace has an accelerator (a "/device:GPU:0"-like process), else all."""
   files = sorted(pathlib.Path(trace_dir).rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
   if not files:
     raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
   with gzip.open(files[-1], "rt") as fh:
     data = json.load(fh)
   events = data["traceEvents"] if isinstance(data, dict) else data
-  return [e for e in events if e.get("ph") == "X" and "dur" in e]
+  devices = {e.get("pid") for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+             and str((e.get("args") or {}).get("name", "")).startswith("/device:")
+             and "CPU" not in str(e["args"]["name"])}
+  return [e for e in events if e.get("ph") == "X" and "dur" in e and (not devices or e.get("pid") in devices)]
+
+
+def instruction_of(event: Mapping[str, Any], names: Mapping[str, str]) -> str:
+  """The HLO instruction an op event ran: its hlo_op, or (GPU kernels under CUDA graphs, whose
+  hlo_op is the command buffer) the kernel's own name, "fusion_12" being "fusion.12"."""
+  hlo_op = str((event.get("args") or {}).get("hlo_op", ""))
+  if hlo_op and not hlo_op.startswith("command_buffer"):
+    return hlo_op
+  name = str(event["name"])
+  dotted = re.sub(r"_(\d+)$", r".\1", name)
+  return dotted if dotted in names else name
 
 
 def summarize(events: list[Mapping[str, Any]], names: Mapping[str, str], top: int = 12) -> dict[str, Any]:
@@ -71,7 +95,7 @@ def summarize(events: list[Mapping[str, Any]], names: Mapping[str, str], top: in
   groups: collections.Counter = collections.Counter()
   total = 0.0
   for event in events:
-    instruction = str((event.get("args") or {}).get("hlo_op", event["name"]))
+    instruction = instruction_of(event, names)
     if instruction.startswith(_WRAPPERS):
       continue
     kind, direction, component = classify(instruction, names.get(instruction, ""))
