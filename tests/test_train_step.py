@@ -291,6 +291,43 @@ def test_lora_frozen_base_and_compute_in_bfloat16():
   assert bool(m["finite"]) and state.frozen["decoder"]["embed"]["embedding"].dtype == jnp.bfloat16
 
 
+def test_casting_layer_weights_once_changes_no_value_of_a_bfloat16_step(monkeypatch):
+  """The step casts the stacked layer weights to bf16 once, before the layer scan; the layers
+  cast at use anyway, so gradients are bit-identical to the uncast model's, and the step's
+  losses and gradient norms equal the uncast step's (its float32 params to rounding: XLA may
+  fuse the optimizer's arithmetic differently around the cast)."""
+  model, _, _, state, _ = setup(mode="full", mesh_cfg=(1, 1, 1), devices=jax.devices()[:1],
+                                compute_dtype="bfloat16")
+  b = {k: jnp.asarray(v) for k, v in make_batch(20).items()}
+
+  def loss(params, cast):
+    params = sp.cast_layer_weights(params, "bfloat16") if cast else params
+    logits = model.apply({"params": params}, b["input_ids"], b["positions"], b["segment_ids"],
+                         b["marker_positions"], deterministic=True)
+    return sp.masked_loss_sum(logits, b["targets"], b["target_mask"], "mse")
+
+  layers = sp.cast_layer_weights(state.params, "bfloat16")["decoder"]["layers"]
+  assert {x.dtype for x in jax.tree.leaves(layers)} == {jnp.dtype(jnp.bfloat16)}  # it does cast
+  assert_trees_equal(jax.jit(jax.grad(lambda p: loss(p, True)))(state.params),
+                     jax.jit(jax.grad(lambda p: loss(p, False)))(state.params))
+
+  def two_steps():
+    _, _, _, state, steps = setup(mode="full", mesh_cfg=(1, 1, 1), devices=jax.devices()[:1],
+                                  compute_dtype="bfloat16")
+    metrics = []
+    for i in range(2):
+      state, m = steps.train_step(state, make_batch(20 + i))
+      metrics.append((float(m["loss"]), float(m["grad_norm"])))
+    return metrics, snapshot(state.params)
+
+  cast_metrics, cast_params = two_steps()
+  monkeypatch.setattr(sp, "cast_layer_weights", lambda trainable, dtype: trainable)
+  plain_metrics, plain_params = two_steps()
+  assert cast_metrics == plain_metrics
+  for x, y in zip(jax.tree.leaves(cast_params), jax.tree.leaves(plain_params), strict=True):
+    np.testing.assert_allclose(x, y, atol=1e-7, rtol=1e-6)
+
+
 def test_grad_accumulation_matches_one_big_batch():
   results = []
   for k in (1, 4):
