@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from rmjax.model.config import ModelConfig
 
@@ -41,6 +42,21 @@ def _dots_and_attention_saveable(prim, *avals, **params) -> bool:
           or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params))
 
 
+# Proj outputs saved by "projections_and_attention_saveable" (down_proj's feeds only the residual
+# sum, whose backward needs no values).
+_SAVED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj")
+_save_projections = jax.checkpoint_policies.save_only_these_names(*_SAVED_PROJECTIONS)
+
+
+def _projections_and_attention_saveable(prim, *avals, **params) -> bool:
+  """Each projection's OUTPUT (the LoRA sum included, named in `Proj`) and cuDNN attention's
+  outputs; norms, rope, SwiGLU and LoRA's rank-r products are recomputed. Unlike the dots
+  policies it does not save every dot's output: under LoRA a projection is three dots (x W,
+  x A, (x A) B), two of them full-size, so they save twice the activations a projection needs,
+  and the backward pass copies each saved value out of its layer stack."""
+  return prim.name in _CUDNN_ATTENTION_FWD or _save_projections(prim, *avals, **params)
+
+
 _REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
   "full": None,
   "nothing_saveable": None,
@@ -48,6 +64,7 @@ _REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
   "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
   "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
   "dots_and_attention_saveable": _dots_and_attention_saveable,
+  "projections_and_attention_saveable": _projections_and_attention_saveable,
 }
 
 
@@ -151,7 +168,8 @@ class Proj(nn.Module):
       a = self.param("lora_a", _LORA_A_INIT, (x.shape[-1], cfg.lora_rank), jnp.float32)
       b = self.param("lora_b", nn.initializers.zeros, (cfg.lora_rank, self.features), jnp.float32)
       y = y + (cfg.lora_alpha / cfg.lora_rank) * jnp.dot(jnp.dot(x, a.astype(cdt)), b.astype(cdt))
-    return y.reshape(*lead, self.features)
+    # A name for remat policies (identity otherwise): the projection's output, LoRA included.
+    return checkpoint_name(y, self.name).reshape(*lead, self.features)
 
 
 class Embed(nn.Module):
