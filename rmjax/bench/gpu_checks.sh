@@ -12,21 +12,26 @@
 # checks that finished, so give them in order of value. Checks:
 #   full_dots        full fine-tuning, best known setting (bf16 Adam moments,
 #                    dots_with_no_batch_dims_saveable), with a profile summary of the step (where
-#                    the GPU time goes); MFU target 45%
+#                    the GPU time goes); MFU target 45% (session 4: 0.443)
 #   lora_dots_attn   LoRA saving dots and cuDNN attention outputs (the speed setting): tokens/s vs
-#                    full_dots (target 1.4x). Compiled for an H100: no matmul and no attention
-#                    forward recomputed, 431 GB moved per step, peak 33 GB
-#   lora_remat       LoRA with full remat: peak device memory at batch 4 (target 16 GB; compiled
-#                    peak 10.4 GB)
-#   full_dots_cublas full_dots with cuBLAS instead of XLA's Triton GEMM fusions (XLA_FLAGS): the
-#                    deviceless compile made every matmul a Triton fusion, a real GPU autotunes it
+#                    full_dots (target 1.4x; session 4: 1.39x)
+#   lora_proj_attn   LoRA saving each projection's output and cuDNN attention's (not every dot's):
+#                    compiled for an H100, 410 GB moved instead of 426, peak 28 GB instead of 33
+#   lora_remat       LoRA with full remat: peak device memory at batch 4 (target 16 GB; session 4:
+#                    10,659 MB)
+#   full_dots_cublas full_dots with cuBLAS for every GEMM (XLA_FLAGS; session 4: slower)
 #   torch_full       the torch reference, full fine-tuning with remat, for the same-session ratio
-#   packing          packing vs padded rows on the 4B shape (target 2x supervised markers/s)
+#   packing          packing vs padded rows on the 4B shape (target 2x supervised markers/s;
+#                    session 4: 2.21x while both layouts ran the segment mask)
 #   loop             the training loop on a Qwen3-4B-shaped random backbone (the demo's synthetic
 #                    PRM800K data, packed rows of 2048): train/data_wait_frac, the share of step
-#                    time spent waiting for data (target < 5%), into data_wait.json
-# Groups: bench = full_dots lora_dots_attn lora_remat full_dots_cublas; data = packing loop;
-# all = full_dots lora_dots_attn lora_remat loop packing full_dots_cublas torch_full.
+#                    time spent waiting for data (target < 5%), with the prefetch thread's read and
+#                    place times, into data_wait.json (session 4: 6.2% on one machine, 0.03% on
+#                    the next)
+# The rmjax bench rows hold one example each, so they run causal attention alone (the bench's
+# default --attention-mask, as training does for unpacked rows).
+# Groups: bench = full_dots lora_dots_attn lora_proj_attn lora_remat full_dots_cublas; data = packing
+# loop; all = full_dots lora_dots_attn lora_proj_attn lora_remat loop packing torch_full full_dots_cublas.
 # Usage (repository root, jax with CUDA + the project installed or on PYTHONPATH):
 #   OUT=/tmp/gpu-out DEADLINE_S=540 bash rmjax/bench/gpu_checks.sh all
 #   SMOKE=1 OUT=/tmp/smoke bash rmjax/bench/gpu_checks.sh all   # tiny shapes, any CPU: checks the script
@@ -82,6 +87,9 @@ check() {
     lora_dots_attn)
       run lora_dots_attn 120 python -m rmjax.bench "${BASE[@]}" --impl rmjax --mode lora \
         --remat-policy dots_and_attention_saveable ;;
+    lora_proj_attn)
+      run lora_proj_attn 120 python -m rmjax.bench "${BASE[@]}" --impl rmjax --mode lora \
+        --remat-policy projections_and_attention_saveable ;;
     lora_remat)
       run lora_remat 120 python -m rmjax.bench "${BASE[@]}" --impl rmjax --mode lora --remat ;;
     full_dots_cublas)
@@ -106,8 +114,8 @@ import json, pathlib, sys
 path = pathlib.Path(sys.argv[1]) / "demo-lora/logs/metrics.jsonl"
 rows = [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
 rows = [r for r in rows if "train/data_wait_frac" in r][1:]  # the first window includes compilation
-print(json.dumps({"steps": [r["step"] for r in rows], "data_wait_frac": [r["train/data_wait_frac"] for r in rows],
-                  "tokens_per_s": [r["train/tokens_per_s"] for r in rows]}))
+print(json.dumps({key: [r.get(f"train/{key}") for r in rows] for key in
+                  ("data_wait_frac", "data_read_ms", "data_place_ms", "tokens_per_s")} | {"steps": [r["step"] for r in rows]}))
 PY
       rm -rf "$WORK/run/demo-lora/checkpoints" ;;
     *) echo "gpu_checks.sh: unknown check '$1'" >&2; exit 2 ;;
@@ -116,9 +124,9 @@ PY
 
 for arg in "$@"; do
   case "$arg" in
-    bench) names="full_dots lora_dots_attn lora_remat full_dots_cublas" ;;
+    bench) names="full_dots lora_dots_attn lora_proj_attn lora_remat full_dots_cublas" ;;
     data) names="packing loop" ;;
-    all) names="full_dots lora_dots_attn lora_remat loop packing full_dots_cublas torch_full" ;;
+    all) names="full_dots lora_dots_attn lora_proj_attn lora_remat loop packing torch_full full_dots_cublas" ;;
     *) names=$arg ;;
   esac
   for name in $names; do check "$name"; tar -czf "$OUT/gpu_checks.tgz" -C "$WORK" .; done
