@@ -45,6 +45,7 @@ from rmjax.progress import Progress
 from rmjax.run_logging import RunLogger
 from rmjax.train import build
 from rmjax.train.optim import OptimConfig, param_counts
+from rmjax.train.device_idle import DeviceIdleMeter
 from rmjax.train.prefetch import DevicePrefetcher
 from rmjax.train.state import create_train_state
 from rmjax.train.step import EVAL_KEYS, Steps, device_batch, make_steps
@@ -321,11 +322,14 @@ class Trainer:
       "train/loss": float(host["loss"]), "train/learning_rate": float(host["learning_rate"]),
       "train/grad_norm": float(host["grad_norm"]), "train/tokens_per_s": window["tokens"] / elapsed,
       "train/data_wait_frac": min(window["data_wait"] / elapsed, 1.0),
+      # What the device lost: time with no step queued (a host wait shorter than the step in
+      # flight costs nothing; train/device_idle.py).
+      "train/device_idle_frac": min(window["device_idle"] / elapsed, 1.0),
       # Where a wait comes from: the prefetch thread's time per batch in the pipeline and in
       # placing it on the devices (both overlap the device's work unless data_wait_frac says not).
       "train/data_read_ms": 1e3 * window["data_read"] / max(window["steps"], 1),
       "train/data_place_ms": 1e3 * window["data_place"] / max(window["steps"], 1)})
-    window.update(start=now, tokens=0.0, data_wait=0.0, data_read=0.0, data_place=0.0, steps=0)
+    window.update(start=now, tokens=0.0, data_wait=0.0, data_read=0.0, data_place=0.0, device_idle=0.0, steps=0)
     return float(host["loss"])
 
   def run(self) -> dict[str, Any]:
@@ -335,10 +339,11 @@ class Trainer:
     stop = _StopFlag(self.process_count)
     pending: tuple[int, Any, float, dict] | None = None  # step, device metrics, tokens, data times
     window = {"start": time.perf_counter(), "tokens": 0.0, "data_wait": 0.0, "data_read": 0.0,
-              "data_place": 0.0, "steps": 0}
+              "data_place": 0.0, "device_idle": 0.0, "steps": 0}
     step = start
     self.logger.log(f"Training steps {start + 1}..{max_steps} in {self.run_dir}")
-    with stop.installed(), Progress(max_steps, initial=start, is_main_process=self.is_main) as bar:
+    with (stop.installed(), Progress(max_steps, initial=start, is_main_process=self.is_main) as bar,
+          DeviceIdleMeter() as idle):
       interrupted = False
       while step < max_steps and not (interrupted := stop.should_stop()):
         t0 = time.perf_counter()
@@ -351,6 +356,7 @@ class Trainer:
         if placed is None:
           placed = device_batch(self._same_length(batch), self.mesh)
         self.state, metrics = self.steps.train_step(self.state, placed)
+        data_times["device_idle"] = idle.dispatched(metrics)
         step += 1
         if pending is not None:  # step N is queued; now read step N-1 (the device stays busy)
           bar.update(pending[0], loss=self._log_train(*pending, window))
@@ -359,6 +365,7 @@ class Trainer:
         eval_due = is_last or (eval_every > 0 and step % eval_every == 0)
         save_due = is_last or (save_every > 0 and step % save_every == 0)
         if eval_due or save_due:
+          idle.pause()  # evaluation and checkpoints stall training on purpose
           # Read this step now: a checkpoint or eval must never follow an unseen non-finite step.
           bar.update(step, loss=self._log_train(*pending, window))
           pending = None
