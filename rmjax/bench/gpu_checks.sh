@@ -25,9 +25,10 @@
 #                    session 4: 2.21x while both layouts ran the segment mask)
 #   loop             the training loop on a Qwen3-4B-shaped random backbone (the demo's synthetic
 #                    PRM800K data, packed rows of 2048): train/data_wait_frac, the share of step
-#                    time spent waiting for data (target < 5%), with the prefetch thread's read and
-#                    place times, into data_wait.json (session 4: 6.2% on one machine, 0.03% on
-#                    the next)
+#                    time the host spent waiting for data, train/device_idle_frac, the share the
+#                    device had no step queued (target < 5%), and the prefetch thread's read and
+#                    place times, into data_wait.json (session 4, host wait only: 6.2% on one
+#                    machine, 0.03% on the next, at the same tokens/s)
 # The rmjax bench rows hold one example each, so they run causal attention alone (the bench's
 # default --attention-mask, as training does for unpacked rows).
 # Groups: bench = full_dots lora_dots_attn lora_proj_attn lora_remat full_dots_cublas; data = packing
@@ -115,7 +116,8 @@ path = pathlib.Path(sys.argv[1]) / "demo-lora/logs/metrics.jsonl"
 rows = [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
 rows = [r for r in rows if "train/data_wait_frac" in r][1:]  # the first window includes compilation
 print(json.dumps({key: [r.get(f"train/{key}") for r in rows] for key in
-                  ("data_wait_frac", "data_read_ms", "data_place_ms", "tokens_per_s")} | {"steps": [r["step"] for r in rows]}))
+                  ("data_wait_frac", "device_idle_frac", "data_read_ms", "data_place_ms", "tokens_per_s")}
+                 | {"steps": [r["step"] for r in rows]}))
 PY
       rm -rf "$WORK/run/demo-lora/checkpoints" ;;
     *) echo "gpu_checks.sh: unknown check '$1'" >&2; exit 2 ;;
