@@ -176,7 +176,8 @@ def run(settings: common.BenchSettings, mode: str) -> dict[str, Any]:
             "batch": settings.batch, "dtype": settings.dtype, "remat": settings.remat_policy,
             "opt_state_dtype": settings.opt_state_dtype, "frozen_dtype": settings.frozen_dtype,
             "attention": cfg.attention_impl or f"auto:{auto_attention_impl(cfg, cfg.compute_dtype)}",
-            "attention_mask": cfg.attention_mask, "device": device.device_kind, "analysis_only": True, "target": settings.target or None,
+            "attention_mask": cfg.attention_mask, "device": device.device_kind, "analysis_only": True,
+            "target": settings.target or None,
             "model_flops": common.mean_model_flops(cfg, settings, host_batches[:1], mode),
             **analysis, **compiled_peak(analysis)}
     return with_ratio(record)

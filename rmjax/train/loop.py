@@ -44,8 +44,8 @@ from rmjax.model.confidence import ConfidenceModel
 from rmjax.progress import Progress
 from rmjax.run_logging import RunLogger
 from rmjax.train import build
-from rmjax.train.optim import OptimConfig, param_counts
 from rmjax.train.device_idle import DeviceIdleMeter
+from rmjax.train.optim import OptimConfig, param_counts
 from rmjax.train.prefetch import DevicePrefetcher
 from rmjax.train.state import create_train_state
 from rmjax.train.step import EVAL_KEYS, Steps, device_batch, make_steps
