@@ -17,6 +17,9 @@
 #                    full_dots (target 1.4x; session 4: 1.39x)
 #   lora_proj_attn   LoRA saving each projection's output and cuDNN attention's (not every dot's):
 #                    compiled for an H100, 410 GB moved instead of 426, peak 28 GB instead of 33
+#   lora_dots_attn_dsf  lora_dots_attn with XLA's dynamic-slice fusion (XLA_FLAGS; in no group): the
+#                    H100 profile shows 936 device copies per LoRA step (27.5 ms), slices of the
+#                    saved layer stacks copied out for cuBLAS; the flag may let GEMMs read them in place
 #   lora_remat       LoRA with full remat: peak device memory at batch 4 (target 16 GB; session 4:
 #                    10,659 MB)
 #   full_dots_cublas full_dots with cuBLAS for every GEMM (XLA_FLAGS; session 4: slower)
@@ -91,6 +94,9 @@ check() {
     lora_proj_attn)
       run lora_proj_attn 120 python -m rmjax.bench "${BASE[@]}" --impl rmjax --mode lora \
         --remat-policy projections_and_attention_saveable ;;
+    lora_dots_attn_dsf)
+      XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true" run lora_dots_attn_dsf 120 \
+        python -m rmjax.bench "${BASE[@]}" --impl rmjax --mode lora --remat-policy dots_and_attention_saveable ;;
     lora_remat)
       run lora_remat 120 python -m rmjax.bench "${BASE[@]}" --impl rmjax --mode lora --remat ;;
     full_dots_cublas)
