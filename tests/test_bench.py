@@ -1,6 +1,7 @@
 """Tests for `python -m rmjax.bench`: records, ratios, batches and the analytic FLOP count."""
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -373,3 +374,31 @@ def test_packing_bench_steps_the_same_examples_in_both_layouts(capsys):
     packed["markers_per_s"] / unpacked["markers_per_s"])
   with pytest.raises(SystemExit):
     packing.main(["--preset", "tiny", "--row", "64", "--buckets", "16,32"])
+
+
+@pytest.mark.slow
+def test_prepared_gpu_checks_run_end_to_end_on_tiny_shapes(tmp_path):
+  """gpu_checks.sh is what a short GPU loan runs; a check that breaks here would waste one.
+  SMOKE=1 runs every check of "all" on tiny shapes: each must leave its JSON records (the loop
+  its data_wait.json) in the one tarball a lent command brings back."""
+  import os
+  import tarfile
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {
+    "SMOKE": "1", "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"),
+    "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run(["bash", str(root / "rmjax" / "bench" / "gpu_checks.sh"), "all"], cwd=root, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with tarfile.open(tmp_path / "out" / "gpu_checks.tgz") as tar:
+    names = set(tar.getnames())
+    checks = ("full_dots", "lora_dots_attn", "lora_proj_attn", "lora_remat", "packing", "torch_full",
+              "full_dots_cublas")
+    for check in checks:
+      assert f"./{check}.jsonl" in names, check
+      records = [json.loads(line) for line in tar.extractfile(f"./{check}.jsonl").read().decode().splitlines()
+                 if line.startswith("{")]
+      assert records and not any("error" in r for r in records), (check, records)
+    waits = json.loads(tar.extractfile("./data_wait.json").read())
+  assert waits["steps"] and len(waits["device_idle_frac"]) == len(waits["steps"])
+  assert "skipped" not in proc.stderr
