@@ -222,14 +222,18 @@ def test_profile_classifies_ops_by_kind_direction_and_component():
     '  %add_fusion = f32[8]{0} fusion(%d), metadata={op_name="jit(_train_step)/head/add"}'])
   names = profile.op_names(hlo)
   assert names["dot.1"].endswith("up_proj/dot_general") and set(names) == {"dot.1", "copy_fusion.2", "add_fusion"}
-  events = [{"name": "dot.1", "dur": 600.0}, {"name": "copy_fusion.2", "dur": 300.0},
-            {"name": "add_fusion", "dur": 100.0}, {"name": "ThunkExecutor::Execute", "dur": 5000.0}]
+  op = lambda name, dur: {"name": name, "dur": dur, "args": {"hlo_op": name, "hlo_module": "jit__train_step"}}
+  events = [op("dot.1", 600.0), op("copy_fusion.2", 300.0), op("add_fusion", 100.0),
+            op("while.7", 900.0),  # the layer loop spans the ops above: counting it would count them twice
+            {"name": "ThunkExecutor::Execute", "dur": 5000.0, "args": {}}]  # not an XLA op
   s = profile.summarize(events, names)
-  assert s["op_time_ms"] == 1.0  # the executor wrapper is not an op
+  assert s["op_time_ms"] == 1.0
   assert s["by_kind"] == {"matmul": 0.6, "copy/transpose": 0.3, "other": 0.1}
   assert s["by_direction"] == {"fwd": 0.7, "bwd": 0.3}
   assert [(t["direction"], t["kind"], t["component"]) for t in s["top"]] == [
     ("fwd", "matmul", "layers/mlp/up_proj"), ("bwd", "copy/transpose", "layers/mlp"), ("fwd", "other", "head")]
+  assert s["top_kernels"] == [{"kernel": "dot", "ms": 0.6, "count": 1}, {"kernel": "copy_fusion", "ms": 0.3, "count": 1},
+                              {"kernel": "add_fusion", "ms": 0.1, "count": 1}]
 
 
 def test_profile_counts_only_gpu_kernels_and_matches_them_to_hlo_by_name(tmp_path):
@@ -258,6 +262,8 @@ def test_profile_counts_only_gpu_kernels_and_matches_them_to_hlo_by_name(tmp_pat
   assert s["op_time_ms"] == 1.0  # the host's 4 ms launch is not device time
   assert s["by_kind"] == {"matmul": 0.5, "attention": 0.25, "other": 0.2, "copy/transpose": 0.05}
   assert s["by_direction"] == {"unattributed": 0.8, "fwd": 0.2}
+  assert [(k["kernel"], k["count"]) for k in s["top_kernels"]][:2] == [
+    ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NTT", 1), ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob", 1)]
 
 
 def test_profile_option_traces_a_real_step(tmp_path, capsys):

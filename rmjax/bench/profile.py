@@ -30,8 +30,8 @@ import pathlib
 import re
 from typing import Any, Mapping
 
-# Trace events that are wrappers around the ops (executor, thread pool, Python frames).
-_WRAPPERS = ("ThunkExecutor", "SlinkyThreadPool", "PjRt", "Pjrt", "$")
+# HLO ops that span the ops they run (counting them would count their bodies twice).
+_CONTROL_FLOW = ("while", "conditional", "call")
 _INSTRUCTION = re.compile(r"%([\w.\-]+) = [^\n]*?metadata=\{op_name=\"([^\"]*)\"")
 _COMPONENT = re.compile(r"(layers/(?:attn|mlp)(?:/[a-z_]+_proj)?|head|embed|marker|loss)")
 _MATMUL = ("dot", "ynn_fusion", "gemm", "cublas", "custom-call", "nvjet", "cutlass")
@@ -89,20 +89,29 @@ def instruction_of(event: Mapping[str, Any], names: Mapping[str, str]) -> str:
 
 
 def summarize(events: list[Mapping[str, Any]], names: Mapping[str, str], top: int = 12) -> dict[str, Any]:
-  """Op time by kind, by direction, and the `top` (direction, kind, component) groups."""
+  """Op time by kind, by direction, the `top` (direction, kind, component) groups, and the `top`
+  kernels by name (a fusion's trailing number dropped, so one row sums it over the layers; on a
+  GPU these name library kernels too, which no HLO instruction does). Only events of XLA ops
+  count: they carry an `hlo_op` argument; loops around other ops do not count."""
   by_kind: collections.Counter = collections.Counter()
   by_direction: collections.Counter = collections.Counter()
   groups: collections.Counter = collections.Counter()
   total = 0.0
+  kernels: collections.Counter = collections.Counter()
+  launches: collections.Counter = collections.Counter()
   for event in events:
+    hlo_op = str((event.get("args") or {}).get("hlo_op", ""))
+    if not hlo_op or hlo_op.split(".")[0] in _CONTROL_FLOW:
+      continue  # not an XLA op (Python, dispatch, executor events), or a loop around ops
     instruction = instruction_of(event, names)
-    if instruction.startswith(_WRAPPERS):
-      continue
     kind, direction, component = classify(instruction, names.get(instruction, ""))
     dur = float(event["dur"])
     by_kind[kind] += dur
     by_direction[direction] += dur
     groups[(direction, kind, component)] += dur
+    kernel = re.sub(r"[_.]\d+$", "", str(event["name"]))  # one row for every layer's copy
+    kernels[kernel] += dur
+    launches[kernel] += 1
     total += dur
   share = lambda us: round(us / total, 4) if total else None
   return {
@@ -111,6 +120,8 @@ def summarize(events: list[Mapping[str, Any]], names: Mapping[str, str], top: in
     "by_direction": {k: share(v) for k, v in by_direction.most_common()},
     "top": [{"direction": d, "kind": k, "component": c, "ms": round(v / 1e3, 3), "share": share(v)}
             for (d, k, c), v in groups.most_common(top)],
+    "top_kernels": [{"kernel": k[:80], "ms": round(v / 1e3, 3), "count": launches[k]}
+                    for k, v in kernels.most_common(top)],
   }
 
 
