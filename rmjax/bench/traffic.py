@@ -5,9 +5,9 @@ Why it exists: without a GPU to time on, the optimized HLO still says what the s
 `*after_optimizations.txt`; this sums, for every op the step executes, the bytes of its
 operands and results, multiplying ops inside the layer loops by their trip counts. The total is
 an upper bound on the device memory traffic (caches can serve some reads), so comparing two
-settings shows which moves less: for Qwen3-4B LoRA at 4 x 2048 on an H100, saving dots and
-cuDNN attention outputs moves 431 GB per step, no remat 522 GB (it stores and reloads every
-elementwise value). It also counts what is easy to miss in a profile: cuDNN attention forwards
+settings shows which moves less: for Qwen3-4B LoRA at 4 x 2048 on an H100 (the command below),
+saving dots and cuDNN attention outputs moves 426 GB per step, no remat 518 GB (it stores and
+reloads every elementwise value). It also counts what is easy to miss in a profile: cuDNN attention forwards
 run again in the backward loop, and ops XLA itself duplicated under memory pressure (".remat"
 in their names).
 

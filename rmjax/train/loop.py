@@ -127,6 +127,13 @@ class _StopFlag:
       signal.signal(signal.SIGTERM, previous)
 
 
+def _fresh_window(start: float) -> dict[str, float]:
+  """Sums over one logging window: tokens, seconds per data timing (the keys of a step's data
+  times), steps."""
+  return {"start": start, "tokens": 0.0, "data_wait": 0.0, "data_read": 0.0, "data_place": 0.0,
+          "device_idle": 0.0, "steps": 0}
+
+
 class Trainer:
   """One run: built from the spec in __init__, executed by `run()`."""
 
@@ -329,7 +336,7 @@ class Trainer:
       # placing it on the devices (both overlap the device's work unless data_wait_frac says not).
       "train/data_read_ms": 1e3 * window["data_read"] / max(window["steps"], 1),
       "train/data_place_ms": 1e3 * window["data_place"] / max(window["steps"], 1)})
-    window.update(start=now, tokens=0.0, data_wait=0.0, data_read=0.0, data_place=0.0, device_idle=0.0, steps=0)
+    window.update(_fresh_window(now))
     return float(host["loss"])
 
   def run(self) -> dict[str, Any]:
@@ -338,8 +345,7 @@ class Trainer:
     eval_every, save_every = int(self.spec.eval_steps), int(self.spec.save_steps)
     stop = _StopFlag(self.process_count)
     pending: tuple[int, Any, float, dict] | None = None  # step, device metrics, tokens, data times
-    window = {"start": time.perf_counter(), "tokens": 0.0, "data_wait": 0.0, "data_read": 0.0,
-              "data_place": 0.0, "device_idle": 0.0, "steps": 0}
+    window = _fresh_window(time.perf_counter())
     step = start
     self.logger.log(f"Training steps {start + 1}..{max_steps} in {self.run_dir}")
     with (stop.installed(), Progress(max_steps, initial=start, is_main_process=self.is_main) as bar,

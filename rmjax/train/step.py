@@ -96,7 +96,8 @@ def cast_layer_weights(trainable: dict, dtype: Any) -> dict:
   gradients (the cast's transpose); but inside the scan every kernel is cast again wherever
   remat recomputes it, and its gradient goes through a float32 stack. For full fine-tuning of
   the Qwen3-4B shape compiled for an H100 the step moves 538 -> 516 GB at the same peak memory
-  (BUILD.md). Nothing to do for LoRA (its trainable layer weights are the small adapters) or fp32.
+  (BUILD.md). Little changes for LoRA (its trainable layer weights are the small adapters) and
+  nothing for float32 compute.
   """
   layers = trainable.get("decoder", {}).get("layers") if isinstance(trainable, dict) else None
   if layers is None or jnp.dtype(dtype) == jnp.float32:
