@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -50,6 +51,26 @@ def read_jsonl(path):
 def checkpoint_steps(run_dir):
   names = os.listdir(run_dir / "checkpoints")
   return sorted(int(n.rsplit("_", 1)[1]) for n in names if n.startswith("checkpoint_step_") and "tmp" not in n)
+
+
+def test_throughput_window_leaves_out_evaluation_time(tmp_path, monkeypatch):
+  """An evaluation (or checkpoint) stalls training on purpose; the logging window that spans it
+  must not count its time as training time. The loop's clock jumps 1000 s during each evaluation:
+  counted, the window after it would report under 16 rows * 128 tokens / 1000 s ~ 2 tokens/s."""
+  offset = [0.0]
+  clock = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+  clock.perf_counter = lambda: time.perf_counter() + offset[0]
+  monkeypatch.setattr(loop, "time", clock)
+  evaluate = loop.Trainer.evaluate
+
+  def slow_evaluate(self, step):
+    offset[0] += 1000.0
+    return evaluate(self, step)
+  monkeypatch.setattr(loop.Trainer, "evaluate", slow_evaluate)
+  loop.train_and_evaluate(tiny_spec(tmp_path, max_steps=4, save_steps=0))
+  rows = {r["step"]: r for r in read_jsonl(tmp_path / "demo-full" / "logs" / "metrics.jsonl") if "train/loss" in r}
+  assert offset[0] == 2000.0  # evaluated at steps 3 and 4
+  assert rows[4]["train/tokens_per_s"] > 16 * 128 / 100.0, rows[4]
 
 
 def test_run_directory_logs_tensorboard_and_single_trace(tmp_path):

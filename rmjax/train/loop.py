@@ -339,6 +339,16 @@ class Trainer:
     window.update(_fresh_window(now))
     return float(host["loss"])
 
+  def _evaluate_and_save(self, step: int, eval_due: bool, save_due: bool) -> None:
+    """Evaluates when due, then saves when due or when keep_best has a new best."""
+    val_loss = None
+    if eval_due:
+      best_before = self.best_val_loss
+      val_loss = self.evaluate(step).get("val/loss")
+      save_due = save_due or (self.checkpointer.config.keep_best and self.best_val_loss < best_before)
+    if save_due:
+      self.save(step, val_loss)
+
   def run(self) -> dict[str, Any]:
     start = self._restore()
     max_steps = int(self.spec.max_steps)
@@ -375,13 +385,9 @@ class Trainer:
           # Read this step now: a checkpoint or eval must never follow an unseen non-finite step.
           bar.update(step, loss=self._log_train(*pending, window))
           pending = None
-        val_loss = None
-        if eval_due:
-          best_before = self.best_val_loss
-          val_loss = self.evaluate(step).get("val/loss")
-          save_due = save_due or (self.checkpointer.config.keep_best and self.best_val_loss < best_before)
-        if save_due:
-          self.save(step, val_loss)
+          paused_at = time.perf_counter()
+          self._evaluate_and_save(step, eval_due, save_due)
+          window["start"] += time.perf_counter() - paused_at  # the window times training only
       if pending is not None:
         self._log_train(*pending, window)
     if interrupted:
