@@ -47,6 +47,8 @@ def base_spec() -> ml_collections.ConfigDict:
   c.model.frozen_dtype = "bfloat16"  # LoRA only: dtype the frozen base weights are stored in
   c.model.remat = "full"             # rematerialisation per layer: "none" | "full" | "dots_saveable" | ...
   c.model.attention_impl = ""        # "" = let XLA choose | "xla" | "cudnn" (GPU flash attention)
+  c.model.scan_unroll = 1            # layers per iteration of the layer loop; 0 = no loop (on a GPU each
+                                     # layer's GEMMs read its weights in place, not copies; longer compile)
   c.model.trust_remote_code = False  # passed to the HF tokenizer/config loaders
   c.model.demo = ml_collections.ConfigDict()  # backbone shape when model.path == "demo"
   c.model.demo.hidden_size = 64      # model width

@@ -367,6 +367,32 @@ def test_traffic_counts_slices_in_place_updates_and_loop_trips(tmp_path):
   assert traffic.main([str(tmp_path / "missing")]) == 2
 
 
+_HLO_STATIC_SLICES = """HloModule jit_g, entry_computation_layout={(f32[3,10]{1,0})->f32[1,10]{1,0}}
+
+%fused_static (param_0.3: f32[3,10]) -> f32[1,10] {
+  %param_0.3 = f32[3,10]{1,0} parameter(0)
+  %slice.3 = f32[1,10]{1,0} slice(%param_0.3), slice={[1:2], [0:10]}
+  ROOT %exponential.3 = f32[1,10]{1,0} exponential(%slice.3)
+}
+
+ENTRY %main (x: f32[3,10]) -> f32[1,10] {
+  %x = f32[3,10]{1,0} parameter(0)
+  %a = f32[1,10]{1,0} fusion(%x), kind=kLoop, calls=%fused_static
+  %b = f32[1,10]{1,0} slice(%x), slice={[2:3], [0:10]}
+  ROOT %c = f32[1,10]{1,0} add(%a, %b)
+}
+"""
+
+
+def test_traffic_counts_static_slices_as_the_rows_they_read():
+  """An unrolled layer reads its weights as a static slice of the stack, inside a GEMM fusion or
+  bare. Hand count: the fusion reads one 40-byte row (not the 120-byte stack) and writes 40; the
+  bare slice reads and writes 40 each; the add reads 2 x 40 and writes 40."""
+  from rmjax.bench import traffic
+  rows = {r["name"]: r["bytes"] for r in traffic.ops(_HLO_STATIC_SLICES)}
+  assert rows == {"a": 80, "b": 80, "c": 120}
+
+
 def test_packing_bench_steps_the_same_examples_in_both_layouts(capsys):
   from rmjax.bench import packing
   rc = packing.main(["--preset", "tiny", "--row", "64", "--examples", "24", "--batch", "2", "--median", "20",
@@ -398,13 +424,34 @@ def test_prepared_gpu_checks_run_end_to_end_on_tiny_shapes(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   with tarfile.open(tmp_path / "out" / "gpu_checks.tgz") as tar:
     names = set(tar.getnames())
-    checks = ("full_dots", "lora_dots_attn", "lora_proj_attn", "lora_remat", "packing", "torch_full",
-              "full_dots_cublas")
+    checks = ("full_dots", "lora_dots_attn", "full_unrolled", "lora_unrolled", "lora_proj_attn", "lora_remat",
+              "packing", "torch_full", "full_dots_cublas")
     for check in checks:
       assert f"./{check}.jsonl" in names, check
       records = [json.loads(line) for line in tar.extractfile(f"./{check}.jsonl").read().decode().splitlines()
                  if line.startswith("{")]
       assert records and not any("error" in r for r in records), (check, records)
+      if check.endswith("_unrolled"):
+        assert all(r["scan_unroll"] == 0 for r in records if "impl" in r), records
     waits = json.loads(tar.extractfile("./data_wait.json").read())
   assert waits["steps"] and len(waits["device_idle_frac"]) == len(waits["steps"])
   assert "skipped" not in proc.stderr
+
+
+def test_isolated_child_gets_every_setting():
+  """The child process of an isolated run rebuilds its settings from argv: every field that is
+  not the default must survive the trip (a forgotten flag silently benchmarks the default)."""
+  import dataclasses
+  from rmjax.bench import __main__ as bench_main
+  changed = common.BenchSettings(preset="qwen3-4b", seq_len=64, batch=3, steps=2, warmup=1, remat=True, dtype="bfloat16",
+                                 dropout=0.1, seed=7, frozen_dtype="float32", attention_mask="segments",
+                                 attention="xla", opt_state_dtype="bfloat16", remat_name="dots_saveable",
+                                 scan_unroll=0, flops=False, analysis_only=True, profile_dir="/tmp/p", target="h100")
+  defaults = common.BenchSettings()
+  untouched = {f.name for f in dataclasses.fields(common.BenchSettings)
+               if getattr(changed, f.name) == getattr(defaults, f.name)}
+  # Not command-line options: the model's head, LoRA shape and optimizer are fixed for both impls.
+  assert untouched == {"head_dims", "lora_rank", "lora_alpha", "lr_full", "lr_lora", "weight_decay",
+                       "max_grad_norm"}, untouched
+  argv = bench_main.child_argv("rmjax", changed, "lora")[3:]  # after `python -m rmjax.bench`
+  assert bench_main.settings_from(bench_main.parse_args(argv)) == changed

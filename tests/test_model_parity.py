@@ -156,6 +156,27 @@ def test_remat_policies_same_values_and_grads(remat):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max()), g1, g0)
 
 
+@pytest.mark.parametrize("remat", ["none", "dots_and_attention_saveable"])
+def test_unrolled_layers_same_params_values_and_grads(remat):
+  """scan_unroll=0 (no layer loop) is a compilation choice: same weights from the same key,
+  same hidden states and gradients, LoRA included."""
+  cfg, params = _tiny(num_layers=3, lora_rank=4, remat=remat)
+  unrolled = cfg.replace(scan_unroll=0)
+  jax.tree.map(np.testing.assert_array_equal, init_params(unrolled, jax.random.key(0)), params)
+  params = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(3), x.shape), params)  # LoRA B != 0
+  ids, pos, seg = H.padded_batch([6, 3], 6, left=False, vocab=64)
+  w_BTD = jax.random.normal(jax.random.key(2), (2, 6, 32))
+
+  def loss(p, c):
+    return jnp.sum(Decoder(c).apply({"params": p}, ids, pos, seg) * w_BTD)
+  v0, g0 = jax.value_and_grad(loss)(params, cfg)
+  v1, g1 = jax.value_and_grad(loss)(params, unrolled)
+  np.testing.assert_allclose(v1, v0, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max()), g1, g0)
+  with pytest.raises(ValueError, match="scan_unroll"):
+    cfg.replace(scan_unroll=-1)
+
+
 def _strip_lora(tree):
   return {k: _strip_lora(v) if isinstance(v, dict) else v for k, v in tree.items()
           if k not in ("lora_a", "lora_b")}

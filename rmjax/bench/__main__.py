@@ -53,6 +53,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help="rmjax Adam moment (mu, nu) dtype")
   p.add_argument("--remat-policy", default="", choices=("", *REMAT_POLICIES),
                  help="rmjax remat policy by name (overrides --remat on the rmjax side; torch: full if not none)")
+  p.add_argument("--scan-unroll", type=int, default=1,
+                 help="rmjax layers per iteration of the layer loop; 0 unrolls every layer (no loop: a "
+                      "GPU's GEMMs read each layer's weights in place, for a longer compile)")
   p.add_argument("--no-flops", dest="flops", action="store_false",
                  help="skip the two unrolled analysis compiles that give compiled_flops")
   p.add_argument("--analysis-only", action="store_true",
@@ -78,7 +81,7 @@ def settings_from(args: argparse.Namespace) -> common.BenchSettings:
                               frozen_dtype=args.frozen_dtype, attention=args.attention,
                               attention_mask=args.attention_mask,
                               opt_state_dtype=args.opt_state_dtype, remat_name=args.remat_policy,
-                              flops=args.flops, analysis_only=args.analysis_only or bool(args.target),
+                              scan_unroll=args.scan_unroll, flops=args.flops, analysis_only=args.analysis_only or bool(args.target),
                               profile_dir=args.profile, target=args.target)
 
 
@@ -98,7 +101,7 @@ def child_argv(impl: str, settings: common.BenchSettings, mode: str) -> list[str
           "--frozen-dtype", settings.frozen_dtype, "--attention", settings.attention,
           "--attention-mask", settings.attention_mask,
           "--opt-state-dtype", settings.opt_state_dtype, "--remat-policy", settings.remat_name,
-          "--profile", settings.profile_dir, "--target", settings.target]
+          "--scan-unroll", str(settings.scan_unroll), "--profile", settings.profile_dir, "--target", settings.target]
   flags = [("--remat", settings.remat), ("--no-flops", not settings.flops),
            ("--analysis-only", settings.analysis_only)]
   return argv + [flag for flag, on in flags if on]

@@ -15,6 +15,14 @@
 #                    the GPU time goes); MFU target 45% (session 4: 0.443)
 #   lora_dots_attn   LoRA saving dots and cuDNN attention outputs (the speed setting): tokens/s vs
 #                    full_dots (target 1.4x; session 4: 1.39x)
+#   full_unrolled    full_dots with the layer loop unrolled (--scan-unroll 0): inside the loop XLA
+#                    copies each layer's weights and saved activations out of their stacks and
+#                    zero-fills the stacks; unrolled, the GEMM fusions read them in place. Compiled
+#                    for an H100: 398 GB moved per step instead of 500, peak 57 GB instead of 63.
+#                    Longer compile.
+#   lora_unrolled    LoRA with the layer loop unrolled and no remat: 282 GB moved instead of 400
+#                    (dots_and_attention_saveable in the loop; session 4's profile: 936 device
+#                    copies, 27.5 ms), peak 32 GB; tokens/s vs full_unrolled and full_dots
 #   lora_proj_attn   LoRA saving each projection's output and cuDNN attention's (not every dot's):
 #                    compiled for an H100, 410 GB moved instead of 426, peak 28 GB instead of 33
 #   lora_dots_attn_dsf  lora_dots_attn with XLA's dynamic-slice fusion (XLA_FLAGS; in no group): the
@@ -34,8 +42,9 @@
 #                    machine, 0.03% on the next, at the same tokens/s)
 # The rmjax bench rows hold one example each, so they run causal attention alone (the bench's
 # default --attention-mask, as training does for unpacked rows).
-# Groups: bench = full_dots lora_dots_attn lora_proj_attn lora_remat full_dots_cublas; data = packing
-# loop; all = full_dots lora_dots_attn lora_proj_attn lora_remat loop packing torch_full full_dots_cublas.
+# Groups: bench = full_dots lora_dots_attn full_unrolled lora_unrolled lora_proj_attn lora_remat
+# full_dots_cublas; data = packing loop; all = full_dots lora_dots_attn full_unrolled lora_unrolled loop
+# packing lora_proj_attn lora_remat torch_full full_dots_cublas (the first six are what #7 still needs).
 # Usage (repository root, jax with CUDA + the project installed or on PYTHONPATH):
 #   OUT=/tmp/gpu-out DEADLINE_S=540 bash rmjax/bench/gpu_checks.sh all
 #   SMOKE=1 OUT=/tmp/smoke bash rmjax/bench/gpu_checks.sh all   # tiny shapes, any CPU: checks the script
@@ -91,6 +100,11 @@ check() {
     lora_dots_attn)
       run lora_dots_attn 120 python -m rmjax.bench "${BASE[@]}" --impl rmjax --mode lora \
         --remat-policy dots_and_attention_saveable ;;
+    full_unrolled)
+      run full_unrolled 240 python -m rmjax.bench "${BASE[@]}" --impl rmjax "${FULL_BEST[@]}" --scan-unroll 0 ;;
+    lora_unrolled)
+      run lora_unrolled 240 python -m rmjax.bench "${BASE[@]}" --impl rmjax --mode lora --remat-policy none \
+        --scan-unroll 0 ;;
     lora_proj_attn)
       run lora_proj_attn 120 python -m rmjax.bench "${BASE[@]}" --impl rmjax --mode lora \
         --remat-policy projections_and_attention_saveable ;;
@@ -132,9 +146,9 @@ PY
 
 for arg in "$@"; do
   case "$arg" in
-    bench) names="full_dots lora_dots_attn lora_proj_attn lora_remat full_dots_cublas" ;;
+    bench) names="full_dots lora_dots_attn full_unrolled lora_unrolled lora_proj_attn lora_remat full_dots_cublas" ;;
     data) names="packing loop" ;;
-    all) names="full_dots lora_dots_attn lora_proj_attn lora_remat loop packing torch_full full_dots_cublas" ;;
+    all) names="full_dots lora_dots_attn full_unrolled lora_unrolled loop packing lora_proj_attn lora_remat torch_full full_dots_cublas" ;;
     *) names=$arg ;;
   esac
   for name in $names; do check "$name"; tar -czf "$OUT/gpu_checks.tgz" -C "$WORK" .; done

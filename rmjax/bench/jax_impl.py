@@ -131,7 +131,7 @@ def layer_extrapolated_flops(settings: common.BenchSettings, mode: str, device: 
   cfg = cfg or settings.model_config(mode)
   counts = []
   for n in (1, 2):
-    small = cfg.replace(num_layers=n, scan_unroll=n, attention_impl="xla")
+    small = cfg.replace(num_layers=n, scan_unroll=0, attention_impl="xla")
     steps, abstract = build_abstract(settings, mode, device, small)
     counts.append(_cost_flops(compile_step(steps, abstract, abstract_batch(host_batch))))
   if None in counts:
@@ -174,6 +174,7 @@ def run(settings: common.BenchSettings, mode: str) -> dict[str, Any]:
     analysis |= init_memory(settings, mode, device)
     record = {"impl": "rmjax", "mode": mode, "preset": settings.preset, "seq_len": settings.seq_len,
             "batch": settings.batch, "dtype": settings.dtype, "remat": settings.remat_policy,
+            "scan_unroll": settings.scan_unroll,
             "opt_state_dtype": settings.opt_state_dtype, "frozen_dtype": settings.frozen_dtype,
             "attention": cfg.attention_impl or f"auto:{auto_attention_impl(cfg, cfg.compute_dtype)}",
             "attention_mask": cfg.attention_mask, "device": device.device_kind, "analysis_only": True,
@@ -210,6 +211,7 @@ def run(settings: common.BenchSettings, mode: str) -> dict[str, Any]:
                             device.device_kind, **analysis, trainable_params=trainable,
                             traces=int(steps.traces["train"]), jax_version=jax.__version__,
                             opt_state_dtype=settings.opt_state_dtype, remat_policy=settings.remat_policy,
+                            scan_unroll=settings.scan_unroll,
                             attention=cfg.attention_impl or f"auto:{auto_attention_impl(cfg, cfg.compute_dtype)}",
                             attention_mask=cfg.attention_mask)
   return with_ratio(record)

@@ -6,14 +6,15 @@ Why it exists: without a GPU to time on, the optimized HLO still says what the s
 operands and results, multiplying ops inside the layer loops by their trip counts. The total is
 an upper bound on the device memory traffic (caches can serve some reads), so comparing two
 settings shows which moves less: for Qwen3-4B LoRA at 4 x 2048 on an H100 (the command below),
-saving dots and cuDNN attention outputs moves 426 GB per step, no remat 518 GB (it stores and
-reloads every elementwise value). It also counts what is easy to miss in a profile: cuDNN attention forwards
+saving dots and cuDNN attention outputs moves 400 GB per step, no remat 497 GB (it stores and
+reloads every elementwise value in layer stacks); with the layer loop unrolled
+(`--scan-unroll 0`) and no remat, 282 GB (nothing is copied out of a stack). It also counts what is easy to miss in a profile: cuDNN attention forwards
 run again in the backward loop, and ops XLA itself duplicated under memory pressure (".remat"
 in their names).
 
-Accounting: a fusion's operand that its fused computation only dynamic-slices moves the
+Accounting: a fusion's operand that its fused computation only (dynamic-)slices moves the
 slices (a layer's weights out of the stacked layers), one it only updates in place moves
-nothing, and a result built by dynamic-update-slices moves the updates; a bare dynamic-slice
+nothing, and a result built by dynamic-update-slices moves the updates; a bare (dynamic-)slice
 moves its result twice (read, write), a bare dynamic-update-slice its update twice; tuples,
 parameters, bitcasts and control flow move nothing themselves. For example:
 
@@ -142,7 +143,8 @@ def _update_bytes(decoded: dict, name: str) -> int:
 
 def fused_io(instructions: list[Instruction]) -> tuple[dict[int, int], int | None]:
   """What a fusion really moves, from its fused computation: {operand index: bytes} for operands
-  used only through dynamic-slices (the slices' bytes) or only as a dynamic-update-slice's
+  used only through (dynamic-)slices (the slices' bytes: an unrolled layer's weights out of the
+  stack) or only as a dynamic-update-slice's
   buffer (0: updated in place), and the result bytes when the root is (a tuple of)
   dynamic-update-slices (the updates' bytes). Other operands and results move whole."""
   decoded = _decode(instructions)
@@ -155,7 +157,7 @@ def fused_io(instructions: list[Instruction]) -> tuple[dict[int, int], int | Non
     index = re.search(r"parameter\((\d+)\)", next(r for n, r, _ in instructions if n == name)) if op == "parameter" else None
     if index:
       uses = users.get(name, [])
-      if uses and all(op_ == "dynamic-slice" and pos == 0 for _, op_, pos in uses):
+      if uses and all(op_ in ("slice", "dynamic-slice") and pos == 0 for _, op_, pos in uses):
         params[int(index.group(1))] = sum(shape_bytes(decoded[u][0]) for u, _, _ in uses)
       elif uses and all(op_ == "dynamic-update-slice" and pos == 0 for _, op_, pos in uses):
         params[int(index.group(1))] = 0
@@ -174,7 +176,7 @@ def op_bytes(op: str, rest: str, out_shape: str, operand_shapes: list[str],
   sizes = [shape_bytes(s) for s in operand_shapes]
   if op == "dynamic-update-slice":
     return 2 * (sizes[1] if len(sizes) > 1 else 0)
-  if op == "dynamic-slice":
+  if op in ("slice", "dynamic-slice"):
     return 2 * shape_bytes(out_shape)
   out = shape_bytes(out_shape)
   called = re.search(r"calls=%?([\w.\-]+)", rest) if op == "fusion" else None

@@ -77,7 +77,10 @@ class ModelConfig:
   # only, no mask array: exact for rows holding one example from position 0 with padding at the
   # end (real tokens never see the padding), and lets cuDNN run its plain causal kernel.
   attention_mask: str = "segments"
-  scan_unroll: int = 1  # layers per iteration of the layer scan; num_layers unrolls it (cost analysis)
+  # Layers per iteration of the layer loop; 0 (or >= num_layers) unrolls it: no loop, so on a GPU
+  # each layer reads its weights and saved activations in place instead of copies out of the
+  # stacked buffers, for a longer compile. The weights are stacked either way.
+  scan_unroll: int = 1
   lora_rank: int = 0
   lora_alpha: float = 32.0
   lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -100,8 +103,8 @@ class ModelConfig:
       raise ValueError(f"attention_impl={self.attention_impl!r}; choose None, 'xla' or 'cudnn'")
     if self.attention_mask not in ("segments", "causal"):
       raise ValueError(f"attention_mask={self.attention_mask!r}; choose 'segments' or 'causal'")
-    if not 1 <= self.scan_unroll <= max(self.num_layers, 1):
-      raise ValueError(f"scan_unroll={self.scan_unroll} must be in [1, num_layers={self.num_layers}]")
+    if self.scan_unroll < 0:
+      raise ValueError(f"scan_unroll={self.scan_unroll} must be >= 0 (0 = unroll every layer)")
     if isinstance(self.lora_targets, list):
       object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
     bad = set(self.lora_targets) - set(LORA_TARGETS)

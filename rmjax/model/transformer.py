@@ -4,7 +4,9 @@ Why it exists: transformers 5 has no Flax models, so the JAX decoder is ours. It
 transformers' hidden states to 1e-5 in fp32 (tests/test_model_parity.py), train with LoRA,
 and compile fast for deep models. Hence:
   * layers stacked with `nn.scan` (one compiled layer body; params carry a leading layer axis),
-    optional `nn.remat` per layer with a named checkpoint policy;
+    optional `nn.remat` per layer with a named checkpoint policy; `scan_unroll=0` unrolls the
+    loop (same params), so a GPU's GEMMs read each layer's weights in place: inside the loop
+    XLA copies every layer's weights and saved activations out of their stacks;
   * attention through `jax.nn.dot_product_attention` (cuDNN by default on a GPU), causal and restricted to equal nonzero
     segment ids (0 = padding), which also makes sequence packing correct;
   * RoPE from explicit position ids (HF rotate_half layout, llama3/linear scaling);
@@ -236,10 +238,17 @@ class DecoderLayer(nn.Module):
     return out.astype(x_BTD.dtype), None
 
 
+def layers_per_iteration(cfg: ModelConfig) -> int:
+  """Decoder layers in one iteration of the layer loop (num_layers: no loop)."""
+  return min(cfg.scan_unroll or cfg.num_layers, cfg.num_layers)
+
+
 def _layer_class(cfg: ModelConfig) -> type[nn.Module]:
   if cfg.remat == "none":
     return DecoderLayer
-  return nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+  # prevent_cse=False is safe only when each layer is a loop body of its own: with layers
+  # unrolled, XLA would merge the recomputation with the forward pass and keep every value.
+  return nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=cfg.scan_unroll != 1)
 
 
 class Decoder(nn.Module):
@@ -254,7 +263,7 @@ class Decoder(nn.Module):
     mask_B1TT = attention_mask(segment_ids_BT) if cfg.attention_mask == "segments" else None
     layers = nn.scan(_layer_class(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                     unroll=cfg.scan_unroll)
+                     unroll=layers_per_iteration(cfg))
     x_BTD, _ = layers(cfg, name="layers")(x_BTD, cos_BTH, sin_BTH, mask_B1TT)
     return RMSNorm(cfg, name="final_norm")(x_BTD)
 

@@ -91,6 +91,11 @@ def _born_frozen(model: nn.Module, frozen_dtype: str, labels: Any) -> nn.Module:
 
 
 def _param_init(model: nn.Module):
+  """key -> params. The layer loop stays rolled here: unrolling it (model_cfg.scan_unroll) does
+  not change the weights, but an unrolled init compiles every layer's init and then stacks them
+  (the 4B LoRA init, compiled for an H100: 7.7 GB peak rolled, 10.2 GB unrolled)."""
+  cfg = model.model_cfg
+  model = model.clone(model_cfg=cfg.replace(scan_unroll=1)) if cfg.scan_unroll != 1 else model
   return lambda key: model.init({"params": key}, *dummy_inputs(), deterministic=True)["params"]
 
 
