@@ -364,3 +364,41 @@ def test_hf_backbone_in_lora_mode(tmp_path):
   assert np.array_equal(frozen["decoder"]["layers"]["attn"]["q_proj"]["kernel"],
                         hf["layers"]["attn"]["q_proj"]["kernel"])
   assert "lora_a" in jax.device_get(trainer.state.params)["decoder"]["layers"]["attn"]["q_proj"]
+
+
+def test_skipped_records_sum_every_process_shard_skips_and_count_whole_file_skips_once(monkeypatch):
+  """Readers that parse whole files count the same skips on every process; rendering and readers
+  that parse on access (PRM800K) count only their own shard. The run's count is the first kind
+  once plus the second kind of every process (gathered as JSON: any source, any reason)."""
+  from rmjax.data.example import SkipCounter
+  whole_file, mine, theirs = SkipCounter(), SkipCounter(), SkipCounter()
+  whole_file.add("eqasc", "no_correct_choice", 2)
+  mine.add("prm800k", "first_marker_truncated", 3)
+  theirs.add("prm800k", "first_marker_truncated", 4)
+  theirs.add("prm800k", "bad_json")
+  other = np.frombuffer(json.dumps(theirs.as_dict()).encode(), np.uint8)
+
+  def allgather(x):  # process 0 is this one, process 1 the other
+    x = np.asarray(x)
+    if x.dtype == np.int32:
+      return np.stack([x, np.asarray([other.size], np.int32)])
+    return np.stack([x, np.pad(other, (0, x.size - other.size))])
+  monkeypatch.setattr(loop.multihost_utils, "process_allgather", allgather)
+  trainer = types.SimpleNamespace(file_skips=whole_file, shard_skips=mine, process_count=2)
+  assert loop.Trainer._skipped_records(trainer) == {
+    "eqasc": {"no_correct_choice": 2}, "prm800k": {"bad_json": 1, "first_marker_truncated": 7}}
+  trainer.process_count = 1
+  assert loop.Trainer._skipped_records(trainer) == {
+    "eqasc": {"no_correct_choice": 2}, "prm800k": {"first_marker_truncated": 3}}
+
+
+def test_only_readers_that_parse_on_access_count_per_shard(tmp_path):
+  from rmjax.data.example import SkipCounter
+  from rmjax.data.sources import SKIPS_COUNTED_ON_ACCESS
+  from rmjax.train import build
+  assert SKIPS_COUNTED_ON_ACCESS == {"prm800k"}
+  spec = tiny_spec(tmp_path)
+  whole_file, shard = SkipCounter(), SkipCounter()
+  train, evals = build.build_sources(spec, tmp_path, whole_file, shard)
+  reader = train["prm800k"][0]
+  assert reader.skips is shard and evals["prm800k"].skips is shard

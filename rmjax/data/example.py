@@ -65,6 +65,12 @@ class SkipCounter:
     with self._lock:
       return sum(self._counts.values())
 
+  def add_all(self, counts: "SkipCounter | dict[str, dict[str, int]]") -> None:
+    """Adds another counter's counts (or an `as_dict()` of them)."""
+    for source, reasons in (counts.as_dict() if isinstance(counts, SkipCounter) else counts).items():
+      for reason, n in reasons.items():
+        self.add(source, reason, n)
+
 
 class BadRecord(ValueError):
   """Raised (in strict mode) for a record that cannot be read; names file and line."""

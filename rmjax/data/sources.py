@@ -31,6 +31,10 @@ from rmjax.data.prm800k import Prm800kOptions, Prm800kReader
 from rmjax.data.reveal import RevealOptions, RevealReader
 
 READERS = ("prm800k", "eqasc", "reveal")
+# Readers that parse a record when it is read (PRM800K's lazily indexed JSONL), so each process
+# counts the skips of its own shard only; the others parse the whole file when built, on every
+# process, and count the same skips everywhere.
+SKIPS_COUNTED_ON_ACCESS = frozenset({"prm800k"})
 _COMMON_KEYS = ("path", "split", "reader")
 _OPTIONS = {"prm800k": Prm800kOptions, "eqasc": EqascOptions, "reveal": RevealOptions}
 READER_KEYS: dict[str, tuple[str, ...]] = {
@@ -54,6 +58,11 @@ def _options(kind: str, cfg: dict) -> Any:
   return cls(**{k: v for k, v in cfg.items() if k in fields})
 
 
+def reader_kind(name: str, source_cfg: Any) -> str:
+  """The reader a source uses: its config's `reader`, else the source's name."""
+  return _as_dict(source_cfg).get("reader") or name
+
+
 def build_source(name: str, source_cfg: Any, split: Optional[str] = None,
                  skips: Optional[SkipCounter] = None, strict: bool = False):
   """The reader for source `name` configured by `source_cfg` (see the module docstring).
@@ -62,7 +71,7 @@ def build_source(name: str, source_cfg: Any, split: Optional[str] = None,
   Fails with a one-line ValueError / FileNotFoundError on a bad config or path.
   """
   cfg = _as_dict(source_cfg)
-  kind = cfg.get("reader") or name
+  kind = reader_kind(name, cfg)
   if kind not in READERS:
     raise ValueError(f"source {name!r}: unknown reader {kind!r}; expected one of {list(READERS)}")
   path = cfg.get("path")

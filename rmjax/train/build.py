@@ -25,7 +25,7 @@ from flax import traverse_util
 from rmjax import spec as spec_lib
 from rmjax.data.example import SkipCounter
 from rmjax.data.render import RenderConfig
-from rmjax.data.sources import build_source
+from rmjax.data.sources import SKIPS_COUNTED_ON_ACCESS, build_source, reader_kind
 from rmjax.data.synthetic import SyntheticConfig, write_synthetic_prm800k
 from rmjax.model.config import ModelConfig
 from rmjax.model.head import HeadConfig
@@ -171,19 +171,25 @@ def train_split(spec: Any, name: str) -> str:
   return str(src.train_split) if "train_split" in src else str(src.eval_split)  # REVEAL: eval only
 
 
-def build_sources(spec: Any, run_dir: pathlib.Path, skips: SkipCounter
+def build_sources(spec: Any, run_dir: pathlib.Path, skips: SkipCounter, shard_skips: SkipCounter | None = None
                   ) -> tuple[dict[str, tuple[Any, float]], dict[str, Any]]:
-  """(training {name: (reader, weight)}, evaluation {name: reader}) for the enabled sources."""
+  """(training {name: (reader, weight)}, evaluation {name: reader}) for the enabled sources.
+
+  Readers that count skips as records are read (`SKIPS_COUNTED_ON_ACCESS`) count into
+  `shard_skips` (default `skips`): in a multi-process run each sees only its own shard."""
+  def build(name: str, split: str):
+    cfg = source_config(spec, name, run_dir)
+    per_shard = shard_skips is not None and reader_kind(name, cfg) in SKIPS_COUNTED_ON_ACCESS
+    return build_source(name, cfg, split=split, skips=shard_skips if per_shard else skips)
+
   train, evals = {}, {}
   for name, weight in spec_lib.training_sources(spec).items():
     if name == "reveal":
       log.warning("REVEAL is in the training mix (data.allow_reveal_training): its terms allow it "
                   "as a test set only, and its eval numbers are no longer held out")
-    train[name] = (build_source(name, source_config(spec, name, run_dir), split=train_split(spec, name),
-                                skips=skips), weight)
+    train[name] = (build(name, train_split(spec, name)), weight)
   for name in spec_lib.eval_sources(spec):
-    evals[name] = build_source(name, source_config(spec, name, run_dir),
-                               split=str(spec.data[name].eval_split), skips=skips)
+    evals[name] = build(name, str(spec.data[name].eval_split))
   return train, evals
 
 

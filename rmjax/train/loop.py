@@ -148,7 +148,9 @@ class Trainer:
     self.logger = RunLogger(self.run_dir, self.is_main, resume_step=self.resume_step)
     try:
       self.logger.write_config(spec_lib.spec_to_dict(spec))
-      self.skips = SkipCounter()
+      # Skips every process counts alike (readers that parse whole files when built), and skips of
+      # this process's shard only (rendering; readers that parse on access), summed at the end.
+      self.file_skips, self.shard_skips = SkipCounter(), SkipCounter()
       self.optim_cfg = optim_config(spec)
       self.mesh = shd.make_mesh(shd.MeshConfig.from_spec(spec))
       self._build_model()
@@ -195,9 +197,9 @@ class Trainer:
                    str(self.spec.model.path), str(self.spec.mode))
 
   def _build_data(self) -> None:
-    train_sources, eval_sources = build.build_sources(self.spec, self.run_dir, self.skips)
+    train_sources, eval_sources = build.build_sources(self.spec, self.run_dir, self.file_skips, self.shard_skips)
     self.pipeline_cfg = PipelineConfig.from_spec(self.spec)
-    common = dict(process_index=self.process_index, process_count=self.process_count, skips=self.skips)
+    common = dict(process_index=self.process_index, process_count=self.process_count, skips=self.shard_skips)
     self.train_ds = train_dataset(train_sources, self.render_cfg, self.tokenizer, self.pipeline_cfg,
                                   seed=int(self.spec.seed), global_batch=int(self.spec.batch_size), **common)
     self.eval_ds = eval_datasets(eval_sources, self.render_cfg, self.tokenizer, self.pipeline_cfg, **common)
@@ -402,13 +404,29 @@ class Trainer:
       self.evaluate(start)
     return self._final_results(step, interrupted=interrupted)
 
+  def _skipped_records(self) -> dict[str, dict[str, int]]:
+    """Skipped records of the whole run: the whole-file counts (alike on every process) plus
+    every process's shard counts (a collective in multi-process runs: all processes call it)."""
+    total = SkipCounter()
+    total.add_all(self.file_skips)
+    if self.process_count == 1:
+      total.add_all(self.shard_skips)
+      return total.as_dict()
+    mine = np.frombuffer(json.dumps(self.shard_skips.as_dict()).encode(), np.uint8)
+    longest = int(np.max(multihost_utils.process_allgather(np.asarray([mine.size], np.int32))))
+    padded = np.zeros(longest, np.uint8)
+    padded[:mine.size] = mine
+    for row in np.asarray(multihost_utils.process_allgather(padded)).reshape(-1, longest):
+      total.add_all(json.loads(row.tobytes().rstrip(b"\0")))
+    return total.as_dict()
+
   def _final_results(self, step: int, interrupted: bool) -> dict[str, Any]:
     self.checkpointer.wait_until_finished()
     results = {
       "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
       "best_step": self.best_step, "total_steps": step, "max_steps": int(self.spec.max_steps),
       "interrupted": interrupted, "resumed_from_step": self.resume_step,
-      "final_metrics": self.last_eval, "skipped_records": self.skips.as_dict(),
+      "final_metrics": self.last_eval, "skipped_records": self._skipped_records(),
       "nonfinite_steps_skipped": self.nonfinite_skipped,
       "train_step_traces": int(self.steps.traces["train"]),
       "train_batch_shapes": sorted(list(s) for s in self.train_shapes),
