@@ -424,8 +424,8 @@ def test_prepared_gpu_checks_run_end_to_end_on_tiny_shapes(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   with tarfile.open(tmp_path / "out" / "gpu_checks.tgz") as tar:
     names = set(tar.getnames())
-    checks = ("full_dots", "lora_dots_attn", "full_unrolled", "lora_unrolled", "lora_proj_attn", "lora_remat",
-              "packing", "torch_full", "full_dots_cublas")
+    checks = ("full_dots", "lora_dots_attn", "full_unrolled", "lora_unrolled", "attention", "lora_proj_attn",
+              "lora_remat", "packing", "torch_full", "full_dots_cublas")
     for check in checks:
       assert f"./{check}.jsonl" in names, check
       records = [json.loads(line) for line in tar.extractfile(f"./{check}.jsonl").read().decode().splitlines()
@@ -455,3 +455,42 @@ def test_isolated_child_gets_every_setting():
                        "max_grad_norm"}, untouched
   argv = bench_main.child_argv("rmjax", changed, "lora")[3:]  # after `python -m rmjax.bench`
   assert bench_main.settings_from(bench_main.parse_args(argv)) == changed
+
+
+def test_attention_probe_compares_the_packed_variants(capsys):
+  """On a CPU the two public variants run XLA's attention; the segment variant is the reference
+  (zero difference from itself) and the cuDNN-only variant says it is unavailable."""
+  from rmjax.bench import attention
+  assert attention.main(["--seq-len", "64", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+                         "--median", "20", "--steps", "1"]) == 0
+  rows = {r["variant"]: r for r in _lines(capsys.readouterr().out)}
+  assert set(rows) == {"causal", "segments", "segments_no_mask_grad"}
+  assert rows["segments"]["max_abs_diff_dq"] == 0.0 and rows["causal"]["ms"] > 0
+  assert "unavailable" in rows["segments_no_mask_grad"]
+  segments = attention.packed_segment_ids(3, 64, 20.0, np.random.default_rng(0))
+  for row in segments:  # ids 1..k from the left, each a contiguous run, padding (0) only at the end
+    ids = row[row > 0]
+    assert ids[0] == 1 and np.all(np.diff(ids) >= 0) and np.all(np.diff(np.unique(ids)) == 1)
+    assert np.all(row[len(ids):] == 0)
+
+
+def test_private_cudnn_attention_is_used_only_with_the_expected_parameters(monkeypatch):
+  from rmjax.model import cudnn_attention
+  module = cudnn_attention._private_module()
+  if module is None:
+    pytest.skip("this jax has no jax._src.cudnn")
+  import inspect
+
+  def taking(names):
+    def fake(*args):
+      raise AssertionError("not to be called")
+    fake.__signature__ = inspect.Signature(
+      [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
+    return fake
+  expected = cudnn_attention._EXPECTED_PARAMETERS
+  monkeypatch.setattr(module, "_dot_product_attention", taking(expected), raising=False)
+  assert cudnn_attention.available()
+  monkeypatch.setattr(module, "_dot_product_attention", taking(expected[:-1]))  # a jax that changed it
+  assert not cudnn_attention.available()
+  with pytest.raises(RuntimeError, match="expected parameters"):
+    cudnn_attention.causal_attention_constant_mask(None, None, None, None, 1.0)

@@ -24,6 +24,11 @@
 #   lora_unrolled    LoRA with the layer loop unrolled and no remat: 282 GB moved instead of 400
 #                    (dots_and_attention_saveable in the loop; session 4's profile: 936 device
 #                    copies, 27.5 ms), peak 32 GB; tokens/s vs full_unrolled and full_dots
+#   attention        packed rows' attention on one layer of the 4B shape, forward + backward: causal
+#                    only, the segment mask (public API), and the segment mask without its unused
+#                    gradient (model/cudnn_attention.py; compiled for an H100, the public call's
+#                    backward also writes a bf16[4,1,2048,2048] mask gradient): ms each, and the
+#                    last one's max abs differences from the public call (must be bf16 rounding)
 #   lora_proj_attn   LoRA saving each projection's output and cuDNN attention's (not every dot's):
 #                    compiled for an H100, 410 GB moved instead of 426, peak 28 GB instead of 33
 #   lora_dots_attn_dsf  lora_dots_attn with XLA's dynamic-slice fusion (XLA_FLAGS; in no group): the
@@ -43,9 +48,10 @@
 #                    machine, 0.03% on the next, at the same tokens/s)
 # The rmjax bench rows hold one example each, so they run causal attention alone (the bench's
 # default --attention-mask, as training does for unpacked rows).
-# Groups: bench = full_dots lora_dots_attn full_unrolled lora_unrolled lora_proj_attn lora_remat
-# full_dots_cublas; data = packing loop; all = full_dots lora_dots_attn full_unrolled lora_unrolled loop
-# packing lora_proj_attn lora_remat torch_full full_dots_cublas (the first six are what #7 still needs).
+# Groups: bench = full_dots lora_dots_attn full_unrolled lora_unrolled attention lora_proj_attn lora_remat
+# full_dots_cublas; data = packing loop; all = full_dots lora_dots_attn full_unrolled lora_unrolled
+# attention loop packing lora_proj_attn lora_remat torch_full full_dots_cublas (the first seven are
+# what #7 still needs).
 # Usage (repository root, jax with CUDA + the project installed or on PYTHONPATH):
 #   OUT=/tmp/gpu-out DEADLINE_S=540 bash rmjax/bench/gpu_checks.sh all
 #   SMOKE=1 OUT=/tmp/smoke bash rmjax/bench/gpu_checks.sh all   # tiny shapes, any CPU: checks the script
@@ -67,8 +73,10 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$(dirname "$OUT")/
 export PYTHONUNBUFFERED=1
 if [ "${SMOKE:-0}" = 1 ]; then
   PRESET=tiny SEQ=64 EXAMPLES=16 LOOP_STEPS=6 LOOP_SHAPE=() LOOP_LEN=128 LOOP_BUCKETS="(64, 128)"
+  ATTN_SHAPE=(--seq-len 64 --heads 4 --kv-heads 2 --head-dim 16 --median 20 --steps 2)
 else
   PRESET=qwen3-4b SEQ=2048 EXAMPLES=96 LOOP_STEPS=40 LOOP_LEN=2048 LOOP_BUCKETS="(1024, 2048)"
+  ATTN_SHAPE=()
   LOOP_SHAPE=(--spec.model.demo.hidden_size=2560 --spec.model.demo.num_layers=36 --spec.model.demo.num_heads=32
               --spec.model.demo.num_kv_heads=8 --spec.model.demo.head_dim=128 --spec.model.demo.intermediate_size=9728)
 fi
@@ -107,6 +115,8 @@ check() {
     lora_unrolled)
       run lora_unrolled 240 python -m rmjax.bench "${BASE[@]}" --impl rmjax --mode lora --remat-policy none \
         --scan-unroll 0 ;;
+    attention)
+      run attention 90 python -m rmjax.bench.attention "${ATTN_SHAPE[@]}" ;;
     lora_proj_attn)
       run lora_proj_attn 120 python -m rmjax.bench "${BASE[@]}" --impl rmjax --mode lora \
         --remat-policy projections_and_attention_saveable ;;
@@ -148,9 +158,9 @@ PY
 
 for arg in "$@"; do
   case "$arg" in
-    bench) names="full_dots lora_dots_attn full_unrolled lora_unrolled lora_proj_attn lora_remat full_dots_cublas" ;;
+    bench) names="full_dots lora_dots_attn full_unrolled lora_unrolled attention lora_proj_attn lora_remat full_dots_cublas" ;;
     data) names="packing loop" ;;
-    all) names="full_dots lora_dots_attn full_unrolled lora_unrolled loop packing lora_proj_attn lora_remat torch_full full_dots_cublas" ;;
+    all) names="full_dots lora_dots_attn full_unrolled lora_unrolled attention loop packing lora_proj_attn lora_remat torch_full full_dots_cublas" ;;
     *) names=$arg ;;
   esac
   for name in $names; do check "$name"; tar -czf "$OUT/gpu_checks.tgz" -C "$WORK" .; done
