@@ -81,7 +81,8 @@ def settings_from(args: argparse.Namespace) -> common.BenchSettings:
                               frozen_dtype=args.frozen_dtype, attention=args.attention,
                               attention_mask=args.attention_mask,
                               opt_state_dtype=args.opt_state_dtype, remat_name=args.remat_policy,
-                              scan_unroll=args.scan_unroll, flops=args.flops, analysis_only=args.analysis_only or bool(args.target),
+                              scan_unroll=args.scan_unroll, flops=args.flops,
+                              analysis_only=args.analysis_only or bool(args.target),
                               profile_dir=args.profile, target=args.target)
 
 
@@ -101,7 +102,8 @@ def child_argv(impl: str, settings: common.BenchSettings, mode: str) -> list[str
           "--frozen-dtype", settings.frozen_dtype, "--attention", settings.attention,
           "--attention-mask", settings.attention_mask,
           "--opt-state-dtype", settings.opt_state_dtype, "--remat-policy", settings.remat_name,
-          "--scan-unroll", str(settings.scan_unroll), "--profile", settings.profile_dir, "--target", settings.target]
+          "--scan-unroll", str(settings.scan_unroll), "--profile", settings.profile_dir,
+          "--target", settings.target]
   flags = [("--remat", settings.remat), ("--no-flops", not settings.flops),
            ("--analysis-only", settings.analysis_only)]
   return argv + [flag for flag, on in flags if on]

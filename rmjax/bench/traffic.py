@@ -8,9 +8,9 @@ an upper bound on the device memory traffic (caches can serve some reads), so co
 settings shows which moves less: for Qwen3-4B LoRA at 4 x 2048 on an H100 (the command below),
 saving dots and cuDNN attention outputs moves 400 GB per step, no remat 497 GB (it stores and
 reloads every elementwise value in layer stacks); with the layer loop unrolled
-(`--scan-unroll 0`) and no remat, 282 GB (nothing is copied out of a stack). It also counts what is easy to miss in a profile: cuDNN attention forwards
-run again in the backward loop, and ops XLA itself duplicated under memory pressure (".remat"
-in their names).
+(`--scan-unroll 0`) and no remat, 282 GB (nothing is copied out of a stack). It also counts
+what is easy to miss in a profile: cuDNN attention forwards run again in the backward loop,
+and ops XLA itself duplicated under memory pressure (".remat" in their names).
 
 Accounting: a fusion's operand that its fused computation only (dynamic-)slices moves the
 slices (a layer's weights out of the stacked layers), one it only updates in place moves
