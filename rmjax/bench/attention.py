@@ -6,15 +6,22 @@ that is a gradient nobody uses: jax's cuDNN wrapper has the backward kernel comp
 (bias's) gradient (model/cudnn_attention.py). This times, on one layer's attention of the Qwen3-4B
 shape (default 4 x 2048, 32 query heads, 8 key/value heads, head_dim 128, bf16), the gradient of
 sum(out * w) with respect to q, k and v for:
+  segments               public API, segment mask + causal (what packed rows run now; the reference)
   causal                 public API, causal only (what unpacked rows run)
-  segments               public API, segment mask + causal (what packed rows run now)
   segments_no_mask_grad  the private primitive without the mask's gradient (cudnn_attention.py)
-and gives each variant's max abs difference from `segments` in out, dq, dk, dv (the two segment
-variants must agree to bf16 rounding; `causal` differs by design). Rows are packed from
-PRM800K-like lengths (log-normal, median 450). On a CPU the first two run XLA's attention and the
-third is reported unavailable (it needs cuDNN). One JSON line per variant.
+and gives each later variant's max abs difference from `segments` in out, dq, dk, dv (the two
+segment variants must agree to bf16 rounding; `causal` differs wherever a row holds more than one
+example). Rows are packed from PRM800K-like lengths (log-normal, median 450). On a CPU the first
+two run XLA's attention and the third is reported unavailable (it needs cuDNN). One JSON line per
+variant.
+
+`--target h100` compiles the cuDNN variants for an H100 without one (bench/gpu_target.py, jax's
+CUDA plugin) and, instead of timing, lists each compiled cuDNN call's outputs and whether its
+backend config equals the reference's: the public call's backward also outputs the mask's
+gradient, (B, 1, T, T).
 
   python -m rmjax.bench.attention                      # on a GPU
+  python -m rmjax.bench.attention --target h100        # any machine with jax's CUDA plugin
   python -m rmjax.bench.attention --seq-len 64 --heads 4 --kv-heads 2 --head-dim 16   # smoke
 """
 
@@ -22,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import statistics
 import sys
 import time
@@ -31,8 +40,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rmjax.bench import gpu_target
 from rmjax.model import cudnn_attention
 from rmjax.model.transformer import attention_mask
+
+_UNAVAILABLE = "needs cuDNN and jax's private attention primitive with the expected parameters"
+_CUDNN_CALL = re.compile(r"= \(([^)]*)\) custom-call\(.*custom_call_target=\"(__cudnn\$fmha\w*)\""
+                         r".*backend_config=(\{.*\})\s*$", re.M)
 
 
 def packed_segment_ids(batch: int, seq_len: int, median: float, rng: np.random.Generator) -> np.ndarray:
@@ -55,25 +69,64 @@ def variants(impl: str, scale: float) -> dict[str, Callable | None]:
   no_mask_grad = None
   if impl == "cudnn" and cudnn_attention.available():
     no_mask_grad = lambda q, k, v, mask: cudnn_attention.causal_attention_constant_mask(q, k, v, mask, scale)
-  return {"causal": lambda q, k, v, mask: public(q, k, v, None), "segments": public,
+  return {"segments": public, "causal": lambda q, k, v, mask: public(q, k, v, None),
           "segments_no_mask_grad": no_mask_grad}
 
 
-def time_grads(attend: Callable, args: tuple, steps: int) -> tuple[float, tuple]:
-  """Median seconds of one jitted forward + backward; its output and (dq, dk, dv)."""
-  q, k, v, mask, w = args
-
-  def loss(q, k, v):
+def grad_step(attend: Callable) -> Callable:
+  """jit of (q, k, v, mask, w) -> ((dq, dk, dv), out) for the loss sum(out * w)."""
+  def loss(q, k, v, mask, w):
     out = attend(q, k, v, mask)
     return jnp.sum(out.astype(jnp.float32) * w), out
-  step = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
-  grads, out = jax.block_until_ready(step(q, k, v))  # compile
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+def time_grads(attend: Callable, args: tuple, steps: int) -> tuple[float, tuple]:
+  """Median seconds of one forward + backward (compiled first); its output and (dq, dk, dv)."""
+  step = grad_step(attend)
+  grads, out = jax.block_until_ready(step(*args))  # compile
   times = []
   for _ in range(steps):
     start = time.perf_counter()
-    jax.block_until_ready(step(q, k, v))
+    jax.block_until_ready(step(*args))
     times.append(time.perf_counter() - start)
   return statistics.median(times), (out, *grads)
+
+
+def cudnn_calls(attend: Callable, abstract_args: tuple) -> list[dict[str, str]]:
+  """Each cuDNN attention call of the compiled forward + backward: target, outputs, config."""
+  text = grad_step(attend).lower(*abstract_args).compile().as_text()
+  return [{"target": target, "outputs": outputs, "backend_config": config}
+          for outputs, target, config in _CUDNN_CALL.findall(text)]
+
+
+def compile_for_target(args: argparse.Namespace, base: dict) -> int:
+  """The cuDNN variants compiled for `args.target` (no GPU needed): their cuDNN calls."""
+  if not os.environ.get("JAX_PLATFORMS"):  # the CUDA plugin compiles without a GPU only this way
+    jax.config.update("jax_platforms", "cpu")
+  try:
+    device = gpu_target.target_device(args.target)
+  except gpu_target.TargetUnavailable as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh([device], ("d",)), jax.sharding.PartitionSpec())
+  spec = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  b, t, d = args.batch, args.seq_len, args.head_dim
+  abstract = (spec((b, t, args.heads, d)), spec((b, t, args.kv_heads, d)), spec((b, t, args.kv_heads, d)),
+              spec((b, 1, t, t), jnp.bool_), spec((b, t, args.heads, d), jnp.float32))
+  reference = None
+  for name, attend in variants("cudnn", d ** -0.5).items():
+    if attend is None:
+      print(json.dumps(base | {"variant": name, "unavailable": _UNAVAILABLE}), flush=True)
+      continue
+    calls = cudnn_calls(attend, abstract)
+    reference = reference or calls
+    same = [c["backend_config"] == r["backend_config"] for c, r in zip(calls, reference)]
+    print(json.dumps(base | {"variant": name, "target": args.target, "device": device.device_kind,
+                             "cudnn_calls": [{k: c[k] for k in ("target", "outputs")} for c in calls],
+                             "same_backend_configs_as_segments": len(calls) == len(reference) and all(same)}),
+          flush=True)
+  return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -86,9 +139,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--median", type=float, default=450.0, help="median example length of the packed rows")
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--target", default="", choices=("", *gpu_target.TARGET_CONFIGS),
+                 help="compile the cuDNN variants for this GPU (no GPU needed) and list their cuDNN calls")
   args = p.parse_args(argv)
   if args.heads % args.kv_heads:
     p.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
+  base = {"batch": args.batch, "seq_len": args.seq_len}
+  if args.target:
+    return compile_for_target(args, base)
   device = jax.devices()[0]
   impl = "cudnn" if device.platform == "gpu" else "xla"
   dtype = jnp.bfloat16 if impl == "cudnn" else jnp.float32
@@ -98,20 +156,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 (shape(args.heads), shape(args.kv_heads), shape(args.kv_heads), shape(args.heads)))
   segments = packed_segment_ids(args.batch, args.seq_len, args.median, rng)
   mask = attention_mask(jnp.asarray(segments))
-  results = {}
+  base |= {"impl": impl, "device": device.device_kind, "segments_per_row": float(np.mean(segments.max(axis=1)))}
+  reference = None
   for name, attend in variants(impl, args.head_dim ** -0.5).items():
-    record = {"variant": name, "impl": impl, "device": device.device_kind, "batch": args.batch,
-              "seq_len": args.seq_len, "segments_per_row": float(np.mean(segments.max(axis=1)))}
     if attend is None:
-      print(json.dumps(record | {"unavailable": "needs cuDNN and jax's private attention primitive "
-                                                "with the expected parameters"}), flush=True)
+      print(json.dumps(base | {"variant": name, "unavailable": _UNAVAILABLE}), flush=True)
       continue
-    seconds, results[name] = time_grads(attend, (q, k, v, mask, w), args.steps)
+    seconds, result = time_grads(attend, (q, k, v, mask, w), args.steps)
     diffs = {}
-    if "segments" in results:
+    if reference is None:
+      reference = result
+    else:
       diffs = {f"max_abs_diff_{part}": float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
-               for part, a, b in zip(("out", "dq", "dk", "dv"), results[name], results["segments"])}
-    print(json.dumps(record | {"ms": round(1e3 * seconds, 3)} | diffs), flush=True)
+               for part, a, b in zip(("out", "dq", "dk", "dv"), result, reference)}
+    print(json.dumps(base | {"variant": name, "ms": round(1e3 * seconds, 3)} | diffs), flush=True)
   return 0
 
 

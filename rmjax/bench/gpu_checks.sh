@@ -27,8 +27,9 @@
 #   attention        packed rows' attention on one layer of the 4B shape, forward + backward: causal
 #                    only, the segment mask (public API), and the segment mask without its unused
 #                    gradient (model/cudnn_attention.py; compiled for an H100, the public call's
-#                    backward also writes a bf16[4,1,2048,2048] mask gradient): ms each, and the
-#                    last one's max abs differences from the public call (must be bf16 rounding)
+#                    backward also writes a bf16[4,1,2048,2048] mask gradient): ms each, and max
+#                    abs differences from the public masked call (the private one's must be bf16
+#                    rounding)
 #   lora_proj_attn   LoRA saving each projection's output and cuDNN attention's (not every dot's):
 #                    compiled for an H100, 410 GB moved instead of 426, peak 28 GB instead of 33
 #   lora_dots_attn_dsf  lora_dots_attn with XLA's dynamic-slice fusion (XLA_FLAGS; in no group): the

@@ -171,15 +171,15 @@ def train_split(spec: Any, name: str) -> str:
   return str(src.train_split) if "train_split" in src else str(src.eval_split)  # REVEAL: eval only
 
 
-def build_sources(spec: Any, run_dir: pathlib.Path, skips: SkipCounter, shard_skips: SkipCounter | None = None
+def build_sources(spec: Any, run_dir: pathlib.Path, skips: SkipCounter, shard_skips: SkipCounter
                   ) -> tuple[dict[str, tuple[Any, float]], dict[str, Any]]:
   """(training {name: (reader, weight)}, evaluation {name: reader}) for the enabled sources.
 
   Readers that count skips as records are read (`SKIPS_COUNTED_ON_ACCESS`) count into
-  `shard_skips` (default `skips`): in a multi-process run each sees only its own shard."""
+  `shard_skips` (in a multi-process run each reads only its own shard), the others into `skips`."""
   def build(name: str, split: str):
     cfg = source_config(spec, name, run_dir)
-    per_shard = shard_skips is not None and reader_kind(name, cfg) in SKIPS_COUNTED_ON_ACCESS
+    per_shard = reader_kind(name, cfg) in SKIPS_COUNTED_ON_ACCESS
     return build_source(name, cfg, split=split, skips=shard_skips if per_shard else skips)
 
   train, evals = {}, {}
