@@ -42,6 +42,7 @@ ENUMS: Mapping[str, tuple[Any, ...]] = {
   "model.frozen_dtype": ("float32", "bfloat16"),
   "model.remat": REMAT_POLICIES,
   "model.attention_impl": ("", "xla", "cudnn"),
+  "model.segment_attention": ("mask", "cudnn_packed"),
   "head.activation": ("gelu", "gelu_tanh", "relu", "silu", "tanh"),
   "data.template": ("default", "chat"),
   "data.reveal.label": ("correctness",),

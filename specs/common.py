@@ -49,6 +49,8 @@ def base_spec() -> ml_collections.ConfigDict:
   c.model.attention_impl = ""        # "" = let XLA choose | "xla" | "cudnn" (GPU flash attention)
   c.model.scan_unroll = 1            # layers per iteration of the layer loop; 0 = no loop (on a GPU each
                                      # layer's GEMMs read its weights in place, not copies; longer compile)
+  c.model.segment_attention = "mask" # packed rows under cuDNN: "mask" (segment mask) | "cudnn_packed" (each
+                                     # example its own sequence, no work between examples; Hopper GPUs)
   c.model.trust_remote_code = False  # passed to the HF tokenizer/config loaders
   c.model.demo = ml_collections.ConfigDict()  # backbone shape when model.path == "demo"
   c.model.demo.hidden_size = 64      # model width

@@ -408,6 +408,21 @@ def test_packing_bench_steps_the_same_examples_in_both_layouts(capsys):
     packing.main(["--preset", "tiny", "--row", "64", "--buckets", "16,32"])
 
 
+def test_packing_bench_steps_the_packed_rows_with_each_segment_attention(capsys):
+  """`--segment-attention both`: the same packed batches once with the segment mask and once with
+  cuDNN's packed layout (on a CPU both run XLA's masked attention, and the records say so)."""
+  from rmjax.bench import packing
+  assert packing.main(["--preset", "tiny", "--row", "64", "--examples", "12", "--batch", "2", "--median", "20",
+                       "--min-length", "8", "--buckets", "32,64", "--segment-attention", "both"]) == 0
+  unpacked, mask, cudnn_packed, ratios = _lines(capsys.readouterr().out)
+  assert [r["layout"] for r in (unpacked, mask, cudnn_packed)] == ["unpacked", "packed", "packed_cudnn_packed"]
+  assert (mask["segment_attention"], cudnn_packed["segment_attention"]) == ("mask", "cudnn_packed")
+  assert mask["attention"] == cudnn_packed["attention"] == "xla"
+  assert mask["steps"] == cudnn_packed["steps"] and mask["markers"] == cudnn_packed["markers"] == unpacked["markers"]
+  assert ratios == {f"{name}_over_unpacked_markers_per_s": pytest.approx(r["markers_per_s"] / unpacked["markers_per_s"])
+                    for name, r in (("packed", mask), ("packed_cudnn_packed", cudnn_packed))}
+
+
 @pytest.mark.slow
 def test_prepared_gpu_checks_run_end_to_end_on_tiny_shapes(tmp_path):
   """gpu_checks.sh is what a short GPU loan runs; a check that breaks here would waste one.
@@ -445,6 +460,7 @@ def test_isolated_child_gets_every_setting():
   from rmjax.bench import __main__ as bench_main
   changed = common.BenchSettings(preset="qwen3-4b", seq_len=64, batch=3, steps=2, warmup=1, remat=True, dtype="bfloat16",
                                  dropout=0.1, seed=7, frozen_dtype="float32", attention_mask="segments",
+                                 segment_attention="cudnn_packed",
                                  attention="xla", opt_state_dtype="bfloat16", remat_name="dots_saveable",
                                  scan_unroll=0, flops=False, analysis_only=True, profile_dir="/tmp/p", target="h100")
   defaults = common.BenchSettings()
@@ -465,11 +481,11 @@ def test_attention_probe_compares_the_packed_variants(capsys):
   assert attention.main(["--seq-len", "64", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
                          "--median", "20", "--steps", "1"]) == 0
   rows = {r["variant"]: r for r in _lines(capsys.readouterr().out)}
-  assert list(rows) == ["segments", "causal", "segments_no_mask_grad"]
+  assert list(rows) == ["segments", "causal", "segments_no_mask_grad", "segments_cudnn_packed"]
   assert rows["segments"]["segments_per_row"] > 1 and rows["segments"]["ms"] > 0
   assert "max_abs_diff_out" not in rows["segments"]  # the reference
   assert all(rows["causal"][f"max_abs_diff_{part}"] > 0.1 for part in ("out", "dq", "dk", "dv"))
-  assert "unavailable" in rows["segments_no_mask_grad"]
+  assert "unavailable" in rows["segments_no_mask_grad"] and "unavailable" in rows["segments_cudnn_packed"]
   try:
     import jax_plugins.xla_cuda12  # noqa: F401
   except ImportError:

@@ -20,7 +20,7 @@ LAYOUT_LEAVES = """
 experiment_name output_dir seed mode lr max_steps batch_size grad_accum_steps warmup_steps schedule
 weight_decay max_grad_norm opt_state_dtype loss logging_steps eval_steps save_steps max_eval_batches init_from nan_policy
 model.path model.param_dtype model.compute_dtype model.frozen_dtype model.remat model.attention_impl
-model.scan_unroll model.trust_remote_code model.demo.hidden_size model.demo.num_layers model.demo.num_heads
+model.scan_unroll model.segment_attention model.trust_remote_code model.demo.hidden_size model.demo.num_layers model.demo.num_heads
 model.demo.num_kv_heads model.demo.head_dim model.demo.intermediate_size
 head.hidden_dims head.activation head.dropout lora.rank lora.alpha lora.targets
 data.max_length data.max_steps_per_example data.length_buckets data.template data.neutral_target
@@ -180,6 +180,14 @@ def test_scan_unroll_reaches_the_model_and_is_checked():
   assert model_overrides(demo_spec(model__scan_unroll=0))["scan_unroll"] == 0
   with pytest.raises(spec_lib.SpecError, match=r"model.scan_unroll must be >= 0, got -2"):
     spec_lib.validate(demo_spec(model__scan_unroll=-2), 1)
+
+
+def test_segment_attention_reaches_the_model_and_is_checked():
+  from rmjax.train.build import model_overrides
+  assert model_overrides(demo_spec())["segment_attention"] == "mask"
+  assert model_overrides(demo_spec(model__segment_attention="cudnn_packed"))["segment_attention"] == "cudnn_packed"
+  with pytest.raises(spec_lib.SpecError, match=r"model.segment_attention='ragged'; choose from 'mask', 'cudnn_packed'"):
+    spec_lib.validate(demo_spec(model__segment_attention="ragged"), 1)
 
 
 def test_weights_and_sources():

@@ -49,6 +49,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--attention-mask", default="causal", choices=("causal", "segments"),
                  help="rmjax: 'causal' (no mask array, what training uses for unpacked rows such as these "
                       "synthetic ones) or 'segments' (the segment-id mask packed rows need)")
+  p.add_argument("--segment-attention", default="mask", choices=("mask", "cudnn_packed"),
+                 help="rmjax, with --attention-mask segments under cuDNN: the segment mask, or cuDNN's packed "
+                      "layout (each example its own sequence; Hopper GPUs)")
   p.add_argument("--opt-state-dtype", default="float32", choices=("float32", "bfloat16"),
                  help="rmjax Adam moment (mu, nu) dtype")
   p.add_argument("--remat-policy", default="", choices=("", *REMAT_POLICIES),
@@ -79,7 +82,7 @@ def settings_from(args: argparse.Namespace) -> common.BenchSettings:
                               warmup=args.warmup, remat=args.remat, dtype=args.dtype,
                               dropout=args.dropout, seed=args.seed,
                               frozen_dtype=args.frozen_dtype, attention=args.attention,
-                              attention_mask=args.attention_mask,
+                              attention_mask=args.attention_mask, segment_attention=args.segment_attention,
                               opt_state_dtype=args.opt_state_dtype, remat_name=args.remat_policy,
                               scan_unroll=args.scan_unroll, flops=args.flops,
                               analysis_only=args.analysis_only or bool(args.target),
@@ -100,7 +103,7 @@ def child_argv(impl: str, settings: common.BenchSettings, mode: str) -> list[str
           "--steps", str(settings.steps), "--warmup", str(settings.warmup), "--dtype", settings.dtype,
           "--dropout", str(settings.dropout), "--seed", str(settings.seed),
           "--frozen-dtype", settings.frozen_dtype, "--attention", settings.attention,
-          "--attention-mask", settings.attention_mask,
+          "--attention-mask", settings.attention_mask, "--segment-attention", settings.segment_attention,
           "--opt-state-dtype", settings.opt_state_dtype, "--remat-policy", settings.remat_name,
           "--scan-unroll", str(settings.scan_unroll), "--profile", settings.profile_dir,
           "--target", settings.target]

@@ -3,17 +3,21 @@
 Why it exists: packed rows need the segment mask, and on an H100 the masked cuDNN attention took
 103.5 ms per 4B step against 58.8 ms for causal attention alone (BUILD.md, session 4). Part of
 that is a gradient nobody uses: jax's cuDNN wrapper has the backward kernel compute the mask's
-(bias's) gradient (model/cudnn_attention.py). This times, on one layer's attention of the Qwen3-4B
-shape (default 4 x 2048, 32 query heads, 8 key/value heads, head_dim 128, bf16), the gradient of
+(bias's) gradient; part is the score blocks between two examples of a row, which a mask cannot
+skip (model/cudnn_attention.py). This times, on one layer's attention of the Qwen3-4B shape
+(default 4 x 2048, 32 query heads, 8 key/value heads, head_dim 128, bf16), the gradient of
 sum(out * w) with respect to q, k and v for:
-  segments               public API, segment mask + causal (what packed rows run now; the reference)
+  segments               public API, segment mask + causal (what packed rows run by default; the reference)
   causal                 public API, causal only (what unpacked rows run)
   segments_no_mask_grad  the private primitive without the mask's gradient (cudnn_attention.py)
-and gives each later variant's max abs difference from `segments` in out, dq, dk, dv (the two
-segment variants must agree to bf16 rounding; `causal` differs wherever a row holds more than one
-example). Rows are packed from PRM800K-like lengths (log-normal, median 450). On a CPU the first
-two run XLA's attention and the third is reported unavailable (it needs cuDNN). One JSON line per
-variant.
+  segments_cudnn_packed  cuDNN's packed layout, each example its own sequence
+                         (the model's segment_attention="cudnn_packed")
+and gives each later variant's max abs difference from `segments` in out, dq, dk, dv (the segment
+variants must agree to bf16 rounding; `causal` differs wherever a row holds more than one
+example). Rows are packed from PRM800K-like lengths (log-normal, median 450), padded at the end;
+differences are taken over real tokens only (padded positions attend differently under the
+packed layout, and nothing reads them). On a CPU the first two run XLA's attention and the
+cuDNN-only ones are reported unavailable. One JSON line per variant.
 
 `--target h100` compiles the cuDNN variants for an H100 without one (bench/gpu_target.py, jax's
 CUDA plugin) and, instead of timing, lists each compiled cuDNN call's outputs and whether its
@@ -44,6 +48,9 @@ from rmjax.bench import gpu_target
 from rmjax.model import cudnn_attention
 from rmjax.model.transformer import attention_mask
 
+# Segment slots of the packed layout: at most this many examples per row (more raises).
+MAX_SEGMENTS = 40
+
 _UNAVAILABLE = "needs cuDNN and jax's private attention primitive with the expected parameters"
 _CUDNN_CALL = re.compile(r"= \(([^)]*)\) custom-call\(.*custom_call_target=\"(__cudnn\$fmha\w*)\""
                          r".*backend_config=(\{.*\})\s*$", re.M)
@@ -64,19 +71,26 @@ def packed_segment_ids(batch: int, seq_len: int, median: float, rng: np.random.G
 
 
 def variants(impl: str, scale: float) -> dict[str, Callable | None]:
+  """Each variant: (q, k, v, segment_ids_BT) -> out, or None where this jax/device lacks it. The
+  mask or packed layout is built inside, as the model builds it once per step."""
   public = lambda q, k, v, mask: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
                                                               implementation=impl)
-  no_mask_grad = None
+  no_mask_grad = packed = None
   if impl == "cudnn" and cudnn_attention.available():
-    no_mask_grad = lambda q, k, v, mask: cudnn_attention.causal_attention_constant_mask(q, k, v, mask, scale)
-  return {"segments": public, "causal": lambda q, k, v, mask: public(q, k, v, None),
-          "segments_no_mask_grad": no_mask_grad}
+    no_mask_grad = lambda q, k, v, seg: cudnn_attention.causal_attention_constant_mask(
+      q, k, v, attention_mask(seg), scale)
+  if impl == "cudnn" and cudnn_attention.packed_available():
+    packed = lambda q, k, v, seg: cudnn_attention.packed_causal_attention(
+      q, k, v, *cudnn_attention.segment_layout(seg, MAX_SEGMENTS), scale)
+  return {"segments": lambda q, k, v, seg: public(q, k, v, attention_mask(seg)),
+          "causal": lambda q, k, v, seg: public(q, k, v, None),
+          "segments_no_mask_grad": no_mask_grad, "segments_cudnn_packed": packed}
 
 
 def grad_step(attend: Callable) -> Callable:
-  """jit of (q, k, v, mask, w) -> ((dq, dk, dv), out) for the loss sum(out * w)."""
-  def loss(q, k, v, mask, w):
-    out = attend(q, k, v, mask)
+  """jit of (q, k, v, segment_ids, w) -> ((dq, dk, dv), out) for the loss sum(out * w)."""
+  def loss(q, k, v, segment_ids, w):
+    out = attend(q, k, v, segment_ids)
     return jnp.sum(out.astype(jnp.float32) * w), out
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
 
@@ -113,13 +127,14 @@ def compile_for_target(args: argparse.Namespace, base: dict) -> int:
   spec = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
   b, t, d = args.batch, args.seq_len, args.head_dim
   abstract = (spec((b, t, args.heads, d)), spec((b, t, args.kv_heads, d)), spec((b, t, args.kv_heads, d)),
-              spec((b, 1, t, t), jnp.bool_), spec((b, t, args.heads, d), jnp.float32))
+              spec((b, t), jnp.int32), spec((b, t, args.heads, d), jnp.float32))
   reference = None
   for name, attend in variants("cudnn", d ** -0.5).items():
     if attend is None:
       print(json.dumps(base | {"variant": name, "unavailable": _UNAVAILABLE}), flush=True)
       continue
-    calls = cudnn_calls(attend, abstract)
+    with gpu_target.cudnn_checks_for(args.target):
+      calls = cudnn_calls(attend, abstract)
     reference = reference or calls
     same = [c["backend_config"] == r["backend_config"] for c, r in zip(calls, reference)]
     print(json.dumps(base | {"variant": name, "target": args.target, "device": device.device_kind,
@@ -155,19 +170,22 @@ def main(argv: Sequence[str] | None = None) -> int:
   q, k, v, w = (jnp.asarray(rng.standard_normal(s), dtype) for s in
                 (shape(args.heads), shape(args.kv_heads), shape(args.kv_heads), shape(args.heads)))
   segments = packed_segment_ids(args.batch, args.seq_len, args.median, rng)
-  mask = attention_mask(jnp.asarray(segments))
+  if segments.max() > MAX_SEGMENTS:
+    p.error(f"--median {args.median} packs more than {MAX_SEGMENTS} examples into a row")
+  real = jnp.asarray(segments > 0)[:, :, None, None]  # (B, T, 1, 1): compare real tokens only
   base |= {"impl": impl, "device": device.device_kind, "segments_per_row": float(np.mean(segments.max(axis=1)))}
   reference = None
   for name, attend in variants(impl, args.head_dim ** -0.5).items():
     if attend is None:
       print(json.dumps(base | {"variant": name, "unavailable": _UNAVAILABLE}), flush=True)
       continue
-    seconds, result = time_grads(attend, (q, k, v, mask, w), args.steps)
+    seconds, result = time_grads(attend, (q, k, v, jnp.asarray(segments), w), args.steps)
     diffs = {}
     if reference is None:
       reference = result
     else:
-      diffs = {f"max_abs_diff_{part}": float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+      diffs = {f"max_abs_diff_{part}": float(jnp.max(jnp.where(real, jnp.abs(a.astype(jnp.float32)
+                                                                             - b.astype(jnp.float32)), 0.0)))
                for part, a, b in zip(("out", "dq", "dk", "dv"), result, reference)}
     print(json.dumps(base | {"variant": name, "ms": round(1e3 * seconds, 3)} | diffs), flush=True)
   return 0

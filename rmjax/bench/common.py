@@ -76,6 +76,7 @@ class BenchSettings:
   # rmjax ModelConfig.attention_mask: "causal" (no mask array), what training uses for unpacked
   # rows like the benchmark's (one example per row); "segments" is what packed rows need.
   attention_mask: str = "causal"
+  segment_attention: str = "mask"  # rmjax ModelConfig.segment_attention: "mask" | "cudnn_packed"
   attention: str = ""  # rmjax attention: "" (auto: cuDNN on a GPU when it applies, else XLA), "xla", "cudnn"
   opt_state_dtype: str = "float32"  # rmjax Adam moments (mu and nu) dtype
   remat_name: str = ""  # rmjax remat policy by name ("" = "full" if remat else "none")
@@ -118,6 +119,7 @@ class BenchSettings:
                        f"max_position_embeddings={cfg.max_position_embeddings}")
     return cfg.replace(compute_dtype=self.dtype, remat=self.remat_policy, scan_unroll=self.scan_unroll,
                        attention_impl=self.attention or None, attention_mask=self.attention_mask,
+                       segment_attention=self.segment_attention,
                        lora_rank=self.lora_rank if mode == "lora" else 0, lora_alpha=self.lora_alpha,
                        marker_id=cfg.vocab_size - 1)
 

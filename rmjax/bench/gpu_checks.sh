@@ -25,10 +25,12 @@
 #                    (dots_and_attention_saveable in the loop; session 4's profile: 936 device
 #                    copies, 27.5 ms), peak 32 GB; tokens/s vs full_unrolled and full_dots
 #   attention        packed rows' attention on one layer of the 4B shape, forward + backward: causal
-#                    only, the segment mask (public API), and the segment mask without its unused
-#                    gradient (model/cudnn_attention.py; compiled for an H100, the public call's
-#                    backward also writes a bf16[4,1,2048,2048] mask gradient): ms each, and max
-#                    abs differences from the public masked call (the private one's must be bf16
+#                    only, the segment mask (public API), the segment mask without its unused
+#                    gradient (compiled for an H100, the public call's backward also writes a
+#                    bf16[4,1,2048,2048] mask gradient), and cuDNN's packed layout, each example
+#                    its own sequence (model.segment_attention="cudnn_packed"; never yet run on a
+#                    GPU); model/cudnn_attention.py. ms each, and max abs differences from the
+#                    public masked call over real tokens (the segment variants' must be bf16
 #                    rounding)
 #   lora_proj_attn   LoRA saving each projection's output and cuDNN attention's (not every dot's):
 #                    compiled for an H100, 410 GB moved instead of 426, peak 28 GB instead of 33
@@ -40,7 +42,8 @@
 #   full_dots_cublas full_dots with cuBLAS for every GEMM (XLA_FLAGS; session 4: slower)
 #   torch_full       the torch reference, full fine-tuning with remat, for the same-session ratio
 #   packing          packing vs padded rows on the 4B shape (target 2x supervised markers/s;
-#                    session 4: 2.21x while both layouts ran the segment mask)
+#                    session 4: 2.21x while both layouts ran the segment mask); the packed rows
+#                    run twice, with the segment mask and with cuDNN's packed layout
 #   loop             the training loop on a Qwen3-4B-shaped random backbone (the demo's synthetic
 #                    PRM800K data, packed rows of 2048): train/data_wait_frac, the share of step
 #                    time the host spent waiting for data, train/device_idle_frac, the share the
@@ -133,8 +136,8 @@ check() {
       run torch_full 120 python -m rmjax.bench "${BASE[@]}" --impl torch --mode full --remat ;;
     packing)
       data_packages
-      run packing 200 python -m rmjax.bench.packing --preset "$PRESET" --row "$SEQ" --examples "$EXAMPLES" \
-        --batch 4 --mode lora ;;
+      run packing 280 python -m rmjax.bench.packing --preset "$PRESET" --row "$SEQ" --examples "$EXAMPLES" \
+        --batch 4 --mode lora --segment-attention both ;;
     loop)
       data_packages
       run loop 200 python -m rmjax.launch --spec specs/demo.py:lora --spec.output_dir="$WORK/run" "${LOOP_SHAPE[@]}" \

@@ -15,8 +15,10 @@ compiled HLO may differ from a real GPU's.
 
 from __future__ import annotations
 
+import contextlib
+import re
 from importlib import resources
-from typing import Any
+from typing import Any, Iterator
 
 from rmjax.cli import first_line
 
@@ -43,3 +45,33 @@ def target_device(name: str) -> Any:
     raise TargetUnavailable(f"cannot compile for the {name} GPU target here ({first_line(e)}); it needs jax's "
                             "CUDA plugin: pip install -e '.[cuda12]'") from None
   return topology.devices[0]
+
+
+def compute_capability(name: str) -> tuple[int, int]:
+  """The target's CUDA compute capability, from its config."""
+  found = re.search(r"cuda_compute_capability\s*\{\s*major:\s*(\d+)\s+minor:\s*(\d+)", target_config_text(name))
+  if found is None:
+    raise ValueError(f"the {name} target config gives no cuda_compute_capability")
+  return int(found.group(1)), int(found.group(2))
+
+
+@contextlib.contextmanager
+def cudnn_checks_for(name: str) -> Iterator[None]:
+  """jax's cuDNN attention checks the compute capability of the default backend's GPU (the
+  packed layout needs Hopper or later); in a deviceless compile that backend is the CPU, which
+  has none, so the checks fail whatever the target. Inside this block they answer for the
+  target instead (jax's private module; left alone if it is not there)."""
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+  except ImportError:
+    yield
+    return
+  target = compute_capability(name)
+  as_tuple = lambda capability: tuple(int(x) for x in capability.split("."))
+  saved = fa.check_compute_capability, fa.is_cuda_compute_capability_equal
+  fa.check_compute_capability = lambda capability: target >= as_tuple(capability)
+  fa.is_cuda_compute_capability_equal = lambda capability: target == as_tuple(capability)
+  try:
+    yield
+  finally:
+    fa.check_compute_capability, fa.is_cuda_compute_capability_equal = saved

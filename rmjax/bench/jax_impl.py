@@ -58,9 +58,9 @@ def _model(settings: common.BenchSettings, cfg) -> ConfidenceModel:
                                          dropout=settings.dropout))
 
 
-def build(settings: common.BenchSettings, mode: str, device: jax.Device):
+def build(settings: common.BenchSettings, mode: str, device: jax.Device, cfg=None):
   """(steps, state, mesh) on a one-device mesh."""
-  model = _model(settings, settings.model_config(mode))
+  model = _model(settings, cfg or settings.model_config(mode))
   mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=1, tensor=1), devices=[device])
   opt_cfg = optim_config(settings, mode)
   state, shardings = create_train_state(model, opt_cfg, mesh, jax.random.key(settings.seed))
@@ -158,6 +158,13 @@ def _device_peak_mb(device: jax.Device) -> float | None:
 
 def run(settings: common.BenchSettings, mode: str) -> dict[str, Any]:
   """Benchmark rmjax's train step for one mode; returns the JSON record."""
+  if not settings.target:
+    return _run(settings, mode)
+  with gpu_target.cudnn_checks_for(settings.target):  # the target's capability, not the CPU's
+    return _run(settings, mode)
+
+
+def _run(settings: common.BenchSettings, mode: str) -> dict[str, Any]:
   local = jax.devices()[0]
   device = gpu_target.target_device(settings.target) if settings.target else local
   accelerator = device.platform != "cpu"
@@ -177,7 +184,8 @@ def run(settings: common.BenchSettings, mode: str) -> dict[str, Any]:
             "scan_unroll": settings.scan_unroll,
             "opt_state_dtype": settings.opt_state_dtype, "frozen_dtype": settings.frozen_dtype,
             "attention": cfg.attention_impl or f"auto:{auto_attention_impl(cfg, cfg.compute_dtype)}",
-            "attention_mask": cfg.attention_mask, "device": device.device_kind, "analysis_only": True,
+            "attention_mask": cfg.attention_mask, "segment_attention": cfg.segment_attention,
+            "device": device.device_kind, "analysis_only": True,
             "target": settings.target or None,
             "model_flops": common.mean_model_flops(cfg, settings, host_batches[:1], mode),
             **analysis, **compiled_peak(analysis)}
@@ -213,7 +221,7 @@ def run(settings: common.BenchSettings, mode: str) -> dict[str, Any]:
                             opt_state_dtype=settings.opt_state_dtype, remat_policy=settings.remat_policy,
                             scan_unroll=settings.scan_unroll,
                             attention=cfg.attention_impl or f"auto:{auto_attention_impl(cfg, cfg.compute_dtype)}",
-                            attention_mask=cfg.attention_mask)
+                            attention_mask=cfg.attention_mask, segment_attention=cfg.segment_attention)
   return with_ratio(record)
 
 

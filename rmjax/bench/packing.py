@@ -9,6 +9,8 @@ batch shape compiled before timing. Both layouts are the training pipeline's own
 padding, and the streaming packer with its lookahead (`render.pack_stream`, the same
 `pack_batch` the pipeline's iterator calls); each with the attention training uses for it
 (unpacked rows causal attention alone, packed rows the segment mask; train/build.py).
+`--segment-attention cudnn_packed` gives packed rows cuDNN's packed layout instead (the spec's
+model.segment_attention; GPU only), and `both` steps the packed rows once with each.
 
 Lengths are SYNTHETIC, PRM800K-like: log-normal with median `--median` tokens (default 450,
 sigma 0.6), clipped to [--min-length, row]; one marker per ~50 tokens (PRM800K steps are
@@ -39,6 +41,7 @@ import numpy as np
 
 from rmjax.bench import common, jax_impl
 from rmjax.data.render import DEFAULT_PACK_LOOKAHEAD, RenderConfig, Tokenized, batch_rows, pack_stream
+from rmjax.model.transformer import auto_attention_impl
 from rmjax.train.step import device_batch
 
 TOKENS_PER_MARKER = 50
@@ -104,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--lookahead", type=int, default=DEFAULT_PACK_LOOKAHEAD,
                  help="packer lookahead (the spec's data.pack_lookahead; 0 = close a batch at the first miss)")
   p.add_argument("--mode", default="lora", choices=common.MODES)
+  p.add_argument("--segment-attention", default="mask", choices=("mask", "cudnn_packed", "both"),
+                 help="packed rows' attention under cuDNN (model.segment_attention); both = a packed run with each")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   try:
@@ -120,28 +125,41 @@ def main(argv: Sequence[str] | None = None) -> int:
   cfg = settings.model_config(args.mode)
   examples = synthetic_examples(args.examples, args.row, args.median, cfg.marker_id, args.seed, args.min_length)
   max_markers = args.row // TOKENS_PER_MARKER + 1
-  # Each layout runs the step training gives it (train/build.py): packed rows the segment mask,
-  # unpacked rows causal attention alone. One state serves both (the mask is not a parameter).
-  steps = {}
-  steps["packed"], state, mesh = jax_impl.build(dataclasses.replace(settings, attention_mask="segments"),
-                                                args.mode, device)
+  # Each layout runs the step training gives it (train/build.py): packed rows the segment mask
+  # (or cuDNN's packed layout), unpacked rows causal attention alone. One state serves all (the
+  # attention is not a parameter).
+  segment_attention = ("mask", "cudnn_packed") if args.segment_attention == "both" else (args.segment_attention,)
+  packed_names = {s: "packed" if s == "mask" else f"packed_{s}" for s in segment_attention}
+  steps, state, mesh = {}, None, None
+  for choice, name in packed_names.items():
+    packed_cfg = cfg.replace(attention_mask="segments", segment_attention=choice)
+    if state is None:
+      steps[name], state, mesh = jax_impl.build(settings, args.mode, device, cfg=packed_cfg)
+    else:
+      steps[name], _ = jax_impl.build_abstract(settings, args.mode, device, cfg=packed_cfg)
   steps["unpacked"], _ = jax_impl.build_abstract(settings, args.mode, device,
                                                  cfg=cfg.replace(attention_mask="causal"))
   results = {}
-  for name, batches in layouts(examples, args.row, args.batch, max_markers, args.lookahead, buckets).items():
+  batches_by_layout = layouts(examples, args.row, args.batch, max_markers, args.lookahead, buckets)
+  runs = [("unpacked", "unpacked")] + [(name, "packed") for name in packed_names.values()]
+  for name, layout_name in runs:
+    batches = batches_by_layout[layout_name]
     seconds, state = time_layout(steps[name], state, batches, mesh)
     markers = sum(common.supervised_markers(b) for b in batches)
     real = sum(common.non_pad_tokens(b) for b in batches)
     slots = sum(b["input_ids"].size for b in batches)
     results[name] = markers / seconds
     layout = ({"buckets": list(buckets), "attention_mask": "causal"} if name == "unpacked"
-              else {"lookahead": args.lookahead, "attention_mask": "segments"})
-    print(json.dumps({"layout": name, **layout, "preset": args.preset, "mode": args.mode,
+              else {"lookahead": args.lookahead, "attention_mask": "segments",
+                    "segment_attention": next(s for s, n in packed_names.items() if n == name)})
+    print(json.dumps({"layout": name, **layout, "attention": auto_attention_impl(cfg, cfg.compute_dtype),
+                      "preset": args.preset, "mode": args.mode,
                       "device": device.device_kind, "examples": len(examples), "steps": len(batches),
                       "seconds": round(seconds, 4), "markers": markers, "real_tokens": real,
                       "markers_per_s": markers / seconds, "real_tokens_per_s": real / seconds,
                       "token_fill": round(real / slots, 4)}), flush=True)
-  print(json.dumps({"packed_over_unpacked_markers_per_s": results["packed"] / results["unpacked"]}))
+  print(json.dumps({f"{name}_over_unpacked_markers_per_s": results[name] / results["unpacked"]
+                    for name in packed_names.values()}))
   return 0
 
 

@@ -77,6 +77,11 @@ class ModelConfig:
   # only, no mask array: exact for rows holding one example from position 0 with padding at the
   # end (real tokens never see the padding), and lets cuDNN run its plain causal kernel.
   attention_mask: str = "segments"
+  # How "segments" attends under cuDNN: "mask" passes the (B, 1, T, T) segment mask to
+  # jax.nn.dot_product_attention (every implementation); "cudnn_packed" gives cuDNN the segments
+  # as a packed layout instead (model/cudnn_attention.py: no mask, no score blocks between two
+  # examples; Hopper GPUs). Other implementations (XLA on a CPU) use the mask either way.
+  segment_attention: str = "mask"
   # Layers per iteration of the layer loop; 0 (or >= num_layers) unrolls it: no loop, so on a GPU
   # each layer reads its weights and saved activations in place instead of copies out of the
   # stacked buffers, for a longer compile. The weights are stacked either way.
@@ -103,6 +108,8 @@ class ModelConfig:
       raise ValueError(f"attention_impl={self.attention_impl!r}; choose None, 'xla' or 'cudnn'")
     if self.attention_mask not in ("segments", "causal"):
       raise ValueError(f"attention_mask={self.attention_mask!r}; choose 'segments' or 'causal'")
+    if self.segment_attention not in ("mask", "cudnn_packed"):
+      raise ValueError(f"segment_attention={self.segment_attention!r}; choose 'mask' or 'cudnn_packed'")
     if self.scan_unroll < 0:
       raise ValueError(f"scan_unroll={self.scan_unroll} must be >= 0 (0 = unroll every layer)")
     if isinstance(self.lora_targets, list):

@@ -8,7 +8,9 @@ and compile fast for deep models. Hence:
     loop (same params), so a GPU's GEMMs read each layer's weights in place: inside the loop
     XLA copies every layer's weights and saved activations out of their stacks;
   * attention through `jax.nn.dot_product_attention` (cuDNN by default on a GPU), causal and restricted to equal nonzero
-    segment ids (0 = padding), which also makes sequence packing correct;
+    segment ids (0 = padding), which also makes sequence packing correct; or, for packed rows
+    under cuDNN with `segment_attention="cudnn_packed"`, cuDNN's packed layout, each example a
+    sequence of its own (model/cudnn_attention.py);
   * RoPE from explicit position ids (HF rotate_half layout, llama3/linear scaling);
   * the `<CONFIDENCE>` marker's embedding row is its own parameter `embed/marker`, so LoRA can
     train it while the embedding matrix stays frozen;
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from rmjax.model import cudnn_attention
 from rmjax.model.config import ModelConfig
 
 Array = jax.Array
@@ -132,6 +135,36 @@ def auto_attention_impl(cfg: ModelConfig, dtype: Any, backend: str | None = None
   return "cudnn" if cudnn_ok and (backend or jax.default_backend()) == "gpu" else "xla"
 
 
+def attention_inputs(cfg: ModelConfig, segment_ids_BT: Array, max_segments: int | None) -> Any:
+  """What every layer's attention needs besides q, k, v, built once per batch: None (causal
+  only), the (B, 1, T, T) segment mask, or, for cuDNN with segment_attention="cudnn_packed",
+  the packed layout (seqlen_BS, offsets_BS1) of `cudnn_attention.segment_layout`."""
+  if cfg.attention_mask == "causal":
+    return None
+  impl = cfg.attention_impl or auto_attention_impl(cfg, cfg.compute_dtype)
+  if cfg.segment_attention != "cudnn_packed" or impl != "cudnn":
+    return attention_mask(segment_ids_BT)
+  if max_segments is None:
+    raise ValueError("segment_attention='cudnn_packed' needs max_segments (segments per row at most)")
+  if not cudnn_attention.packed_available():
+    raise ValueError("segment_attention='cudnn_packed' needs jax's cuDNN packed layout, which this jax "
+                     f"({jax.__version__}) does not offer as expected; use 'mask'")
+  return cudnn_attention.segment_layout(segment_ids_BT, max_segments)
+
+
+def attend(cfg: ModelConfig, q_BTNH: Array, k_BTKH: Array, v_BTKH: Array, inputs: Any) -> Array:
+  """Causal attention of one layer, restricted as `attention_inputs` says."""
+  scale = cfg.head_dim ** -0.5
+  if isinstance(inputs, tuple):
+    return cudnn_attention.packed_causal_attention(q_BTNH, k_BTKH, v_BTKH, *inputs, scale)
+  impl = cfg.attention_impl or auto_attention_impl(cfg, q_BTNH.dtype)
+  # is_causal repeats what the mask already says, so results are unchanged; it lets cuDNN skip
+  # the blocks above the diagonal instead of computing all T x T scores under a bias (the mask
+  # alone gives cuDNN's NO_MASK kernel: about twice the attention FLOPs).
+  return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask=inputs, scale=scale, is_causal=True,
+                                      implementation=impl)
+
+
 # -- building blocks -----------------------------------------------------------------------------
 class RMSNorm(nn.Module):
   """HF RMSNorm: normalise in float32, cast back, multiply by the scale."""
@@ -194,7 +227,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD: Array, cos_BTH: Array, sin_BTH: Array, mask_B1TT: Array) -> Array:
+  def __call__(self, x_BTD: Array, cos_BTH: Array, sin_BTH: Array, attn_inputs: Any) -> Array:
     cfg = self.cfg
     b, t, _ = x_BTD.shape
     n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -206,12 +239,7 @@ class Attention(nn.Module):
       k_BTKH = RMSNorm(cfg, name="k_norm")(k_BTKH)
     q_BTNH = apply_rope(q_BTNH, cos_BTH, sin_BTH)
     k_BTKH = apply_rope(k_BTKH, cos_BTH, sin_BTH)
-    impl = cfg.attention_impl or auto_attention_impl(cfg, q_BTNH.dtype)
-    # is_causal repeats what the mask already says, so results are unchanged; it lets cuDNN skip
-    # the blocks above the diagonal instead of computing all T x T scores under a bias (the mask
-    # alone gives cuDNN's NO_MASK kernel: about twice the attention FLOPs).
-    out_BTNH = jax.nn.dot_product_attention(
-      q_BTNH, k_BTKH, v_BTKH, mask=mask_B1TT, scale=h ** -0.5, is_causal=True, implementation=impl)
+    out_BTNH = attend(cfg, q_BTNH, k_BTKH, v_BTKH, attn_inputs)
     return Proj(cfg, cfg.hidden_size, cfg.o_bias, name="o_proj")(out_BTNH.reshape(b, t, n * h))
 
 
@@ -231,9 +259,9 @@ class DecoderLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD: Array, cos_BTH: Array, sin_BTH: Array, mask_B1TT: Array):
+  def __call__(self, x_BTD: Array, cos_BTH: Array, sin_BTH: Array, attn_inputs: Any):
     cfg = self.cfg
-    h = x_BTD + Attention(cfg, name="attn")(RMSNorm(cfg, name="input_norm")(x_BTD), cos_BTH, sin_BTH, mask_B1TT)
+    h = x_BTD + Attention(cfg, name="attn")(RMSNorm(cfg, name="input_norm")(x_BTD), cos_BTH, sin_BTH, attn_inputs)
     out = h + MLP(cfg, name="mlp")(RMSNorm(cfg, name="post_attn_norm")(h))
     return out.astype(x_BTD.dtype), None
 
@@ -252,23 +280,28 @@ def _layer_class(cfg: ModelConfig) -> type[nn.Module]:
 
 
 class Decoder(nn.Module):
-  """input_ids/positions/segment_ids (B, T) -> final-normed hidden states (B, T, D)."""
+  """input_ids/positions/segment_ids (B, T) -> final-normed hidden states (B, T, D).
+
+  Segment ids are 1, 2, ... per example of a row, in order, then 0 for padding to the end.
+  `max_segments` bounds the examples per row; only cuDNN's packed layout needs it (the
+  confidence model passes its marker slots: every example has at least one marker)."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, input_ids_BT: Array, positions_BT: Array, segment_ids_BT: Array) -> Array:
+  def __call__(self, input_ids_BT: Array, positions_BT: Array, segment_ids_BT: Array,
+               max_segments: int | None = None) -> Array:
     cfg = self.cfg
     x_BTD = Embed(cfg, name="embed")(input_ids_BT)
     cos_BTH, sin_BTH = rope_cos_sin(cfg, positions_BT)
-    mask_B1TT = attention_mask(segment_ids_BT) if cfg.attention_mask == "segments" else None
+    attn_inputs = attention_inputs(cfg, segment_ids_BT, max_segments)
     layers = nn.scan(_layer_class(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                      unroll=layers_per_iteration(cfg))
-    x_BTD, _ = layers(cfg, name="layers")(x_BTD, cos_BTH, sin_BTH, mask_B1TT)
+    x_BTD, _ = layers(cfg, name="layers")(x_BTD, cos_BTH, sin_BTH, attn_inputs)
     return RMSNorm(cfg, name="final_norm")(x_BTD)
 
 
 def init_params(cfg: ModelConfig, rng: Array, seq_len: int = 8) -> dict[str, Any]:
   """Random decoder params (for tests and shape inference via jax.eval_shape)."""
   ids = jnp.zeros((1, seq_len), jnp.int32)
-  return Decoder(cfg).init(rng, ids, ids, ids + 1)["params"]
+  return Decoder(cfg).init(rng, ids, ids, ids + 1, max_segments=1)["params"]

@@ -65,6 +65,7 @@ def model_overrides(spec: Any) -> dict[str, Any]:
               scan_unroll=int(m.scan_unroll),
               attention_impl=str(m.attention_impl) or None,
               attention_mask="segments" if bool(spec.data.pack) else "causal",
+              segment_attention=str(m.segment_attention),
               lora_rank=int(spec.lora.rank) if lora else 0, lora_alpha=float(spec.lora.alpha),
               lora_targets=tuple(spec.lora.targets))
 
