@@ -481,11 +481,13 @@ def test_attention_probe_compares_the_packed_variants(capsys):
   assert attention.main(["--seq-len", "64", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
                          "--median", "20", "--steps", "1"]) == 0
   rows = {r["variant"]: r for r in _lines(capsys.readouterr().out)}
-  assert list(rows) == ["segments", "causal", "segments_no_mask_grad", "segments_cudnn_packed"]
+  assert list(rows) == ["segments", "causal", "segments_no_mask_grad", "segments_cudnn_packed",
+                        "segments_cudnn_packed_tight"]
   assert rows["segments"]["segments_per_row"] > 1 and rows["segments"]["ms"] > 0
   assert "max_abs_diff_out" not in rows["segments"]  # the reference
   assert all(rows["causal"][f"max_abs_diff_{part}"] > 0.1 for part in ("out", "dq", "dk", "dv"))
-  assert "unavailable" in rows["segments_no_mask_grad"] and "unavailable" in rows["segments_cudnn_packed"]
+  assert all("unavailable" in rows[v] for v in list(rows)[2:])
+  assert rows["segments"]["tight_segment_slots"] >= rows["segments"]["segments_per_row"]  # the fullest row
   try:
     import jax_plugins.xla_cuda12  # noqa: F401
   except ImportError:

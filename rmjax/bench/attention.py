@@ -11,7 +11,10 @@ sum(out * w) with respect to q, k and v for:
   causal                 public API, causal only (what unpacked rows run)
   segments_no_mask_grad  the private primitive without the mask's gradient (cudnn_attention.py)
   segments_cudnn_packed  cuDNN's packed layout, each example its own sequence
-                         (the model's segment_attention="cudnn_packed")
+                         (the model's segment_attention="cudnn_packed"), with 40 segment slots
+                         per row as training's packed rows have (their marker slots)
+  segments_cudnn_packed_tight  the same with only as many slots as the fullest row needs: what
+                         the empty slots cost (cuDNN gets B x slots sequences, most of them empty)
 and gives each later variant's max abs difference from `segments` in out, dq, dk, dv (the segment
 variants must agree to bf16 rounding; `causal` differs wherever a row holds more than one
 example). Rows are packed from PRM800K-like lengths (log-normal, median 450), padded at the end;
@@ -48,7 +51,8 @@ from rmjax.bench import gpu_target
 from rmjax.model import cudnn_attention
 from rmjax.model.transformer import attention_mask
 
-# Segment slots of the packed layout: at most this many examples per row (more raises).
+# Segment slots of the packed layout as training has them (data.max_steps_per_example 10, 4x
+# that many marker slots per packed row); rows with more examples are refused.
 MAX_SEGMENTS = 40
 
 _UNAVAILABLE = "needs cuDNN and jax's private attention primitive with the expected parameters"
@@ -70,21 +74,23 @@ def packed_segment_ids(batch: int, seq_len: int, median: float, rng: np.random.G
   return out
 
 
-def variants(impl: str, scale: float) -> dict[str, Callable | None]:
+def variants(impl: str, scale: float, tight_segments: int) -> dict[str, Callable | None]:
   """Each variant: (q, k, v, segment_ids_BT) -> out, or None where this jax/device lacks it. The
   mask or packed layout is built inside, as the model builds it once per step."""
   public = lambda q, k, v, mask: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
                                                               implementation=impl)
-  no_mask_grad = packed = None
+  no_mask_grad = packed = packed_tight = None
   if impl == "cudnn" and cudnn_attention.available():
     no_mask_grad = lambda q, k, v, seg: cudnn_attention.causal_attention_constant_mask(
       q, k, v, attention_mask(seg), scale)
   if impl == "cudnn" and cudnn_attention.packed_available():
-    packed = lambda q, k, v, seg: cudnn_attention.packed_causal_attention(
-      q, k, v, *cudnn_attention.segment_layout(seg, MAX_SEGMENTS), scale)
+    packed, packed_tight = (
+      lambda q, k, v, seg, slots=slots: cudnn_attention.packed_causal_attention(
+        q, k, v, *cudnn_attention.segment_layout(seg, slots), scale) for slots in (MAX_SEGMENTS, tight_segments))
   return {"segments": lambda q, k, v, seg: public(q, k, v, attention_mask(seg)),
           "causal": lambda q, k, v, seg: public(q, k, v, None),
-          "segments_no_mask_grad": no_mask_grad, "segments_cudnn_packed": packed}
+          "segments_no_mask_grad": no_mask_grad, "segments_cudnn_packed": packed,
+          "segments_cudnn_packed_tight": packed_tight}
 
 
 def grad_step(attend: Callable) -> Callable:
@@ -129,7 +135,9 @@ def compile_for_target(args: argparse.Namespace, base: dict) -> int:
   abstract = (spec((b, t, args.heads, d)), spec((b, t, args.kv_heads, d)), spec((b, t, args.kv_heads, d)),
               spec((b, t), jnp.int32), spec((b, t, args.heads, d), jnp.float32))
   reference = None
-  for name, attend in variants("cudnn", d ** -0.5).items():
+  # Shapes only: the tight variant gets the slots PRM800K-like rows of this length need at most.
+  tight = int(packed_segment_ids(b, t, args.median, np.random.default_rng(args.seed)).max())
+  for name, attend in variants("cudnn", d ** -0.5, tight).items():
     if attend is None:
       print(json.dumps(base | {"variant": name, "unavailable": _UNAVAILABLE}), flush=True)
       continue
@@ -175,7 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   real = jnp.asarray(segments > 0)[:, :, None, None]  # (B, T, 1, 1): compare real tokens only
   base |= {"impl": impl, "device": device.device_kind, "segments_per_row": float(np.mean(segments.max(axis=1)))}
   reference = None
-  for name, attend in variants(impl, args.head_dim ** -0.5).items():
+  base["tight_segment_slots"] = int(segments.max())
+  for name, attend in variants(impl, args.head_dim ** -0.5, int(segments.max())).items():
     if attend is None:
       print(json.dumps(base | {"variant": name, "unavailable": _UNAVAILABLE}), flush=True)
       continue
