@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import pathlib
+import warnings
 from pickle import UnpicklingError  # only the error type torch.load(weights_only=True) raises
 from typing import Any, Iterator, Sequence
 
@@ -136,17 +137,24 @@ def _require_files(directory: pathlib.Path, *names: str) -> None:
       raise FileNotFoundError(f"{directory / name} not found (incomplete export)")
 
 
+# Deprecations one library raises about another's use of it (peft calling transformers'
+# `is_gradient_checkpointing`): nothing the user did or can act on.
+_LIBRARY_DEPRECATIONS = r"`is_gradient_checkpointing` is deprecated"
+
+
 @contextlib.contextmanager
 def _loading(directory: str | pathlib.Path) -> Iterator[None]:
-  """Keeps transformers' progress bars off stderr and names the directory when its files cannot
-  be read."""
+  """Keeps transformers' progress bars and the libraries' deprecations of each other off stderr,
+  and names the directory when its files cannot be read."""
   from huggingface_hub.errors import StrictDataclassError
   from safetensors import SafetensorError
   from transformers.utils import logging as hf_logging
   bars = hf_logging.is_progress_bar_enabled()
   hf_logging.disable_progress_bar()
   try:
-    yield
+    with warnings.catch_warnings():
+      warnings.filterwarnings("ignore", message=_LIBRARY_DEPRECATIONS, category=FutureWarning)
+      yield
   # What transformers / peft / safetensors raise for truncated or foreign files, and (TypeError,
   # KeyError, AttributeError) for a config field of the wrong type they do not validate.
   except (OSError, ValueError, RuntimeError, SafetensorError, StrictDataclassError, TypeError, KeyError,

@@ -7,7 +7,9 @@ mlp_head.pt, at the token ids and marker positions that `rmjax.score --with-toke
 
 import json
 import pathlib
+import re
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -150,8 +152,13 @@ def test_score_round_trip_torch_equals_jax(world, run, export_dir):
   scores = [r["step_scores"] for r in rows]
   assert np.std(np.concatenate(scores)) > 1e-2  # not all ~0.5: the comparison means something
   assert max_diff(torch_reference(d / export_dir, rows, base), scores) < TOL
-  # rmjax's own torch loader renders the text itself: same ids, same scores
-  scorer = TorchScorer.from_export(d / export_dir)
+  # rmjax's own torch loader renders the text itself: same ids, same scores; loading it says
+  # nothing of transformers' or peft's own deprecations to the user
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    scorer = TorchScorer.from_export(d / export_dir)
+  library = [f"{w.category.__name__}: {w.message}" for w in caught if re.search(r"/(transformers|peft)/", w.filename)]
+  assert not library, library
   for r in rows:
     ids, markers = scorer.tokenize(r["problem"], r["steps"])
     assert ids.tolist() == r["input_ids"] and markers.tolist() == r["marker_positions"]
