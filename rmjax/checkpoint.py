@@ -261,7 +261,8 @@ class Checkpointer:
     (0.12) waits forever for a commit signal when creating that folder fails (read-only
     or immutable directory, exhausted inodes), so such a directory is reported here, as
     one line, before orbax is involved. A directory that turns read-only between this
-    probe and the write is not covered."""
+    probe and the write fails in orbax's background write, which `wait_until_finished`
+    turns into the same error (tested)."""
     probe = self.directory / f".{STEP_PREFIX}_{step}.rmjax-probe-{jax.process_index()}-{os.getpid()}"
     try:
       probe.mkdir()

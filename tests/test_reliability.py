@@ -188,6 +188,35 @@ def test_read_only_checkpoint_directory_stops_with_one_line_and_keeps_previous(t
   assert max(_logged_steps(run)) == 9  # trained up to the failed save, then stopped
 
 
+def test_directory_turning_read_only_after_the_probe_is_one_error_not_a_hang(tmp_path, monkeypatch):
+  """The probe cannot see a directory that turns read-only just after it: orbax's own write then
+  fails, and that must also end as one CheckpointWriteError, promptly, with the saved step
+  untouched and the checkpointer usable once the directory is writable again."""
+  import concurrent.futures
+
+  import jax.numpy as jnp
+
+  from rmjax import checkpoint as ck
+  d = tmp_path / "ckpts"
+  c = ck.Checkpointer(d, ck.CheckpointConfig())
+  save = lambda step: (c.save(step, {"w": jnp.arange(3.0) + step}), c.wait_until_finished())
+  save(1)
+  before = _tree_digest(d / "checkpoint_step_1")
+  with contextlib.ExitStack() as frozen, concurrent.futures.ThreadPoolExecutor(1) as pool:
+    probe = c._check_writable
+
+    def probe_then_freeze(step):
+      probe(step)
+      frozen.enter_context(_read_only(d))
+    monkeypatch.setattr(c, "_check_writable", probe_then_freeze)
+    with pytest.raises(ck.CheckpointWriteError, match=f"cannot write checkpoint in {re.escape(str(d))}: "):
+      pool.submit(save, 2).result(timeout=120)  # a hang fails here instead of stalling the suite
+  monkeypatch.undo()
+  assert c.all_steps() == [1] and _tree_digest(d / "checkpoint_step_1") == before
+  save(3)
+  assert c.all_steps() == [1, 3]
+  c.close()
+
 def _corrupt(step_dir):
   """Truncates every array-data file of the saved state to half its size."""
   data = [p for p in (step_dir / "state").rglob("*") if p.is_file() and "ocdbt.process" in str(p.parent.parent)
