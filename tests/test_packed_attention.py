@@ -82,12 +82,33 @@ def test_the_model_gives_cudnn_the_layout_only_when_asked_and_on_cudnn():
     ModelConfig.tiny("qwen3", segment_attention="ragged")
 
 
-def test_a_jax_without_the_packed_layout_is_refused_in_one_line(monkeypatch):
+class _Device:
+  def __init__(self, platform: str, capability: str | None = None, kind: str = ""):
+    self.platform, self.compute_capability, self.device_kind = platform, capability, kind
+
+
+def test_packed_layout_is_refused_in_one_line_where_it_cannot_run(monkeypatch):
+  """An Ampere GPU, or a jax whose private module changed: one line before anything compiles
+  (the launcher prints SpecError as is), whereas a CPU quietly keeps the mask."""
+  from rmjax import spec as spec_lib
+  from rmjax.train.build import check_on_this_device
+  assert cudnn_attention.packed_unsupported_reason(_Device("gpu", "9.0", "NVIDIA H100 80GB HBM3")) is None
+  assert cudnn_attention.packed_unsupported_reason(_Device("cpu")) is None
+  ampere = cudnn_attention.packed_unsupported_reason(_Device("gpu", "8.0", "NVIDIA A100-SXM4-80GB"))
+  assert ampere == ("cuDNN's packed layout needs a Hopper or later GPU (compute capability 9.0); "
+                    "this NVIDIA A100-SXM4-80GB has 8.0")
+  monkeypatch.setattr(cudnn_attention, "packed_unsupported_reason", lambda device=None: ampere)
+  with pytest.raises(spec_lib.SpecError) as refused:
+    check_on_this_device(_packed_cfg(attention_impl="cudnn"))
+  assert str(refused.value) == f"model.segment_attention='cudnn_packed': {ampere}; use 'mask'"
+  check_on_this_device(_packed_cfg(attention_impl="xla"))  # the mask: nothing to refuse
+  check_on_this_device(_packed_cfg(attention_impl="cudnn", segment_attention="mask"))
+  with pytest.raises(ValueError, match="Hopper or later GPU"):  # the model itself, used directly
+    attention_inputs(_packed_cfg(attention_impl="cudnn"), jnp.ones((1, 8), jnp.int32), 4)
+  monkeypatch.undo()
   monkeypatch.setattr(cudnn_attention, "_packed_function", lambda: None)
   assert not cudnn_attention.packed_available()
-  segments = jnp.ones((1, 8), jnp.int32)
-  with pytest.raises(ValueError, match=r"needs jax's cuDNN packed layout.*use 'mask'"):
-    attention_inputs(_packed_cfg(attention_impl="cudnn"), segments, 4)
+  assert cudnn_attention.packed_unsupported_reason(_Device("gpu", "9.0")).startswith("this jax (")
 
 
 def test_on_xla_the_packed_choice_runs_the_segment_mask():

@@ -75,6 +75,19 @@ def packed_available() -> bool:
   return _packed_function() is not None
 
 
+def packed_unsupported_reason(device: Any = None) -> str | None:
+  """Why `packed_causal_attention` cannot run here (None if it can, or if `device`, by default
+  the first, is no GPU: a compile for a GPU target is judged by the target's checks)."""
+  if not packed_available():
+    return f"this jax ({jax.__version__}) does not offer cuDNN's packed layout as expected"
+  device = device or jax.devices()[0]
+  capability = getattr(device, "compute_capability", None)
+  if device.platform == "gpu" and capability and tuple(int(x) for x in str(capability).split(".")) < (9, 0):
+    return (f"cuDNN's packed layout needs a Hopper or later GPU (compute capability 9.0); "
+            f"this {device.device_kind} has {capability}")
+  return None
+
+
 def segment_layout(segment_ids_BT: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
   """cuDNN's packed layout of rows holding segments 1, 2, ..., k (contiguous, in this order),
   then padding (0) to the end, for k <= max_segments (what the data pipeline builds).

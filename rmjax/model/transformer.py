@@ -135,20 +135,25 @@ def auto_attention_impl(cfg: ModelConfig, dtype: Any, backend: str | None = None
   return "cudnn" if cudnn_ok and (backend or jax.default_backend()) == "gpu" else "xla"
 
 
+def uses_packed_layout(cfg: ModelConfig) -> bool:
+  """Whether segments go to cuDNN as its packed layout (else: the mask, or causal only)."""
+  impl = cfg.attention_impl or auto_attention_impl(cfg, cfg.compute_dtype)
+  return cfg.attention_mask == "segments" and cfg.segment_attention == "cudnn_packed" and impl == "cudnn"
+
+
 def attention_inputs(cfg: ModelConfig, segment_ids_BT: Array, max_segments: int | None) -> Any:
   """What every layer's attention needs besides q, k, v, built once per batch: None (causal
   only), the (B, 1, T, T) segment mask, or, for cuDNN with segment_attention="cudnn_packed",
   the packed layout (seqlen_BS, offsets_BS1) of `cudnn_attention.segment_layout`."""
   if cfg.attention_mask == "causal":
     return None
-  impl = cfg.attention_impl or auto_attention_impl(cfg, cfg.compute_dtype)
-  if cfg.segment_attention != "cudnn_packed" or impl != "cudnn":
+  if not uses_packed_layout(cfg):
     return attention_mask(segment_ids_BT)
   if max_segments is None:
     raise ValueError("segment_attention='cudnn_packed' needs max_segments (segments per row at most)")
-  if not cudnn_attention.packed_available():
-    raise ValueError("segment_attention='cudnn_packed' needs jax's cuDNN packed layout, which this jax "
-                     f"({jax.__version__}) does not offer as expected; use 'mask'")
+  reason = cudnn_attention.packed_unsupported_reason()
+  if reason:
+    raise ValueError(f"segment_attention='cudnn_packed': {reason}; use 'mask'")
   return cudnn_attention.segment_layout(segment_ids_BT, max_segments)
 
 

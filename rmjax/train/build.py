@@ -27,8 +27,10 @@ from rmjax.data.example import SkipCounter
 from rmjax.data.render import RenderConfig
 from rmjax.data.sources import SKIPS_COUNTED_ON_ACCESS, build_source, reader_kind
 from rmjax.data.synthetic import SyntheticConfig, write_synthetic_prm800k
+from rmjax.model import cudnn_attention
 from rmjax.model.config import ModelConfig
 from rmjax.model.head import HeadConfig
+from rmjax.model.transformer import uses_packed_layout
 from rmjax.tokenizer import build_demo_tokenizer, load_tokenizer, marker_id
 from rmjax.train.state import dummy_inputs
 
@@ -80,14 +82,29 @@ def demo_model_config(spec: Any, tokenizer: Any) -> ModelConfig:
     marker_id=marker_id(tokenizer), **model_overrides(spec))
 
 
+def check_on_this_device(cfg: ModelConfig) -> None:
+  """Model settings only the device can judge, refused before anything compiles (SpecError: one
+  line): cuDNN's packed layout needs a jax that offers it and a Hopper or later GPU."""
+  if uses_packed_layout(cfg):
+    reason = cudnn_attention.packed_unsupported_reason()
+    if reason:
+      raise spec_lib.SpecError(f"model.segment_attention='cudnn_packed': {reason}; use 'mask'")
+  elif cfg.attention_mask == "segments" and cfg.segment_attention == "cudnn_packed":
+    log.info("model.segment_attention='cudnn_packed' applies to cuDNN attention only; packed rows "
+             "use the segment mask here")
+
+
 def build_model_parts(spec: Any) -> ModelParts:
   if spec.model.path == spec_lib.DEMO_MODEL:
     tokenizer = build_demo_tokenizer()
-    return ModelParts(tokenizer, demo_model_config(spec, tokenizer), head_config(spec), None)
+    cfg = demo_model_config(spec, tokenizer)
+    check_on_this_device(cfg)
+    return ModelParts(tokenizer, cfg, head_config(spec), None)
   from rmjax.convert import load_backbone  # heavy (safetensors, transformers): only when used
   path, overrides = str(spec.model.path), model_overrides(spec)
   dtype = overrides.pop("param_dtype")
   backbone, cfg = load_backbone(path, dtype=dtype, **overrides)
+  check_on_this_device(cfg)
   tokenizer = load_tokenizer(path, trust_remote_code=bool(spec.model.trust_remote_code))
   if cfg.marker_id != marker_id(tokenizer):
     raise ValueError(f"model.path {path}: the backbone's marker id {cfg.marker_id} differs from the "
