@@ -451,6 +451,12 @@ def test_prepared_gpu_checks_run_end_to_end_on_tiny_shapes(tmp_path):
     waits = json.loads(tar.extractfile("./data_wait.json").read())
   assert waits["steps"] and len(waits["device_idle_frac"]) == len(waits["steps"])
   assert "skipped" not in proc.stderr
+  # the summary of the next GPU session reads this tarball's real records (on a CPU: no MFU)
+  from rmjax.bench import gpu_summary
+  rows = {r["target"]: r for r in gpu_summary.summarise(gpu_summary.read_tarball(str(tmp_path / "out" / "gpu_checks.tgz")))}
+  assert rows["full_mfu"]["check"] in gpu_summary.FULL_CHECKS and rows["full_mfu"]["held"] is None
+  assert rows["lora_over_full"]["value"] > 0 and rows["device_idle"]["windows"] == len([x for x in waits["device_idle_frac"] if x is not None])
+  assert {"packing:packed", "packing:packed_cudnn_packed"} <= set(rows)
 
 
 def test_isolated_child_gets_every_setting():
@@ -519,3 +525,49 @@ def test_private_cudnn_attention_is_used_only_with_the_expected_parameters(monke
   assert not cudnn_attention.available()
   with pytest.raises(RuntimeError, match="expected parameters"):
     cudnn_attention.causal_attention_constant_mask(None, None, None, None, 1.0)
+
+
+def test_gpu_summary_reads_the_targets_from_one_tarball(tmp_path, capsys):
+  """Hand-written records of a gpu_checks.sh tarball (numbers chosen here, not measured): the
+  best full and LoRA checks are picked by tokens/s, failed checks are left out, and each target
+  says what it was computed from and whether it holds."""
+  import io
+  import tarfile
+  from rmjax.bench import gpu_summary
+  full = {"impl": "rmjax", "mode": "full", "batch": 4, "device": "NVIDIA H100 80GB HBM3", "opt_state_dtype": "bfloat16"}
+  files = {
+    "full_dots.jsonl": [full | {"tokens_per_s": 15000.0, "mfu": 0.44, "peak_mem_mb": 62000.0}],
+    "full_unrolled.jsonl": [full | {"tokens_per_s": 16000.0, "mfu": 0.47, "peak_mem_mb": 60000.0}],
+    "full_dots_cublas.jsonl": [{"impl": "rmjax", "mode": "full", "error": "RuntimeError: out of memory"}],
+    "lora_dots_attn.jsonl": [{"impl": "rmjax", "mode": "lora", "batch": 4, "tokens_per_s": 21000.0}],
+    "lora_unrolled.jsonl": [{"impl": "rmjax", "mode": "lora", "batch": 4, "tokens_per_s": 23000.0}],
+    "lora_remat.jsonl": [{"impl": "rmjax", "mode": "lora", "batch": 4, "tokens_per_s": 17000.0, "peak_mem_mb": 10659.0}],
+    "torch_full.jsonl": [{"impl": "torch", "mode": "full", "batch": 4, "tokens_per_s": 8000.0}, {"ratios": {}}],
+    "packing.jsonl": [{"layout": "unpacked"}, {"packed_over_unpacked_markers_per_s": 2.1,
+                                               "packed_cudnn_packed_over_unpacked_markers_per_s": 1.9}],
+    "attention.jsonl": [{"variant": "segments", "ms": 3.0},
+                        {"variant": "segments_cudnn_packed", "ms": 1.5, "max_abs_diff_out": 0.0078}],
+  }
+  tarball = tmp_path / "gpu_checks.tgz"
+  with tarfile.open(tarball, "w:gz") as tar:
+    for name, payload in [*((n, "\n".join(map(json.dumps, rs))) for n, rs in files.items()),
+                          ("data_wait.json", json.dumps({"device_idle_frac": [0.01, 0.03, None]}))]:
+      data = payload.encode()
+      info = tarfile.TarInfo(f"./{name}")
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  assert gpu_summary.main([str(tarball)]) == 0
+  rows = {r["target"]: r for r in _lines(capsys.readouterr().out)}
+  assert (rows["full_mfu"]["value"], rows["full_mfu"]["held"], rows["full_mfu"]["check"]) == (0.47, True, "full_unrolled")
+  assert rows["full_over_torch"]["value"] == pytest.approx(2.0) and rows["full_over_torch"]["held"]
+  assert rows["lora_over_full"]["value"] == pytest.approx(23000 / 16000) and rows["lora_over_full"]["held"]
+  assert rows["lora_over_full"]["checks"] == ["lora_unrolled", "full_unrolled"]
+  assert (rows["lora_peak_mb"]["value"], rows["lora_peak_mb"]["held"]) == (10659.0, True)
+  assert [f["check"] for f in rows["full_fits"]["value"]] == ["full_dots", "full_unrolled"]  # not the failed one
+  assert (rows["packing:packed"]["held"], rows["packing:packed_cudnn_packed"]["held"]) == (True, False)
+  assert rows["device_idle"]["value"] == pytest.approx(0.02) and rows["device_idle"]["windows"] == 2
+  packed = rows["packed_attention:segments_cudnn_packed"]
+  assert (packed["value"], packed["ms_masked"], packed["faster_than_mask"], packed["max_abs_diff_out"]) == (
+    1.5, 3.0, True, 0.0078)
+  assert {r["device"] for r in rows.values()} == {"NVIDIA H100 80GB HBM3"}
+  assert gpu_summary.main([str(tmp_path / "missing.tgz")]) == 2

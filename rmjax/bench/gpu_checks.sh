@@ -59,6 +59,7 @@
 # what #7 still needs).
 # Usage (repository root, jax with CUDA + the project installed or on PYTHONPATH):
 #   OUT=/tmp/gpu-out DEADLINE_S=540 bash rmjax/bench/gpu_checks.sh all
+#   python -m rmjax.bench.gpu_summary /tmp/gpu-out/gpu_checks.tgz   # the targets, one JSON line each
 #   SMOKE=1 OUT=/tmp/smoke bash rmjax/bench/gpu_checks.sh all   # tiny shapes, any CPU: checks the script
 # The compilation cache (JAX_COMPILATION_CACHE_DIR, default $OUT/../jax-cache-gpu-checks) lets
 # the checks share compiles of the same init. "loop" and "packing" need grain, ml-collections
