@@ -78,6 +78,8 @@ def base_spec() -> ml_collections.ConfigDict:
   c.data.neutral_target = 0.5        # target for neutral ratings (PRM800K rating 0)
   c.data.pack = False                # pack several examples per row (segment ids keep them apart)
   c.data.pack_lookahead = 16         # packing: read on past this many examples that fit no row
+  c.data.max_segments_per_row = 0    # packing: examples per row at most; 0 = as many as its marker slots
+                                     # (4 x max_steps_per_example). cuDNN's packed layout has this many slots
   c.data.eval_batch_size = 16        # global rows per eval batch
   c.data.num_workers = 2             # grain read threads per source; 0 = read inline
   c.data.prefetch = 64               # examples buffered per source (grain ReadOptions.prefetch_buffer_size)

@@ -174,3 +174,44 @@ def test_training_picks_causal_attention_only_for_unpacked_rows():
   assert spec.data.pack is False and model_overrides(spec)["attention_mask"] == "causal"
   spec.data.pack = True
   assert model_overrides(spec)["attention_mask"] == "segments"
+
+
+def test_segment_cap_is_kept_by_the_packer_and_checked_at_batching():
+  """data.max_segments_per_row: no packed row holds more examples (cuDNN's packed layout has that
+  many slots), every example is still placed once, and batch_rows refuses a row over the cap."""
+  examples = _sized([3] * 12)  # twelve 3-token examples, one marker each: ROW and markers allow 8 a row
+  uncapped = pack_stream(examples, 4, ROW, 8)
+  capped = pack_stream(examples, 4, ROW, 8, max_segments=3)
+  assert [len(r.example_ids) for rows in uncapped for r in rows] == [8, 4]
+  assert [len(r.example_ids) for rows in capped for r in rows] == [3, 3, 3, 3]
+  assert sorted(i for rows in capped for r in rows for i in r.example_ids) == sorted(t.id for t in examples)
+  render = RenderConfig(max_length=ROW, length_buckets=(ROW,), max_markers=8, max_segments=3)
+  assert render.segments == 3 and RenderConfig(max_length=ROW, length_buckets=(ROW,), max_markers=8).segments == 8
+  batch_rows(capped[0], render, pad_id=0)
+  with pytest.raises(ValueError, match="row with 8 examples exceeds 3 per row"):
+    batch_rows(uncapped[0], render, pad_id=0)
+
+
+def test_segment_cap_reaches_the_packer_and_the_model_from_the_spec(monkeypatch):
+  """One spec key sets both sides: the pipeline's rows and the slots of the model's packed layout
+  (whose cuDNN call is stood in for here: it needs a GPU)."""
+  from rmjax.model import cudnn_attention
+  from rmjax.spec import load_spec_file
+  from rmjax.train.build import model_overrides
+  spec = load_spec_file(str(pathlib.Path(__file__).parents[1] / "specs" / "demo.py"))
+  spec.data.pack, spec.data.max_segments_per_row = True, 5
+  assert RenderConfig.from_spec(spec.data).segments == 5 and model_overrides(spec)["max_segments"] == 5
+  slots = []
+
+  def stand_in(q, k, v, seqlen_BS, offsets_BS1, scale):
+    slots.append(seqlen_BS.shape[1])
+    return q
+  monkeypatch.setattr(cudnn_attention, "packed_causal_attention", stand_in)
+  monkeypatch.setattr(cudnn_attention, "packed_unsupported_reason", lambda device=None: None)
+  cfg = ModelConfig.tiny("qwen3", attention_mask="segments", segment_attention="cudnn_packed", attention_impl="cudnn")
+  ids = jnp.ones((1, 16), jnp.int32)
+  for max_segments, want in ((5, 6), (0, 9)):  # 5 slots + padding; 0: the 8 marker slots + padding
+    model = ConfidenceModel(cfg.replace(max_segments=max_segments), HeadConfig(hidden_dims=(8,)))
+    jax.eval_shape(lambda: model.init(jax.random.key(0), ids, ids, ids, jnp.zeros((1, 8), jnp.int32)))
+    assert set(slots) == {want}, slots
+    slots.clear()

@@ -24,7 +24,7 @@ model.scan_unroll model.segment_attention model.trust_remote_code model.demo.hid
 model.demo.num_kv_heads model.demo.head_dim model.demo.intermediate_size
 head.hidden_dims head.activation head.dropout lora.rank lora.alpha lora.targets
 data.max_length data.max_steps_per_example data.length_buckets data.template data.neutral_target
-data.pack data.pack_lookahead data.eval_batch_size data.num_workers data.prefetch data.allow_reveal_training
+data.pack data.pack_lookahead data.max_segments_per_row data.eval_batch_size data.num_workers data.prefetch data.allow_reveal_training
 data.synthetic.train_records data.synthetic.test_records data.synthetic.max_ops
 data.synthetic.max_operand data.synthetic.max_value data.synthetic.max_offset data.synthetic.error_rate
 data.prm800k.use data.prm800k.weight data.prm800k.path data.prm800k.phase data.prm800k.train_split
@@ -188,6 +188,8 @@ def test_segment_attention_reaches_the_model_and_is_checked():
   assert model_overrides(demo_spec(model__segment_attention="cudnn_packed"))["segment_attention"] == "cudnn_packed"
   with pytest.raises(spec_lib.SpecError, match=r"model.segment_attention='ragged'; choose from 'mask', 'cudnn_packed'"):
     spec_lib.validate(demo_spec(model__segment_attention="ragged"), 1)
+  with pytest.raises(spec_lib.SpecError, match=r"data.max_segments_per_row must be >= 0, got -1"):
+    spec_lib.validate(demo_spec(data__max_segments_per_row=-1), 1)
 
 
 def test_weights_and_sources():

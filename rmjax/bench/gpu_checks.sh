@@ -44,7 +44,8 @@
 #   torch_full       the torch reference, full fine-tuning with remat, for the same-session ratio
 #   packing          packing vs padded rows on the 4B shape (target 2x supervised markers/s;
 #                    session 4: 2.21x while both layouts ran the segment mask); the packed rows
-#                    run twice, with the segment mask and with cuDNN's packed layout
+#                    run twice, with the segment mask and with cuDNN's packed layout (16 segment
+#                    slots: --max-segments 16, which rows of this length distribution never reach)
 #   loop             the training loop on a Qwen3-4B-shaped random backbone (the demo's synthetic
 #                    PRM800K data, packed rows of 2048): train/data_wait_frac, the share of step
 #                    time the host spent waiting for data, train/device_idle_frac, the share the
@@ -139,7 +140,7 @@ check() {
     packing)
       data_packages
       run packing 280 python -m rmjax.bench.packing --preset "$PRESET" --row "$SEQ" --examples "$EXAMPLES" \
-        --batch 4 --mode lora --segment-attention both ;;
+        --batch 4 --mode lora --segment-attention both --max-segments 16 ;;
     loop)
       data_packages
       run loop 200 python -m rmjax.launch --spec specs/demo.py:lora --spec.output_dir="$WORK/run" "${LOOP_SHAPE[@]}" \

@@ -68,13 +68,14 @@ def default_buckets(row: int) -> tuple[int, ...]:
 
 
 def layouts(examples: list[Tokenized], row: int, batch: int, max_markers: int,
-            lookahead: int, buckets: tuple[int, ...]) -> dict[str, list[dict]]:
+            lookahead: int, buckets: tuple[int, ...], max_segments: int = 0) -> dict[str, list[dict]]:
   """The batches the training pipeline makes of `examples`, padded (pack=False) to the smallest
-  of `buckets` that fits, and packed."""
-  render = RenderConfig(max_length=row, length_buckets=buckets, max_markers=max_markers)
+  of `buckets` that fits, and packed (at most `max_segments` examples a row, 0 = no cap)."""
+  render = RenderConfig(max_length=row, length_buckets=buckets, max_markers=max_markers, max_segments=max_segments)
   pad = lambda rows: batch_rows(rows, render, pad_id=0, num_rows=batch)
+  packed = pack_stream(examples, batch, row, max_markers, lookahead, max_segments=render.segments)
   return {"unpacked": [pad(examples[i:i + batch]) for i in range(0, len(examples), batch)],
-          "packed": [pad(rows) for rows in pack_stream(examples, batch, row, max_markers, lookahead)]}
+          "packed": [pad(rows) for rows in packed]}
 
 
 def time_layout(steps, state, batches: list[dict], mesh) -> tuple[float, object]:
@@ -107,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--lookahead", type=int, default=DEFAULT_PACK_LOOKAHEAD,
                  help="packer lookahead (the spec's data.pack_lookahead; 0 = close a batch at the first miss)")
   p.add_argument("--mode", default="lora", choices=common.MODES)
+  p.add_argument("--max-segments", type=int, default=0,
+                 help="examples per packed row at most (data.max_segments_per_row; 0 = as the marker slots allow)")
   p.add_argument("--segment-attention", default="mask", choices=("mask", "cudnn_packed", "both"),
                  help="packed rows' attention under cuDNN (model.segment_attention); both = a packed run with each")
   p.add_argument("--seed", type=int, default=0)
@@ -117,12 +120,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.error(f"--buckets {args.buckets!r}: expected comma-separated integers")
   if list(buckets) != sorted(set(buckets)) or buckets[-1] != args.row:
     p.error(f"--buckets {args.buckets!r}: expected increasing lengths ending at --row {args.row}")
+  if args.max_segments < 0:
+    p.error(f"--max-segments {args.max_segments} must be >= 0")
   device = jax.devices()[0]
   # dtype "auto": bf16 on an accelerator, as in `python -m rmjax.bench` (BenchSettings' own
   # default is float32, which on a GPU also rules out cuDNN attention).
   settings = common.BenchSettings(preset=args.preset, seq_len=args.row, batch=args.batch, dtype="auto",
                                   seed=args.seed).on_device(device.platform != "cpu")
-  cfg = settings.model_config(args.mode)
+  cfg = settings.model_config(args.mode).replace(max_segments=args.max_segments)
   examples = synthetic_examples(args.examples, args.row, args.median, cfg.marker_id, args.seed, args.min_length)
   max_markers = args.row // TOKENS_PER_MARKER + 1
   # Each layout runs the step training gives it (train/build.py): packed rows the segment mask
@@ -140,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   steps["unpacked"], _ = jax_impl.build_abstract(settings, args.mode, device,
                                                  cfg=cfg.replace(attention_mask="causal"))
   results = {}
-  batches_by_layout = layouts(examples, args.row, args.batch, max_markers, args.lookahead, buckets)
+  batches_by_layout = layouts(examples, args.row, args.batch, max_markers, args.lookahead, buckets,
+                              args.max_segments)
   runs = [("unpacked", "unpacked")] + [(name, "packed") for name in packed_names.values()]
   for name, layout_name in runs:
     batches = batches_by_layout[layout_name]
@@ -150,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     slots = sum(b["input_ids"].size for b in batches)
     results[name] = markers / seconds
     layout = ({"buckets": list(buckets), "attention_mask": "causal"} if name == "unpacked"
-              else {"lookahead": args.lookahead, "attention_mask": "segments",
+              else {"lookahead": args.lookahead, "max_segments": args.max_segments, "attention_mask": "segments",
                     "segment_attention": next(s for s, n in packed_names.items() if n == name)})
     print(json.dumps({"layout": name, **layout, "attention": auto_attention_impl(cfg, cfg.compute_dtype),
                       "preset": args.preset, "mode": args.mode,

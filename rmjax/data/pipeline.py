@@ -146,7 +146,7 @@ def train_dataset(sources: Mapping[str, tuple[Any, float]], render_cfg: RenderCo
   batch_fn = functools.partial(batch_rows, cfg=render_cfg, pad_id=pad_id(tokenizer), num_rows=rows)
   if cfg.pack:
     return PackedBatchDataset(mixed, rows, render_cfg.max_length, render_cfg.markers, batch_fn,
-                              cfg.pack_lookahead)
+                              cfg.pack_lookahead, max_segments=render_cfg.segments)
   return mixed.batch(rows, drop_remainder=True, batch_fn=batch_fn)
 
 
@@ -205,12 +205,13 @@ class PackedBatchDataset(grain.IterDataset):
   see render.pack_batch)."""
 
   def __init__(self, parent: grain.IterDataset, rows: int, row_length: int, max_markers: int,
-               batch_fn, lookahead: int = 0):
+               batch_fn, lookahead: int = 0, *, max_segments: Optional[int] = None):
     super().__init__(parent)
     self._args = (rows, row_length, max_markers, batch_fn, lookahead)
+    self._max_segments = max_segments
 
   def __iter__(self) -> grain.DatasetIterator:
-    return _PackedBatchIterator(self._parent.__iter__(), *self._args)
+    return _PackedBatchIterator(self._parent.__iter__(), *self._args, max_segments=self._max_segments)
 
 
 class _PackedBatchIterator(grain.DatasetIterator):
@@ -225,9 +226,10 @@ class _PackedBatchIterator(grain.DatasetIterator):
   """
 
   def __init__(self, parent: grain.DatasetIterator, rows: int, row_length: int,
-               max_markers: int, batch_fn, lookahead: int = 0):
+               max_markers: int, batch_fn, lookahead: int = 0, *, max_segments: Optional[int] = None):
     super().__init__(parent)
     self._rows, self._row_length, self._max_markers = rows, row_length, max_markers
+    self._max_segments = max_segments
     self._batch_fn, self._lookahead = batch_fn, lookahead
     self._pending: list[tuple[Tokenized, Any]] = []
     self._exhausted = False
@@ -244,7 +246,7 @@ class _PackedBatchIterator(grain.DatasetIterator):
 
   def __next__(self) -> dict:
     rows, self._pending = pack_batch(self._pending, self._read, self._rows, self._row_length,
-                                     self._max_markers, self._lookahead)
+                                     self._max_markers, self._lookahead, max_segments=self._max_segments)
     if not rows:
       raise StopIteration
     return self._batch_fn(rows)

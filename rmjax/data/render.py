@@ -36,6 +36,7 @@ class RenderConfig:
   max_steps_per_example: int = 10  # later steps are dropped before rendering
   length_buckets: tuple[int, ...] = (256, 512, 1024, 2048)  # rows padded to the smallest fit
   max_markers: int = 0  # marker slots M per row; 0 = max_steps_per_example (no packing)
+  max_segments: int = 0  # examples per packed row at most; 0 = as many as the marker slots allow
 
   def __post_init__(self):
     if self.template not in ("default", "chat"):
@@ -52,6 +53,11 @@ class RenderConfig:
   def markers(self) -> int:
     return self.max_markers or self.max_steps_per_example
 
+  @property
+  def segments(self) -> int:
+    """Examples per row at most (every example has a marker, so never more than the slots)."""
+    return min(self.max_segments, self.markers) if self.max_segments else self.markers
+
   @classmethod
   def from_spec(cls, data: Any) -> "RenderConfig":
     """From the spec's `data` ConfigDict. Marker slots: `data.max_markers` if present, else
@@ -60,7 +66,7 @@ class RenderConfig:
     markers = int(data.get("max_markers", 0)) or (4 * steps if data.get("pack", False) else 0)
     return cls(template=data.template, max_length=int(data.max_length),
                max_steps_per_example=steps, length_buckets=tuple(data.length_buckets),
-               max_markers=markers)
+               max_markers=markers, max_segments=int(data.get("max_segments_per_row", 0)))
 
   def bucket(self, n: int) -> int:
     for b in self.length_buckets:
@@ -179,11 +185,14 @@ class Row:
 
 
 class Packer:
-  """First-fit bins of Tokenized examples: at most `row_length` tokens and `max_markers`
-  markers per row, at most `max_rows` rows (None = unbounded)."""
+  """First-fit bins of Tokenized examples: at most `row_length` tokens, `max_markers` markers
+  and `max_segments` examples per row (None = no limit but the markers), at most `max_rows`
+  rows (None = unbounded)."""
 
-  def __init__(self, row_length: int, max_markers: int, max_rows: Optional[int] = None):
+  def __init__(self, row_length: int, max_markers: int, max_rows: Optional[int] = None, *,
+               max_segments: Optional[int] = None):
     self.row_length, self.max_markers, self.max_rows = row_length, max_markers, max_rows
+    self.max_segments = max_segments or max_markers
     self.bins: list[list[Tokenized]] = []
     self._used: list[tuple[int, int]] = []  # (tokens, markers) per bin
 
@@ -194,7 +203,7 @@ class Packer:
       raise ValueError(f"example {t.id} ({len(t)} tokens, {k} markers) cannot fit a row of "
                        f"{self.row_length} tokens / {self.max_markers} markers")
     for i, (n, m) in enumerate(self._used):
-      if n + len(t) <= self.row_length and m + k <= self.max_markers:
+      if n + len(t) <= self.row_length and m + k <= self.max_markers and len(self.bins[i]) < self.max_segments:
         self.bins[i].append(t)
         self._used[i] = (n + len(t), m + k)
         return True
@@ -222,8 +231,8 @@ DEFAULT_PACK_LOOKAHEAD = 16  # data.pack_lookahead's default (rows ~97% full on 
 
 
 def pack_batch(pending: Sequence[tuple[Tokenized, Any]], read: Callable[[], Optional[tuple[Tokenized, Any]]],
-               rows: int, row_length: int, max_markers: int, lookahead: int = 0,
-               ) -> tuple[list[Row], list[tuple[Tokenized, Any]]]:
+               rows: int, row_length: int, max_markers: int, lookahead: int = 0, *,
+               max_segments: Optional[int] = None) -> tuple[list[Row], list[tuple[Tokenized, Any]]]:
   """One batch of at most `rows` first-fit rows from a stream; returns (rows, still pending).
 
   The examples held over from earlier batches (`pending`, in order) are placed first, then
@@ -234,7 +243,7 @@ def pack_batch(pending: Sequence[tuple[Tokenized, Any]], read: Callable[[], Opti
   held over stays bounded: at most `lookahead + 1` when anything was read, and it shrinks
   otherwise (the first pending example always opens a row).
   """
-  packer, held = Packer(row_length, max_markers, rows), []  # len(held) is the miss count
+  packer, held = Packer(row_length, max_markers, rows, max_segments=max_segments), []  # len(held): misses
   for item in pending:
     if not packer.add(item[0]):
       held.append(item)
@@ -245,13 +254,14 @@ def pack_batch(pending: Sequence[tuple[Tokenized, Any]], read: Callable[[], Opti
 
 
 def pack_stream(examples: Sequence[Tokenized], rows: int, row_length: int, max_markers: int,
-                lookahead: int = 0) -> list[list[Row]]:
+                lookahead: int = 0, *, max_segments: Optional[int] = None) -> list[list[Row]]:
   """The batches the training pipeline's packer makes from `examples` in this order (the
   packing benchmark's layout; the pipeline itself reads a grain iterator, see pipeline.py)."""
   stream = iter((t, None) for t in examples)
   batches, pending = [], []
   while True:
-    batch, pending = pack_batch(pending, lambda: next(stream, None), rows, row_length, max_markers, lookahead)
+    batch, pending = pack_batch(pending, lambda: next(stream, None), rows, row_length, max_markers, lookahead,
+                                max_segments=max_segments)
     if not batch:
       return batches
     batches.append(batch)
@@ -301,6 +311,8 @@ def batch_rows(rows: Sequence[Optional[Tokenized | Row]], cfg: RenderConfig, pad
     n, k = len(r), r.marker_positions.shape[0]
     if k > m:
       raise ValueError(f"row with {k} markers exceeds max_markers={m}")
+    if len(r.example_ids) > cfg.segments:  # the model's packed attention has this many slots
+      raise ValueError(f"row with {len(r.example_ids)} examples exceeds {cfg.segments} per row")
     out["input_ids"][i, :n] = r.input_ids
     out["positions"][i, :n] = r.positions
     out["segment_ids"][i, :n] = r.segment_ids

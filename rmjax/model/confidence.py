@@ -30,9 +30,11 @@ class ConfidenceModel(nn.Module):
   @nn.compact
   def __call__(self, input_ids_BT: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array,
                marker_positions_BM: jax.Array, deterministic: bool = True) -> jax.Array:
-    # Every example in a row has at least one marker slot, so the slots bound its segments.
+    # Every example in a row has at least one marker slot, so the slots bound its segments, unless
+    # the config bounds them tighter (the packer then keeps to it: data.max_segments_per_row).
+    max_segments = min(self.model_cfg.max_segments or marker_positions_BM.shape[1], marker_positions_BM.shape[1])
     hidden_BTD = Decoder(self.model_cfg, name="decoder")(input_ids_BT, positions_BT, segment_ids_BT,
-                                                         max_segments=marker_positions_BM.shape[1])
+                                                         max_segments=max_segments)
     h_BMD = gather_markers(hidden_BTD, marker_positions_BM).astype(jnp.float32)
     logits_BM1 = ConfidenceHead(self.head_cfg, name="head")(h_BMD, deterministic=deterministic)
     return logits_BM1[..., 0].astype(jnp.float32)

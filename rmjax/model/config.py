@@ -82,6 +82,9 @@ class ModelConfig:
   # as a packed layout instead (model/cudnn_attention.py: no mask, no score blocks between two
   # examples; Hopper GPUs). Other implementations (XLA on a CPU) use the mask either way.
   segment_attention: str = "mask"
+  # Segment slots per row of that packed layout: 0 = the confidence model's marker slots (every
+  # example has a marker); training sets data.max_segments_per_row, which the packer keeps to.
+  max_segments: int = 0
   # Layers per iteration of the layer loop; 0 (or >= num_layers) unrolls it: no loop, so on a GPU
   # each layer reads its weights and saved activations in place instead of copies out of the
   # stacked buffers, for a longer compile. The weights are stacked either way.
@@ -110,6 +113,8 @@ class ModelConfig:
       raise ValueError(f"attention_mask={self.attention_mask!r}; choose 'segments' or 'causal'")
     if self.segment_attention not in ("mask", "cudnn_packed"):
       raise ValueError(f"segment_attention={self.segment_attention!r}; choose 'mask' or 'cudnn_packed'")
+    if self.max_segments < 0:
+      raise ValueError(f"max_segments={self.max_segments} must be >= 0 (0 = the marker slots)")
     if self.scan_unroll < 0:
       raise ValueError(f"scan_unroll={self.scan_unroll} must be >= 0 (0 = unroll every layer)")
     if isinstance(self.lora_targets, list):

@@ -67,7 +67,7 @@ def model_overrides(spec: Any) -> dict[str, Any]:
               scan_unroll=int(m.scan_unroll),
               attention_impl=str(m.attention_impl) or None,
               attention_mask="segments" if bool(spec.data.pack) else "causal",
-              segment_attention=str(m.segment_attention),
+              segment_attention=str(m.segment_attention), max_segments=int(spec.data.max_segments_per_row),
               lora_rank=int(spec.lora.rank) if lora else 0, lora_alpha=float(spec.lora.alpha),
               lora_targets=tuple(spec.lora.targets))
 
