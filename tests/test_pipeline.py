@@ -118,6 +118,19 @@ def test_batches_have_bucketed_lengths_and_markers_on_marker_ids(tok, pack):
   assert len(shapes) >= 1
 
 
+def test_packed_pipeline_keeps_the_segment_cap(tok):
+  """data.max_segments_per_row reaches the pipeline's packer: rows of at most 2 examples, where
+  the same stream uncapped packs more."""
+  most = {}
+  for cap in (0, 2):
+    render = RenderConfig(max_length=64, max_steps_per_example=4, length_buckets=(16, 32, 64), max_markers=12,
+                          max_segments=cap)
+    it = iter(train_dataset(_sources((0.5, 0.3, 0.2)), render, tok, PipelineConfig(pack=True), seed=1,
+                            global_batch=6))
+    most[cap] = max(int(next(it)["segment_ids"].max()) for _ in range(10))
+  assert most[2] == 2 < most[0]
+
+
 _CHILD = r"""
 import json, sys, numpy as np
 sys.path.insert(0, {tests!r})
