@@ -111,9 +111,9 @@ def segment_layout(segment_ids_BT: jax.Array, max_segments: int) -> tuple[jax.Ar
 
 def packed_causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
                             seqlen_BS: jax.Array, offsets_BS1: jax.Array, scale: float) -> jax.Array:
-  """Causal attention within each sequence of `segment_layout`, by cuDNN's packed layout; at
-  every position of a segment the same values as the segment mask gives. Needs a Hopper GPU and
-  `packed_available()`."""
+  """Causal attention within each sequence of `segment_layout`, by cuDNN's packed layout: meant
+  to give the segment mask's values at every real position (`python -m rmjax.bench.attention`
+  compares them on a GPU; not yet run on one). Needs a Hopper GPU and `packed_available()`."""
   function = _packed_function()
   if function is None:
     raise RuntimeError("this jax's private cuDNN module does not take the packed layout as expected")
