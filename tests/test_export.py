@@ -103,6 +103,34 @@ def test_load_run_model_restores_saved_params_and_resolves_best(world):
     resolve_checkpoint(d / "base")
 
 
+def test_runs_written_before_execution_only_fields_existed_still_load(world):
+  """Fields that choose how the model runs (layer loop, attention layout) were added to the
+  configs over time; a run written without them loads with their defaults and the same weights,
+  while a missing field that changes the model is still refused."""
+  from rmjax.run_artifacts import EXECUTION_ONLY_FIELDS
+  d, _, _, _ = world
+  written = json.loads((d / "lora" / "model" / "rmjax_model.json").read_text())
+  for section, fields in EXECUTION_ONLY_FIELDS.items():
+    assert fields <= set(written[section]), (section, fields)  # what training writes today
+  old = d / "lora_old_format"
+  shutil.copytree(d / "lora", old)
+  meta = json.loads((old / "model" / "rmjax_model.json").read_text())
+  for section, fields in EXECUTION_ONLY_FIELDS.items():
+    for field in fields:
+      del meta[section][field]
+  (old / "model" / "rmjax_model.json").write_text(json.dumps(meta))
+  new_rm, old_rm = load_run_model(d / "lora"), load_run_model(old)
+  assert (old_rm.model_cfg.scan_unroll, old_rm.model_cfg.segment_attention, old_rm.render_cfg.max_segments) == (
+    1, "mask", 0)
+  assert old_rm.model_cfg.replace(attention_mask=new_rm.model_cfg.attention_mask) == new_rm.model_cfg
+  for k, v in traverse_util.flatten_dict(new_rm.params).items():
+    np.testing.assert_array_equal(traverse_util.flatten_dict(old_rm.params)[k], v)
+  del meta["model"]["hidden_size"]
+  (old / "model" / "rmjax_model.json").write_text(json.dumps(meta))
+  with pytest.raises(RunArtifactError, match="has no key 'model.hidden_size'"):
+    load_run_model(old)
+
+
 # -- file layout ----------------------------------------------------------------------------------
 def test_export_layout_and_head_state_dict(world):
   d, base, _, _ = world
