@@ -233,7 +233,10 @@ def main(mode: str, argv: Sequence[str] | None = None) -> Any:
   for w in warnings:
     print(f"{prog}: warning: {w}", file=sys.stderr)
   spec.lock()
-  return launch.run(spec, dry_run=args.dry_run)
+  try:
+    return launch.run(spec, dry_run=args.dry_run)
+  except SystemExit as e:  # the error is reported; library threads must not hold the process
+    runtime.exit_process(e.code)
 
 
 if __name__ == "__main__":

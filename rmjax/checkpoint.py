@@ -262,7 +262,8 @@ class Checkpointer:
     or immutable directory, exhausted inodes), so such a directory is reported here, as
     one line, before orbax is involved. A directory that turns read-only between this
     probe and the write fails in orbax's background write, which `wait_until_finished`
-    turns into the same error (tested)."""
+    turns into the same error; orbax's signal threads of that write then wait up to 300 s,
+    which is why the launchers leave through `runtime.exit_process` (tested)."""
     probe = self.directory / f".{STEP_PREFIX}_{step}.rmjax-probe-{jax.process_index()}-{os.getpid()}"
     try:
       probe.mkdir()

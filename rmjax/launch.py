@@ -103,7 +103,10 @@ def _user_facing_errors() -> tuple[type[BaseException], ...]:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     _fail(f"unexpected arguments {list(argv[1:])}; {_USAGE}")
-  run(_SPEC.value, dry_run=_DRY_RUN.value)
+  try:
+    run(_SPEC.value, dry_run=_DRY_RUN.value)
+  except SystemExit as e:  # the error is reported; library threads must not hold the process
+    runtime.exit_process(e.code)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,21 @@
-"""Process-level JAX set-up: the persistent compilation cache and jax.distributed.
+"""Process-level set-up and exit: the persistent compilation cache, jax.distributed, leaving.
 
-Why it exists: both must happen once, before the first computation, in every entry point
-(rmjax.launch and the seed-compatible launchers), and both read the environment; keeping them
-here keeps the launchers thin and lets tests call them with a fake environment.
-jax is imported inside the functions so importing this module stays cheap.
+Why it exists: the cache and jax.distributed must happen once, before the first computation,
+in every entry point (rmjax.launch and the seed-compatible launchers), and both read the
+environment; keeping them here keeps the launchers thin and lets tests call them with a fake
+environment. jax is imported inside the functions so importing this module stays cheap. The
+entry points also leave through `exit_process`, so a run that has reported its error is not
+held open by library threads that wait for nothing.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
-from typing import Any, Mapping
+import sys
+import threading
+from typing import Any, Mapping, NoReturn
 
 CACHE_ENV = "RMJAX_COMPILATION_CACHE"
 DEFAULT_CACHE = pathlib.Path("~/.cache/rmjax/jax-cache")
@@ -84,3 +89,26 @@ def init_distributed(dist: Any, env: Mapping[str, str] = os.environ) -> bool:
   if not jax.distributed.is_initialized():  # idempotent: launchers may call it early
     jax.distributed.initialize(**args)
   return True
+
+
+def exit_process(code: int | str | None) -> NoReturn:
+  """Ends the process with `code` (as SystemExit would).
+
+  When a checkpoint write fails inside orbax (a directory that turned read-only after rmjax's
+  probe, a disk that filled up), orbax's non-daemon signal threads go on waiting for signals
+  that will never come, up to its coordination timeout (300 s), and the interpreter waits for
+  them before it exits. So when such threads are alive at exit, logs and streams are flushed
+  and the process ends at once (os._exit); otherwise this raises SystemExit as usual.
+  """
+  lingering = [t for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
+  if not lingering:
+    raise SystemExit(code)
+  status = code if isinstance(code, int) else (0 if code is None else 1)
+  if isinstance(code, str):
+    print(code, file=sys.stderr)
+  logging.getLogger("rmjax").debug("leaving with %d non-daemon threads alive: %s", len(lingering),
+                                   ", ".join(t.name for t in lingering))
+  logging.shutdown()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)

@@ -182,3 +182,28 @@ def test_seed_lora_launcher_dry_run(tmp_path, shared_data):
 def test_seed_launcher_missing_config_is_one_line():
   proc = launch("launch/train.py", "--config", "nope.json", module=None)
   assert one_line_error(proc) == "launch/train.py: error: config file not found: nope.json"
+
+
+_LINGERING_CHILD = r"""
+import logging, sys, threading, time
+from rmjax import runtime
+threading.Thread(target=time.sleep, args=(600,), name="waits-for-nothing").start()  # not a daemon
+logging.basicConfig(stream=sys.stderr, level=logging.INFO)
+logging.getLogger("rmjax").info("reported before leaving")
+runtime.exit_process({code!r})
+"""
+
+
+@pytest.mark.parametrize("code,status", [(1, 1), (0, 0), ("error: as a message", 1)])
+def test_exit_process_does_not_wait_for_lingering_threads(code, status):
+  """How the launchers leave: a non-daemon thread that waits for nothing (as orbax's signal
+  threads do after a failed checkpoint write, for 300 s) does not hold the process, the status
+  is kept and what was logged is flushed. Without such threads it is a plain SystemExit."""
+  proc = subprocess.run([sys.executable, "-c", _LINGERING_CHILD.format(code=code)], capture_output=True,
+                        text=True, timeout=60)
+  assert proc.returncode == status and "reported before leaving" in proc.stderr, proc.stderr
+  assert isinstance(code, int) or proc.stderr.rstrip().endswith("error: as a message")  # as SystemExit prints it
+  from rmjax import runtime
+  with pytest.raises(SystemExit) as leaving:
+    runtime.exit_process(3)
+  assert leaving.value.code == 3

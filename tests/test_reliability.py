@@ -9,11 +9,13 @@ import contextlib
 import hashlib
 import json
 import os
+import pathlib
 import random
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -188,34 +190,54 @@ def test_read_only_checkpoint_directory_stops_with_one_line_and_keeps_previous(t
   assert max(_logged_steps(run)) == 9  # trained up to the failed save, then stopped
 
 
-def test_directory_turning_read_only_after_the_probe_is_one_error_not_a_hang(tmp_path, monkeypatch):
+_RACE_CHILD = r"""
+import contextlib, hashlib, json, pathlib, sys
+import jax.numpy as jnp
+sys.path.insert(0, {tests!r})
+from test_reliability import _read_only, _tree_digest
+from rmjax import checkpoint as ck, runtime
+d = pathlib.Path({directory!r})
+c = ck.Checkpointer(d, ck.CheckpointConfig())
+save = lambda step: (c.save(step, {{"w": jnp.arange(3.0) + step}}), c.wait_until_finished())
+save(1)
+before = _tree_digest(d / "checkpoint_step_1")
+probe, error = c._check_writable, None
+with contextlib.ExitStack() as frozen:
+  def probe_then_freeze(step):
+    probe(step)
+    frozen.enter_context(_read_only(d))
+  c._check_writable = probe_then_freeze
+  try:
+    save(2)
+  except ck.CheckpointWriteError as e:
+    error = str(e)
+c._check_writable = probe
+after_failure = (c.all_steps(), _tree_digest(d / "checkpoint_step_1") == before)
+save(3)
+print(json.dumps({{"error": error, "after_failure": after_failure, "finally": c.all_steps()}}), flush=True)
+c.close()
+runtime.exit_process(0)  # orbax's threads of the failed write are still waiting: leave anyway
+"""
+
+
+def test_directory_turning_read_only_after_the_probe_is_one_error_and_the_process_still_exits(tmp_path):
   """The probe cannot see a directory that turns read-only just after it: orbax's own write then
-  fails, and that must also end as one CheckpointWriteError, promptly, with the saved step
-  untouched and the checkpointer usable once the directory is writable again."""
-  import concurrent.futures
-
-  import jax.numpy as jnp
-
-  from rmjax import checkpoint as ck
+  fails. That must also end as one CheckpointWriteError, with the saved step untouched and the
+  checkpointer usable once the directory is writable again. orbax leaves non-daemon threads
+  waiting 300 s for signals of the failed write; `runtime.exit_process` (how the launchers
+  leave) must not wait for them: the child is given 120 s."""
+  if os.geteuid() == 0 and (not shutil.which("chattr") or subprocess.run(
+      ["chattr", "+i", str(tmp_path)], capture_output=True).returncode):
+    pytest.skip("running as root and this filesystem has no immutable attribute (chattr +i)")
+  subprocess.run(["chattr", "-i", str(tmp_path)], capture_output=True)
   d = tmp_path / "ckpts"
-  c = ck.Checkpointer(d, ck.CheckpointConfig())
-  save = lambda step: (c.save(step, {"w": jnp.arange(3.0) + step}), c.wait_until_finished())
-  save(1)
-  before = _tree_digest(d / "checkpoint_step_1")
-  with contextlib.ExitStack() as frozen, concurrent.futures.ThreadPoolExecutor(1) as pool:
-    probe = c._check_writable
+  code = _RACE_CHILD.format(tests=str(pathlib.Path(__file__).parent), directory=str(d))
+  proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["error"].startswith(f"cannot write checkpoint in {d}: "), result
+  assert result["after_failure"] == [[1], True] and result["finally"] == [1, 3]
 
-    def probe_then_freeze(step):
-      probe(step)
-      frozen.enter_context(_read_only(d))
-    monkeypatch.setattr(c, "_check_writable", probe_then_freeze)
-    with pytest.raises(ck.CheckpointWriteError, match=f"cannot write checkpoint in {re.escape(str(d))}: "):
-      pool.submit(save, 2).result(timeout=120)  # a hang fails here instead of stalling the suite
-  monkeypatch.undo()
-  assert c.all_steps() == [1] and _tree_digest(d / "checkpoint_step_1") == before
-  save(3)
-  assert c.all_steps() == [1, 3]
-  c.close()
 
 def _corrupt(step_dir):
   """Truncates every array-data file of the saved state to half its size."""
