@@ -419,6 +419,7 @@ def test_packing_bench_steps_the_packed_rows_with_each_segment_attention(capsys)
   assert (mask["segment_attention"], cudnn_packed["segment_attention"]) == ("mask", "cudnn_packed")
   assert mask["attention"] == cudnn_packed["attention"] == "xla"
   assert mask["steps"] == cudnn_packed["steps"] and mask["markers"] == cudnn_packed["markers"] == unpacked["markers"]
+  assert unpacked["most_examples_per_row"] == 1 and mask["most_examples_per_row"] > 1
   assert ratios == {f"{name}_over_unpacked_markers_per_s": pytest.approx(r["markers_per_s"] / unpacked["markers_per_s"])
                     for name, r in (("packed", mask), ("packed_cudnn_packed", cudnn_packed))}
 
@@ -493,7 +494,6 @@ def test_attention_probe_compares_the_packed_variants(capsys):
   assert "max_abs_diff_out" not in rows["segments"]  # the reference
   assert all(rows["causal"][f"max_abs_diff_{part}"] > 0.1 for part in ("out", "dq", "dk", "dv"))
   assert all("unavailable" in rows[v] for v in list(rows)[2:])
-  assert rows["segments"]["tight_segment_slots"] >= rows["segments"]["segments_per_row"]  # the fullest row
   try:
     import jax_plugins.xla_cuda12  # noqa: F401
   except ImportError:

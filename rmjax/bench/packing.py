@@ -132,40 +132,35 @@ def main(argv: Sequence[str] | None = None) -> int:
   max_markers = args.row // TOKENS_PER_MARKER + 1
   # Each layout runs the step training gives it (train/build.py): packed rows the segment mask
   # (or cuDNN's packed layout), unpacked rows causal attention alone. One state serves all (the
-  # attention is not a parameter).
-  segment_attention = ("mask", "cudnn_packed") if args.segment_attention == "both" else (args.segment_attention,)
-  packed_names = {s: "packed" if s == "mask" else f"packed_{s}" for s in segment_attention}
-  steps, state, mesh = {}, None, None
-  for choice, name in packed_names.items():
-    packed_cfg = cfg.replace(attention_mask="segments", segment_attention=choice)
-    if state is None:
-      steps[name], state, mesh = jax_impl.build(settings, args.mode, device, cfg=packed_cfg)
-    else:
-      steps[name], _ = jax_impl.build_abstract(settings, args.mode, device, cfg=packed_cfg)
-  steps["unpacked"], _ = jax_impl.build_abstract(settings, args.mode, device,
-                                                 cfg=cfg.replace(attention_mask="causal"))
-  results = {}
+  # attention is not a parameter). Runs: (name, layout, model config, what the record says).
+  choices = ("mask", "cudnn_packed") if args.segment_attention == "both" else (args.segment_attention,)
+  runs = [("unpacked", "unpacked", cfg.replace(attention_mask="causal"),
+           {"buckets": list(buckets), "attention_mask": "causal"})]
+  runs += [("packed" if choice == "mask" else f"packed_{choice}", "packed",
+            cfg.replace(attention_mask="segments", segment_attention=choice),
+            {"lookahead": args.lookahead, "max_segments": args.max_segments, "attention_mask": "segments",
+             "segment_attention": choice}) for choice in choices]
+  _, state, mesh = jax_impl.build(settings, args.mode, device, cfg=runs[0][2])
   batches_by_layout = layouts(examples, args.row, args.batch, max_markers, args.lookahead, buckets,
                               args.max_segments)
-  runs = [("unpacked", "unpacked")] + [(name, "packed") for name in packed_names.values()]
-  for name, layout_name in runs:
+  results = {}
+  for name, layout_name, run_cfg, layout in runs:
+    steps, _ = jax_impl.build_abstract(settings, args.mode, device, cfg=run_cfg)
     batches = batches_by_layout[layout_name]
-    seconds, state = time_layout(steps[name], state, batches, mesh)
+    seconds, state = time_layout(steps, state, batches, mesh)
     markers = sum(common.supervised_markers(b) for b in batches)
     real = sum(common.non_pad_tokens(b) for b in batches)
     slots = sum(b["input_ids"].size for b in batches)
     results[name] = markers / seconds
-    layout = ({"buckets": list(buckets), "attention_mask": "causal"} if name == "unpacked"
-              else {"lookahead": args.lookahead, "max_segments": args.max_segments, "attention_mask": "segments",
-                    "segment_attention": next(s for s, n in packed_names.items() if n == name)})
     print(json.dumps({"layout": name, **layout, "attention": auto_attention_impl(cfg, cfg.compute_dtype),
                       "preset": args.preset, "mode": args.mode,
                       "device": device.device_kind, "examples": len(examples), "steps": len(batches),
                       "seconds": round(seconds, 4), "markers": markers, "real_tokens": real,
                       "markers_per_s": markers / seconds, "real_tokens_per_s": real / seconds,
-                      "token_fill": round(real / slots, 4)}), flush=True)
+                      "token_fill": round(real / slots, 4),
+                      "most_examples_per_row": int(max(b["segment_ids"].max() for b in batches))}), flush=True)
   print(json.dumps({f"{name}_over_unpacked_markers_per_s": results[name] / results["unpacked"]
-                    for name in packed_names.values()}))
+                    for name, *_ in runs[1:]}))
   return 0
 
 
