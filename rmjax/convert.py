@@ -2,8 +2,9 @@
 
 Why it exists: reading a safetensors checkpoint, transposing, stacking layers and placing the
 marker costs time and host memory at every launch; a converted directory (orbax params +
-`rmjax_model.json` + tokenizer with the marker) restores directly. `load_backbone` hides the
-difference so specs can point at a hub id, an HF directory or a converted directory.
+`rmjax_model.json` + tokenizer with the marker; an untied model's lm_head in its own file, which
+training never reads and export copies into HF checkpoints) restores directly. `load_backbone`
+hides the difference so specs can point at a hub id, an HF directory or a converted directory.
 
   python -m rmjax.convert --model Qwen/Qwen3-4B --output /data/qwen3-4b-rmjax [--dtype bfloat16]
 """
@@ -22,11 +23,14 @@ import numpy as np
 
 from rmjax import cli
 from rmjax.model.config import ModelConfig
-from rmjax.model.hf import hf_model_config, load_hf_params, resolve_model_dir
+from rmjax.model.hf import hf_model_config, load_hf_params, read_tensor, resolve_model_dir
 from rmjax.model.marker import add_marker
 
 CONFIG_FILE = "rmjax_model.json"
 PARAMS_DIR = "params"
+# An untied model's lm_head.weight (rows grown with the marker), kept beside the params: training
+# never computes vocabulary logits so never loads it, but an exported HF checkpoint needs it.
+LM_HEAD_FILE = "lm_head.safetensors"
 FORMAT = "rmjax-backbone-v1"
 
 
@@ -66,18 +70,32 @@ def load_hf_backbone(path_or_id: str | os.PathLike, dtype: str | None = None, ma
 
 
 def save_converted(params: dict, cfg: ModelConfig, out_dir: str | os.PathLike, tokenizer: Any = None) -> pathlib.Path:
+  """Write a converted directory; an "lm_head" entry of `params` goes to its own file."""
   import orbax.checkpoint as ocp
+  from safetensors.numpy import save_file
   out = pathlib.Path(out_dir).resolve()
   out.mkdir(parents=True, exist_ok=True)
   if (out / PARAMS_DIR).exists():
     raise FileExistsError(f"{out / PARAMS_DIR} already exists; choose an empty output directory")
+  params = dict(params)
+  lm_head = params.pop("lm_head", None)
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(out / PARAMS_DIR, params)
     ckpt.wait_until_finished()
+  if lm_head is not None:
+    save_file({"lm_head.weight": np.ascontiguousarray(lm_head["embedding"])}, str(out / LM_HEAD_FILE),
+              metadata={"format": "pt"})
   (out / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, "model": cfg.to_dict()}, indent=2) + "\n")
   if tokenizer is not None:
     tokenizer.save_pretrained(str(out))
   return out
+
+
+def load_lm_head(path: str | os.PathLike) -> np.ndarray | None:
+  """A converted directory's lm_head.weight (None if it has none: tied, or converted before it
+  was kept)."""
+  file = pathlib.Path(path) / LM_HEAD_FILE
+  return np.asarray(read_tensor(file, "lm_head.weight")) if file.is_file() else None
 
 
 def load_converted(path: str | os.PathLike, dtype: str | None = None) -> tuple[dict, ModelConfig]:
@@ -115,7 +133,7 @@ def load_backbone(path_or_id: str | os.PathLike, dtype: str | None = None, marke
 
 
 def convert(model: str, output: str | os.PathLike, dtype: str | None = None, marker: bool = True) -> pathlib.Path:
-  params, cfg, tok = load_hf_backbone(model, dtype, marker=marker)
+  params, cfg, tok = load_hf_backbone(model, dtype, marker=marker, keep_lm_head=True)  # untied: kept
   return save_converted(params, cfg, output, tok)
 
 

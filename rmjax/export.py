@@ -42,7 +42,8 @@ from safetensors.numpy import save_file
 from rmjax import cli
 from rmjax.model.config import ModelConfig
 from rmjax.model.head import TORCH_ACTIVATIONS, HeadConfig, torch_layer_names
-from rmjax.model.hf import param_table, save_hf_params
+from rmjax.convert import is_converted, load_lm_head
+from rmjax.model.hf import TensorFiles, param_table, resolve_model_dir, save_hf_params
 from rmjax.run_artifacts import RunModel, head_cfg_to_dict, load_run_model, render_cfg_to_dict
 from rmjax.tokenizer import MARKER
 
@@ -171,17 +172,29 @@ def write_adapter(rm: RunModel, out: pathlib.Path, base_ref: str) -> None:
   rm.tokenizer.save_pretrained(str(d))
 
 
-def _lm_head_base(rm: RunModel) -> str | None:
-  return rm.base_model_path if hf_base_available(rm.base_model_path) else None
+def _base_lm_head(rm: RunModel) -> np.ndarray | None:
+  """The base model's lm_head.weight (an untied model's HF checkpoint needs one; training never
+  loads it): from the HF base, or from a converted base's lm_head file."""
+  base = rm.base_model_path
+  if is_converted(base):
+    return load_lm_head(base)
+  if hf_base_available(base):
+    return TensorFiles(resolve_model_dir(base)).get("lm_head.weight")
+  return None
 
 
 def write_backbone(rm: RunModel, out_dir: pathlib.Path, *, base_only: bool = False) -> None:
   """An HF model dir: trained weights (LoRA merged) or, with base_only, the frozen base."""
   dec = _strip_lora(rm.params["decoder"], drop_marker=True) if base_only else rm.params["decoder"]
   cfg = rm.model_cfg
-  if not cfg.tie_word_embeddings and "lm_head" not in dec and _lm_head_base(rm) is None:
-    raise ExportError("untied model without an lm_head and no HF base model to copy it from")
-  save_hf_params(dec, cfg, out_dir, lora="merge", base=_lm_head_base(rm))
+  lm_head = None
+  if not cfg.tie_word_embeddings and "lm_head" not in dec:
+    lm_head = _base_lm_head(rm)
+    if lm_head is None:
+      hint = (" (converted before rmjax kept the lm_head: convert the HF model again)"
+              if is_converted(rm.base_model_path) else "")
+      raise ExportError(f"untied model: the base {rm.base_model_path} has no lm_head to copy{hint}")
+  save_hf_params(dec, cfg, out_dir, lora="merge", lm_head=lm_head)
   rm.tokenizer.save_pretrained(str(out_dir))
 
 

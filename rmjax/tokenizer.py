@@ -51,22 +51,25 @@ def _demo_corpus(n_lines: int = 3000, seed: int = 0) -> list[str]:
   return lines
 
 
-def build_demo_tokenizer(vocab_size: int = 512, corpus: list[str] | None = None) -> PreTrainedTokenizerFast:
+def build_demo_tokenizer(vocab_size: int = 512, corpus: list[str] | None = None,
+                         marker: bool = True) -> PreTrainedTokenizerFast:
   """Train a small byte-level BPE tokenizer offline; same inputs give the same tokenizer.
 
-  Special tokens: `<pad>` (id 0, padding), `<eos>` (id 1), `<CONFIDENCE>` (id 2, marker).
+  Special tokens: `<pad>` (id 0, padding), `<eos>` (id 1), `<CONFIDENCE>` (id 2, marker; with
+  marker=False none, as in a real base model's tokenizer, which `ensure_marker` extends).
   """
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
     vocab_size=vocab_size, min_frequency=2, show_progress=False,
-    special_tokens=[DEMO_PAD, DEMO_EOS, MARKER],
+    special_tokens=[DEMO_PAD, DEMO_EOS] + ([MARKER] if marker else []),
     initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
   tok.train_from_iterator(corpus if corpus is not None else _demo_corpus(), trainer=trainer)
   fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=DEMO_PAD, eos_token=DEMO_EOS,
                                  model_max_length=1 << 20)
-  fast.add_special_tokens({"additional_special_tokens": [MARKER]})
+  if marker:
+    fast.add_special_tokens({"additional_special_tokens": [MARKER]})
   return fast
 
 

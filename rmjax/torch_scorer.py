@@ -200,7 +200,9 @@ def _check_adapter_used(model: Any, adapter: pathlib.Path) -> None:
   from safetensors import safe_open
   with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
     saved = set(f.keys())
-  loaded = set(get_peft_model_state_dict(model).keys())
+  # Not peft's embedding layers: it adds the whole resized embedding matrix when the marker grew
+  # the vocabulary, which an adapter does not carry (the marker row is its trainable token).
+  loaded = set(get_peft_model_state_dict(model, save_embedding_layers=False).keys())
   if saved != loaded:
     raise ValueError(f"{adapter / 'adapter_model.safetensors'} does not match adapter_config.json: "
                      f"{len(saved - loaded)} tensors unused, {len(loaded - saved)} missing")

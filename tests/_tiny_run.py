@@ -30,11 +30,14 @@ RENDER = RenderConfig(template="default", max_length=384, max_steps_per_example=
                       length_buckets=(64, 128, 256, 384), max_markers=0)
 
 
-def make_base(out_dir: pathlib.Path, arch: str = "qwen3", tied: bool = True, seed: int = 0) -> pathlib.Path:
-  """A random fp32 HF model + the demo tokenizer (vocab 320, so the marker has a row)."""
-  tok = build_demo_tokenizer(vocab_size=VOCAB - 16)
+def make_base(out_dir: pathlib.Path, arch: str = "qwen3", tied: bool = True, seed: int = 0,
+              spare_rows: bool = True) -> pathlib.Path:
+  """A random fp32 HF model + the demo tokenizer (vocab 320, so the marker has a row; with
+  spare_rows=False a tokenizer without the marker and exactly its rows, so adding the marker
+  grows the vocabulary, as for Llama 3)."""
+  tok = build_demo_tokenizer(vocab_size=VOCAB - 16, marker=spare_rows)
   assert len(tok) <= VOCAB
-  H.build(arch, out_dir, seed=seed, vocab_size=VOCAB, tied=tied)
+  H.build(arch, out_dir, seed=seed, vocab_size=VOCAB if spare_rows else len(tok), tied=tied)
   tok.save_pretrained(str(out_dir))
   return out_dir
 

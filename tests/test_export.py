@@ -18,7 +18,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 import _tiny_run as R
-from rmjax import export, score
+from rmjax import convert, export, score
 from rmjax.model.hf import TensorFiles
 from rmjax.run_artifacts import RunArtifactError, load_run_model, resolve_checkpoint
 from rmjax.torch_scorer import TorchScorer
@@ -195,6 +195,33 @@ def test_score_round_trip_torch_equals_jax(world, run, export_dir):
   out = d / f"scores_export_{run}.jsonl"
   assert score.main(["--checkpoint", str(d / export_dir), "--input", str(world[3]), "--output", str(out)]) == 0
   assert max_diff([json.loads(x)["step_scores"] for x in out.read_text().splitlines()], scores) < TOL
+
+
+@pytest.mark.parametrize("mode,merge,converted", [("lora", False, False), ("full", False, False),
+                                                  ("lora", False, True), ("lora", True, True)])
+def test_untied_base_whose_vocabulary_the_marker_grows(tmp_path, mode, merge, converted):
+  """An untied base with no spare embedding row (Llama 3's layout), given as an HF folder or as
+  its `rmjax.convert` folder: the exports load in transformers as what their config.json names
+  and score as rmjax does. Before: the torch loader refused the adapter (peft counted the resized
+  embedding as a missing adapter tensor), the backbone's lm_head kept the base's rows, and a
+  converted base had no lm_head to export at all."""
+  from transformers import AutoModelForCausalLM
+  base = R.make_base(tmp_path / "base", tied=False, spare_rows=False)
+  base_name = str(convert.convert(str(base), tmp_path / "converted")) if converted else None
+  R.make_run(tmp_path / "run", base, mode=mode, base_name=base_name)
+  rm = load_run_model(tmp_path / "run")
+  assert rm.model_cfg.vocab_size > json.loads((base / "config.json").read_text())["vocab_size"]
+  ex = export.export(tmp_path / "run", tmp_path / "ex", merge_lora=merge)
+  inp, out = tmp_path / "in.jsonl", tmp_path / "jax.jsonl"
+  inp.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
+  assert score.main(["--checkpoint", str(tmp_path / "run"), "--input", str(inp), "--output", str(out)]) == 0
+  want = [json.loads(line)["step_scores"] for line in out.read_text().splitlines()]
+  got = TorchScorer.from_export(ex).score_many([(e["problem"], e["steps"]) for e in EXAMPLES])
+  assert max_diff(got, want) < TOL
+  files = json.loads((ex / "rmjax_export.json").read_text())["files"]
+  for folder in filter(None, (files["backbone"], files["backbone_base"])):
+    model = AutoModelForCausalLM.from_pretrained(ex / folder)
+    assert model.lm_head.weight.shape[0] == model.get_input_embeddings().weight.shape[0] == rm.model_cfg.vocab_size
 
 
 def test_demo_lora_export_writes_base_backbone(world):

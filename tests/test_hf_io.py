@@ -85,8 +85,29 @@ def test_untied_export_needs_lm_head(llama_untied, tmp_path):
   params = load_hf_params(src, cfg)
   with pytest.raises(ValueError, match="lm_head"):
     save_hf_params(params, cfg, tmp_path / "a")
-  out = save_hf_params(params, cfg, tmp_path / "b", base=src)
-  assert np.array_equal(load_file(str(out / "model.safetensors"))["lm_head.weight"], TensorFiles(src).get("lm_head.weight"))
+  original = np.asarray(TensorFiles(src).get("lm_head.weight"))
+  out = save_hf_params(params, cfg, tmp_path / "b", lm_head=original)
+  assert np.array_equal(load_file(str(out / "model.safetensors"))["lm_head.weight"], original)
+
+
+def test_untied_export_grows_the_lm_head_with_the_vocabulary(llama_untied, tmp_path):
+  """A marker past the embedding's last row grows the vocabulary; the exported lm_head must grow
+  with it, or transformers refuses the checkpoint its own config.json describes."""
+  _, src = llama_untied
+  cfg = ModelConfig.from_hf(src)
+  rows = cfg.vocab_size
+  params, grown = add_marker(load_hf_params(src, cfg), cfg, marker_id=rows, num_real_tokens=rows)
+  assert grown.vocab_size > rows
+  original = np.asarray(TensorFiles(src).get("lm_head.weight"))
+  out = save_hf_params(params, grown, tmp_path / "grown", lm_head=original)
+  head = load_file(str(out / "model.safetensors"))["lm_head.weight"]
+  assert head.shape == (grown.vocab_size, cfg.hidden_size)
+  np.testing.assert_array_equal(head[:rows], original)
+  np.testing.assert_allclose(head[rows:], np.broadcast_to(original.mean(0), head[rows:].shape), rtol=1e-6)
+  model = transformers.AutoModelForCausalLM.from_pretrained(out)
+  assert model.lm_head.weight.shape[0] == model.get_input_embeddings().weight.shape[0] == grown.vocab_size
+  with pytest.raises(ValueError, match="does not fit"):
+    save_hf_params(params, cfg.replace(vocab_size=rows - 1), tmp_path / "small", lm_head=original)
 
 
 def test_lora_merged_export_matches_rmjax(qwen3_tied, tmp_path):

@@ -28,6 +28,7 @@ from safetensors.numpy import save_file
 
 from rmjax.cli import first_line, read_json_object
 from rmjax.model.config import ModelConfig
+from rmjax.model.marker import grow_rows
 
 Params = dict[str, Any]
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -165,10 +166,22 @@ class TensorFiles:
     return self._entries[name].shape
 
   def get(self, name: str) -> np.ndarray:
-    e = self._entries[name]
-    if not e.shape or 0 in e.shape:
-      return np.zeros(e.shape, e.dtype) if e.shape else np.fromfile(e.path, e.dtype, 1, offset=e.offset).reshape(())
-    return np.memmap(e.path, dtype=e.dtype, mode="r", offset=e.offset, shape=e.shape)
+    return _read_entry(self._entries[name])
+
+
+def _read_entry(e: _Entry) -> np.ndarray:
+  if not e.shape or 0 in e.shape:
+    return np.zeros(e.shape, e.dtype) if e.shape else np.fromfile(e.path, e.dtype, 1, offset=e.offset).reshape(())
+  return np.memmap(e.path, dtype=e.dtype, mode="r", offset=e.offset, shape=e.shape)
+
+
+def read_tensor(path: pathlib.Path, name: str) -> np.ndarray:
+  """One named tensor of one safetensors file (memory-mapped); a ValueError naming `path` if it
+  is not there or the file is malformed."""
+  entries = read_safetensors_header(path)
+  if name not in entries:
+    raise ValueError(f"{path} has no tensor {name!r}")
+  return _read_entry(entries[name])
 
 
 def _hf_prefix(names: set[str]) -> str:
@@ -308,12 +321,15 @@ def hf_tensors(params: Params, cfg: ModelConfig, dtype: str | None = None) -> It
 
 
 def save_hf_params(params: Params, cfg: ModelConfig, out_dir: str | os.PathLike, lora: str = "merge",
-                   dtype: str | None = None, base: str | os.PathLike | None = None) -> pathlib.Path:
+                   dtype: str | None = None, lm_head: np.ndarray | None = None) -> pathlib.Path:
   """Write config.json + model.safetensors that transformers loads as *ForCausalLM.
 
   lora: "merge" folds LoRA into the kernels, "refuse" raises if LoRA params are present.
-  An untied model needs an lm_head: `params["lm_head"]` if present, else copied from `base`
-  (the original checkpoint), else a ValueError.
+  An untied model needs an lm_head: `params["lm_head"]` if present, else `lm_head` (HF layout
+  (rows, hidden), e.g. the original checkpoint's), else a ValueError. rmjax never computes
+  vocabulary logits, so that matrix only has to make the checkpoint loadable: where the marker
+  enlarged the vocabulary, rows are appended up to cfg.vocab_size (the mean row, as
+  `marker.add_marker` grows it), or config.json's vocab_size would not match it.
   """
   if lora not in ("merge", "refuse"):
     raise ValueError(f"lora must be 'merge' or 'refuse', got {lora!r}")
@@ -322,10 +338,13 @@ def save_hf_params(params: Params, cfg: ModelConfig, out_dir: str | os.PathLike,
       raise ValueError("params contain LoRA weights; merge them (lora='merge') or export a PEFT adapter")
     params = merge_lora(params, cfg)
   if not cfg.tie_word_embeddings and "lm_head" not in params:
-    if base is None:
-      raise ValueError("untied model without lm_head params: pass base=<original checkpoint dir>")
-    files = TensorFiles(resolve_model_dir(base))
-    params = dict(params) | {"lm_head": {"embedding": np.asarray(files.get("lm_head.weight"))}}
+    if lm_head is None:
+      raise ValueError("untied model without lm_head params: pass lm_head=<the original checkpoint's lm_head.weight>")
+    rows, width = lm_head.shape
+    if width != cfg.hidden_size or rows > cfg.vocab_size:
+      raise ValueError(f"lm_head of shape {lm_head.shape} does not fit vocab_size={cfg.vocab_size}, "
+                       f"hidden_size={cfg.hidden_size}")
+    params = dict(params) | {"lm_head": {"embedding": grow_rows(lm_head, cfg.vocab_size)}}
   tensors = dict(hf_tensors(params, cfg, dtype))
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)

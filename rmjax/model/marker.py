@@ -19,7 +19,10 @@ from rmjax.model.config import ModelConfig
 Params = dict[str, Any]
 
 
-def _grow(matrix_VD: np.ndarray, rows: int, fill_D: np.ndarray) -> np.ndarray:
+def grow_rows(matrix_VD: np.ndarray, rows: int, fill_D: np.ndarray | None = None) -> np.ndarray:
+  """`matrix_VD` with rows appended up to `rows`, each `fill_D` (default: the mean of its rows)."""
+  if fill_D is None:
+    fill_D = np.asarray(matrix_VD).astype(np.float32).mean(axis=0)
   extra = np.broadcast_to(fill_D.astype(matrix_VD.dtype), (rows - matrix_VD.shape[0], matrix_VD.shape[1]))
   return np.concatenate([np.asarray(matrix_VD), extra], axis=0)
 
@@ -49,10 +52,10 @@ def add_marker(params: Params, cfg: ModelConfig, marker_id: int, num_real_tokens
   vocab = rows
   if marker_id >= rows:
     vocab = -(-(marker_id + 1) // pad_multiple) * pad_multiple
-    embed["embedding"] = _grow(table_VD, vocab, mean_D)
+    embed["embedding"] = grow_rows(table_VD, vocab, mean_D)
     if "lm_head" in params:
       head_VD = np.asarray(params["lm_head"]["embedding"])
-      new["lm_head"] = {"embedding": _grow(head_VD, vocab, head_VD[:num_real_tokens].astype(np.float32).mean(0))}
+      new["lm_head"] = {"embedding": grow_rows(head_VD, vocab, head_VD[:num_real_tokens].astype(np.float32).mean(0))}
   embed["marker"] = marker_D.astype(np.float32)
   new["embed"] = embed
   return new, cfg.replace(vocab_size=vocab, marker_id=marker_id)
