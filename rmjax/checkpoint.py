@@ -14,6 +14,7 @@ Layout under `directory` (normally `<run_dir>/checkpoints`):
   checkpoint_step_<N>/meta/     small JSON: step, val_loss, user metadata (config hash)
   checkpoint_step_<N>/metrics/  orbax's copy of {"val_loss": ...} (only finite values)
   best.json                     {"step", "val_loss", "path"} of the best kept step
+  corrupt/                      steps a resume with fallback_to_previous could not read, moved aside
 
 A save in progress lives in `checkpoint_step_<N>.orbax-checkpoint-tmp*` and is renamed
 only when complete, so a kill mid-save leaves the previous steps restorable; leftover
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 STEP_PREFIX = "checkpoint_step"
 BEST_FILE = "best.json"
+CORRUPT_DIR = "corrupt"  # steps a resume found unreadable, set aside
 _METRIC = "val_loss"
 
 
@@ -320,19 +322,50 @@ class Checkpointer:
                      fallback_to_previous: bool = False) -> Restored | None:
     """Restores the newest step (None if there is none). With `fallback_to_previous`, a
     corrupt step is logged and the next older one is tried; if all fail, the error for
-    the newest is raised."""
+    the newest is raised. The corrupt steps newer than the one restored are then set aside
+    (`set_aside`): training will reach those step numbers again and must save them."""
     first_error: CheckpointCorrupt | None = None
+    corrupt: list[int] = []
     for step in reversed(self.all_steps()):
       try:
-        return self.restore(step, abstract_state, iterator)
+        restored = self.restore(step, abstract_state, iterator)
       except CheckpointCorrupt as e:
         if not fallback_to_previous:
           raise
         log.warning("%s; trying the previous checkpoint", e)
         first_error = first_error or e
+        corrupt.append(step)
+        continue
+      if corrupt:
+        self.set_aside(corrupt)
+      return restored
     if first_error is not None:
       raise first_error
     return None
+
+  def set_aside(self, steps: list[int]) -> pathlib.Path:
+    """Moves the given step folders into `<directory>/corrupt/` (kept for inspection, out of
+    orbax's sight), and best.json off them; returns that folder. Process 0 moves, every process
+    then sees the same steps."""
+    self._check_open()
+    aside = self.directory / CORRUPT_DIR
+    if jax.process_index() == 0:
+      aside.mkdir(exist_ok=True)
+      for step in steps:
+        source, target = self.step_path(step), aside / self.step_path(step).name
+        n = 1
+        while target.exists():
+          target, n = aside / f"{source.name}.{n}", n + 1
+        os.replace(source, target)
+      best = read_best_file(self.directory)
+      if best is not None and int(best.get("step", -1)) in steps:
+        (self.directory / BEST_FILE).unlink()
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("rmjax_checkpoints_set_aside")
+    self._mgr.reload()
+    self._write_best_file()
+    return aside
 
   # ---- lifecycle -----------------------------------------------------------------------
 

@@ -101,11 +101,38 @@ class RunLogger:
     if resume_step is not None:
       self.truncate_after(resume_step)
     self._metrics_file = open(self.metrics_path, "a", encoding="utf-8")
+    self._flush_secs = flush_secs
+    self._tb = self._open_tensorboard(purge_step=None if resume_step is None else resume_step + 1)
+
+  def _open_tensorboard(self, purge_step: int | None) -> Any:
     from tensorboardX import SummaryWriter  # deferred: only process 0 needs it
     # A unique suffix: two writers opened in the same second would otherwise share a file name.
-    self._tb = SummaryWriter(str(self.tb_dir), flush_secs=flush_secs,
-                             purge_step=None if resume_step is None else resume_step + 1,
-                             filename_suffix=f".{os.getpid()}.{time.time_ns()}")
+    return SummaryWriter(str(self.tb_dir), flush_secs=self._flush_secs, purge_step=purge_step,
+                         filename_suffix=f".{os.getpid()}.{time.time_ns()}")
+
+  def rewind_to(self, step: int) -> None:
+    """A resume that went back further than `resume_step` said (a corrupt newer checkpoint):
+    drops metrics.jsonl lines after `step`, and TensorBoard's events after it (a new event file
+    that starts with a purge at step + 1)."""
+    if not self.enabled:
+      return
+    self.truncate_after(step)
+    self._tb.close()
+    self._tb = self._open_tensorboard(purge_step=step + 1)
+
+  def has_scalar(self, step: int, key: str) -> bool:
+    """Whether metrics.jsonl already has a line for `step` holding `key`."""
+    if not self.enabled or not self.metrics_path.exists():
+      return False
+    self._metrics_file.flush()
+    for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(row, dict) and row.get("step") == step and key in row:
+        return True
+    return False
 
   def _attach_handlers(self, echo_stderr: bool) -> None:
     formatter = logging.Formatter(_FORMAT)

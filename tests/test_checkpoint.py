@@ -142,15 +142,15 @@ def test_keep_best_off_keeps_only_latest(tmp_path):
   assert not (d / "best.json").exists()
 
 
-def _save_steps(d, steps):
+def _save_steps(d, steps, losses=None):
   with ck.Checkpointer(d, ck.CheckpointConfig(max_to_keep=None)) as c:
-    for s in steps:
-      c.save(s, {"x": jnp.full((4,), float(s))})
+    for i, s in enumerate(steps):
+      c.save(s, {"x": jnp.full((4,), float(s))}, val_loss=None if losses is None else losses[i])
 
 
 def test_truncated_checkpoint_reported_by_path_and_fallback(tmp_path):
   d = tmp_path / "checkpoints"
-  _save_steps(d, [1, 2, 3])
+  _save_steps(d, [1, 2, 3], losses=[0.5, 0.4, 0.3])
   data_files = [p for p in (d / "checkpoint_step_3" / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
   assert data_files, "expected OCDBT data files under state/d"
   for f in data_files:  # truncate the array data
@@ -164,9 +164,18 @@ def test_truncated_checkpoint_reported_by_path_and_fallback(tmp_path):
     assert str(d / "checkpoint_step_3") in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ck.CheckpointCorrupt, match="checkpoint_step_2"):
       c.restore(2, target)
+    assert ck.read_best_file(d)["step"] == 3
     r = c.restore_latest(target, fallback_to_previous=True)
-  assert r.step == 1
-  np.testing.assert_array_equal(np.asarray(r.state["x"]), np.full((4,), 1.0, np.float32))
+    assert r.step == 1
+    np.testing.assert_array_equal(np.asarray(r.state["x"]), np.full((4,), 1.0, np.float32))
+    # the unreadable steps are set aside, not deleted, and off best.json: training reaches those
+    # step numbers again and must save them
+    assert c.all_steps() == [1] and ck.read_best_file(d)["step"] == 1
+    assert sorted(p.name for p in (d / ck.CORRUPT_DIR).iterdir()) == ["checkpoint_step_2", "checkpoint_step_3"]
+    assert c.save(3, {"x": jnp.full((4,), 33.0)}, val_loss=0.1)
+    c.wait_until_finished()
+    assert ck.read_best_file(d)["step"] == 3
+    np.testing.assert_array_equal(np.asarray(c.restore(3, target).state["x"]), np.full((4,), 33.0, np.float32))
 
 
 def test_all_corrupt_raises_newest_and_missing_step(tmp_path):

@@ -4,6 +4,7 @@ TensorBoard, trace count, checkpoint retention, NaN stop, SIGTERM and exact resu
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -202,6 +203,31 @@ def test_nan_policy_skip_keeps_training(tmp_path, monkeypatch):
   losses = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
   assert losses[2] is None and all(np.isfinite(losses[s]) for s in (1, 3, 4))
   assert np.isfinite(final["best_val_loss"])
+
+
+def test_resume_continues_the_run_counters_and_a_rerun_logs_nothing_twice(tmp_path, monkeypatch):
+  """A resumed run ends with the uninterrupted run's final_results.json: the best validation loss
+  (also with checkpoint.keep_best=False, where there is no best.json) and the count of skipped
+  non-finite steps come back with the checkpoint. A finished run relaunched after losing
+  final_results.json recomputes it without logging its last evaluation twice."""
+  _poison_step(monkeypatch, at=2)
+  settings = dict(max_steps=6, eval_steps=2, save_steps=2, nan_policy="skip", **{"checkpoint.keep_best": False})
+  whole = loop.train_and_evaluate(tiny_spec(tmp_path / "a", **settings))
+  assert whole["nonfinite_steps_skipped"] == 1 and whole["best_step"] is not None
+  run = tmp_path / "b" / "demo-full"
+  shutil.copytree(tmp_path / "a" / "demo-full", run)
+  shutil.rmtree(run / "checkpoints" / "checkpoint_step_6")
+  (run / "logs" / "final_results.json").unlink()
+  monkeypatch.undo()  # the poisoned batch lies before the step resumed from
+  resumed = loop.train_and_evaluate(tiny_spec(tmp_path / "b", **settings))
+  assert resumed["resumed_from_step"] == 4
+  for key in ("best_val_loss", "best_step", "nonfinite_steps_skipped"):
+    assert resumed[key] == whole[key], key
+  (run / "logs" / "final_results.json").unlink()
+  again = loop.train_and_evaluate(tiny_spec(tmp_path / "b", **settings))
+  assert again["final_metrics"] == resumed["final_metrics"]
+  val_steps = [r["step"] for r in read_jsonl(run / "logs" / "metrics.jsonl") if "val/loss" in r]
+  assert val_steps == [2, 4, 6]
 
 
 def test_init_from_loads_weights_with_a_fresh_optimizer(tmp_path):

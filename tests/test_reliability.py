@@ -266,7 +266,14 @@ def test_corrupt_latest_checkpoint_is_named_and_fallback_only_when_asked(tmp_pat
   assert final["total_steps"] == 8 and final["resumed_from_step"] == 3
   log = (run / "logs" / "train.log").read_text()
   assert f"Checkpoint {bad} is corrupt; fell back to step 3" in log
-  assert 8 in checkpoint_steps(run)
+  # step 6 is trained and saved again (the unreadable folder set aside), and the logs hold each
+  # step once, as an uninterrupted run's would: they were cut back to step 3
+  assert {3, 6, 8} <= set(checkpoint_steps(run)) and (run / "checkpoints" / "corrupt" / "checkpoint_step_6").is_dir()
+  assert any(line.startswith("Sav") and line.endswith(str(bad)) for line in
+             (part.split("rmjax: ")[-1] for part in log.split("fell back")[1].splitlines())), log
+  rows = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+  train_steps = [r["step"] for r in rows if "train/loss" in r]
+  assert train_steps == list(range(1, 9)), train_steps
 
 
 # ----------------------------------------------------------------- hostile input: rmjax.score

@@ -31,12 +31,12 @@ from typing import Any, Iterator
 
 import jax
 import numpy as np
-from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
 from rmjax import checkpoint as ckpt_lib
 from rmjax import sharding as shd
 from rmjax import spec as spec_lib
+from rmjax.runtime import quiet_library_logs
 from rmjax.data.example import SkipCounter
 from rmjax.data.pipeline import PipelineConfig, eval_datasets, train_dataset
 from rmjax.metrics import EvalAccumulator
@@ -86,11 +86,6 @@ def optim_config(spec: Any) -> OptimConfig:
     with spec.unlocked():
       spec.warmup_steps = int(spec.max_steps)
   return OptimConfig.from_spec(spec)
-
-
-def quiet_library_logs() -> None:
-  """orbax logs every save/restore step at INFO through absl; keep stderr for rmjax's own lines."""
-  absl_logging.set_verbosity(absl_logging.WARNING)
 
 
 class _StopFlag:
@@ -221,12 +216,12 @@ class Trainer:
                                                   fallback_to_previous=fallback)
       if restored.step != self.resume_step:  # the newer step(s) were corrupt (logged by restore_latest)
         self.logger.log(f"Checkpoint {self.checkpointer.step_path(self.resume_step)} is corrupt; fell back to "
-                        f"step {restored.step} (checkpoint.fallback_to_previous)", logging.WARNING)
+                        f"step {restored.step} (checkpoint.fallback_to_previous); the unreadable steps are "
+                        f"now in {self.checkpointer.directory / ckpt_lib.CORRUPT_DIR}", logging.WARNING)
         self.resume_step = restored.step
+        self.logger.rewind_to(restored.step)  # the logs as they were at that step
       self.state = restored.state
-      best = ckpt_lib.read_best_file(self.checkpointer.directory)
-      if best is not None:
-        self.best_val_loss, self.best_step = float(best["val_loss"]), int(best["step"])
+      self._restore_run_counters(restored.metadata)
       self.logger.log(f"Resumed from {self.checkpointer.step_path(restored.step)} (step {restored.step})")
       return restored.step
     if self.spec.init_from:
@@ -236,6 +231,25 @@ class Trainer:
       self.state = self.state.replace(params=weights["params"], frozen=weights["frozen"])
       self.logger.log(f"Initialised weights from {self.spec.init_from} (fresh optimizer, step 0)")
     return 0
+
+  def _run_counters(self) -> dict[str, Any]:
+    """What the loop has counted so far and a resume must continue from (checkpoint metadata)."""
+    finite = math.isfinite(self.best_val_loss)
+    return {"best_val_loss": self.best_val_loss if finite else None, "best_step": self.best_step,
+            "nonfinite_steps_skipped": self.nonfinite_skipped}
+
+  def _restore_run_counters(self, metadata: dict[str, Any]) -> None:
+    """The counters as saved with the restored step; checkpoints written before they were saved
+    there give the best loss from best.json (kept only with checkpoint.keep_best)."""
+    if "best_step" in metadata:
+      loss = metadata.get("best_val_loss")
+      self.best_val_loss = math.inf if loss is None else float(loss)
+      self.best_step = metadata["best_step"]
+      self.nonfinite_skipped = int(metadata.get("nonfinite_steps_skipped", 0))
+      return
+    best = ckpt_lib.read_best_file(self.checkpointer.directory)
+    if best is not None:
+      self.best_val_loss, self.best_step = float(best["val_loss"]), int(best["step"])
 
   def _same_length(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Pads this process's rows to the longest bucket any process chose for this batch.
@@ -270,7 +284,7 @@ class Trainer:
     gathered["probs"] = multihost_utils.process_allgather(probs, tiled=True)
     return {k: np.asarray(v) for k, v in gathered.items()}
 
-  def evaluate(self, step: int) -> dict[str, Any]:
+  def evaluate(self, step: int, log_scalars: bool = True) -> dict[str, Any]:
     acc = EvalAccumulator()
     for name, ds in self.eval_ds.items():
       for i, batch in enumerate(ds):
@@ -283,7 +297,8 @@ class Trainer:
     results = acc.result() if acc.per_source() else {}
     results.update(val_loss_of(acc.per_source(), self.optim_cfg.loss))
     metrics = {f"val/{k}": v for k, v in sorted(results.items())}
-    self.logger.log_scalars(step, metrics)
+    if log_scalars:
+      self.logger.log_scalars(step, metrics)
     loss = results.get("loss")
     auroc = results.get("auroc")
     self.logger.log(f"Eval at step {step}: val/loss {_fmt(loss)}, val/auroc {_fmt(auroc)}, "
@@ -298,7 +313,8 @@ class Trainer:
 
   def save(self, step: int, val_loss: float | None) -> None:
     saved = self.checkpointer.save(step, self.state, iterator=self.train_iter, val_loss=val_loss,
-                                   metadata={"config_hash": ckpt_lib.config_hash(spec_lib.spec_to_dict(self.spec))})
+                                   metadata={"config_hash": ckpt_lib.config_hash(spec_lib.spec_to_dict(self.spec)),
+                                             **self._run_counters()})
     if saved:
       verb = "Saving checkpoint (asynchronously)" if self.checkpointer.config.async_save else "Saved checkpoint"
       self.logger.log(f"{verb} {self.checkpointer.step_path(step)}"
@@ -401,7 +417,9 @@ class Trainer:
       previous = self.run_dir / "logs" / "final_results.json"
       if previous.is_file():
         return json.loads(previous.read_text())
-      self.evaluate(start)
+      # Stopped between the last checkpoint and final_results.json: the last evaluation is
+      # recomputed for the results, and logged again only if metrics.jsonl lacks it.
+      self.evaluate(start, log_scalars=not self.logger.has_scalar(start, "val/loss"))
     return self._final_results(step, interrupted=interrupted)
 
   def _skipped_records(self) -> dict[str, dict[str, int]]:
