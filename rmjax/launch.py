@@ -66,6 +66,7 @@ def _value_error(message: str, argv: Sequence[str]) -> str:
 
 def run(spec: Any, dry_run: bool = False) -> Any:
   """Validates `spec` against the devices, then trains and evaluates (shared with launch/)."""
+  runtime.quiet_library_logs()
   runtime.enable_compilation_cache()
   try:
     runtime.init_distributed(spec.distributed)

@@ -29,6 +29,14 @@ def compilation_cache_dir(env: Mapping[str, str] = os.environ) -> pathlib.Path |
   return pathlib.Path(value or DEFAULT_CACHE).expanduser()
 
 
+def quiet_library_logs() -> None:
+  """Libraries log through absl at INFO (orbax every save and restore, jax each backend it
+  could not start, e.g. "Unable to initialize backend 'tpu'"); keep stderr for rmjax's own
+  lines, so an error stays one line."""
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+
+
 def enable_compilation_cache(env: Mapping[str, str] = os.environ) -> pathlib.Path | None:
   """Turns on JAX's persistent compilation cache unless disabled; returns its directory.
 

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import ml_collections
 
-from rmjax.model.config import DTYPES, REMAT_POLICIES
+from rmjax.model.config import DTYPES, LORA_TARGETS, REMAT_POLICIES
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -268,11 +268,10 @@ def _check_enums(spec: ConfigDict, problems: list[str]) -> None:
 
 def _check_numbers(spec: ConfigDict, problems: list[str], warnings: list[str]) -> None:
   positive = ["lr", "max_steps", "batch_size", "grad_accum_steps", "logging_steps",
-              "data.max_length", "data.max_steps_per_example", "data.eval_batch_size"]
+              "data.max_length", "data.max_steps_per_example", "data.eval_batch_size", "checkpoint.max_to_keep"]
   non_negative = ["warmup_steps", "weight_decay", "max_grad_norm", "eval_steps", "save_steps",
                   "max_eval_batches", "data.num_workers", "data.prefetch", "data.pack_lookahead",
-                  "data.max_segments_per_row",
-                  "checkpoint.max_to_keep", "model.scan_unroll"]
+                  "data.max_segments_per_row", "model.scan_unroll"]
   for key in positive:
     if not get_dotted(spec, key) > 0:
       problems.append(f"{key} must be > 0, got {get_dotted(spec, key)}")
@@ -290,8 +289,8 @@ def _check_numbers(spec: ConfigDict, problems: list[str], warnings: list[str]) -
       problems.append(f"lora.rank must be > 0 in mode 'lora', got {spec.lora.rank}")
     if spec.lora.alpha <= 0:
       problems.append(f"lora.alpha must be > 0 in mode 'lora', got {spec.lora.alpha}")
-    if not spec.lora.targets or not all(isinstance(t, str) and t for t in spec.lora.targets):
-      problems.append(f"lora.targets must be module names (e.g. q_proj), got {tuple(spec.lora.targets)}")
+    if not spec.lora.targets or not all(isinstance(t, str) and t in LORA_TARGETS for t in spec.lora.targets):
+      problems.append(f"lora.targets must be among {', '.join(LORA_TARGETS)}, got {tuple(spec.lora.targets)}")
   if 0 < spec.max_steps <= spec.warmup_steps:
     warnings.append(f"warmup_steps ({spec.warmup_steps}) >= max_steps ({spec.max_steps}): "
                     "the learning rate never reaches its peak")

@@ -84,6 +84,21 @@ def test_bad_mesh_rejected():
   assert "mesh (data=3, fsdp=1, tensor=1) has 3 devices but 8 are available" in proc.stderr
 
 
+@pytest.mark.parametrize("override,expected", [
+  ("--spec.checkpoint.max_to_keep=0", "checkpoint.max_to_keep must be > 0"),
+  ("--spec.lora.targets=('qproj',)", "lora.targets must be among q_proj"),
+  ("--spec.model.demo.head_dim=7", "model.demo: head_dim=7 must be even"),
+  ("--spec.data.synthetic.max_ops=1", "data.synthetic: max_ops must be >= 2"),
+])
+def test_settings_refused_by_the_configs_are_one_error_line(tmp_path, override, expected):
+  """Values spec validation lets through but the model, data or checkpoint configs refuse: one
+  error line naming the key (these were raw tracebacks)."""
+  proc = launch("--spec", "specs/demo.py:lora", override, f"--spec.output_dir={tmp_path}")
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("rmjax.launch: error:")]
+  assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+
+
 def test_dry_run_prints_the_resolved_spec():
   proc = launch("--spec", "specs/demo.py:lora", "--spec.lr=0.01", "--spec.data.length_buckets=(32,128)",
                 "--dry_run")

@@ -75,11 +75,14 @@ def model_overrides(spec: Any) -> dict[str, Any]:
 def demo_model_config(spec: Any, tokenizer: Any) -> ModelConfig:
   """The tiny random backbone of `model.path == "demo"`: Qwen3 layout, spec.model.demo shape."""
   d = spec.model.demo
-  return ModelConfig.tiny(
-    "qwen3", vocab_size=len(tokenizer), hidden_size=int(d.hidden_size), num_layers=int(d.num_layers),
-    num_heads=int(d.num_heads), num_kv_heads=int(d.num_kv_heads), head_dim=int(d.head_dim),
-    intermediate_size=int(d.intermediate_size), max_position_embeddings=int(spec.data.max_length),
-    marker_id=marker_id(tokenizer), **model_overrides(spec))
+  try:
+    return ModelConfig.tiny(
+      "qwen3", vocab_size=len(tokenizer), hidden_size=int(d.hidden_size), num_layers=int(d.num_layers),
+      num_heads=int(d.num_heads), num_kv_heads=int(d.num_kv_heads), head_dim=int(d.head_dim),
+      intermediate_size=int(d.intermediate_size), max_position_embeddings=int(spec.data.max_length),
+      marker_id=marker_id(tokenizer), **model_overrides(spec))
+  except ValueError as e:  # a shape the config refuses (e.g. an odd head_dim): the user's spec
+    raise spec_lib.SpecError(f"invalid spec: model.demo: {e}") from None
 
 
 def check_on_this_device(cfg: ModelConfig) -> None:
@@ -107,7 +110,7 @@ def build_model_parts(spec: Any) -> ModelParts:
   check_on_this_device(cfg)
   tokenizer = load_tokenizer(path, trust_remote_code=bool(spec.model.trust_remote_code))
   if cfg.marker_id != marker_id(tokenizer):
-    raise ValueError(f"model.path {path}: the backbone's marker id {cfg.marker_id} differs from the "
+    raise spec_lib.SpecError(f"model.path {path}: the backbone's marker id {cfg.marker_id} differs from the "
                      f"tokenizer's {marker_id(tokenizer)}")
   return ModelParts(tokenizer, cfg, head_config(spec), backbone)
 
@@ -151,7 +154,7 @@ def synthetic_config(spec: Any) -> tuple[SyntheticConfig, int, int]:
   if not 0.0 <= cfg.error_rate <= 1.0:
     problems.append(f"error_rate must be in [0, 1], got {cfg.error_rate}")
   if problems:
-    raise ValueError("data.synthetic: " + "; ".join(problems))
+    raise spec_lib.SpecError("invalid spec: data.synthetic: " + "; ".join(problems))
   return cfg, n_train, n_test
 
 
