@@ -104,6 +104,18 @@ def test_all_19_records_follow_the_rule(reader, raw):
   assert negatives == sum(r["label"]["finish_reason"] == "found_error" for r in raw) == 11
 
 
+def test_neutral_target_zero_does_not_end_trajectories(raw, unique_path):
+  """A trajectory ends at its first rating -1, not at its first target 0.0: with
+  neutral_target=0.0 a neutral step maps to 0.0 too, and used to end it there (line 7 of the
+  real records, 19 labelled steps with neutral ones from step 5, kept 5)."""
+  default, zero = Prm800kReader(unique_path), Prm800kReader(unique_path, options=Prm800kOptions(neutral_target=0.0))
+  assert len(raw[6]["label"]["steps"]) == 19 and len(zero[6].steps) == 19
+  for i in range(len(default)):
+    a, b = default[i], zero[i]
+    assert a.steps == b.steps, a.id
+    assert list(b.targets) == [0.0 if t == 0.5 else t for t in a.targets], a.id
+
+
 def test_openr_samples_exact_line_format(shared_data, reader):
   openr = Prm800kReader(str(shared_data / "prm800k" / "openr_samples_prm800k.jsonl"))
   got = list(openr)

@@ -92,8 +92,9 @@ def _step_choice(step: Any, options: Prm800kOptions) -> tuple[Optional[tuple[str
     comps = _completions(step, allow_null=False)
     if not 0 <= chosen < len(comps):
       raise Skip("bad_chosen_completion", f"chosen_completion {chosen} outside {len(comps)} completions")
-    target = _rating_target(comps[chosen]["rating"], options)
-    return (comps[chosen]["text"], target), target == 0.0
+    rating = comps[chosen]["rating"]
+    # The trajectory ends at its first error (rating -1), whatever target a neutral step maps to.
+    return (comps[chosen]["text"], _rating_target(rating, options)), rating == -1
   if human is not None:
     text = text_field(human, "text", "bad_human_completion")
     return (text, 1.0), False
