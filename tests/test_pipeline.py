@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from rmjax.data.example import Example, SkipCounter
-from rmjax.data.pipeline import PipelineConfig, eval_datasets, train_dataset
+from rmjax.data.pipeline import NoUsableRecords, PipelineConfig, eval_datasets, train_dataset
 from rmjax.data.render import RenderConfig
 from rmjax.tokenizer import build_demo_tokenizer, marker_id
 
@@ -78,6 +78,45 @@ def test_zero_weight_leaves_a_source_out_and_all_zero_is_an_error(tok):
   assert _mix_counts(tok, (1.0, 0.0, 1.0), n_examples=400)["b"] == 0
   with pytest.raises(ValueError, match="positive weight"):
     train_dataset(_sources((0, 0, 0)), RENDER, tok, PipelineConfig(), seed=0, global_batch=4)
+
+
+class _AllSkipped(ListSource):
+  """Every record is skipped: by the reader (None), or, with `unsupervised`, by training's
+  renderer (no kept step has a target)."""
+
+  def __init__(self, name, n, unsupervised=False):
+    super().__init__(name, n)
+    self.unsupervised = unsupervised
+
+  def __getitem__(self, i):
+    if not self.unsupervised:
+      return None
+    return Example(self.name, f"{self.name}-{i}", f"Compute {i}.", (f"{i} + 1 = {i + 1}", "so"), (None, 1.0))
+
+
+@pytest.mark.parametrize("unsupervised", [False, True])
+def test_a_training_source_with_no_usable_record_is_an_error_not_a_hang(tok, unsupervised):
+  """The mix draws from every source by weight; a source none of whose records survive used to
+  make it wait forever (a PRM800K path pointing at another file: every line skipped)."""
+  sources = {"a": (ListSource("a", 40), 1.0), "b": (_AllSkipped("b", 30, unsupervised), 1.0)}
+  skips = SkipCounter()
+  render = RenderConfig(max_length=64, max_steps_per_example=1, length_buckets=(64,))
+  it = iter(train_dataset(sources, render, tok, PipelineConfig(num_threads=2), seed=0, global_batch=4, skips=skips))
+  outcome = []
+  def pull():
+    try:
+      for _ in range(100):
+        next(it)
+    except Exception as e:  # noqa: BLE001 -- the test looks at which
+      outcome.append(e)
+  worker = threading.Thread(target=pull, daemon=True)
+  worker.start()
+  worker.join(120)
+  assert not worker.is_alive(), "the pipeline is still waiting for a usable record"
+  assert len(outcome) == 1 and isinstance(outcome[0], NoUsableRecords), outcome
+  assert str(outcome[0]).startswith("training source 'b': none of its 30 records can be used")
+  if unsupervised:  # counted: each example's kept step (1 of 2) has no target
+    assert skips.as_dict()["b"] == {"no_supervised_step": 30}
 
 
 def test_each_process_reads_only_its_shard(tok):

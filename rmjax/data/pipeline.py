@@ -33,7 +33,7 @@ from typing import Any, Mapping, Optional, Sequence
 import grain
 import numpy as np
 
-from rmjax.data.example import SkipCounter
+from rmjax.data.example import BadRecord, SkipCounter
 from rmjax.data.render import DEFAULT_PACK_LOOKAHEAD, RenderConfig, Renderer, Tokenized, batch_rows, pack_batch
 from rmjax.tokenizer import pad_id
 
@@ -119,12 +119,51 @@ class EpochShuffle(grain.MapDataset):
     return self._parent[int(self._perm(epoch)[i])]
 
 
+class NoUsableRecords(BadRecord):
+  """Every record of a training source was skipped: the mix would wait forever for one."""
+
+
+class _RenderedSource(grain.MapDataset):
+  """One training source's records rendered (None: skipped by the reader or the renderer), and
+  NoUsableRecords once 3 x its shard's size of them in a row came to nothing. Each epoch draws
+  every record once, so a run of 2 epochs' length means none is usable (3: margin for the read
+  threads' reordering); one usable record keeps every run shorter. (A map would not do: grain
+  passes a reader's None on without calling it.)"""
+
+  def __init__(self, parent: grain.MapDataset, name: str, records: int, renderer: Renderer):
+    super().__init__(parent)
+    self._name, self._records, self._renderer = name, records, renderer
+    self._run = 0
+    self._lock = threading.Lock()
+
+  def __len__(self) -> int:
+    return len(self._parent)
+
+  def __str__(self) -> str:
+    return f"RenderedSource({self._name})"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    ex = self._parent[index]
+    out = None if ex is None else self._renderer(ex)
+    with self._lock:
+      self._run = 0 if out is not None else self._run + 1
+      hopeless = self._run >= 3 * self._records
+    if hopeless:
+      counts = self._renderer.skips.as_dict().get(self._name, {})
+      raise NoUsableRecords(f"training source {self._name!r}: none of its {self._records} records can be used "
+                            f"(skipped: {', '.join(f'{k} {v}' for k, v in sorted(counts.items())) or 'see the reader'}); "
+                            f"check its path and format, or give it weight 0")
+    return out
+
+
 def _source_stream(name: str, source: Any, renderer: Renderer, cfg: PipelineConfig, seed: int,
                    process_index: int, process_count: int) -> grain.IterDataset:
   ds = grain.MapDataset.source(source)[process_index::process_count]
   if len(ds) == 0:
     raise ValueError(f"training source {name!r} has no records for process {process_index}")
-  ds = EpochShuffle(ds, source_seed(seed, name)).map(renderer)
+  ds = _RenderedSource(EpochShuffle(ds, source_seed(seed, name)), name, len(ds), renderer)
   return ds.to_iter_dataset(cfg.read_options())
 
 
@@ -138,7 +177,7 @@ def train_dataset(sources: Mapping[str, tuple[Any, float]], render_cfg: RenderCo
   `get_state()` / `set_state()` resume exactly.
   """
   rows = _per_process(global_batch, process_count, "batch size")
-  renderer = Renderer(tokenizer, render_cfg, skips)
+  renderer = Renderer(tokenizer, render_cfg, skips, require_supervision=True)
   weights = normalized_weights(sources)
   streams = [_source_stream(n, sources[n][0], renderer, cfg, seed, process_index, process_count)
              for n in weights]

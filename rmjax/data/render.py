@@ -111,8 +111,15 @@ class Renderer:
   """Example -> Tokenized (or None, counted in `skips`). Thread-safe: grain calls it from a
   pool, so it uses its own copy of the Rust tokenizer and never mutates tokenizer settings."""
 
-  def __init__(self, tokenizer, cfg: RenderConfig, skips: Optional[SkipCounter] = None):
+  def __init__(self, tokenizer, cfg: RenderConfig, skips: Optional[SkipCounter] = None,
+               require_supervision: bool = False):
+    """require_supervision (training): an example none of whose kept steps has a target is
+    skipped ("no_supervised_step"), not trained on as a row that teaches nothing yet takes its
+    source's share of the mix."""
+    if cfg.template == "chat" and getattr(tokenizer, "chat_template", None) is None:
+      raise ValueError("data.template='chat' but the tokenizer has no chat template")
     self.cfg = cfg
+    self.require_supervision = require_supervision
     self.skips = skips if skips is not None else SkipCounter()
     self._tokenizer = tokenizer
     self._marker = marker_id(tokenizer)
@@ -156,6 +163,9 @@ class Renderer:
       ids = ids[: markers[kept - 1] + 1]
     markers = markers[:kept]
     raw = ex.targets[:kept]
+    if self.require_supervision and all(t is None for t in raw):
+      self._skip(ex, "no_supervised_step")
+      return None
     targets = np.asarray([0.0 if t is None else t for t in raw], np.float32)
     mask = np.asarray([0.0 if t is None else 1.0 for t in raw], np.float32)
     return Tokenized(ex.source, ex.id, ids, markers, targets, mask)
