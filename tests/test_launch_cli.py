@@ -89,6 +89,7 @@ def test_bad_mesh_rejected():
   ("--spec.lora.targets=('qproj',)", "lora.targets must be among q_proj"),
   ("--spec.model.demo.head_dim=7", "model.demo: head_dim=7 must be even"),
   ("--spec.data.synthetic.max_ops=1", "data.synthetic: max_ops must be >= 2"),
+  ("--spec.data.template=chat", "data.template='chat' but the tokenizer of model.path demo has no chat template"),
 ])
 def test_settings_refused_by_the_configs_are_one_error_line(tmp_path, override, expected):
   """Values spec validation lets through but the model, data or checkpoint configs refuse: one

@@ -428,3 +428,20 @@ def test_only_readers_that_parse_on_access_count_per_shard(tmp_path):
   train, evals = build.build_sources(spec, tmp_path, whole_file, shard)
   reader = train["prm800k"][0]
   assert reader.skips is shard and evals["prm800k"].skips is shard
+
+
+def test_a_source_path_that_is_one_file_warns_that_evaluation_reads_the_training_data(tmp_path, caplog, shared_data):
+  """A file path serves every split (a documented form), so training and evaluation read the
+  same records; that is said once, at start-up. A directory of split files says nothing."""
+  from rmjax.data.example import SkipCounter
+  from rmjax.train import build
+  single = shared_data / "prm800k" / "prm800k_unique_records.jsonl"
+  for path, warned in ((single, True), ("", False)):  # "": the synthetic phase2_{train,test} files
+    spec = tiny_spec(tmp_path, **{"data.prm800k.path": str(path)})
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rmjax.train.build"):
+      build.build_sources(spec, tmp_path, SkipCounter(), SkipCounter())
+    said = [r.getMessage() for r in caplog.records if "not held out" in r.getMessage()]
+    assert said == ([f"data.prm800k.path is the file {single}: a file serves every split, so training and "
+                     f"evaluation both read it and its val numbers are not held out; give the directory "
+                     f"holding its split files instead"] if warned else []), said

@@ -97,9 +97,18 @@ def check_on_this_device(cfg: ModelConfig) -> None:
              "use the segment mask here")
 
 
+def check_template(spec: Any, tokenizer: Any) -> None:
+  """data.template="chat" needs a tokenizer with a chat template (SpecError: one line, before
+  the data pipeline's threads would meet it)."""
+  if str(spec.data.template) == "chat" and getattr(tokenizer, "chat_template", None) is None:
+    raise spec_lib.SpecError(f"invalid spec: data.template='chat' but the tokenizer of model.path "
+                             f"{spec.model.path} has no chat template; use 'default'")
+
+
 def build_model_parts(spec: Any) -> ModelParts:
   if spec.model.path == spec_lib.DEMO_MODEL:
     tokenizer = build_demo_tokenizer()
+    check_template(spec, tokenizer)
     cfg = demo_model_config(spec, tokenizer)
     check_on_this_device(cfg)
     return ModelParts(tokenizer, cfg, head_config(spec), None)
@@ -109,6 +118,7 @@ def build_model_parts(spec: Any) -> ModelParts:
   backbone, cfg = load_backbone(path, dtype=dtype, **overrides)
   check_on_this_device(cfg)
   tokenizer = load_tokenizer(path, trust_remote_code=bool(spec.model.trust_remote_code))
+  check_template(spec, tokenizer)
   if cfg.marker_id != marker_id(tokenizer):
     raise spec_lib.SpecError(f"model.path {path}: the backbone's marker id {cfg.marker_id} differs from the "
                      f"tokenizer's {marker_id(tokenizer)}")
@@ -211,6 +221,11 @@ def build_sources(spec: Any, run_dir: pathlib.Path, skips: SkipCounter, shard_sk
     train[name] = (build(name, train_split(spec, name)), weight)
   for name in spec_lib.eval_sources(spec):
     evals[name] = build(name, str(spec.data[name].eval_split))
+    path = getattr(evals[name], "path", None)
+    if name in train and path is not None and path == getattr(train[name][0], "path", None):
+      log.warning(f"data.{name}.path is the file {path}: a file serves every split, so training and "
+                  f"evaluation both read it and its val numbers are not held out; give the directory "
+                  f"holding its split files instead")
   return train, evals
 
 
