@@ -48,11 +48,24 @@ def test_errors_are_one_line_exit_2(tmp_path):
                ["--source", "eqasc", "--path", tmp_path, "--split", "nope"],
                ["--source", "reveal", "--path", FIXTURE, "--set", "label=wrong"],
                ["--source", "reveal", "--path", FIXTURE, "--strict"],
+               ["--source", "prm800k", "--path", FIXTURE, "--set", "neutral_targt=0.0"],  # misspelt
                ["--source", "unknown", "--path", tmp_path]):
     proc = run(*args)
     assert proc.returncode == 2, (args, proc.stderr)
     assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("preview: error:")
+
+
+def test_output_piped_into_a_reader_that_stops_early_exits_quietly(shared_data, tmp_path):
+  """`preview ... | head -1`: a closed pipe ends the preview with status 0 and no error."""
+  big = tmp_path / "many.jsonl"
+  big.write_text((shared_data / "prm800k" / "prm800k_unique_records.jsonl").read_text() * 100)
+  proc = subprocess.Popen([sys.executable, "-m", "rmjax.data.preview", "--source", "prm800k", "--path", str(big)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  assert json.loads(proc.stdout.readline())["id"] == "many:1"
+  proc.stdout.close()
+  assert proc.wait(timeout=120) == 0
+  assert proc.stderr.read() == ""
 
 
 def test_build_source_from_configdict(shared_data, tmp_path):

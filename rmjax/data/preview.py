@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Optional, Sequence
 
 from rmjax.data.example import BadRecord, SkipCounter
-from rmjax.data.sources import READERS, build_source
+from rmjax.data.sources import READER_KEYS, READERS, build_source
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,6 +61,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   shown = 0
   try:
     cfg = {"path": args.path, **_parse_set(args.set)}
+    unknown = sorted(set(cfg) - set(READER_KEYS[args.source]))
+    if unknown:
+      raise ValueError(f"unknown --set option(s) {', '.join(unknown)} for {args.source}; "
+                       f"known: {', '.join(k for k in READER_KEYS[args.source] if k != 'path')}")
     if args.phase is not None:
       cfg["phase"] = args.phase
     reader = build_source(args.source, cfg, split=args.split, skips=skips, strict=args.strict)
@@ -70,11 +75,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       if example is not None:
         print(json.dumps(example.to_json(), ensure_ascii=False), )
         shown += 1
+  except BrokenPipeError:  # e.g. piped into head: stop quietly (before OSError, its base class)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+    return 0
   except (FileNotFoundError, ValueError, TypeError, BadRecord, OSError) as e:
     print(f"preview: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
     return 2
-  except BrokenPipeError:  # e.g. piped into head
-    return 0
   sys.stdout.flush()
   counts = skips.as_dict().get(args.source, {})
   print(f"preview: {shown} examples; skipped records and noted problems by reason: "
