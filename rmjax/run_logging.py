@@ -90,6 +90,7 @@ class RunLogger:
     self.tb_dir = self.run_dir / "tensorboard"
     self.metrics_path = self.logs_dir / "metrics.jsonl"
     self.enabled = is_main_process
+    self._resuming = resume_step is not None
     self._closed = False
     self._handlers: list[logging.Handler] = []
     self.logger = logging.getLogger(LOGGER_NAME)
@@ -175,6 +176,8 @@ class RunLogger:
       return
     cfg = to_jsonable(config)
     text = json.dumps(cfg, indent=2, allow_nan=False)
+    if self._resuming:
+      self._warn_of_changes(self.logs_dir / "config.json", cfg)
     _write_json_atomic(self.logs_dir / "config.json", text)
     # Four leading spaces make TensorBoard's markdown render the JSON as a code block.
     self._tb.add_text("config", "\n".join("    " + line for line in text.splitlines()), 0)
@@ -184,6 +187,24 @@ class RunLogger:
       for summary in hparams_summary(hparams, {m: 0.0 for m in hparam_metrics}):
         self._tb.file_writer.add_summary(summary)
     self.flush()
+
+  def _warn_of_changes(self, previous_path: pathlib.Path, cfg: Any) -> None:
+    """A resume under a spec other than the run's (config.json, about to be replaced) continues
+    as asked; the differences are said once, so a changed model shape that then fails to restore
+    is not mistaken for a bad checkpoint."""
+    try:
+      previous = json.loads(previous_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+      return
+    if not isinstance(previous, dict) or not isinstance(cfg, dict):
+      return
+    old, new = _flatten(previous), _flatten(cfg)
+    changes = [f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
+               for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if changes:
+      more = f" (and {len(changes) - 8} more)" if len(changes) > 8 else ""
+      self.log(f"Resuming under a spec that differs from this run's config.json: {'; '.join(changes[:8])}{more}",
+               logging.WARNING)
 
   def write_final(self, results: Mapping[str, Any]) -> None:
     if self.enabled:

@@ -98,6 +98,33 @@ def test_resume_drops_later_steps_everywhere(tmp_path):
   assert "dropped 3 metrics.jsonl lines" in (tmp_path / "logs" / "train.log").read_text()
 
 
+def test_rewind_after_a_resume_drops_the_steps_after_it_everywhere(tmp_path):
+  """A resume that falls back past a corrupt checkpoint rewinds further than it opened at."""
+  with RunLogger(tmp_path, echo_stderr=False) as run:
+    for step in range(1, 7):
+      run.log_scalars(step, {"train/loss": float(step)})
+  with RunLogger(tmp_path, resume_step=6, echo_stderr=False) as run:
+    run.rewind_to(3)
+    for step in range(4, 6):
+      run.log_scalars(step, {"train/loss": 10.0 * step})
+  assert [(r["step"], r["train/loss"]) for r in read_jsonl(tmp_path / "logs" / "metrics.jsonl")] == [
+    (1, 1), (2, 2), (3, 3), (4, 40), (5, 50)]
+  tb = read_tensorboard_scalars(tmp_path / "tensorboard")
+  assert tb["train/loss"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
+
+
+def test_resuming_under_a_changed_spec_says_what_changed(tmp_path):
+  with RunLogger(tmp_path, echo_stderr=False) as run:
+    run.write_config({"lr": 1e-4, "model": {"remat": "full"}, "seed": 0})
+  with RunLogger(tmp_path, resume_step=2, echo_stderr=False) as run:
+    run.write_config({"lr": 0.1, "model": {"remat": "full"}, "seed": 0, "new_key": 1})
+  with RunLogger(tmp_path, resume_step=2, echo_stderr=False) as run:
+    run.write_config({"lr": 0.1, "model": {"remat": "full"}, "seed": 0, "new_key": 1})  # unchanged: silent
+  warnings = [line for line in (tmp_path / "logs" / "train.log").read_text().splitlines() if "differs" in line]
+  assert len(warnings) == 1 and warnings[0].endswith(
+    "Resuming under a spec that differs from this run's config.json: lr: 0.0001 -> 0.1; new_key: '(unset)' -> 1")
+
+
 def test_reader_stops_at_torn_tail(tmp_path):
   with RunLogger(tmp_path, echo_stderr=False) as run:
     run.log_scalars(1, {"a": 1.0})
