@@ -63,7 +63,8 @@ def render_cfg_to_dict(cfg: RenderConfig) -> dict[str, Any]:
 # Config fields that choose how the model runs, not what it computes (scoring rows are unpacked,
 # one example each, so none of them changes a score). Runs written before a field existed lack
 # it and load with its default; every other field must be present.
-EXECUTION_ONLY_FIELDS = {"model": frozenset({"attention_mask", "scan_unroll", "segment_attention", "max_segments"}),
+EXECUTION_ONLY_FIELDS = {"model": frozenset({"attention_mask", "scan_unroll", "segment_attention", "max_segments",
+                                             "attention_query_block"}),
                          "render": frozenset({"max_segments"})}
 
 

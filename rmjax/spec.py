@@ -271,7 +271,7 @@ def _check_numbers(spec: ConfigDict, problems: list[str], warnings: list[str]) -
               "data.max_length", "data.max_steps_per_example", "data.eval_batch_size", "checkpoint.max_to_keep"]
   non_negative = ["warmup_steps", "weight_decay", "max_grad_norm", "eval_steps", "save_steps",
                   "max_eval_batches", "data.num_workers", "data.prefetch", "data.pack_lookahead",
-                  "data.max_segments_per_row", "model.scan_unroll"]
+                  "data.max_segments_per_row", "model.scan_unroll", "model.attention_query_block"]
   for key in positive:
     if not get_dotted(spec, key) > 0:
       problems.append(f"{key} must be > 0, got {get_dotted(spec, key)}")

@@ -49,6 +49,8 @@ def base_spec() -> ml_collections.ConfigDict:
   c.model.attention_impl = ""        # "" = let XLA choose | "xla" | "cudnn" (GPU flash attention)
   c.model.scan_unroll = 1            # layers per iteration of the layer loop; 0 = no loop (on a GPU each
                                      # layer's GEMMs read its weights in place, not copies; longer compile)
+  c.model.attention_query_block = 128  # XLA attention (CPU; fp32 on a GPU): query rows per block, each
+                                     # attending only the keys up to it (skips the upper half); 0 = one block
   c.model.segment_attention = "mask" # packed rows under cuDNN: "mask" (segment mask) | "cudnn_packed" (each
                                      # example its own sequence, no work between examples; Hopper GPUs)
   c.model.trust_remote_code = False  # passed to the HF tokenizer/config loaders

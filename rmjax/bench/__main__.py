@@ -26,7 +26,7 @@ import sys
 from typing import Any, Sequence
 
 from rmjax.bench import common, gpu_target
-from rmjax.model.config import REMAT_POLICIES
+from rmjax.model.config import REMAT_POLICIES, ModelConfig
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -59,6 +59,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--scan-unroll", type=int, default=1,
                  help="rmjax layers per iteration of the layer loop; 0 unrolls every layer (no loop: a "
                       "GPU's GEMMs read each layer's weights in place, for a longer compile)")
+  p.add_argument("--attention-query-block", type=int, default=ModelConfig.attention_query_block,
+                 help="rmjax, XLA attention: query rows per block, each attending only the keys up to it "
+                      "(0 = one block: all T x T scores)")
   p.add_argument("--no-flops", dest="flops", action="store_false",
                  help="skip the two unrolled analysis compiles that give compiled_flops")
   p.add_argument("--analysis-only", action="store_true",
@@ -84,7 +87,8 @@ def settings_from(args: argparse.Namespace) -> common.BenchSettings:
                               frozen_dtype=args.frozen_dtype, attention=args.attention,
                               attention_mask=args.attention_mask, segment_attention=args.segment_attention,
                               opt_state_dtype=args.opt_state_dtype, remat_name=args.remat_policy,
-                              scan_unroll=args.scan_unroll, flops=args.flops,
+                              scan_unroll=args.scan_unroll, attention_query_block=args.attention_query_block,
+                              flops=args.flops,
                               analysis_only=args.analysis_only or bool(args.target),
                               profile_dir=args.profile, target=args.target)
 
@@ -105,7 +109,8 @@ def child_argv(impl: str, settings: common.BenchSettings, mode: str) -> list[str
           "--frozen-dtype", settings.frozen_dtype, "--attention", settings.attention,
           "--attention-mask", settings.attention_mask, "--segment-attention", settings.segment_attention,
           "--opt-state-dtype", settings.opt_state_dtype, "--remat-policy", settings.remat_name,
-          "--scan-unroll", str(settings.scan_unroll), "--profile", settings.profile_dir,
+          "--scan-unroll", str(settings.scan_unroll), "--attention-query-block", str(settings.attention_query_block),
+          "--profile", settings.profile_dir,
           "--target", settings.target]
   flags = [("--remat", settings.remat), ("--no-flops", not settings.flops),
            ("--analysis-only", settings.analysis_only)]

@@ -81,6 +81,7 @@ class BenchSettings:
   opt_state_dtype: str = "float32"  # rmjax Adam moments (mu and nu) dtype
   remat_name: str = ""  # rmjax remat policy by name ("" = "full" if remat else "none")
   scan_unroll: int = 1  # rmjax ModelConfig.scan_unroll: layers per loop iteration, 0 = no loop
+  attention_query_block: int = ModelConfig.attention_query_block  # rmjax XLA attention's query block (0 = one)
   flops: bool = True  # compute compiled_flops from the unrolled 1- and 2-layer analysis compiles
   analysis_only: bool = False  # rmjax: compile from shapes and report the analysis, no steps
   profile_dir: str = ""  # rmjax: trace one extra step into this folder and summarise it (bench/profile.py)
@@ -118,6 +119,7 @@ class BenchSettings:
       raise ValueError(f"seq_len={self.seq_len} exceeds the {self.preset} preset's "
                        f"max_position_embeddings={cfg.max_position_embeddings}")
     return cfg.replace(compute_dtype=self.dtype, remat=self.remat_policy, scan_unroll=self.scan_unroll,
+                       attention_query_block=self.attention_query_block,
                        attention_impl=self.attention or None, attention_mask=self.attention_mask,
                        segment_attention=self.segment_attention,
                        lora_rank=self.lora_rank if mode == "lora" else 0, lora_alpha=self.lora_alpha,

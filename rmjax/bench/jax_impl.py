@@ -181,7 +181,7 @@ def _run(settings: common.BenchSettings, mode: str) -> dict[str, Any]:
     analysis |= init_memory(settings, mode, device)
     record = {"impl": "rmjax", "mode": mode, "preset": settings.preset, "seq_len": settings.seq_len,
             "batch": settings.batch, "dtype": settings.dtype, "remat": settings.remat_policy,
-            "scan_unroll": settings.scan_unroll,
+            "scan_unroll": settings.scan_unroll, "attention_query_block": cfg.attention_query_block,
             "opt_state_dtype": settings.opt_state_dtype, "frozen_dtype": settings.frozen_dtype,
             "attention": cfg.attention_impl or f"auto:{auto_attention_impl(cfg, cfg.compute_dtype)}",
             "attention_mask": cfg.attention_mask, "segment_attention": cfg.segment_attention,
@@ -219,7 +219,7 @@ def _run(settings: common.BenchSettings, mode: str) -> dict[str, Any]:
                             device.device_kind, **analysis, trainable_params=trainable,
                             traces=int(steps.traces["train"]), jax_version=jax.__version__,
                             opt_state_dtype=settings.opt_state_dtype, remat_policy=settings.remat_policy,
-                            scan_unroll=settings.scan_unroll,
+                            scan_unroll=settings.scan_unroll, attention_query_block=cfg.attention_query_block,
                             attention=cfg.attention_impl or f"auto:{auto_attention_impl(cfg, cfg.compute_dtype)}",
                             attention_mask=cfg.attention_mask, segment_attention=cfg.segment_attention)
   return with_ratio(record)

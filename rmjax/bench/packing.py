@@ -112,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="examples per packed row at most (data.max_segments_per_row; 0 = as the marker slots allow)")
   p.add_argument("--segment-attention", default="mask", choices=("mask", "cudnn_packed", "both"),
                  help="packed rows' attention under cuDNN (model.segment_attention); both = a packed run with each")
+  p.add_argument("--attention-query-block", type=int, default=common.ModelConfig.attention_query_block,
+                 help="XLA attention's query rows per block (model.attention_query_block; 0 = one block)")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   try:
@@ -126,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   # dtype "auto": bf16 on an accelerator, as in `python -m rmjax.bench` (BenchSettings' own
   # default is float32, which on a GPU also rules out cuDNN attention).
   settings = common.BenchSettings(preset=args.preset, seq_len=args.row, batch=args.batch, dtype="auto",
-                                  seed=args.seed).on_device(device.platform != "cpu")
+                                  seed=args.seed, attention_query_block=args.attention_query_block
+                                  ).on_device(device.platform != "cpu")
   cfg = settings.model_config(args.mode).replace(max_segments=args.max_segments)
   examples = synthetic_examples(args.examples, args.row, args.median, cfg.marker_id, args.seed, args.min_length)
   max_markers = args.row // TOKENS_PER_MARKER + 1
@@ -153,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     slots = sum(b["input_ids"].size for b in batches)
     results[name] = markers / seconds
     print(json.dumps({"layout": name, **layout, "attention": auto_attention_impl(cfg, cfg.compute_dtype),
+                      "attention_query_block": cfg.attention_query_block,
                       "preset": args.preset, "mode": args.mode,
                       "device": device.device_kind, "examples": len(examples), "steps": len(batches),
                       "seconds": round(seconds, 4), "markers": markers, "real_tokens": real,

@@ -89,6 +89,10 @@ class ModelConfig:
   # each layer reads its weights and saved activations in place instead of copies out of the
   # stacked buffers, for a longer compile. The weights are stacked either way.
   scan_unroll: int = 1
+  # XLA attention (CPU; fp32 on a GPU) in blocks of this many query rows, each attending only the
+  # keys up to its last row, so the scores above the diagonal are skipped (model/blocked_attention.py).
+  # 0 = one block: all T x T scores, the upper half masked.
+  attention_query_block: int = 128
   lora_rank: int = 0
   lora_alpha: float = 32.0
   lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -117,6 +121,8 @@ class ModelConfig:
       raise ValueError(f"max_segments={self.max_segments} must be >= 0 (0 = the marker slots)")
     if self.scan_unroll < 0:
       raise ValueError(f"scan_unroll={self.scan_unroll} must be >= 0 (0 = unroll every layer)")
+    if self.attention_query_block < 0:
+      raise ValueError(f"attention_query_block={self.attention_query_block} must be >= 0 (0 = one block)")
     if isinstance(self.lora_targets, list):
       object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
     bad = set(self.lora_targets) - set(LORA_TARGETS)

@@ -29,6 +29,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from rmjax.model import cudnn_attention
+from rmjax.model.blocked_attention import blocked_causal_attention
 from rmjax.model.config import ModelConfig
 
 Array = jax.Array
@@ -163,6 +164,8 @@ def attend(cfg: ModelConfig, q_BTNH: Array, k_BTKH: Array, v_BTKH: Array, inputs
   if isinstance(inputs, tuple):
     return cudnn_attention.packed_causal_attention(q_BTNH, k_BTKH, v_BTKH, *inputs, scale)
   impl = cfg.attention_impl or auto_attention_impl(cfg, q_BTNH.dtype)
+  if impl == "xla":
+    return blocked_causal_attention(q_BTNH, k_BTKH, v_BTKH, inputs, scale, cfg.attention_query_block)
   # is_causal repeats what the mask already says, so results are unchanged; it lets cuDNN skip
   # the blocks above the diagonal instead of computing all T x T scores under a bias (the mask
   # alone gives cuDNN's NO_MASK kernel: about twice the attention FLOPs).

@@ -64,7 +64,7 @@ def model_overrides(spec: Any) -> dict[str, Any]:
   # exact there and runs cuDNN's plain causal kernel (measured 1.09x the full step on an H100).
   # Packed rows need the segment mask. Scoring and evaluation rows are unpacked either way.
   return dict(param_dtype=str(m.param_dtype), compute_dtype=str(m.compute_dtype), remat=str(m.remat),
-              scan_unroll=int(m.scan_unroll),
+              scan_unroll=int(m.scan_unroll), attention_query_block=int(m.attention_query_block),
               attention_impl=str(m.attention_impl) or None,
               attention_mask="segments" if bool(spec.data.pack) else "causal",
               segment_attention=str(m.segment_attention), max_segments=int(spec.data.max_segments_per_row),

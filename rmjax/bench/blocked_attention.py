@@ -1,0 +1,79 @@
+"""`python -m rmjax.bench.blocked_attention`: XLA attention's time by query block size.
+
+Why it exists: `model.attention_query_block` (model/blocked_attention.py) splits XLA attention's
+queries into blocks that skip the scores above the diagonal; how large a block should be is a
+trade between skipped work (small blocks) and per-block overhead (many small ops). This times the
+forward and backward pass of one layer's attention (the segment mask of rows holding four
+examples) for each sequence length and block size, median of `--repeats` after one compile, and
+prints one JSON line per length: {"T": t, "<block>": seconds, ...}; block 0 is the plain call.
+Defaults are the 75m preset's attention shape (12 query heads, 4 key/value heads, head_dim 64).
+
+  python -m rmjax.bench.blocked_attention --seq-lens 512,680,2048 --blocks 0,64,128,192,256,512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from rmjax.model.blocked_attention import blocked_causal_attention
+from rmjax.model.transformer import attention_mask
+
+
+def _ints(text: str) -> list[int]:
+  return [int(x) for x in text.split(",") if x.strip()]
+
+
+def time_blocks(t: int, blocks: Sequence[int], batch: int, heads: int, kv_heads: int, head_dim: int,
+                repeats: int) -> dict[str, float]:
+  keys = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(keys[0], (batch, t, heads, head_dim))
+  k, v = (jax.random.normal(key, (batch, t, kv_heads, head_dim)) for key in keys[1:])
+  segments = jnp.asarray([[1 + (4 * i) // t for i in range(t)]] * batch, jnp.int32)
+  mask, scale = attention_mask(segments), head_dim ** -0.5
+  row: dict[str, float] = {}
+  for block in blocks:
+    if block >= t:
+      continue
+    loss = lambda q, k, v, block=block: jnp.sum(jnp.sin(blocked_causal_attention(q, k, v, mask, scale, block)))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    jax.block_until_ready(grad(q, k, v))
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(grad(q, k, v))
+      times.append(time.perf_counter() - start)
+    row[str(block)] = round(sorted(times)[len(times) // 2], 4)
+  return row
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m rmjax.bench.blocked_attention", description=__doc__.split("\n\n")[0])
+  p.add_argument("--seq-lens", default="512,680,2048", help="comma-separated sequence lengths")
+  p.add_argument("--blocks", default="0,64,128,192,256,512", help="comma-separated query blocks (0 = one block)")
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--heads", type=int, default=12)
+  p.add_argument("--kv-heads", type=int, default=4)
+  p.add_argument("--head-dim", type=int, default=64)
+  p.add_argument("--repeats", type=int, default=5)
+  args = p.parse_args(argv)
+  try:
+    lengths, blocks = _ints(args.seq_lens), _ints(args.blocks)
+  except ValueError:
+    p.error("--seq-lens and --blocks take comma-separated integers")
+  if not lengths or min(lengths) < 2 or not blocks or min(blocks) < 0 or args.heads % args.kv_heads:
+    p.error("need lengths >= 2, blocks >= 0 and heads a multiple of kv-heads")
+  for t in lengths:
+    row = time_blocks(t, blocks, args.batch, args.heads, args.kv_heads, args.head_dim, args.repeats)
+    print(json.dumps({"T": t, "device": jax.devices()[0].device_kind, **row}), flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
