@@ -294,6 +294,11 @@ def _check_numbers(spec: ConfigDict, problems: list[str], warnings: list[str]) -
   if 0 < spec.max_steps <= spec.warmup_steps:
     warnings.append(f"warmup_steps ({spec.warmup_steps}) >= max_steps ({spec.max_steps}): "
                     "the learning rate never reaches its peak")
+  if spec.data.pack and spec.model.segment_attention == "cudnn_packed" and not spec.data.max_segments_per_row:
+    slots = 4 * int(spec.data.max_steps_per_example) + 1
+    warnings.append(f"model.segment_attention='cudnn_packed' with data.max_segments_per_row=0 gives cuDNN {slots} "
+                    "segment slots per row (one softmax statistic each, mostly empty); set "
+                    "data.max_segments_per_row (e.g. 16)")
   if spec.model.path == DEMO_MODEL:
     for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size"):
       if not spec.model.demo[key] > 0:

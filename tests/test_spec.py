@@ -75,7 +75,7 @@ def test_spec_defaults_follow_the_seed():
   assert (lora.lora.rank, lora.lora.alpha, tuple(lora.lora.targets)) == (16, 32.0, ("q_proj", "k_proj", "v_proj", "o_proj"))
   for s in (full, lora):
     assert (s.warmup_steps, s.schedule, s.max_grad_norm, s.batch_size, s.grad_accum_steps) == (500, "cosine", 1.0, 16, 4)
-    assert (s.eval_steps, s.save_steps, s.data.max_length, s.data.max_steps_per_example) == (100, 500, 2048, 10)
+    assert (s.eval_steps, s.save_steps, s.data.max_length, s.data.max_steps_per_example) == (100, 500, 2048, 32)
     assert (s.data.prm800k.weight, s.data.eqasc.weight, s.data.reveal.weight) == (0.5, 0.25, 0.25)
     assert s.data.allow_reveal_training is False
     assert s.model.path == "Qwen/Qwen3-4B-Instruct-2507"
@@ -247,6 +247,14 @@ def test_tuple_elements_are_checked(key, value):
 def test_warmup_longer_than_training_is_a_warning():
   warnings = spec_lib.validate(demo_spec(max_steps=10, warmup_steps=30), 1)
   assert warnings == ["warmup_steps (30) >= max_steps (10): the learning rate never reaches its peak"]
+
+
+def test_packed_cudnn_layout_without_a_segment_cap_is_a_warning():
+  spec = dict(data__pack=True, model__segment_attention="cudnn_packed")
+  assert spec_lib.validate(demo_spec(**spec), 1) == [
+    "model.segment_attention='cudnn_packed' with data.max_segments_per_row=0 gives cuDNN 129 segment slots per "
+    "row (one softmax statistic each, mostly empty); set data.max_segments_per_row (e.g. 16)"]
+  assert spec_lib.validate(demo_spec(**spec, data__max_segments_per_row=16), 1) == []
 
 
 def test_multi_process_divisibility():

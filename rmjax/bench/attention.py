@@ -12,7 +12,7 @@ sum(out * w) with respect to q, k and v for:
   segments_no_mask_grad  the private primitive without the mask's gradient (cudnn_attention.py)
   segments_cudnn_packed  cuDNN's packed layout, each example its own sequence
                          (the model's segment_attention="cudnn_packed"), with 40 segment slots
-                         per row as training's packed rows have (their marker slots)
+                         per row (packed rows' marker slots at data.max_steps_per_example 10)
   segments_cudnn_packed_tight  the same with only as many slots as the fullest row needs: what
                          the empty slots cost (cuDNN gets B x slots sequences, most of them empty)
 and gives each later variant's max abs difference from `segments` in out, dq, dk, dv (the segment
@@ -51,8 +51,9 @@ from rmjax.bench import gpu_target
 from rmjax.model import cudnn_attention
 from rmjax.model.transformer import attention_mask
 
-# Segment slots of the packed layout as training has them (data.max_steps_per_example 10, 4x
-# that many marker slots per packed row); rows with more examples are refused.
+# Segment slots of the packed layout: packed rows' marker slots at data.max_steps_per_example 10
+# (4x that; the default is now 32, so training with the packed layout sets
+# data.max_segments_per_row, which spec validation asks for); rows with more examples are refused.
 MAX_SEGMENTS = 40
 
 _UNAVAILABLE = "needs cuDNN and jax's private attention primitive with the expected parameters"

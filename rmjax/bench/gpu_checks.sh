@@ -29,7 +29,7 @@
 #                    gradient (compiled for an H100, the public call's backward also writes a
 #                    bf16[4,1,2048,2048] mask gradient), and cuDNN's packed layout, each example
 #                    its own sequence (model.segment_attention="cudnn_packed"; never yet run on a
-#                    GPU), with training's 40 segment slots per row and with as few as the rows
+#                    GPU), with 40 segment slots per row and with as few as the rows
 #                    need (what empty slots cost); model/cudnn_attention.py. ms each, and max abs differences from the
 #                    public masked call over real tokens (the segment variants' must be bf16
 #                    rounding)

@@ -33,7 +33,7 @@ class RenderConfig:
 
   template: str = "default"  # "default" | "chat"
   max_length: int = 2048  # tokens per example after truncation
-  max_steps_per_example: int = 10  # later steps are dropped before rendering
+  max_steps_per_example: int = 32  # later steps are dropped before rendering
   length_buckets: tuple[int, ...] = (256, 512, 1024, 2048)  # rows padded to the smallest fit
   max_markers: int = 0  # marker slots M per row; 0 = max_steps_per_example (no packing)
   max_segments: int = 0  # examples per packed row at most; 0 = as many as the marker slots allow
