@@ -77,7 +77,8 @@ def ensure_marker(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
   """Register `<CONFIDENCE>` as a special token (if absent) and make sure a pad token exists."""
   vocab = tok.get_vocab()
   if MARKER not in vocab or MARKER not in tok.all_special_tokens:
-    tok.add_special_tokens({"additional_special_tokens": [MARKER]})
+    # Appended: the tokenizer's own extra specials (Qwen's <|im_start|>, ...) stay special.
+    tok.add_special_tokens({"additional_special_tokens": [MARKER]}, replace_extra_special_tokens=False)
   if tok.pad_token is None:
     if tok.eos_token is None:
       raise ValueError("tokenizer has neither a pad nor an eos token; cannot pad batches")

@@ -278,3 +278,16 @@ def test_convert_cli_errors_are_one_line(tmp_path, capsys):
   assert convert.main(["--model", str(tmp_path / "gpt"), "--output", str(tmp_path / "o")]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and "qwen3, qwen2, llama" in err
+
+
+@pytest.mark.parametrize("change,message", [({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+                                            ({"use_sliding_window": True}, "sliding-window attention")])
+def test_configs_the_model_would_compute_wrongly_are_refused(qwen3_tied, change, message):
+  """A setting the Flax decoder does not implement must not load as a model computing something
+  else (hidden_act: the MLP always gates with SiLU)."""
+  _, src = qwen3_tied
+  config = json.loads((src / "config.json").read_text())
+  assert ModelConfig.from_hf(config).architecture == "qwen3"
+  assert ModelConfig.from_hf(dict(config, hidden_act="silu")).architecture == "qwen3"
+  with pytest.raises(ValueError, match=message):
+    ModelConfig.from_hf(dict(config, **change))

@@ -53,6 +53,18 @@ def test_load_adds_marker_and_pad_when_missing(tmp_path):
   assert loaded.encode("step one <CONFIDENCE>\n", add_special_tokens=False).count(marker_id(loaded)) == 1
 
 
+def test_adding_the_marker_keeps_the_tokenizers_own_extra_special_tokens(tmp_path):
+  """Qwen's tokenizers list <|im_start|> and <|im_end|> as extra special tokens; registering the
+  marker must add to that list, not replace it (they would stop being special when saved)."""
+  base = build_demo_tokenizer(marker=False)
+  base.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+  base.save_pretrained(tmp_path)
+  loaded = load_tokenizer(str(tmp_path))
+  assert {"<|im_start|>", "<|im_end|>", MARKER} <= set(loaded.all_special_tokens)
+  loaded.save_pretrained(tmp_path / "again")
+  assert {"<|im_start|>", "<|im_end|>", MARKER} <= set(load_tokenizer(str(tmp_path / "again")).all_special_tokens)
+
+
 def test_missing_tokenizer_path_is_a_one_line_error(tmp_path):
   with pytest.raises(ValueError, match="cannot load tokenizer") as e:
     load_tokenizer(str(tmp_path / "nope"))

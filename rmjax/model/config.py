@@ -182,6 +182,8 @@ class ModelConfig:
       raise ValueError("llama configs with mlp_bias=true are not supported")
     if config.get("use_sliding_window"):
       raise ValueError("sliding-window attention (use_sliding_window=true) is not supported")
+    if config.get("hidden_act", "silu") not in ("silu", "swish"):  # the MLP is SwiGLU: SiLU gates only
+      raise ValueError(f"hidden_act={config.get('hidden_act')!r} is not supported (the MLP computes SiLU)")
     fields = dict(
       architecture=arch,
       vocab_size=int(config["vocab_size"]),
