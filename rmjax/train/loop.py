@@ -36,13 +36,13 @@ from jax.experimental import multihost_utils
 from rmjax import checkpoint as ckpt_lib
 from rmjax import sharding as shd
 from rmjax import spec as spec_lib
-from rmjax.runtime import quiet_library_logs
 from rmjax.data.example import SkipCounter
 from rmjax.data.pipeline import PipelineConfig, eval_datasets, train_dataset
 from rmjax.metrics import EvalAccumulator
 from rmjax.model.confidence import ConfidenceModel
 from rmjax.progress import Progress
 from rmjax.run_logging import RunLogger
+from rmjax.runtime import quiet_library_logs
 from rmjax.train import build
 from rmjax.train.device_idle import DeviceIdleMeter
 from rmjax.train.optim import OptimConfig, param_counts
