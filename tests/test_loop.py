@@ -369,16 +369,22 @@ def test_two_processes_train_and_evaluate_every_row(tmp_path):
   assert final["final_metrics"]["val/count"] == expected
 
 
-def test_hf_backbone_in_lora_mode(tmp_path):
+def test_hf_backbone_in_lora_mode(tmp_path, monkeypatch):
   import jax
   import _tiny_run
   from rmjax.convert import load_backbone
 
   base = _tiny_run.make_base(tmp_path / "base")
+  monkeypatch.chdir(tmp_path)  # model.path relative, as users write it
   spec = tiny_spec(tmp_path / "runs", max_steps=2, eval_steps=0, save_steps=0, mode="lora",
-                   **{"model.path": str(base), "model.frozen_dtype": "float32"})
+                   **{"model.path": "base", "model.frozen_dtype": "float32"})
   final = loop.train_and_evaluate(spec)
   assert final["total_steps"] == 2 and np.isfinite(final["best_val_loss"])
+  # the run records the base by absolute path: export and scoring may run from elsewhere
+  monkeypatch.chdir("/")
+  from rmjax.run_artifacts import load_run_model
+  assert load_run_model(tmp_path / "runs" / "demo-full").base_model_path == str(base.resolve())
+  monkeypatch.chdir(tmp_path)
   assert "Model qwen3" in (tmp_path / "runs" / "demo-full" / "logs" / "train.log").read_text()
   trainer = loop.Trainer(spec)  # resumes the finished run: its checkpoint holds the frozen base
   try:

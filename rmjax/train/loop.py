@@ -188,8 +188,13 @@ class Trainer:
     except ImportError:
       log.warning("rmjax.run_artifacts is not available: <run_dir>/model/ not written")
       return
-    save_run_model(self.run_dir, self.model_cfg, self.head_cfg, self.render_cfg, self.tokenizer,
-                   str(self.spec.model.path), str(self.spec.mode))
+    # A local base is recorded by absolute path: export and scoring may run from another
+    # directory, where a relative "models/qwen3" would read as a hub id.
+    path = str(self.spec.model.path)
+    local = pathlib.Path(path).expanduser()
+    base = str(local.resolve()) if path != spec_lib.DEMO_MODEL and local.exists() else path
+    save_run_model(self.run_dir, self.model_cfg, self.head_cfg, self.render_cfg, self.tokenizer, base,
+                   str(self.spec.mode))
 
   def _build_data(self) -> None:
     train_sources, eval_sources = build.build_sources(self.spec, self.run_dir, self.file_skips, self.shard_skips)
