@@ -227,6 +227,12 @@ def eval_sources(spec: ConfigDict) -> list[str]:
   return [name for name in SOURCES if spec.data[name].use]
 
 
+def test_only_sources(spec: ConfigDict) -> set[str]:
+  """Evaluated sources that are test sets: reported, but never used to pick the best checkpoint
+  (REVEAL's terms allow it as a test set only; once it is trained on it is held out no more)."""
+  return {"reveal"} if spec.data.reveal.use and not spec.data.allow_reveal_training else set()
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation.
 

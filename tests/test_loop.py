@@ -451,3 +451,25 @@ def test_a_source_path_that_is_one_file_warns_that_evaluation_reads_the_training
     assert said == ([f"data.prm800k.path is the file {single}: a file serves every split, so training and "
                      f"evaluation both read it and its val numbers are not held out; give the directory "
                      f"holding its split files instead"] if warned else []), said
+
+
+def test_the_reveal_test_set_is_reported_but_never_picks_the_best_checkpoint(tmp_path):
+  """REVEAL's terms make it a test set: its metrics are logged (in val/loss too), while the best
+  checkpoint is picked on the validation splits alone, val/selection_loss."""
+  fixture = ROOT / "tests" / "fixtures" / "SYNTHETIC_reveal_eval.csv"
+  spec = tiny_spec(tmp_path, max_steps=4, eval_steps=2, save_steps=2,
+                   **{"data.reveal.use": True, "data.reveal.path": str(fixture)})
+  final = loop.train_and_evaluate(spec)
+  run = tmp_path / "demo-full"
+  evals = [r for r in read_jsonl(run / "logs" / "metrics.jsonl") if "val/loss" in r]
+  assert [r["step"] for r in evals] == [2, 4]
+  for r in evals:
+    assert r["val/reveal/loss"] is not None and r["val/selection_loss"] != r["val/loss"]
+  best = min(evals, key=lambda r: r["val/selection_loss"])
+  assert (final["best_step"], final["best_val_loss"]) == (best["step"], best["val/selection_loss"])
+  assert json.loads((run / "checkpoints" / "best.json").read_text())["val_loss"] == pytest.approx(best["val/selection_loss"])
+  # without REVEAL there is nothing to leave out: val/loss picks, as before
+  plain = tiny_spec(tmp_path / "plain", max_steps=2, eval_steps=2, save_steps=2)
+  loop.train_and_evaluate(plain)
+  rows = [r for r in read_jsonl(tmp_path / "plain" / "demo-full" / "logs" / "metrics.jsonl") if "val/loss" in r]
+  assert rows and all("val/selection_loss" not in r for r in rows)

@@ -79,6 +79,12 @@ def val_loss_of(per_source: dict[str, tuple[np.ndarray, np.ndarray]], kind: str)
   return out
 
 
+def selection_loss(metrics: dict[str, Any]) -> float | None:
+  """The loss that picks the best checkpoint: val/loss, or val/selection_loss when a test-only
+  source (REVEAL) was evaluated too."""
+  return metrics.get("val/selection_loss", metrics.get("val/loss"))
+
+
 def optim_config(spec: Any) -> OptimConfig:
   """OptimConfig of the spec; warmup is capped at max_steps (spec validation only warns there)."""
   if int(spec.warmup_steps) > int(spec.max_steps):
@@ -299,15 +305,22 @@ class Trainer:
         ids = np.asarray([f"{i}:{r}" for r in range(rows["probs"].shape[0])])
         acc.add(name, rows["probs"], rows["targets"], rows["target_mask"], example_ids=ids,
                 example_index_BM=rows["example_index"], step_index_BM=rows["step_index"])
-    results = acc.result() if acc.per_source() else {}
-    results.update(val_loss_of(acc.per_source(), self.optim_cfg.loss))
+    per_source = acc.per_source()
+    results = acc.result() if per_source else {}
+    results.update(val_loss_of(per_source, self.optim_cfg.loss))
+    test_only = spec_lib.test_only_sources(self.spec) & set(per_source)
+    if test_only:  # reported in val/loss, but the best checkpoint is picked on the validation splits
+      held_in = {s: v for s, v in per_source.items() if s not in test_only}
+      results["selection_loss"] = val_loss_of(held_in, self.optim_cfg.loss).get("loss")
     metrics = {f"val/{k}": v for k, v in sorted(results.items())}
     if log_scalars:
       self.logger.log_scalars(step, metrics)
-    loss = results.get("loss")
+    loss = selection_loss(metrics)
     auroc = results.get("auroc")
-    self.logger.log(f"Eval at step {step}: val/loss {_fmt(loss)}, val/auroc {_fmt(auroc)}, "
-                    + ", ".join(f"{n}/auroc {_fmt(results.get(f'{n}/auroc'))}" for n in self.eval_ds))
+    self.logger.log(f"Eval at step {step}: val/loss {_fmt(results.get('loss'))}, val/auroc {_fmt(auroc)}, "
+                    + ", ".join(f"{n}/auroc {_fmt(results.get(f'{n}/auroc'))}" for n in self.eval_ds)
+                    + (f"; val/selection_loss {_fmt(loss)} (without the test set "
+                       f"{', '.join(sorted(test_only))})" if test_only else ""))
     if loss is not None and math.isfinite(loss) and loss < self.best_val_loss:
       self.best_val_loss, self.best_step = loss, step
       self.logger.best(loss, step)
@@ -367,7 +380,7 @@ class Trainer:
     val_loss = None
     if eval_due:
       best_before = self.best_val_loss
-      val_loss = self.evaluate(step).get("val/loss")
+      val_loss = selection_loss(self.evaluate(step))
       save_due = save_due or (self.checkpointer.config.keep_best and self.best_val_loss < best_before)
     if save_due:
       self.save(step, val_loss)
