@@ -40,9 +40,9 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from rmjax import cli
+from rmjax.convert import is_converted, load_lm_head
 from rmjax.model.config import ModelConfig
 from rmjax.model.head import TORCH_ACTIVATIONS, HeadConfig, torch_layer_names
-from rmjax.convert import is_converted, load_lm_head
 from rmjax.model.hf import TensorFiles, param_table, resolve_model_dir, save_hf_params
 from rmjax.run_artifacts import RunModel, head_cfg_to_dict, load_run_model, render_cfg_to_dict
 from rmjax.tokenizer import MARKER

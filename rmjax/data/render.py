@@ -94,14 +94,19 @@ def _defuse(text: str) -> str:
   return text.replace(MARKER, _DEFUSED)
 
 
+def require_chat_template(tokenizer, template: str) -> None:
+  """A ValueError if `template` is "chat" and the tokenizer has no chat template to apply."""
+  if template == "chat" and getattr(tokenizer, "chat_template", None) is None:
+    raise ValueError("data.template='chat' but the tokenizer has no chat template")
+
+
 def render_text(ex: Example, tokenizer, template: str, num_steps: int) -> str:
   """The prompt text for the first `num_steps` steps, a marker after each."""
   steps = [_defuse(s) for s in ex.steps[:num_steps]]
   body = "".join(f"{s} {MARKER}\n" for s in steps)
   if template == "default":
     return f"Problem: {_defuse(ex.problem)}\n\nSolution:\n{body}"
-  if getattr(tokenizer, "chat_template", None) is None:
-    raise ValueError("data.template='chat' but the tokenizer has no chat template")
+  require_chat_template(tokenizer, template)
   messages = [{"role": "user", "content": _defuse(ex.problem)},
               {"role": "assistant", "content": body}]
   return tokenizer.apply_chat_template(messages, tokenize=False)
@@ -116,8 +121,7 @@ class Renderer:
     """require_supervision (training): an example none of whose kept steps has a target is
     skipped ("no_supervised_step"), not trained on as a row that teaches nothing yet takes its
     source's share of the mix."""
-    if cfg.template == "chat" and getattr(tokenizer, "chat_template", None) is None:
-      raise ValueError("data.template='chat' but the tokenizer has no chat template")
+    require_chat_template(tokenizer, cfg.template)
     self.cfg = cfg
     self.require_supervision = require_supervision
     self.skips = skips if skips is not None else SkipCounter()

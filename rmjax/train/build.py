@@ -24,7 +24,7 @@ from flax import traverse_util
 
 from rmjax import spec as spec_lib
 from rmjax.data.example import SkipCounter
-from rmjax.data.render import RenderConfig
+from rmjax.data.render import RenderConfig, require_chat_template
 from rmjax.data.sources import SKIPS_COUNTED_ON_ACCESS, build_source, reader_kind
 from rmjax.data.synthetic import SyntheticConfig, write_synthetic_prm800k
 from rmjax.model import cudnn_attention
@@ -100,9 +100,11 @@ def check_on_this_device(cfg: ModelConfig) -> None:
 def check_template(spec: Any, tokenizer: Any) -> None:
   """data.template="chat" needs a tokenizer with a chat template (SpecError: one line, before
   the data pipeline's threads would meet it)."""
-  if str(spec.data.template) == "chat" and getattr(tokenizer, "chat_template", None) is None:
+  try:
+    require_chat_template(tokenizer, str(spec.data.template))
+  except ValueError:
     raise spec_lib.SpecError(f"invalid spec: data.template='chat' but the tokenizer of model.path "
-                             f"{spec.model.path} has no chat template; use 'default'")
+                             f"{spec.model.path} has no chat template; use 'default'") from None
 
 
 def build_model_parts(spec: Any) -> ModelParts:
