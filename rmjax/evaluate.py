@@ -3,10 +3,16 @@
 Why it exists: training logs eval metrics as it goes, but a user comparing checkpoints, or
 evaluating a finished run on a new split, needs the full report on demand:
 
-  python -m rmjax.evaluate --checkpoint runs/demo-full [--spec specs/x.py] [--output DIR] [--max-eval-batches N]
+  python -m rmjax.evaluate --checkpoint runs/demo-full [--spec specs/x.py] [--set KEY=VALUE ...]
+                           [--output DIR] [--max-eval-batches N]
 
 Sources come from the run's own spec (<run_dir>/logs/config.json) unless --spec is given;
-every source with `use=True` is evaluated on its `eval_split` (REVEAL included). Examples are
+`--set data.prm800k.path=/data/prm800k/data --set data.eqasc.use=true` changes keys of that
+spec (dotted spec keys, values parsed as JSON when they parse), so a finished run can be
+evaluated on another file or source without writing a spec file. The rendering keys
+`data.max_length`, `data.length_buckets`, `data.max_steps_per_example` and `data.template`
+are the run's unless a --set names them (raising data.max_length alone adds it as the largest
+bucket). Every source with `use=True` is evaluated on its `eval_split` (REVEAL included). Examples are
 rendered with the run's render settings (the ones the model was trained with). DIR (default
 <run_dir>/eval/step_<N>) receives:
   eval_metrics.json  {"overall": {...}, "sources": {name: {...}}}: MSE, MAE, R2, ECE, Brier,
@@ -23,7 +29,7 @@ import contextlib
 import json
 import pathlib
 import sys
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -31,16 +37,19 @@ from rmjax import cli
 from rmjax.metrics import EvalAccumulator
 
 
-def load_eval_spec(run_dir: pathlib.Path, spec_file: str | None) -> Any:
-  """The spec to take sources from: --spec FILE, else the run's logs/config.json."""
+def load_eval_spec(run_dir: pathlib.Path, spec_file: str | None, overrides: Sequence[str] = ()) -> Any:
+  """The spec to take sources from: --spec FILE, else the run's logs/config.json, with the
+  --set KEY=VALUE overrides applied."""
   from ml_collections import ConfigDict
-  from rmjax.spec import load_spec_file
+  from rmjax.spec import apply_overrides, load_spec_file
   if spec_file:
-    return load_spec_file(spec_file)
-  path = run_dir / "logs" / "config.json"
-  if not path.is_file():
-    raise FileNotFoundError(f"{path} not found; pass --spec FILE to say which sources to evaluate")
-  return ConfigDict(cli.read_json_object(path))
+    spec = load_spec_file(spec_file)
+  else:
+    path = run_dir / "logs" / "config.json"
+    if not path.is_file():
+      raise FileNotFoundError(f"{path} not found; pass --spec FILE to say which sources to evaluate")
+    spec = ConfigDict(cli.read_json_object(path))
+  return apply_overrides(spec, overrides)
 
 
 @contextlib.contextmanager
@@ -65,6 +74,29 @@ def build_eval_sources(spec: Any, run_dir: pathlib.Path, skips: Any) -> dict[str
     raise ValueError("the spec enables no data source (data.<source>.use)")
   return {n: build_source(n, source_config(spec, n, run_dir), split=str(spec.data[n].eval_split), skips=skips)
           for n in names}
+
+
+RENDER_KEYS = ("template", "max_length", "max_steps_per_example", "length_buckets")
+
+
+def eval_render_config(run_cfg: Any, data_spec: Any, overrides: Sequence[str]) -> Any:
+  """The run's render settings, except the `data.<key>` of RENDER_KEYS that --set names, which
+  come from the spec. A raised max_length with no length_buckets given becomes the largest
+  bucket, so `--set data.max_length=1024` alone evaluates the long examples instead of failing."""
+  import dataclasses
+  named = {item.partition("=")[0] for item in overrides}
+  changes = {k: data_spec[k] for k in RENDER_KEYS if f"data.{k}" in named}
+  if "length_buckets" in changes:
+    changes["length_buckets"] = tuple(int(b) for b in changes["length_buckets"])
+  if "max_length" in changes:
+    changes["max_length"] = int(changes["max_length"])
+    if "length_buckets" not in changes:
+      changes["length_buckets"] = tuple(b for b in run_cfg.length_buckets if b < changes["max_length"]) + (
+        changes["max_length"],)
+  if "max_steps_per_example" in changes:
+    changes["max_steps_per_example"] = int(changes["max_steps_per_example"])
+    changes["max_markers"] = 0  # eval rows are unpacked: one slot per kept step
+  return dataclasses.replace(run_cfg, **changes)
 
 
 def row_predictions(source: str, batch: dict[str, np.ndarray], probs_BM: np.ndarray) -> Iterator[dict]:
@@ -93,7 +125,8 @@ def split_metrics(flat: dict[str, Any], sources: list[str]) -> dict[str, Any]:
 
 
 def evaluate(checkpoint: str | pathlib.Path, spec_file: str | None = None, output: str | None = None,
-             max_eval_batches: int | None = None) -> tuple[pathlib.Path, dict[str, Any]]:
+             max_eval_batches: int | None = None,
+             overrides: Sequence[str] = ()) -> tuple[pathlib.Path, dict[str, Any]]:
   import jax
   from rmjax.data.example import SkipCounter
   from rmjax.data.pipeline import PipelineConfig, eval_datasets
@@ -101,14 +134,15 @@ def evaluate(checkpoint: str | pathlib.Path, spec_file: str | None = None, outpu
   from rmjax.plots import reliability_diagram
   from rmjax.run_artifacts import load_run_model
   rm = load_run_model(checkpoint)
-  spec = load_eval_spec(rm.run_dir, spec_file)
+  spec = load_eval_spec(rm.run_dir, spec_file, overrides)
   skips = SkipCounter()
   with spec_values(spec_file or rm.run_dir / "logs" / "config.json"):
     sources = build_eval_sources(spec, rm.run_dir, skips)
     limit = int(spec.get("max_eval_batches", 0)) if max_eval_batches is None else max_eval_batches
     pcfg = PipelineConfig(eval_batch_size=int(spec.data.eval_batch_size), num_threads=int(spec.data.num_workers),
                           max_eval_batches=limit)
-  datasets = eval_datasets(sources, rm.render_cfg, rm.tokenizer, pcfg, skips=skips)
+    render_cfg = eval_render_config(rm.render_cfg, spec.data, overrides)
+  datasets = eval_datasets(sources, render_cfg, rm.tokenizer, pcfg, skips=skips)
   model = ConfidenceModel(rm.model_cfg, rm.head_cfg)
   params = jax.device_put(rm.params)
   apply = jax.jit(lambda b: jax.nn.sigmoid(model.apply(
@@ -148,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m rmjax.evaluate", description=__doc__.split("\n\n")[0])
   parser.add_argument("--checkpoint", required=True, help="run dir (best checkpoint) or checkpoint_step_<N> dir")
   parser.add_argument("--spec", default=None, help="spec file[:arg] naming the sources (default: the run's)")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="change a key of that spec, e.g. data.prm800k.path=/data/prm800k/data (repeatable)")
   parser.add_argument("--output", default=None, help="output dir (default <run_dir>/eval/step_<N>)")
   parser.add_argument("--max-eval-batches", type=int, default=None, help="batches per source; 0 = all "
                       "(default: the spec's max_eval_batches)")
@@ -158,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate_command(args: argparse.Namespace) -> int:
-  out_dir, report = evaluate(args.checkpoint, args.spec, args.output, args.max_eval_batches)
+  out_dir, report = evaluate(args.checkpoint, args.spec, args.output, args.max_eval_batches, args.set)
   for name, m in [("overall", report["overall"])] + sorted(report["sources"].items()):
     print(f"{name:>10}: steps {m.get('count')}  mse {_fmt(m.get('mse'))}  auroc {_fmt(m.get('auroc'))}  "
           f"ece {_fmt(m.get('ece'))}  first-error F1 {_fmt(m.get('first_error_f1'))}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import importlib.machinery
 import importlib.util
+import json
 import keyword
 import math
 import os
@@ -157,6 +158,38 @@ def check_overrides(spec: ConfigDict, argv: Sequence[str], name: str = "spec") -
       close = closest_keys(key, keys)
       hint = f"; did you mean {', '.join(name + '.' + k for k in close)}?" if close else ""
       raise SpecError(f"unknown spec key '{key}' in {arg}{hint}")
+
+
+def apply_overrides(spec: ConfigDict, items: Sequence[str], flag: str = "--set") -> ConfigDict:
+  """Sets `KEY=VALUE` items (dotted spec keys; VALUE parsed as JSON when it parses, else kept as
+  a string) on `spec` in place, for the tools that take overrides without absl flags.
+
+  Raises SpecError (one line) for a malformed item, an unknown key (with the closest valid
+  ones), a whole sub-dict as the target, or a value of another type than the key's.
+  """
+  keys = dotted_keys(spec)
+  for item in items:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+      raise SpecError(f"{flag} expects KEY=VALUE, got {item!r}")
+    if key not in keys:
+      close = closest_keys(key, keys)
+      hint = f"; did you mean {', '.join(close)}?" if close else ""
+      raise SpecError(f"unknown spec key '{key}' in {flag} {item}{hint}")
+    if isinstance(get_dotted(spec, key), ConfigDict):
+      raise SpecError(f"{flag} {item}: '{key}' is a group of keys; set one of its keys instead")
+    try:
+      value = json.loads(text)
+    except json.JSONDecodeError:
+      value = text
+    parent, _, leaf = key.rpartition(".")
+    node = get_dotted(spec, parent) if parent else spec
+    try:
+      setattr(node, leaf, value)
+    except TypeError:
+      raise SpecError(f"{flag} {item}: '{key}' holds {describe_type(spec, key)} values, "
+                      f"got {type(value).__name__} {value!r}") from None
+  return spec
 
 
 def describe_type(spec: ConfigDict, key: str) -> str:

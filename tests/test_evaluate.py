@@ -69,3 +69,33 @@ def test_missing_run_spec_is_a_one_line_error(tmp_path, run, capsys):
     (run / "logs" / "config.bak").rename(run / "logs" / "config.json")
   err = capsys.readouterr().err
   assert err.startswith("rmjax.evaluate: error:") and "--spec" in err and err.count("\n") == 1
+
+
+def test_set_overrides_choose_sources_and_render_settings(run):
+  _, base = evaluate.evaluate(run, max_eval_batches=1, overrides=["data.eqasc.use=false", "data.reveal.use=false"])
+  assert sorted(base["sources"]) == ["prm800k"] and base["skipped_records"] == {}
+  # max_length 24 cuts the synthetic problems before their first marker: the override reaches
+  # the renderer (the run's own 384 keeps every example)
+  _, short = evaluate.evaluate(run, max_eval_batches=1, overrides=[
+    "data.eqasc.use=false", "data.reveal.use=false", "data.max_length=24"])
+  assert short["skipped_records"]["prm800k"]["first_marker_truncated"] > 0
+
+
+def test_raising_max_length_alone_adds_it_as_the_largest_bucket():
+  from rmjax.data.render import RenderConfig
+  from ml_collections import ConfigDict
+  run_cfg = RenderConfig(max_length=128, length_buckets=(64, 128))
+  data = ConfigDict({"template": "default", "max_length": 1024, "max_steps_per_example": 32,
+                     "length_buckets": [64, 128]})
+  cfg = evaluate.eval_render_config(run_cfg, data, ["data.max_length=1024"])
+  assert (cfg.max_length, cfg.length_buckets) == (1024, (64, 128, 1024))
+  assert evaluate.eval_render_config(run_cfg, data, ["data.prm800k.path=/x"]) == run_cfg
+
+
+@pytest.mark.parametrize("item, words", [("data.prm800k.pat=/x", "did you mean data.prm800k.path"),
+                                         ("data.eval_batch_size=many", "holds int values"),
+                                         ("data", "KEY=VALUE")])
+def test_bad_set_is_a_one_line_error(run, tmp_path, capsys, item, words):
+  assert evaluate.main(["--checkpoint", str(run), "--output", str(tmp_path / "x"), "--set", item]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("rmjax.evaluate: error:") and words in err and err.count("\n") == 1
