@@ -160,6 +160,17 @@ def check_overrides(spec: ConfigDict, argv: Sequence[str], name: str = "spec") -
       raise SpecError(f"unknown spec key '{key}' in {arg}{hint}")
 
 
+def parse_set_item(item: str, flag: str = "--set") -> tuple[str, Any]:
+  """`KEY=VALUE` -> (KEY, VALUE parsed as JSON when it parses, else the string)."""
+  key, sep, text = item.partition("=")
+  if not sep or not key:
+    raise SpecError(f"{flag} expects KEY=VALUE, got {item!r}")
+  try:
+    return key, json.loads(text)
+  except json.JSONDecodeError:
+    return key, text
+
+
 def apply_overrides(spec: ConfigDict, items: Sequence[str], flag: str = "--set") -> ConfigDict:
   """Sets `KEY=VALUE` items (dotted spec keys; VALUE parsed as JSON when it parses, else kept as
   a string) on `spec` in place, for the tools that take overrides without absl flags.
@@ -169,19 +180,13 @@ def apply_overrides(spec: ConfigDict, items: Sequence[str], flag: str = "--set")
   """
   keys = dotted_keys(spec)
   for item in items:
-    key, sep, text = item.partition("=")
-    if not sep or not key:
-      raise SpecError(f"{flag} expects KEY=VALUE, got {item!r}")
+    key, value = parse_set_item(item, flag)
     if key not in keys:
       close = closest_keys(key, keys)
       hint = f"; did you mean {', '.join(close)}?" if close else ""
       raise SpecError(f"unknown spec key '{key}' in {flag} {item}{hint}")
     if isinstance(get_dotted(spec, key), ConfigDict):
       raise SpecError(f"{flag} {item}: '{key}' is a group of keys; set one of its keys instead")
-    try:
-      value = json.loads(text)
-    except json.JSONDecodeError:
-      value = text
     parent, _, leaf = key.rpartition(".")
     node = get_dotted(spec, parent) if parent else spec
     try:

@@ -21,25 +21,13 @@ from typing import Optional, Sequence
 
 from rmjax.data.example import BadRecord, SkipCounter
 from rmjax.data.sources import READER_KEYS, READERS, build_source
+from rmjax.spec import parse_set_item
 
 
 class _Parser(argparse.ArgumentParser):
   def error(self, message: str):  # one line instead of usage + message
     print(f"preview: error: {message}", file=sys.stderr)
     raise SystemExit(2)
-
-
-def _parse_set(items: Sequence[str]) -> dict:
-  out = {}
-  for item in items:
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-      raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-    try:
-      out[key] = json.loads(value)
-    except json.JSONDecodeError:
-      out[key] = value
-  return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   skips = SkipCounter()
   shown = 0
   try:
-    cfg = {"path": args.path, **_parse_set(args.set)}
+    cfg = {"path": args.path, **dict(parse_set_item(item) for item in args.set)}
     unknown = sorted(set(cfg) - set(READER_KEYS[args.source]))
     if unknown:
       raise ValueError(f"unknown --set option(s) {', '.join(unknown)} for {args.source}; "
