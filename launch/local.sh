@@ -47,9 +47,13 @@ for ((i = 0; i < N; i++)); do
   pids+=($!)
 done
 
+# Processes are reaped in the order they finish (wait -n): a failed process 1 must stop process 0
+# even while 0 is still blocked in a collective waiting for it.
 status=0
-for p in "${pids[@]}"; do
-  if ! wait "$p"; then
+for ((i = 0; i < N; i++)); do
+  if wait -n; then
+    :
+  else
     rc=$?
     if ((status == 0)); then status=$rc; cleanup; fi
   fi

@@ -83,6 +83,18 @@ def test_launch_local_sh_runs_two_processes(tmp_path):
   assert os.path.isfile(run / "logs" / "final_results.json")
 
 
+def test_launch_local_sh_exits_with_the_failed_process_status_and_stops_the_others(tmp_path):
+  # A stand-in for python: process 1 fails at once, process 0 blocks (as in a collective waiting
+  # for process 1). local.sh must stop process 0 and exit with process 1's status.
+  fake = tmp_path / "fake_python"
+  fake.write_text('#!/usr/bin/env bash\nif [[ "$JAX_PROCESS_ID" == 1 ]]; then exit 3; fi\nexec sleep 120\n')
+  fake.chmod(0o755)
+  env = dict(os.environ, PYTHON=str(fake), PORT="1", RMJAX_LOG_DIR=str(tmp_path / "logs"))
+  proc = subprocess.run(["bash", str(R.ROOT / "launch" / "local.sh"), "2", "--spec", "specs/demo.py"],
+                        cwd=R.ROOT, env=env, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 3, proc.stderr
+
+
 def test_k8s_job_and_runtime_agree_on_process_layout():
   import yaml
   from rmjax import runtime
