@@ -572,3 +572,19 @@ def test_gpu_summary_reads_the_targets_from_one_tarball(tmp_path, capsys):
     1.5, 3.0, True, 0.0078)
   assert {r["device"] for r in rows.values()} == {"NVIDIA H100 80GB HBM3"}
   assert gpu_summary.main([str(tmp_path / "missing.tgz")]) == 2
+
+
+def test_torch_lora_base_is_frozen_in_the_frozen_dtype():
+  """rmjax's LoRA base is bf16 wherever --frozen-dtype says so (the default on a GPU); the torch
+  reference must hold its base the same way, with peft's adapters and the head float32, and step."""
+  import torch
+  from rmjax.bench import torch_ref
+  settings = common.BenchSettings(preset="tiny", seq_len=32, batch=2, dtype="float32", frozen_dtype="bfloat16")
+  model, params = torch_ref.build(settings, "lora", "cpu")
+  frozen = [p for p in model.backbone.parameters() if not p.requires_grad]
+  assert frozen and {p.dtype for p in frozen} == {torch.bfloat16}
+  assert params and {p.dtype for p in params} == {torch.float32}
+  host = common.make_batches(settings.model_config("lora"), settings, 1)[0]
+  torch_ref.make_step(model, params, settings, "lora", "cpu")(torch_ref.to_device(host, "cpu"))
+  full, _ = torch_ref.build(settings, "full", "cpu")  # full fine-tuning trains (so keeps float32) every weight
+  assert {p.dtype for p in full.backbone.parameters()} == {torch.float32}

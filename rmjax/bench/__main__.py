@@ -43,7 +43,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                  help="compute dtype; auto = bfloat16 on a GPU, float32 on CPU")
   p.add_argument("--frozen-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                 help="rmjax LoRA frozen-base dtype; auto = bfloat16 on a GPU, float32 on CPU")
+                 help="LoRA frozen-base dtype (both impls); auto = bfloat16 on a GPU, float32 on CPU")
   p.add_argument("--attention", default="", choices=("", "xla", "cudnn"),
                  help="rmjax attention implementation (default: cuDNN on a GPU when it applies, else XLA)")
   p.add_argument("--attention-mask", default="causal", choices=("causal", "segments"),

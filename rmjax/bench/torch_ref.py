@@ -11,7 +11,11 @@ baseline, for the same model shape, batches and head as the rmjax side (see `com
 - the confidence head: `nn.Sequential(Linear, GELU, Dropout, ..., Linear -> 1)` on the hidden
   state gathered at the marker positions, sigmoid, masked MSE;
 - `torch.optim.AdamW` (`fused=True` on CUDA), gradient clipping at 1.0;
-- bf16 autocast when `--dtype bfloat16` (parameters stay float32, as on the rmjax side);
+- bf16 autocast when `--dtype bfloat16`; trained parameters stay float32, as on the rmjax side;
+- in LoRA mode the frozen base is created in `--frozen-dtype` (bf16 on a GPU by default, as
+  rmjax's frozen base is), as a peft user loads it (`from_pretrained(dtype=torch.bfloat16)`),
+  and peft keeps the adapters float32 (`autocast_adapter_dtype`); full fine-tuning trains every
+  weight, so its parameters stay float32 whatever `--frozen-dtype` says;
 - gradient checkpointing (non-reentrant) only with `--remat`;
 - on CPU `torch.set_num_threads` = every core this process may use.
 
@@ -65,7 +69,9 @@ class ConfidenceModel:
     hidden_BTD = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                position_ids=batch["positions"], use_cache=False).last_hidden_state
     index_BMD = batch["marker_positions"].long()[..., None].expand(-1, -1, hidden_BTD.shape[-1])
-    logits_BM = self.head(torch.gather(hidden_BTD, 1, index_BMD)).squeeze(-1)
+    # float32 into the head: a bf16 frozen base's hidden states meet the float32 head (under
+    # autocast its matmuls run in bf16 either way).
+    logits_BM = self.head(torch.gather(hidden_BTD, 1, index_BMD).float()).squeeze(-1)
     probs_BM = torch.sigmoid(logits_BM.float())
     mask_BM = batch["target_mask"]
     return ((probs_BM - batch["targets"]) ** 2 * mask_BM).sum() / mask_BM.sum().clamp_min(1.0)
@@ -77,7 +83,8 @@ def build(settings: common.BenchSettings, mode: str, device: str):
   from transformers import AutoModel
   cfg = settings.model_config(mode)
   torch.manual_seed(settings.seed)
-  backbone = AutoModel.from_config(hf_config(cfg), attn_implementation="sdpa", dtype=torch.float32)
+  frozen = torch.bfloat16 if mode == "lora" and settings.frozen_dtype == "bfloat16" else torch.float32
+  backbone = AutoModel.from_config(hf_config(cfg), attn_implementation="sdpa", dtype=frozen)
   if settings.remat_policy != "none":
     enable = getattr(backbone, "activation_checkpointing_enable", None)
     if enable is not None:
@@ -153,4 +160,5 @@ def run(settings: common.BenchSettings, mode: str) -> dict[str, Any]:
     name, peak_mem, peak = "cpu", common.host_peak_rss_mb(), None
   flops = common.mean_model_flops(cfg, settings, host_batches[settings.warmup:], mode)
   return common.make_record("torch", mode, settings, host_batches[0], flops, times, peak_mem, peak, name,
-                            trainable_params=sum(p.numel() for p in params), torch_version=torch.__version__)
+                            trainable_params=sum(p.numel() for p in params), torch_version=torch.__version__,
+                            frozen_dtype=settings.frozen_dtype if mode == "lora" else None)
