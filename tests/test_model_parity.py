@@ -150,9 +150,14 @@ def test_remat_policies_same_values_and_grads(remat):
 
   def loss(p, c):
     return jnp.sum(Decoder(c).apply({"params": p}, ids, pos, seg) * w_BTD)
+  h0 = Decoder(cfg).apply({"params": params}, ids, pos, seg)
+  h1 = Decoder(cfg.replace(remat=remat)).apply({"params": params}, ids, pos, seg)
+  np.testing.assert_allclose(h1, h0, rtol=1e-6, atol=1e-6)
   v0, g0 = jax.value_and_grad(loss)(params, cfg)
   v1, g1 = jax.value_and_grad(loss)(params, cfg.replace(remat=remat))
-  np.testing.assert_allclose(v1, v0, rtol=1e-6)
+  # The loss sums 384 fp32 terms of total magnitude ~260 to ~3.8; remat changes the fusion and so
+  # the order of that sum (1.8e-6 relative seen on an AVX-512 CPU, with identical terms).
+  np.testing.assert_allclose(v1, v0, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max()), g1, g0)
 
 
