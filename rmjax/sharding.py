@@ -140,3 +140,42 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def batch_shards(mesh: Mesh) -> int:
   """How many ways the batch dim is split (each micro-batch must be divisible by this)."""
   return _axis_size(mesh, BATCH_AXES)
+
+
+def process_row_blocks(process_of_device: np.ndarray) -> dict[int, int]:
+  """process index -> which equal, contiguous block of every global batch that process feeds.
+
+  `process_of_device` is shaped like the mesh (data, fsdp, tensor) and holds each device's
+  process index. Every process reads rows of its own (a distinct shard of every source) and
+  `make_array_from_process_local_data` hands them to the batch shards its devices hold, so each
+  process must hold a contiguous run of batch shards that no other process holds. A tensor (or
+  any) axis spanning processes would put the same rows on two processes, which would then have to
+  read identical data: refused here with a one-line ValueError rather than trained wrongly.
+  """
+  data, fsdp = process_of_device.shape[:2]
+  held: dict[int, set[int]] = {}
+  for (d, f, _t), p in np.ndenumerate(process_of_device):
+    held.setdefault(int(p), set()).add(d * fsdp + f)
+  count, shards = len(held), data * fsdp
+  per = shards // count if shards % count == 0 else 0
+  blocks: dict[int, int] = {}
+  for p, mine in sorted(held.items()):
+    start = min(mine)
+    if not per or start % per or mine != set(range(start, start + per)):
+      break
+    blocks[p] = start // per
+  if len(blocks) != count or len(set(blocks.values())) != count:
+    layout = dict(zip(AXES, process_of_device.shape))
+    raise ValueError(f"mesh {layout} does not give each of the {count} processes batch rows of its own "
+                     f"(batch shards per process: {', '.join(f'{p}: {sorted(m)}' for p, m in sorted(held.items()))}); "
+                     f"every process reads distinct rows, so keep the tensor axis within one process's devices "
+                     f"and make data x fsdp a multiple of the process count")
+  return blocks
+
+
+def process_batch_block(mesh: Mesh) -> int:
+  """Which block of every global batch (`process_row_blocks`) this process feeds."""
+  if tuple(mesh.axis_names) != AXES:
+    raise ValueError(f"mesh axes {mesh.axis_names}, expected {AXES}")
+  process_of_device = np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)
+  return process_row_blocks(process_of_device)[jax.process_index()]

@@ -19,9 +19,9 @@ EXTRA = ("--spec.eval_steps=0", f"--spec.save_steps={STEPS}", "--spec.batch_size
          "--spec.grad_accum_steps=2", "--spec.data.eval_batch_size=16")
 
 
-def _run_two_processes(out, env_style: bool):
+def _start_two_processes(out, env_style: bool, extra=EXTRA):
   port = R.free_port()
-  cmd = _launch_cmd(out, STEPS, *EXTRA)
+  cmd = _launch_cmd(out, STEPS, *extra)
   env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=1")
   procs = []
   for i in range(2):
@@ -34,8 +34,30 @@ def _run_two_processes(out, env_style: bool):
                     "--spec.distributed.num_processes=2", f"--spec.distributed.process_id={i}"]
     procs.append(subprocess.Popen(pcmd, cwd=R.ROOT, env=penv, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True))
-  R.finish_all(procs)
+  return procs
+
+
+def _run_two_processes(out, env_style: bool):
+  R.finish_all(_start_two_processes(out, env_style))
   return out / "demo-full"
+
+
+@pytest.mark.slow
+def test_a_tensor_axis_across_processes_is_refused_in_one_line(tmp_path):
+  # Each process reads rows of its own; with tensor=2 over 2 one-device processes both would hold
+  # every row of the batch. Before the check this trained on mismatched rows and then crashed.
+  procs = _start_two_processes(tmp_path, env_style=False, extra=(*EXTRA, "--spec.mesh.data=1", "--spec.mesh.tensor=2"))
+  try:
+    errs = [p.communicate(timeout=240)[1] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert [p.returncode for p in procs] == [1, 1], errs
+  for err in errs:
+    assert "Traceback" not in err, err[-2000:]
+    assert "does not give each of the 2 processes batch rows of its own" in err.strip().splitlines()[-1], err[-2000:]
+  assert not (tmp_path / "demo-full" / "checkpoints").exists() or not any((tmp_path / "demo-full" / "checkpoints").iterdir())
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Mesh construction, partition rules as data, and batch sharding (8 fake CPU devices)."""
 
+import numpy as np
 import jax
 import pytest
 from jax.sharding import AxisType
@@ -99,3 +100,31 @@ def test_batch_sharding_splits_rows_over_data_and_fsdp():
   assert shd.batch_shards(mesh) == 4
   x = jax.device_put(jax.numpy.zeros((8, 3)), shd.batch_sharding(mesh))
   assert {s.data.shape for s in x.addressable_shards} == {(2, 3)}
+
+
+def _layout(processes, data, fsdp, tensor):
+  return np.asarray(processes).reshape(data, fsdp, tensor)
+
+
+def test_process_row_blocks_follow_where_each_process_holds_its_batch_shards():
+  # 2 processes x 4 devices, data 2 x tensor 2 x fsdp 2: process p holds data row p.
+  assert shd.process_row_blocks(_layout([0, 0, 0, 0, 1, 1, 1, 1], 2, 2, 2)) == {0: 0, 1: 1}
+  # The mesh may put process 1's devices first: then process 1 feeds the first block.
+  assert shd.process_row_blocks(_layout([1, 1, 0, 0], 2, 1, 2)) == {0: 1, 1: 0}
+  # 4 processes over data 2 x fsdp 2, one device each (tensor 1).
+  assert shd.process_row_blocks(_layout([0, 1, 2, 3], 2, 2, 1)) == {0: 0, 1: 1, 2: 2, 3: 3}
+
+
+@pytest.mark.parametrize("processes, shape", [
+  ([0, 1], (1, 1, 2)),  # tensor across 2 processes: both would hold all rows
+  ([0, 1, 0, 1], (2, 1, 2)),  # tensor across processes, data within each
+  ([0, 1, 1, 0], (4, 1, 1)),  # process 0 would hold shards 0 and 3: not one block
+  ([0, 0, 1], (3, 1, 1)),  # 3 shards do not split over 2 processes
+])
+def test_process_row_blocks_refuse_meshes_where_processes_share_or_split_rows(processes, shape):
+  with pytest.raises(ValueError, match="does not give each of the 2 processes batch rows of its own"):
+    shd.process_row_blocks(_layout(processes, *shape))
+
+
+def test_process_batch_block_of_a_single_process_mesh_is_the_first():
+  assert shd.process_batch_block(shd.make_mesh(shd.MeshConfig(2, 2, 2))) == 0

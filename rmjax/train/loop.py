@@ -154,6 +154,10 @@ class Trainer:
       self.file_skips, self.shard_skips = SkipCounter(), SkipCounter()
       self.optim_cfg = optim_config(spec)
       self.mesh = shd.make_mesh(shd.MeshConfig.from_spec(spec))
+      try:  # which block of each global batch this process reads (its rows' place on the mesh)
+        self.batch_block = shd.process_batch_block(self.mesh)
+      except ValueError as e:
+        raise spec_lib.SpecError(str(e)) from None
       self._build_model()
       self._build_data()
     except BaseException:
@@ -205,7 +209,7 @@ class Trainer:
   def _build_data(self) -> None:
     train_sources, eval_sources = build.build_sources(self.spec, self.run_dir, self.file_skips, self.shard_skips)
     self.pipeline_cfg = PipelineConfig.from_spec(self.spec)
-    common = dict(process_index=self.process_index, process_count=self.process_count, skips=self.shard_skips)
+    common = dict(process_index=self.batch_block, process_count=self.process_count, skips=self.shard_skips)
     self.train_ds = train_dataset(train_sources, self.render_cfg, self.tokenizer, self.pipeline_cfg,
                                   seed=int(self.spec.seed), global_batch=int(self.spec.batch_size), **common)
     self.eval_ds = eval_datasets(eval_sources, self.render_cfg, self.tokenizer, self.pipeline_cfg, **common)
@@ -282,17 +286,21 @@ class Trainer:
   # ---- evaluation -------------------------------------------------------------------------
 
   def _host_rows(self, batch: dict[str, np.ndarray], probs: jax.Array) -> dict[str, np.ndarray]:
-    """Every process's rows of one eval batch, on every host (rows of process p after p-1's)."""
+    """Every process's rows of one eval batch, on every host (rows of process p after p-1's).
+
+    Each process's probabilities are taken from its own rows of the global array (the inverse of
+    device_batch) and gathered together with its targets, so the two stay aligned whatever order
+    the mesh puts the processes' devices in."""
     rows = batch["input_ids"].shape[0]
     local = {"probs": None, "targets": batch["targets"], "target_mask": batch["target_mask"],
              "step_index": batch["step_index"],
-             "example_index": batch["example_index"] + self.process_index * rows}
+             "example_index": batch["example_index"] + self.batch_block * rows}
     if self.process_count == 1:
       local["probs"] = np.asarray(probs)
       return local
-    gathered = multihost_utils.process_allgather(
-      {k: v for k, v in local.items() if k != "probs"}, tiled=True)
-    gathered["probs"] = multihost_utils.process_allgather(probs, tiled=True)
+    local["probs"] = np.asarray(multihost_utils.global_array_to_host_local_array(
+      probs, self.mesh, shd.batch_sharding(self.mesh).spec))
+    gathered = multihost_utils.process_allgather(local, tiled=True)
     return {k: np.asarray(v) for k, v in gathered.items()}
 
   def evaluate(self, step: int, log_scalars: bool = True) -> dict[str, Any]:
