@@ -528,50 +528,110 @@ def test_private_cudnn_attention_is_used_only_with_the_expected_parameters(monke
     cudnn_attention.causal_attention_constant_mask(None, None, None, None, 1.0)
 
 
-def test_gpu_summary_reads_the_targets_from_one_tarball(tmp_path, capsys):
-  """Hand-written records of a gpu_checks.sh tarball (numbers chosen here, not measured): the
-  best full and LoRA checks are picked by tokens/s, failed checks are left out, and each target
-  says what it was computed from and whether it holds."""
+def _write_tarball(path: pathlib.Path, files: dict[str, str]) -> str:
+  """A gpu_checks.sh-like tarball ("./NAME" members) holding these texts."""
   import io
   import tarfile
-  from rmjax.bench import gpu_summary
-  full = {"impl": "rmjax", "mode": "full", "batch": 4, "device": "NVIDIA H100 80GB HBM3", "opt_state_dtype": "bfloat16"}
-  files = {
-    "full_dots.jsonl": [full | {"tokens_per_s": 15000.0, "mfu": 0.44, "peak_mem_mb": 62000.0}],
-    "full_unrolled.jsonl": [full | {"tokens_per_s": 16000.0, "mfu": 0.47, "peak_mem_mb": 60000.0}],
-    "full_dots_cublas.jsonl": [{"impl": "rmjax", "mode": "full", "error": "RuntimeError: out of memory"}],
-    "lora_dots_attn.jsonl": [{"impl": "rmjax", "mode": "lora", "batch": 4, "tokens_per_s": 21000.0}],
-    "lora_unrolled.jsonl": [{"impl": "rmjax", "mode": "lora", "batch": 4, "tokens_per_s": 23000.0}],
-    "lora_remat.jsonl": [{"impl": "rmjax", "mode": "lora", "batch": 4, "tokens_per_s": 17000.0, "peak_mem_mb": 10659.0}],
-    "torch_full.jsonl": [{"impl": "torch", "mode": "full", "batch": 4, "tokens_per_s": 8000.0}, {"ratios": {}}],
-    "packing.jsonl": [{"layout": "unpacked"}, {"packed_over_unpacked_markers_per_s": 2.1,
-                                               "packed_cudnn_packed_over_unpacked_markers_per_s": 1.9}],
-    "attention.jsonl": [{"variant": "segments", "ms": 3.0},
-                        {"variant": "segments_cudnn_packed", "ms": 1.5, "max_abs_diff_out": 0.0078}],
-  }
-  tarball = tmp_path / "gpu_checks.tgz"
-  with tarfile.open(tarball, "w:gz") as tar:
-    for name, payload in [*((n, "\n".join(map(json.dumps, rs))) for n, rs in files.items()),
-                          ("data_wait.json", json.dumps({"device_idle_frac": [0.01, 0.03, None]}))]:
-      data = payload.encode()
+  with tarfile.open(path, "w:gz") as tar:
+    for name, text in files.items():
+      data = text.encode()
       info = tarfile.TarInfo(f"./{name}")
       info.size = len(data)
       tar.addfile(info, io.BytesIO(data))
-  assert gpu_summary.main([str(tarball)]) == 0
-  rows = {r["target"]: r for r in _lines(capsys.readouterr().out)}
+  return str(path)
+
+
+def _summary_files(device: str) -> dict[str, str]:
+  """Hand-written records of the checks (numbers chosen here, not measured), as JSON lines."""
+  full = {"impl": "rmjax", "mode": "full", "batch": 4, "device": device, "opt_state_dtype": "bfloat16"}
+  records = {
+    "full_dots": [full | {"tokens_per_s": 15000.0, "mfu": 0.44, "peak_mem_mb": 62000.0}],
+    "full_unrolled": [full | {"tokens_per_s": 16000.0, "mfu": 0.47, "peak_mem_mb": 60000.0}],
+    "full_remat": [full | {"tokens_per_s": 12000.0, "mfu": 0.35, "opt_state_dtype": "float32",
+                           "remat_policy": "full"}],
+    "full_dots_cublas": [{"impl": "rmjax", "mode": "full", "error": "RuntimeError: out of memory"}],
+    "lora_dots_attn": [{"impl": "rmjax", "mode": "lora", "batch": 4, "tokens_per_s": 21000.0}],
+    "lora_unrolled": [{"impl": "rmjax", "mode": "lora", "batch": 4, "tokens_per_s": 23000.0}],
+    "lora_remat": [{"impl": "rmjax", "mode": "lora", "batch": 4, "tokens_per_s": 17000.0, "peak_mem_mb": 10659.0}],
+    "torch_full": [{"impl": "torch", "mode": "full", "batch": 4, "tokens_per_s": 8000.0}, {"ratios": {}}],
+    "packing": [{"layout": "unpacked"}, {"packed_over_unpacked_markers_per_s": 2.1,
+                                         "packed_cudnn_packed_over_unpacked_markers_per_s": 1.9}],
+    "attention": [{"variant": "segments", "ms": 3.0},
+                  {"variant": "segments_cudnn_packed", "ms": 1.5, "max_abs_diff_out": 0.0078}],
+  }
+  return ({f"{name}.jsonl": "\n".join(map(json.dumps, rs)) for name, rs in records.items()}
+          | {"data_wait.json": json.dumps({"device_idle_frac": [0.01, 0.03, None]})})
+
+
+def test_gpu_summary_reads_the_targets_from_one_tarball(tmp_path, capsys):
+  """The best full and LoRA checks are picked by tokens/s, failed checks are left out, rmjax is
+  compared with torch at torch's settings (full_remat), and each target says what it was computed
+  from and whether it holds. A line cut short (a killed run) is skipped and counted, and the
+  loop's run/ folder is not read (its metrics.jsonl is no check's records)."""
+  from rmjax.bench import gpu_summary
+  files = _summary_files("NVIDIA H100 80GB HBM3")
+  files["lora_unrolled.jsonl"] += '\n{"impl": "rmjax", "mode": "lo'
+  files["run/demo-lora/logs/metrics.jsonl"] = '{"step": 2, "train/loss": 0.2}\n{"step": 4, "tra'
+  assert gpu_summary.main([_write_tarball(tmp_path / "gpu_checks.tgz", files)]) == 0
+  out, err = capsys.readouterr()
+  rows = {r["target"]: r for r in _lines(out)}
+  assert "lora_unrolled.jsonl: 1 record line(s) that are not JSON skipped" in err and "not judged" not in err
   assert (rows["full_mfu"]["value"], rows["full_mfu"]["held"], rows["full_mfu"]["check"]) == (0.47, True, "full_unrolled")
-  assert rows["full_over_torch"]["value"] == pytest.approx(2.0) and rows["full_over_torch"]["held"]
+  like = rows["full_over_torch"]
+  assert like["value"] == pytest.approx(1.5) and like["held"] and like["checks"] == ["full_remat", "torch_full"]
+  assert like["rmjax"] == {"remat_policy": "full", "opt_state_dtype": "float32"}
+  fastest = rows["full_fastest_over_torch"]
+  assert fastest["value"] == pytest.approx(2.0) and fastest["held"] is None
+  assert fastest["checks"] == ["full_unrolled", "torch_full"]
   assert rows["lora_over_full"]["value"] == pytest.approx(23000 / 16000) and rows["lora_over_full"]["held"]
   assert rows["lora_over_full"]["checks"] == ["lora_unrolled", "full_unrolled"]
   assert (rows["lora_peak_mb"]["value"], rows["lora_peak_mb"]["held"]) == (10659.0, True)
-  assert [f["check"] for f in rows["full_fits"]["value"]] == ["full_dots", "full_unrolled"]  # not the failed one
+  assert [f["check"] for f in rows["full_fits"]["value"]] == ["full_dots", "full_unrolled", "full_remat"]
   assert (rows["packing:packed"]["held"], rows["packing:packed_cudnn_packed"]["held"]) == (True, False)
   assert rows["device_idle"]["value"] == pytest.approx(0.02) and rows["device_idle"]["windows"] == 2
   packed = rows["packed_attention:segments_cudnn_packed"]
   assert (packed["value"], packed["ms_masked"], packed["faster_than_mask"], packed["max_abs_diff_out"]) == (
     1.5, 3.0, True, 0.0078)
   assert {r["device"] for r in rows.values()} == {"NVIDIA H100 80GB HBM3"}
+  assert all(r["skipped_lines"] == {"lora_unrolled.jsonl": 1} and "not_judged" not in r for r in rows.values())
   assert gpu_summary.main([str(tmp_path / "missing.tgz")]) == 2
+
+
+@pytest.mark.parametrize("device", ["NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA A100-SXM4-80GB", "cpu"])
+def test_gpu_summary_judges_the_targets_on_an_h100_sxm_only(tmp_path, capsys, device):
+  """The targets are an H100 SXM's: the same records from another device give the figures with
+  no verdict, and say why."""
+  from rmjax.bench import gpu_summary
+  assert gpu_summary.judged_device("NVIDIA H100 80GB HBM3") and not gpu_summary.judged_device(None)
+  assert gpu_summary.main([_write_tarball(tmp_path / "gpu_checks.tgz", _summary_files(device))]) == 0
+  out, err = capsys.readouterr()
+  rows = {r["target"]: r for r in _lines(out)}
+  assert rows["full_mfu"]["value"] == 0.47 and rows["full_over_torch"]["value"] == pytest.approx(1.5)
+  assert all(r["held"] is None and device in r["not_judged"] for r in rows.values())
+  assert err.startswith("note: not judged: the targets are an H100 SXM's") and len(err.splitlines()) == 1
+
+
+def test_gpu_summary_packing_ratios_from_the_layout_lines_when_the_ratio_line_is_missing(tmp_path):
+  """A packing run cut off (or failing) after some layouts still gives the ratios it measured."""
+  from rmjax.bench import gpu_summary
+  lines = [{"layout": "unpacked", "markers_per_s": 100.0}, {"layout": "packed", "markers_per_s": 230.0},
+           {"layout": "packed_cudnn_packed", "error": "RuntimeError: cuDNN refused"}]
+  files = {"packing.jsonl": "\n".join(map(json.dumps, lines))}
+  rows = gpu_summary.summarise(gpu_summary.read_tarball(_write_tarball(tmp_path / "gpu_checks.tgz", files)))
+  packing = [r for r in rows if r["target"].startswith("packing")]
+  assert [(r["target"], r["value"]) for r in packing] == [("packing:packed", pytest.approx(2.3))]
+
+
+def test_data_wait_skips_lines_that_are_not_json(tmp_path):
+  """gpu_checks.sh loop reads the loop's metrics.jsonl through gpu_summary.data_wait: a line cut
+  short by a killed run is skipped and counted, the first window (compilation) dropped."""
+  from rmjax.bench import gpu_summary
+  rows = [{"step": s, "train/data_wait_frac": 0.01 * s, "train/device_idle_frac": 0.02} for s in (2, 4, 6)]
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("\n".join(map(json.dumps, [{"step": 1, "eval/mse": 0.3}, *rows])) + '\n{"step": 8, "train/da')
+  waits = gpu_summary.data_wait(path)
+  assert waits["steps"] == [4, 6] and waits["data_wait_frac"] == [0.04, 0.06] and waits["skipped_lines"] == 1
+  assert gpu_summary.data_wait(tmp_path / "missing.jsonl")["steps"] == []
 
 
 def test_torch_lora_base_is_frozen_in_the_frozen_dtype():

@@ -7,19 +7,27 @@ them by hand after a short loan is where mistakes happen, so this reads the reco
 one JSON line per target: the figure, where it came from, the target, and whether it holds
 (null when the checks it needs are missing or failed). Targets (issue 7, GPU part):
   full_mfu             best full fine-tuning step's MFU >= 0.45
-  full_over_torch      that step's tokens/s over the torch reference's (torch_full) > 1
+  full_over_torch      rmjax full fine-tuning with the reference's settings (full_remat: full
+                       remat, float32 Adam moments) over the torch reference (torch_full) > 1
   lora_over_full       best LoRA step's tokens/s over the best full step's >= 1.4
   lora_peak_mb         LoRA with full remat (lora_remat): peak device memory <= 16 GB at batch 4
   full_fits            a full fine-tuning step ran at batch 4 (its peak and Adam moment dtype)
   packing              packed over unpacked supervised markers/s >= 2, per segment attention
   device_idle          mean train/device_idle_frac of the loop (first window dropped) < 0.05
   packed_attention     cuDNN's packed layout against the masked call: max abs differences, ms
+and, not a target: full_fastest_over_torch, the best full step (bf16 moments, lighter remat)
+over the same torch run, which is not like for like.
+The targets are an H100 SXM's: on any other device (H100 PCIe or NVL included) every row's
+`held` is null and `not_judged` says why. Only the tarball's top-level files are read (not the
+loop's run/ folder); a record line that is not JSON (a run killed mid-line) is skipped and
+counted, on stderr and in the rows' `skipped_lines`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import statistics
 import sys
 import tarfile
@@ -29,24 +37,63 @@ from rmjax.cli import first_line
 
 FULL_CHECKS = ("full_dots", "full_unrolled", "full_dots_cublas")
 LORA_CHECKS = ("lora_dots_attn", "lora_unrolled", "lora_proj_attn", "lora_dots_attn_dsf")
+LIKE_TORCH_CHECK = "full_remat"  # rmjax with torch_full's settings: full remat, float32 Adam moments
 LORA_PEAK_LIMIT_MB = 16e9 / 2**20  # 16 GB; the bench reports MiB
+PACKING_RATIO = "_over_unpacked_markers_per_s"
+
+
+def parse_jsonl(text: str) -> tuple[list[dict[str, Any]], int]:
+  """The records of the lines that start with "{", and how many of those are not JSON."""
+  records, bad = [], 0
+  for line in text.splitlines():
+    if line.startswith("{"):
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        bad += 1
+  return records, bad
+
+
+def data_wait(metrics_path: str | pathlib.Path) -> dict[str, Any]:
+  """The loop's data wait and device idle per logging window, from its metrics.jsonl (what
+  gpu_checks.sh loop writes as data_wait.json); the first window, which includes compilation, is dropped."""
+  path = pathlib.Path(metrics_path)
+  records, bad = parse_jsonl(path.read_text()) if path.exists() else ([], 0)
+  rows = [r for r in records if "train/data_wait_frac" in r][1:]
+  return ({key: [r.get(f"train/{key}") for r in rows]
+           for key in ("data_wait_frac", "device_idle_frac", "data_read_ms", "data_place_ms", "tokens_per_s")}
+          | {"steps": [r.get("step") for r in rows], "skipped_lines": bad})
 
 
 def read_tarball(path: str) -> dict[str, Any]:
-  """{check name: its JSON records (list)} and {"data_wait": the loop's data_wait.json}."""
+  """{check name: its JSON records (list)}, {"data_wait": the loop's data_wait.json} and
+  {"skipped_lines": {file: lines that are not JSON}}, from the tarball's top-level files only."""
   out: dict[str, Any] = {}
+  skipped: dict[str, int] = {}
   with tarfile.open(path) as tar:
     for member in tar.getmembers():
       name = member.name.removeprefix("./")
-      stream = tar.extractfile(member) if member.isfile() else None
+      stream = tar.extractfile(member) if member.isfile() and "/" not in name else None
       if stream is None:
         continue
       text = stream.read().decode(errors="replace")
       if name.endswith(".jsonl"):
-        out[name[:-len(".jsonl")]] = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        out[name[:-len(".jsonl")]], bad = parse_jsonl(text)
       elif name == "data_wait.json" and text.strip():
-        out["data_wait"] = json.loads(text)
-  return out
+        records, bad = parse_jsonl(text.strip())
+        if records:
+          out["data_wait"] = records[0]
+      else:
+        continue
+      if bad:
+        skipped[name] = bad
+  return out | ({"skipped_lines": skipped} if skipped else {})
+
+
+def judged_device(device: str | None) -> bool:
+  """Whether the targets, set for an H100 SXM, apply to this device: an H100, not PCIe or NVL."""
+  name = (device or "").upper()
+  return "H100" in name and "PCIE" not in name and "NVL" not in name
 
 
 def _run_record(records: dict[str, Any], check: str) -> dict[str, Any] | None:
@@ -64,18 +111,35 @@ def _target(name: str, value: Any, target: str, held: bool | None, **source: Any
   return {"target": name, "value": value, "wanted": target, "held": held, **source}
 
 
+def _packing_ratios(records: list[dict[str, Any]]) -> dict[str, float]:
+  """{packed layout: markers/s over the unpacked layout's}: the bench's ratio lines, else (a run
+  cut off before its ratio line) computed from the per-layout lines."""
+  by_layout = {r["layout"]: r["markers_per_s"] for r in records if r.get("markers_per_s") and "layout" in r}
+  unpacked = by_layout.pop("unpacked", None)
+  ratios = {name: value / unpacked for name, value in by_layout.items()} if unpacked else {}
+  for r in records:
+    ratios |= {k.removesuffix(PACKING_RATIO): v for k, v in r.items() if k.endswith(PACKING_RATIO)}
+  return ratios
+
+
 def summarise(records: dict[str, Any]) -> list[dict[str, Any]]:
   rows = []
   full_check, full = _best(records, FULL_CHECKS)
   lora_check, lora = _best(records, LORA_CHECKS)
+  like_torch = _run_record(records, LIKE_TORCH_CHECK)
   torch = _run_record(records, "torch_full")
   device = next((r["device"] for rs in records.values() if isinstance(rs, list) for r in rs if r.get("device")),
                 None)
   mfu = full and full.get("mfu")
   rows.append(_target("full_mfu", mfu, ">= 0.45", None if mfu is None else mfu >= 0.45, check=full_check))
-  ratio = full["tokens_per_s"] / torch["tokens_per_s"] if full and torch else None
+  ratio = like_torch["tokens_per_s"] / torch["tokens_per_s"] if like_torch and torch else None
   rows.append(_target("full_over_torch", ratio, "> 1", None if ratio is None else ratio > 1,
-                      checks=[full_check, "torch_full"]))
+                      checks=[LIKE_TORCH_CHECK, "torch_full"],
+                      rmjax={k: like_torch.get(k) for k in ("remat_policy", "opt_state_dtype")} if like_torch else None))
+  ratio = full["tokens_per_s"] / torch["tokens_per_s"] if full and torch else None
+  rows.append(_target("full_fastest_over_torch", ratio,
+                      "not a target: rmjax's fastest full step against torch with full remat and float32 moments",
+                      None, checks=[full_check, "torch_full"]))
   ratio = lora["tokens_per_s"] / full["tokens_per_s"] if full and lora else None
   rows.append(_target("lora_over_full", ratio, ">= 1.4", None if ratio is None else ratio >= 1.4,
                       checks=[lora_check, full_check]))
@@ -84,15 +148,13 @@ def summarise(records: dict[str, Any]) -> list[dict[str, Any]]:
   rows.append(_target("lora_peak_mb", peak, f"<= {LORA_PEAK_LIMIT_MB:.0f} (16 GB)",
                       None if peak is None else peak <= LORA_PEAK_LIMIT_MB, check="lora_remat",
                       batch=remat and remat.get("batch")))
-  fits = [(c, r) for c in FULL_CHECKS if (r := _run_record(records, c)) and r.get("batch") == 4]
+  fits = [(c, r) for c in (*FULL_CHECKS, LIKE_TORCH_CHECK) if (r := _run_record(records, c)) and r.get("batch") == 4]
   rows.append(_target("full_fits", [{"check": c, "peak_mem_mb": r.get("peak_mem_mb"),
                                      "opt_state_dtype": r.get("opt_state_dtype")} for c, r in fits],
                       "a full step at batch 4", bool(fits) or None))
-  ratios = next((r for r in records.get("packing", []) if any(k.endswith("_over_unpacked_markers_per_s") for k in r)),
-                {})
+  ratios = _packing_ratios(records.get("packing", []))
   for key, value in ratios.items():
-    rows.append(_target(f"packing:{key.removesuffix('_over_unpacked_markers_per_s')}", value, ">= 2", value >= 2,
-                        check="packing"))
+    rows.append(_target(f"packing:{key}", value, ">= 2", value >= 2, check="packing"))
   if not ratios:
     rows.append(_target("packing", None, ">= 2", None, check="packing"))
   idle = [x for x in records.get("data_wait", {}).get("device_idle_frac", []) if x is not None]
@@ -108,8 +170,11 @@ def summarise(records: dict[str, Any]) -> list[dict[str, Any]]:
     rows.append(_target(f"packed_attention:{variant}", ms, "equal to bf16 rounding (judge the diffs), faster",
                         None, check="attention", ms_masked=masked_ms,
                         faster_than_mask=ms < masked_ms if ms and masked_ms else None,
-                        unavailable=(r or {}).get("unavailable"), **diffs))
-  return [r | {"device": device} for r in rows]
+                        unavailable=(r or {}).get("unavailable"), error=(r or {}).get("error"), **diffs))
+  shared = {"device": device} | ({"skipped_lines": records["skipped_lines"]} if "skipped_lines" in records else {})
+  if not judged_device(device):
+    shared |= {"held": None, "not_judged": f"the targets are an H100 SXM's; these records' device is {device!r}"}
+  return [r | shared for r in rows]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,10 +183,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = p.parse_args(argv)
   try:
     records = read_tarball(args.tarball)
-  except (OSError, tarfile.TarError, json.JSONDecodeError, UnicodeDecodeError) as e:
+  except (OSError, tarfile.TarError) as e:
     print(f"error: cannot read {args.tarball}: {first_line(e)}", file=sys.stderr)
     return 2
-  for row in summarise(records):
+  for name, count in records.get("skipped_lines", {}).items():
+    print(f"warning: {args.tarball}: {name}: {count} record line(s) that are not JSON skipped", file=sys.stderr)
+  rows = summarise(records)
+  if rows and "not_judged" in rows[0]:
+    print(f"note: not judged: {rows[0]['not_judged']}", file=sys.stderr)
+  for row in rows:
     print(json.dumps(row), flush=True)
   return 0
 
