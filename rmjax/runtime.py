@@ -56,27 +56,30 @@ def enable_compilation_cache(env: Mapping[str, str] = os.environ) -> pathlib.Pat
 def distributed_args(dist: Any, env: Mapping[str, str] = os.environ) -> dict[str, Any] | None:
   """Arguments for jax.distributed.initialize, or None for a single-process run.
 
-  The spec's `distributed` group wins; otherwise JAX's own environment detection is used when
-  the environment says there are several processes (JAX_COORDINATOR_ADDRESS, SLURM, Open MPI).
+  Each of the coordinator address, the process count and the process id comes from the spec's
+  `distributed` group when set there, else from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+  JAX_PROCESS_ID (jax reads only the address itself; launch/local.sh and the k8s Job set all
+  three), so a spec may fix some and leave the others to the launcher. Without an address, SLURM
+  and Open MPI runs use JAX's own cluster detection; several processes with no way to find the
+  coordinator is a one-line ValueError rather than N independent single-process runs.
   """
-  if dist.coordinator_address:
-    args: dict[str, Any] = {"coordinator_address": dist.coordinator_address}
-    if dist.num_processes > 0:
-      args["num_processes"] = int(dist.num_processes)
-    if dist.process_id >= 0:
-      args["process_id"] = int(dist.process_id)
-    return args
-  if env.get("JAX_COORDINATOR_ADDRESS"):
-    # jax reads the address itself but not the count or the id (no cluster type does for a
-    # plain environment), so launch/local.sh and launch/k8s-indexed-job.yaml set these two.
-    args = {}
-    for key, name in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
-      if env.get(key, "").strip():
-        args[name] = _env_int(env, key)
-    return args
-  for key in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
-    if env.get(key, "").strip() and _env_int(env, key) > 1:
-      return {}
+  address = str(dist.coordinator_address or env.get("JAX_COORDINATOR_ADDRESS", "")).strip()
+  args: dict[str, Any] = {}
+  if int(dist.num_processes) > 0:
+    args["num_processes"] = int(dist.num_processes)
+  elif env.get("JAX_NUM_PROCESSES", "").strip():
+    args["num_processes"] = _env_int(env, "JAX_NUM_PROCESSES")
+  if int(dist.process_id) >= 0:
+    args["process_id"] = int(dist.process_id)
+  elif env.get("JAX_PROCESS_ID", "").strip():
+    args["process_id"] = _env_int(env, "JAX_PROCESS_ID")
+  if address:
+    return {"coordinator_address": address, **args}
+  if any(env.get(k, "").strip() and _env_int(env, k) > 1 for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")):
+    return args  # JAX's cluster detection finds the coordinator
+  if args.get("num_processes", 1) > 1:
+    raise ValueError(f"{args['num_processes']} processes but no coordinator address: set "
+                     "distributed.coordinator_address or JAX_COORDINATOR_ADDRESS (host:port of process 0)")
   return None
 
 

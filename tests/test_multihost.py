@@ -136,4 +136,5 @@ def test_k8s_job_and_runtime_agree_on_process_layout():
   assert 'JAX_PROCESS_ID="$JOB_COMPLETION_INDEX"' in container["args"][0]
   dist = type("D", (), {"coordinator_address": "", "num_processes": 0, "process_id": -1})()
   pod_env = dict(env, JAX_PROCESS_ID="1")
-  assert runtime.distributed_args(dist, pod_env) == {"num_processes": n, "process_id": 1}
+  assert runtime.distributed_args(dist, pod_env) == {"coordinator_address": env["JAX_COORDINATOR_ADDRESS"],
+                                                     "num_processes": n, "process_id": 1}

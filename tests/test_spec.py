@@ -313,10 +313,26 @@ def test_distributed_args():
   assert runtime.distributed_args(dist, {}) is None
   assert runtime.distributed_args(dist, {"SLURM_NTASKS": "1"}) is None
   assert runtime.distributed_args(dist, {"SLURM_NTASKS": "4"}) == {}
-  assert runtime.distributed_args(dist, {"JAX_COORDINATOR_ADDRESS": "h:1"}) == {}
+  assert runtime.distributed_args(dist, {"JAX_COORDINATOR_ADDRESS": "h:1"}) == {"coordinator_address": "h:1"}
   with pytest.raises(ValueError, match="SLURM_NTASKS='x'"):
     runtime.distributed_args(dist, {"SLURM_NTASKS": "x"})
   with pytest.raises(ValueError, match="JAX_PROCESS_ID='-1'"):
     runtime.distributed_args(dist, {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_PROCESS_ID": "-1"})
   dist.coordinator_address, dist.num_processes, dist.process_id = "h:123", 2, 1
   assert runtime.distributed_args(dist, {}) == {"coordinator_address": "h:123", "num_processes": 2, "process_id": 1}
+
+
+def test_distributed_args_merge_the_spec_and_the_environment_field_by_field():
+  dist = spec_lib.load_spec_file(str(SPECS / "demo.py")).distributed
+  dist.num_processes, dist.process_id = 2, 1  # the spec fixes the layout, the launcher the address
+  assert runtime.distributed_args(dist, {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "4"}) == {
+    "coordinator_address": "h:1", "num_processes": 2, "process_id": 1}
+  assert runtime.distributed_args(dist, {"SLURM_NTASKS": "2"}) == {"num_processes": 2, "process_id": 1}
+  with pytest.raises(ValueError, match="^2 processes but no coordinator address: set distributed.coordinator_address"):
+    runtime.distributed_args(dist, {})
+  dist.num_processes, dist.process_id, dist.coordinator_address = 0, -1, "h:2"  # the launcher the layout
+  assert runtime.distributed_args(dist, {"JAX_NUM_PROCESSES": "3", "JAX_PROCESS_ID": "2"}) == {
+    "coordinator_address": "h:2", "num_processes": 3, "process_id": 2}
+  dist.coordinator_address = ""
+  with pytest.raises(ValueError, match="^3 processes but no coordinator address"):
+    runtime.distributed_args(dist, {"JAX_NUM_PROCESSES": "3", "JAX_PROCESS_ID": "2"})
