@@ -66,6 +66,10 @@ class CheckpointCorrupt(CheckpointError):
     super().__init__(f"corrupt or unreadable checkpoint {self.path}: {reason}")
 
 
+class CheckpointProcessMismatch(CheckpointError):
+  """The checkpoint's data positions were written by another number of processes."""
+
+
 class CheckpointWriteError(CheckpointError):
   """A save could not be written; the previously committed steps are untouched."""
 
@@ -133,6 +137,23 @@ def _one_line(exc: BaseException) -> str:
     text = f"{text[:220]} ... {text[-170:]}"
   reason = os.strerror(int(code.group(1))) if code else ""
   return f"{type(exc).__name__}: {text}" + (f" ({reason})" if reason and reason not in text else "")
+
+
+_DATA_STATE_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
+
+
+def _check_process_count(path: pathlib.Path) -> None:
+  """Each process saved its own data position (grain's `data/process_<i>-of-<N>.json`), for its
+  own shard of every source; with another process count those shards differ, so the positions
+  cannot be carried over. That is a relaunch with the wrong layout, not a corrupt checkpoint."""
+  counts = {int(m.group(2)) for f in (path / "data").iterdir() if (m := _DATA_STATE_FILE.fullmatch(f.name))}
+  now = jax.process_count()
+  if counts and now not in counts:
+    written = "/".join(str(n) for n in sorted(counts))
+    raise CheckpointProcessMismatch(
+      f"checkpoint {path} was written by {written} process(es) and this run has {now}: each process's "
+      f"data position belongs to its own shard; resume with {written} process(es), or start a new run "
+      f"with --spec.init_from={path} (its weights, a fresh optimizer and data order)")
 
 
 class _IteratorSnapshot:
@@ -311,6 +332,7 @@ class Checkpointer:
     if iterator is not None:
       if not (path / "data").is_dir():
         raise CheckpointCorrupt(path, "no data-iterator state in this checkpoint")
+      _check_process_count(path)
       items["data"] = grain.checkpoint.CheckpointRestore(iterator)
     try:
       out = self._mgr.restore(step, args=ocp.args.Composite(**items))

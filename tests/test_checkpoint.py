@@ -392,3 +392,18 @@ def test_background_error_filters_touch_only_orbax_and_tensorstore():
                                      (ValueError, ValueError("x"), None)))
   assert abandoned.filter(record("asyncio", "base_events.py", "Task exception was never retrieved", user_exc))
   assert abandoned.filter(record("asyncio", "base_events.py", "Executing <Task> took 0.2 seconds", None))
+
+
+def test_data_positions_of_another_process_count_are_a_layout_error_not_corruption(tmp_path):
+  with ck.Checkpointer(tmp_path / "checkpoints") as c:
+    c.save(5, _tiny(), iterator=_grain_iter())
+    c.wait_until_finished()
+    data = c.step_path(5) / "data"
+    (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")  # as 2 processes write it
+    (data / "process_1-of-2.json").write_text((data / "process_0-of-2.json").read_text())
+    for fallback in (False, True):
+      with pytest.raises(ck.CheckpointProcessMismatch,
+                         match=r"checkpoint_step_5 was written by 2 process\(es\) and this run has 1.*init_from="):
+        c.restore_latest(ck.abstract_like(_tiny()), iterator=_grain_iter(), fallback_to_previous=fallback)
+    assert c.all_steps() == [5]  # not set aside as corrupt
+    assert c.restore(5, ck.abstract_like(_tiny())).step == 5  # the weights alone still restore
