@@ -35,6 +35,7 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
@@ -154,6 +155,25 @@ def _check_process_count(path: pathlib.Path) -> None:
       f"checkpoint {path} was written by {written} process(es) and this run has {now}: each process's "
       f"data position belongs to its own shard; resume with {written} process(es), or start a new run "
       f"with --spec.init_from={path} (its weights, a fresh optimizer and data order)")
+
+
+def _failed_on_processes(failed: bool) -> list[int]:
+  """The processes whose restore of the same step failed (one small all-gather when several)."""
+  if jax.process_count() == 1:
+    return [0] if failed else []
+  from jax.experimental import multihost_utils
+  flags = np.asarray(multihost_utils.process_allgather(np.int32(failed))).reshape(-1)
+  return [int(i) for i in np.flatnonzero(flags)]
+
+
+def _agreed_error(error: CheckpointCorrupt | None, path: pathlib.Path) -> CheckpointCorrupt | None:
+  """This process's restore error, or one for a step that failed on another process. Every
+  process must take the same branch (restoring is collective: a process that went on while
+  another fell back to an older step would wait for it forever)."""
+  failed = _failed_on_processes(error is not None)
+  if error is None and failed:
+    return CheckpointCorrupt(path, f"unreadable on process(es) {', '.join(map(str, failed))}")
+  return error
 
 
 class _IteratorSnapshot:
@@ -349,13 +369,17 @@ class Checkpointer:
     first_error: CheckpointCorrupt | None = None
     corrupt: list[int] = []
     for step in reversed(self.all_steps()):
+      error: CheckpointCorrupt | None = None
       try:
         restored = self.restore(step, abstract_state, iterator)
       except CheckpointCorrupt as e:
+        error = e
+      error = _agreed_error(error, self.step_path(step))
+      if error is not None:
         if not fallback_to_previous:
-          raise
-        log.warning("%s; trying the previous checkpoint", e)
-        first_error = first_error or e
+          raise error
+        log.warning("%s; trying the previous checkpoint", error)
+        first_error = first_error or error
         corrupt.append(step)
         continue
       if corrupt:

@@ -407,3 +407,20 @@ def test_data_positions_of_another_process_count_are_a_layout_error_not_corrupti
         c.restore_latest(ck.abstract_like(_tiny()), iterator=_grain_iter(), fallback_to_previous=fallback)
     assert c.all_steps() == [5]  # not set aside as corrupt
     assert c.restore(5, ck.abstract_like(_tiny())).step == 5  # the weights alone still restore
+
+
+def test_a_step_unreadable_on_another_process_counts_as_unreadable_here(tmp_path, monkeypatch):
+  # Restoring is collective: if process 1 cannot read step 3 while this process can, both must
+  # fall back together (or fail together), never one train while the other falls back.
+  d = tmp_path / "checkpoints"
+  _save_steps(d, [2, 3])
+  reports = iter([[1], []])  # step 3 failed on process 1; step 2 restored everywhere
+  monkeypatch.setattr(ck, "_failed_on_processes", lambda failed: [0] * failed + next(reports))
+  target = {"x": jax.ShapeDtypeStruct((4,), jnp.float32)}
+  with ck.Checkpointer(d) as c:
+    with pytest.raises(ck.CheckpointCorrupt, match="checkpoint_step_3: unreadable on process.es. 1"):
+      c.restore_latest(target)
+    reports = iter([[1], []])
+    assert c.restore_latest(target, fallback_to_previous=True).step == 2
+    assert c.all_steps() == [2]
+    assert (d / ck.CORRUPT_DIR / "checkpoint_step_3").is_dir()
