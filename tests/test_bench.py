@@ -414,14 +414,39 @@ def test_packing_bench_steps_the_packed_rows_with_each_segment_attention(capsys)
   from rmjax.bench import packing
   assert packing.main(["--preset", "tiny", "--row", "64", "--examples", "12", "--batch", "2", "--median", "20",
                        "--min-length", "8", "--buckets", "32,64", "--segment-attention", "both"]) == 0
-  unpacked, mask, cudnn_packed, ratios = _lines(capsys.readouterr().out)
+  unpacked, mask, mask_ratio, cudnn_packed, cudnn_packed_ratio = _lines(capsys.readouterr().out)
   assert [r["layout"] for r in (unpacked, mask, cudnn_packed)] == ["unpacked", "packed", "packed_cudnn_packed"]
   assert (mask["segment_attention"], cudnn_packed["segment_attention"]) == ("mask", "cudnn_packed")
   assert mask["attention"] == cudnn_packed["attention"] == "xla"
   assert mask["steps"] == cudnn_packed["steps"] and mask["markers"] == cudnn_packed["markers"] == unpacked["markers"]
   assert unpacked["most_examples_per_row"] == 1 and mask["most_examples_per_row"] > 1
-  assert ratios == {f"{name}_over_unpacked_markers_per_s": pytest.approx(r["markers_per_s"] / unpacked["markers_per_s"])
-                    for name, r in (("packed", mask), ("packed_cudnn_packed", cudnn_packed))}
+  for ratio, (name, r) in ((mask_ratio, ("packed", mask)), (cudnn_packed_ratio, ("packed_cudnn_packed", cudnn_packed))):
+    assert ratio == {f"{name}_over_unpacked_markers_per_s": pytest.approx(r["markers_per_s"] / unpacked["markers_per_s"])}
+
+
+def test_packing_bench_reports_a_failed_run_and_goes_on(capsys, monkeypatch):
+  """One layout's run fails after its step took (donated) the train state: an error line, and the
+  next layout still runs, from a fresh state, and gets its ratio line."""
+  import jax
+  from rmjax.bench import packing
+  real, calls = packing.time_layout, []
+
+  def second_run_fails(steps, state, batches, mesh):
+    calls.append(len(batches))
+    if len(calls) == 2:
+      jax.tree.map(lambda x: x.delete(), state)
+      raise RuntimeError("RESOURCE_EXHAUSTED: out of memory\nmore detail")
+    return real(steps, state, batches, mesh)
+  monkeypatch.setattr(packing, "time_layout", second_run_fails)
+  assert packing.main(["--preset", "tiny", "--row", "64", "--examples", "12", "--batch", "2", "--median", "20",
+                       "--min-length", "8", "--buckets", "32,64", "--segment-attention", "both"]) == 1
+  unpacked, failed, cudnn_packed, ratio = _lines(capsys.readouterr().out)
+  assert (unpacked["layout"], cudnn_packed["layout"]) == ("unpacked", "packed_cudnn_packed")
+  assert failed == {"layout": "packed", "lookahead": failed["lookahead"], "max_segments": 0,
+                    "attention_mask": "segments", "segment_attention": "mask",
+                    "error": "RuntimeError: RESOURCE_EXHAUSTED: out of memory"}
+  assert ratio == {"packed_cudnn_packed_over_unpacked_markers_per_s": pytest.approx(
+    cudnn_packed["markers_per_s"] / unpacked["markers_per_s"])}
 
 
 @pytest.mark.slow
@@ -505,6 +530,26 @@ def test_attention_probe_compares_the_packed_variants(capsys):
     assert ids[0] == 1 and np.all(np.diff(ids) >= 0) and np.all(np.diff(np.unique(ids)) == 1)
     assert np.all(row[len(ids):] == 0)
 
+
+
+def test_attention_probe_reports_a_failed_variant_and_goes_on(capsys, monkeypatch):
+  """The reference variant fails: an error line, the next variant still runs, and with no
+  reference it gives no differences (not differences from itself or another variant)."""
+  from rmjax.bench import attention
+  real, calls = attention.time_grads, []
+
+  def first_fails(attend, args, steps):
+    calls.append(steps)
+    if len(calls) == 1:
+      raise RuntimeError("cuDNN: no plan\nmore detail")
+    return real(attend, args, steps)
+  monkeypatch.setattr(attention, "time_grads", first_fails)
+  assert attention.main(["--seq-len", "64", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+                         "--median", "20", "--steps", "1"]) == 1
+  rows = {r["variant"]: r for r in _lines(capsys.readouterr().out)}
+  assert rows["segments"]["error"] == "RuntimeError: cuDNN: no plan" and "ms" not in rows["segments"]
+  assert rows["causal"]["ms"] > 0 and not any(k.startswith("max_abs_diff_") for k in rows["causal"])
+  assert len(rows) == 5
 
 def test_private_cudnn_attention_is_used_only_with_the_expected_parameters(monkeypatch):
   from rmjax.model import cudnn_attention

@@ -133,10 +133,9 @@ def run_one(impl: str, settings: common.BenchSettings, mode: str, isolate: bool)
         file=sys.stderr, flush=True)
   try:
     return run_in_process(impl, settings, mode)
-  except (ValueError, FloatingPointError, MemoryError, RuntimeError) as e:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    print(f"[rmjax.bench] {impl} {mode} failed: {type(e).__name__}: {first}", file=sys.stderr, flush=True)
-    return {"impl": impl, "mode": mode, "error": f"{type(e).__name__}: {first}"}
+  except common.RUN_ERRORS as e:
+    print(f"[rmjax.bench] {impl} {mode} failed: {common.error_text(e)}", file=sys.stderr, flush=True)
+    return {"impl": impl, "mode": mode, "error": common.error_text(e)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,7 +20,9 @@ variants must agree to bf16 rounding; `causal` differs wherever a row holds more
 example). Rows are packed from PRM800K-like lengths (log-normal, median 450), padded at the end;
 differences are taken over real tokens only (padded positions attend differently under the
 packed layout, and nothing reads them). On a CPU the first two run XLA's attention and the
-cuDNN-only ones are reported unavailable. One JSON line per variant.
+cuDNN-only ones are reported unavailable. One JSON line per variant, printed as it finishes; a
+variant that fails gives a line with its `error`, the others still run, and the exit status is 1
+(the differences are from `segments` only when it ran).
 
 `--target h100` compiles the cuDNN variants for an H100 without one (bench/gpu_target.py, jax's
 CUDA plugin) and, instead of timing, lists each compiled cuDNN call's outputs and whether its
@@ -47,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rmjax.bench import gpu_target
+from rmjax.bench import common, gpu_target
 from rmjax.model import cudnn_attention
 from rmjax.model.transformer import attention_mask
 
@@ -183,22 +185,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.error(f"--median {args.median} packs more than {MAX_SEGMENTS} examples into a row")
   real = jnp.asarray(segments > 0)[:, :, None, None]  # (B, T, 1, 1): compare real tokens only
   base |= {"impl": impl, "device": device.device_kind, "segments_per_row": float(np.mean(segments.max(axis=1)))}
-  reference = None
+  reference, failed = None, False
   base["tight_segment_slots"] = int(segments.max())
   for name, attend in variants(impl, args.head_dim ** -0.5, int(segments.max())).items():
     if attend is None:
       print(json.dumps(base | {"variant": name, "unavailable": _UNAVAILABLE}), flush=True)
       continue
-    seconds, result = time_grads(attend, (q, k, v, jnp.asarray(segments), w), args.steps)
+    try:
+      seconds, result = time_grads(attend, (q, k, v, jnp.asarray(segments), w), args.steps)
+    except common.RUN_ERRORS as e:  # an error line, and the other variants still run
+      failed = True
+      print(json.dumps(base | {"variant": name, "error": common.error_text(e)}), flush=True)
+      continue
     diffs = {}
-    if reference is None:
+    if name == "segments":
       reference = result
-    else:
+    elif reference is not None:
       diffs = {f"max_abs_diff_{part}": float(jnp.max(jnp.where(real, jnp.abs(a.astype(jnp.float32)
                                                                              - b.astype(jnp.float32)), 0.0)))
                for part, a, b in zip(("out", "dq", "dk", "dv"), result, reference)}
     print(json.dumps(base | {"variant": name, "ms": round(1e3 * seconds, 3)} | diffs), flush=True)
-  return 0
+  return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from rmjax.cli import first_line
 from rmjax.model.config import ModelConfig
 
 IMPLS = ("rmjax", "torch")
@@ -28,6 +29,10 @@ REQUIRED_KEYS = ("impl", "mode", "seq_len", "batch", "tokens_per_s", "step_time_
                  "mfu", "model_flops")
 RMJAX_KEYS = ("compiled_flops", "compiled_temp_mb", "compiled_arg_mb")
 MARKER_EVERY = 64  # mean tokens per reasoning step; the marker closes each step
+# What one run of a benchmark may raise that the tool reports as that run's error line before
+# going on to its next run, so a lent GPU command keeps the other figures (jax's runtime errors,
+# device out-of-memory among them, are RuntimeErrors).
+RUN_ERRORS = (ValueError, FloatingPointError, MemoryError, RuntimeError)
 
 
 def _preset_tiny() -> ModelConfig:
@@ -304,6 +309,11 @@ def ratios(records: Iterable[Mapping[str, Any]]) -> dict[str, float | None]:
     jx, pt = tps.get(("rmjax", mode)), tps.get(("torch", mode))
     out[mode] = jx / pt if jx and pt else None
   return out
+
+
+def error_text(exc: BaseException) -> str:
+  """A failed run's error field: the exception's type and first line."""
+  return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def emit(record: Mapping[str, Any], stream=None) -> None:

@@ -15,7 +15,10 @@ model.segment_attention; GPU only), and `both` steps the packed rows once with e
 Lengths are SYNTHETIC, PRM800K-like: log-normal with median `--median` tokens (default 450,
 sigma 0.6), clipped to [--min-length, row]; one marker per ~50 tokens (PRM800K steps are
 short). Token ids are random; the FLOPs do not depend on them. Output: one JSON line per
-layout, then one with the ratio.
+layout as soon as it has run, each packed layout's followed by its ratio to the unpacked one
+(`<layout>_over_unpacked_markers_per_s`), so a run cut short keeps what it measured; a layout
+whose run fails gives a line with its `error` instead, the others still run, and the exit
+status is 1.
 
 The ratio depends on how much of a step is attention: packed rows are full-length, so their
 attention (quadratic in the row) costs more per token than short padded rows'. A CPU proxy for
@@ -146,15 +149,22 @@ def main(argv: Sequence[str] | None = None) -> int:
   _, state, mesh = jax_impl.build(settings, args.mode, device, cfg=runs[0][2])
   batches_by_layout = layouts(examples, args.row, args.batch, max_markers, args.lookahead, buckets,
                               args.max_segments)
-  results = {}
+  markers_per_s, failed = {}, False
   for name, layout_name, run_cfg, layout in runs:
-    steps, _ = jax_impl.build_abstract(settings, args.mode, device, cfg=run_cfg)
     batches = batches_by_layout[layout_name]
-    seconds, state = time_layout(steps, state, batches, mesh)
+    try:
+      steps, _ = jax_impl.build_abstract(settings, args.mode, device, cfg=run_cfg)
+      seconds, state = time_layout(steps, state, batches, mesh)
+    except common.RUN_ERRORS as e:  # an error line, and the other layouts still run
+      failed = True
+      print(json.dumps({"layout": name, **layout, "error": common.error_text(e)}), flush=True)
+      if any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(state)):
+        _, state, mesh = jax_impl.build(settings, args.mode, device, cfg=runs[0][2])  # donated to the failed step
+      continue
     markers = sum(common.supervised_markers(b) for b in batches)
     real = sum(common.non_pad_tokens(b) for b in batches)
     slots = sum(b["input_ids"].size for b in batches)
-    results[name] = markers / seconds
+    markers_per_s[name] = markers / seconds
     print(json.dumps({"layout": name, **layout, "attention": auto_attention_impl(cfg, cfg.compute_dtype),
                       "attention_query_block": cfg.attention_query_block,
                       "preset": args.preset, "mode": args.mode,
@@ -163,9 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "markers_per_s": markers / seconds, "real_tokens_per_s": real / seconds,
                       "token_fill": round(real / slots, 4),
                       "most_examples_per_row": int(max(b["segment_ids"].max() for b in batches))}), flush=True)
-  print(json.dumps({f"{name}_over_unpacked_markers_per_s": results[name] / results["unpacked"]
-                    for name, *_ in runs[1:]}))
-  return 0
+    if name != "unpacked" and "unpacked" in markers_per_s:
+      print(json.dumps({f"{name}_over_unpacked_markers_per_s": markers_per_s[name] / markers_per_s["unpacked"]}),
+            flush=True)
+  return 1 if failed else 0
 
 
 if __name__ == "__main__":
