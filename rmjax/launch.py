@@ -86,11 +86,14 @@ def run(spec: Any, dry_run: bool = False) -> Any:
     return None
   from rmjax.train.loop import train_and_evaluate  # heavy: imported only when training
   try:
-    return train_and_evaluate(spec)
+    results = train_and_evaluate(spec)
   except _user_facing_errors() as e:  # a bad input or a stopped run: one line, no traceback
     if os.environ.get("RMJAX_DEBUG"):
       raise
     _fail(f"{type(e).__name__}: {e}", code=1)
+  if results.get("interrupted") and int(spec.stop_exit_code):
+    raise SystemExit(int(spec.stop_exit_code))  # stopped by SIGTERM, checkpoint saved: not finished
+  return results
 
 
 def _user_facing_errors() -> tuple[type[BaseException], ...]:

@@ -322,6 +322,8 @@ def _check_numbers(spec: ConfigDict, problems: list[str], warnings: list[str]) -
   for key in non_negative:
     if get_dotted(spec, key) < 0:
       problems.append(f"{key} must be >= 0, got {get_dotted(spec, key)}")
+  if not 0 <= spec.stop_exit_code <= 255:
+    problems.append(f"stop_exit_code must be in [0, 255], got {spec.stop_exit_code}")
   if not 0 <= spec.head.dropout < 1:
     problems.append(f"head.dropout must be in [0, 1), got {spec.head.dropout}")
   if not _positive_ints(spec.head.hidden_dims):

@@ -39,6 +39,9 @@ def base_spec() -> ml_collections.ConfigDict:
   c.max_eval_batches = 0             # eval batches per source per evaluation; 0 = the whole split
   c.init_from = ""                   # "" or a checkpoint dir: weights only, fresh optimizer and step 0
   c.nan_policy = "stop"              # non-finite loss: "stop" (raise, naming the step) | "skip" the update
+  # Exit status after SIGTERM stopped the run (a checkpoint saved): 0, or non-zero (e.g. 143) so an
+  # orchestrator sees an unfinished run and restarts it (launch/k8s-indexed-job.yaml sets 143).
+  c.stop_exit_code = 0
 
   c.model = ml_collections.ConfigDict()
   c.model.path = "Qwen/Qwen3-4B-Instruct-2507"  # hub id, local HF dir, or "demo" (tiny random backbone)

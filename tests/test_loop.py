@@ -313,9 +313,10 @@ def test_sigkill_then_relaunch_logs_exactly_the_uninterrupted_metrics(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
+@pytest.mark.parametrize("extra, code", [((), 0), (("--spec.stop_exit_code=143",), 143)])
+def test_sigterm_saves_a_checkpoint_and_exits_with_stop_exit_code(tmp_path, extra, code):
   run_dir = tmp_path / "demo-full"
-  proc = subprocess.Popen(_launch_cmd(tmp_path, 100000, "--spec.eval_steps=0", "--spec.save_steps=0"),
+  proc = subprocess.Popen(_launch_cmd(tmp_path, 100000, "--spec.eval_steps=0", "--spec.save_steps=0", *extra),
                           cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   metrics = run_dir / "logs" / "metrics.jsonl"
   try:
@@ -326,7 +327,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
   finally:
     if proc.poll() is None:
       proc.kill()
-  assert proc.returncode == 0, stderr[-3000:]
+  assert proc.returncode == code, stderr[-3000:]
   assert time.monotonic() - t0 < 30
   steps = checkpoint_steps(run_dir)
   assert len(steps) == 1 and 0 < steps[0] < 100000

@@ -134,6 +134,13 @@ def test_k8s_job_and_runtime_agree_on_process_layout():
   assert host == f"{job['metadata']['name']}-0.{service['metadata']['name']}"
   assert int(port) == service["spec"]["ports"][0]["port"] == container["ports"][0]["containerPort"]
   assert 'JAX_PROCESS_ID="$JOB_COMPLETION_INDEX"' in container["args"][0]
+  # A SIGTERM stop (checkpoint saved) exits with the code the failure policy ignores, so the Job
+  # is neither Complete nor charged a failure for it.
+  stop_code = int(container["args"][0].split("--spec.stop_exit_code=")[1].split()[0])
+  assert stop_code != 0 and pod["restartPolicy"] == "Never"
+  ignored = [r["onExitCodes"] for r in spec["podFailurePolicy"]["rules"]
+             if r["action"] == "Ignore" and "onExitCodes" in r]
+  assert ignored == [{"containerName": container["name"], "operator": "In", "values": [stop_code]}]
   dist = type("D", (), {"coordinator_address": "", "num_processes": 0, "process_id": -1})()
   pod_env = dict(env, JAX_PROCESS_ID="1")
   assert runtime.distributed_args(dist, pod_env) == {"coordinator_address": env["JAX_COORDINATOR_ADDRESS"],

@@ -182,6 +182,12 @@ def test_scan_unroll_reaches_the_model_and_is_checked():
     spec_lib.validate(demo_spec(model__scan_unroll=-2), 1)
 
 
+def test_stop_exit_code_is_an_exit_status():
+  assert spec_lib.validate(demo_spec(stop_exit_code=143), 1) == []
+  with pytest.raises(spec_lib.SpecError, match=r"stop_exit_code must be in \[0, 255\], got 256"):
+    spec_lib.validate(demo_spec(stop_exit_code=256), 1)
+
+
 def test_segment_attention_reaches_the_model_and_is_checked():
   from rmjax.train.build import model_overrides
   assert model_overrides(demo_spec())["segment_attention"] == "mask"
