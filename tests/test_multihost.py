@@ -145,3 +145,24 @@ def test_k8s_job_and_runtime_agree_on_process_layout():
   pod_env = dict(env, JAX_PROCESS_ID="1")
   assert runtime.distributed_args(dist, pod_env) == {"coordinator_address": env["JAX_COORDINATOR_ADDRESS"],
                                                      "num_processes": n, "process_id": 1}
+
+
+@pytest.mark.parametrize("env, ids", [({"CUDA_VISIBLE_DEVICES": "4,5,6,7"}, "0,1,2,3"),
+                                      ({"SLURM_GPUS_ON_NODE": "2"}, "0,1"),
+                                      ({"CUDA_VISIBLE_DEVICES": "3", "JAX_LOCAL_DEVICE_IDS": "0"}, "0")])
+def test_slurm_script_gives_each_task_every_gpu_it_sees(tmp_path, env, ids):
+  # JAX's SLURM detection would restrict each process to the GPU numbered SLURM_LOCALID. srun and
+  # python are stand-ins: srun runs its command once, "python" prints what it was given.
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+  (bin_dir / "python").write_text('#!/usr/bin/env bash\necho "ids=${JAX_LOCAL_DEVICE_IDS:-unset} args=$*"\n')
+  for f in bin_dir.iterdir():
+    f.chmod(0o755)
+  base = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "JAX_LOCAL_DEVICE_IDS")}
+  run_env = dict(base, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="1", SLURM_NTASKS="2",
+                 SLURM_JOB_NODELIST="n[1-2]", **env)
+  proc = subprocess.run(["bash", str(R.ROOT / "launch" / "slurm.sbatch"), "--spec", "specs/lora.py"],
+                        env=run_env, capture_output=True, text=True, timeout=30)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.strip() == f"ids={ids} args=-m rmjax.launch --spec specs/lora.py"
