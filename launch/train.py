@@ -115,6 +115,18 @@ def _set(spec: Any, key: str, value: Any) -> None:
                              f"({type(node[leaf]).__name__})") from e
 
 
+def _number(config: Mapping[str, Any], key: str, kind: type = int) -> Any:
+  """config[key] as an int (or float), or a SpecError naming the seed key and its value."""
+  value = config[key]
+  try:
+    if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+      raise ValueError
+    return kind(value)
+  except (TypeError, ValueError):
+    raise spec_lib.SpecError(f"seed config key {key!r} must be a{'n integer' if kind is int else ' number'}, "
+                             f"got {value!r}") from None
+
+
 def _dataset_overrides(config: Mapping[str, Any], used: set[str]) -> tuple[dict[str, Any], list[str]]:
   """data.<source>.* overrides from the seed's several ways of naming datasets."""
   out: dict[str, Any] = {}
@@ -129,9 +141,12 @@ def _dataset_overrides(config: Mapping[str, Any], used: set[str]) -> tuple[dict[
       out.pop(f"data.{name}.path")
   if "dataset_weights" in config:
     used.add("dataset_weights")
-    for name, w in config["dataset_weights"].items():
+    weights = config["dataset_weights"]
+    if not isinstance(weights, Mapping):
+      raise spec_lib.SpecError(f"seed config key 'dataset_weights' must map dataset names to weights, got {weights!r}")
+    for name in weights:
       if name in spec_lib.SOURCES:
-        out[f"data.{name}.weight"] = float(w)
+        out[f"data.{name}.weight"] = _number(weights, name, float)
       else:
         bad.append(f"dataset_weights.{name}")
   if "datasets" in config:
@@ -139,6 +154,9 @@ def _dataset_overrides(config: Mapping[str, Any], used: set[str]) -> tuple[dict[
     entries = config["datasets"]
     if isinstance(entries, Mapping):
       entries = [{"name": k, **(v if isinstance(v, Mapping) else {"path": v})} for k, v in entries.items()]
+    if not isinstance(entries, list) or not all(isinstance(e, Mapping) for e in entries):
+      raise spec_lib.SpecError("seed config key 'datasets' must be a list of objects with name (or type), path "
+                               f"and weight, or an object of name: path; got {entries!r}")
     listed = set()
     for entry in entries:
       name = str(entry.get("name", entry.get("type", "")))
@@ -149,7 +167,7 @@ def _dataset_overrides(config: Mapping[str, Any], used: set[str]) -> tuple[dict[
       out[f"data.{name}.use"] = True
       for field in ("path", "weight"):
         if field in entry:
-          out[f"data.{name}.{field}"] = float(entry[field]) if field == "weight" else str(entry[field])
+          out[f"data.{name}.{field}"] = _number(entry, field, float) if field == "weight" else str(entry[field])
       bad.extend(f"datasets.{name}.{k}" for k in entry if k not in ("name", "type", "path", "weight"))
     for name in spec_lib.SOURCES:
       if name not in listed:
@@ -186,12 +204,12 @@ def map_seed(mode: str, args: argparse.Namespace, config: Mapping[str, Any],
   for key in _PER_DEVICE_BATCH_KEYS:
     if key in config:
       used.add(key)
-      per_device = int(config[key]) if per_device is None else per_device
+      per_device = _number(config, key) if per_device is None else per_device
   per_device = SEED_PER_DEVICE_BATCH if per_device is None else per_device
   spec.batch_size = per_device * int(spec.grad_accum_steps) * num_devices
   if "per_device_eval_batch_size" in config:
     used.add("per_device_eval_batch_size")
-    spec.data.eval_batch_size = int(config["per_device_eval_batch_size"]) * num_devices
+    spec.data.eval_batch_size = _number(config, "per_device_eval_batch_size") * num_devices
   else:
     spec.data.eval_batch_size = max(1, spec.data.eval_batch_size // num_devices) * num_devices
 
@@ -224,7 +242,10 @@ def main(mode: str, argv: Sequence[str] | None = None) -> Any:
   try:
     config = read_config(args.config)
     base = spec_lib.load_spec_file(str(SPECS_DIR / f"{mode}.py"))
-    runtime.init_distributed(base.distributed)
+    try:
+      runtime.init_distributed(base.distributed)
+    except ValueError as e:  # a malformed JAX_NUM_PROCESSES, several processes without an address
+      raise spec_lib.SpecError(str(e)) from None
     import jax
     spec, warnings = map_seed(mode, args, config, jax.device_count())
   except spec_lib.SpecError as e:

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -176,6 +177,30 @@ def test_seed_datasets_list(seed):
 def test_seed_bad_value_names_the_key(seed):
   with pytest.raises(spec_lib.SpecError, match="spec key lr"):
     seed.map_seed("full", seed.build_parser("full").parse_args([]), {"learning_rate": "fast"}, num_devices=1)
+
+
+@pytest.mark.parametrize("config, message", [
+  ({"per_device_train_batch_size": "4x"}, "seed config key 'per_device_train_batch_size' must be an integer, got '4x'"),
+  ({"per_device_eval_batch_size": 2.5}, "seed config key 'per_device_eval_batch_size' must be an integer, got 2.5"),
+  ({"datasets": ["prm800k", "eqasc"]}, "seed config key 'datasets' must be a list of objects"),
+  ({"datasets": [{"name": "eqasc", "weight": "heavy"}]}, "seed config key 'weight' must be a number, got 'heavy'"),
+  ({"dataset_weights": [0.5, 0.5]}, "seed config key 'dataset_weights' must map dataset names to weights"),
+  ({"dataset_weights": {"eqasc": None}}, "seed config key 'eqasc' must be a number, got None"),
+])
+def test_seed_config_of_the_wrong_shape_is_a_spec_error(seed, config, message):
+  with pytest.raises(spec_lib.SpecError, match=re.escape(message)):
+    seed.map_seed("full", seed.build_parser("full").parse_args([]), config, num_devices=1)
+
+
+def test_seed_launcher_bad_config_and_process_count_are_one_line(tmp_path):
+  config = tmp_path / "seed.json"
+  config.write_text(json.dumps({"per_device_train_batch_size": "4x"}))
+  proc = launch("launch/train.py", "--config", str(config), module=None)
+  assert one_line_error(proc) == ("launch/train.py: error: seed config key 'per_device_train_batch_size' "
+                                  "must be an integer, got '4x'")
+  proc = launch("launch/train.py", "--dry_run", module=None, env={"JAX_NUM_PROCESSES": "2"})
+  assert one_line_error(proc) == ("launch/train.py: error: 2 processes but no coordinator address: set "
+                                  "distributed.coordinator_address or JAX_COORDINATOR_ADDRESS (host:port of process 0)")
 
 
 def test_full_launcher_has_no_lora_flags(seed):
