@@ -449,24 +449,51 @@ def test_packing_bench_reports_a_failed_run_and_goes_on(capsys, monkeypatch):
     cudnn_packed["markers_per_s"] / unpacked["markers_per_s"])}
 
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _gpu_checks_env(tmp_path: pathlib.Path) -> dict[str, str]:
+  import os
+  return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {
+    "SMOKE": "1", "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"),
+    "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
+
+
+def test_gpu_checks_refuses_a_work_folder_it_did_not_make(tmp_path):
+  """gpu_checks.sh empties $WORK before its checks; a folder holding files it did not write (no
+  mark of an earlier run) is refused in one line, untouched, before any check runs."""
+  (tmp_path / "work").mkdir()
+  (tmp_path / "work" / "notes.txt").write_text("mine")
+  proc = subprocess.run(["bash", str(ROOT / "rmjax" / "bench" / "gpu_checks.sh"), "full_dots"], cwd=ROOT,
+                        env=_gpu_checks_env(tmp_path), capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "holds files this script did not write" in proc.stderr
+  assert (tmp_path / "work" / "notes.txt").read_text() == "mine" and not (tmp_path / "out" / "gpu_checks.tgz").exists()
+
+
 @pytest.mark.slow
 def test_prepared_gpu_checks_run_end_to_end_on_tiny_shapes(tmp_path):
   """gpu_checks.sh is what a short GPU loan runs; a check that breaks here would waste one.
   SMOKE=1 runs every check of "all" on tiny shapes: each must leave its JSON records (the loop
-  its data_wait.json) in the one tarball a lent command brings back."""
-  import os
+  its data_wait.json) in the one tarball a lent command brings back, and nothing of an earlier
+  run in its work folder (a stale record, a loop run to resume) may reach it."""
   import tarfile
-  root = pathlib.Path(__file__).resolve().parents[1]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {
-    "SMOKE": "1", "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"),
-    "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run(["bash", str(root / "rmjax" / "bench" / "gpu_checks.sh"), "all"], cwd=root, env=env,
+  env = _gpu_checks_env(tmp_path)
+  work = tmp_path / "work"
+  (work / "run" / "demo-lora" / "logs").mkdir(parents=True)
+  (work / "run" / "demo-lora" / "logs" / "metrics.jsonl").write_text('{"step": 40, "train/data_wait_frac": 0.5}\n')
+  (work / "stale_check.jsonl").write_text('{"impl": "rmjax", "tokens_per_s": 1.0}\n')
+  (work / ".gpu-checks-work").touch()  # an earlier run's folder, as the script marks it
+  proc = subprocess.run(["bash", str(ROOT / "rmjax" / "bench" / "gpu_checks.sh"), "all"], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  started = [line.split()[1] for line in proc.stderr.splitlines() if line.startswith("== ") and "(at " in line]
+  assert started[:7] == ["full_dots", "lora_dots_attn", "loop", "packing", "full_remat", "torch_full", "lora_remat"]
+  assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_checks.tgz"]  # no .partial left
   with tarfile.open(tmp_path / "out" / "gpu_checks.tgz") as tar:
     names = set(tar.getnames())
-    checks = ("full_dots", "lora_dots_attn", "full_unrolled", "lora_unrolled", "attention", "lora_proj_attn",
-              "lora_remat", "packing", "torch_full", "full_dots_cublas")
+    assert "./stale_check.jsonl" not in names and "./.gpu-checks-work" not in names
+    checks = ("full_dots", "lora_dots_attn", "full_remat", "full_unrolled", "lora_unrolled", "attention",
+              "lora_proj_attn", "lora_remat", "packing", "torch_full", "full_dots_cublas")
     for check in checks:
       assert f"./{check}.jsonl" in names, check
       records = [json.loads(line) for line in tar.extractfile(f"./{check}.jsonl").read().decode().splitlines()
@@ -475,12 +502,15 @@ def test_prepared_gpu_checks_run_end_to_end_on_tiny_shapes(tmp_path):
       if check.endswith("_unrolled"):
         assert all(r["scan_unroll"] == 0 for r in records if "impl" in r), records
     waits = json.loads(tar.extractfile("./data_wait.json").read())
-  assert waits["steps"] and len(waits["device_idle_frac"]) == len(waits["steps"])
+  assert waits["steps"] and len(waits["device_idle_frac"]) == len(waits["steps"]) and waits["skipped_lines"] == 0
+  assert 40 not in waits["steps"]  # the stale run's metrics were not appended to
   assert "skipped" not in proc.stderr
   # the summary of the next GPU session reads this tarball's real records (on a CPU: no MFU)
   from rmjax.bench import gpu_summary
   rows = {r["target"]: r for r in gpu_summary.summarise(gpu_summary.read_tarball(str(tmp_path / "out" / "gpu_checks.tgz")))}
-  assert rows["full_mfu"]["check"] in gpu_summary.FULL_CHECKS and rows["full_mfu"]["held"] is None
+  assert rows["full_mfu"]["check"] in gpu_summary.FULL_CHECKS and all(r["held"] is None for r in rows.values())
+  assert rows["full_over_torch"]["rmjax"] == {"remat_policy": "full", "opt_state_dtype": "float32"}
+  assert rows["full_over_torch"]["value"] > 0 and rows["full_fastest_over_torch"]["value"] > 0
   assert rows["lora_over_full"]["value"] > 0 and rows["device_idle"]["windows"] == len([x for x in waits["device_idle_frac"] if x is not None])
   assert {"packing:packed", "packing:packed_cudnn_packed"} <= set(rows)
 

@@ -7,14 +7,20 @@
 # command's deadline (DEADLINE_S seconds after the script starts: a check that would not finish
 # in time is cut short, one that cannot start with 30 s left is skipped), each writing the
 # benchmark's own JSON lines (NAME.jsonl, stderr in NAME.err) into $WORK (default
-# $OUT/../gpu-checks-work). After every check, $WORK is packed into $OUT/gpu_checks.tgz: one
-# file, since a lent command brings back at most 8, and a cut-off call still brings back the
-# checks that finished, so give them in order of value. Checks:
+# $OUT/../gpu-checks-work), which starts empty: an earlier run's files are deleted (a folder
+# with files this script did not write, no .gpu-checks-work mark, is refused instead), and so is
+# an earlier $OUT/gpu_checks.tgz. After every check, $WORK is packed into $OUT/gpu_checks.tgz
+# (written as gpu_checks.tgz.partial, then renamed, so a killed run leaves the last whole one
+# and, at most, a .partial to ignore): one file, since a lent command brings back at most 8,
+# and a cut-off call still brings back the checks that finished, so give them in order of
+# value: `all` runs first what the targets of gpu_summary.py need. Checks:
 #   full_dots        full fine-tuning, best known setting (bf16 Adam moments,
 #                    dots_with_no_batch_dims_saveable), with a profile summary of the step (where
 #                    the GPU time goes); MFU target 45% (session 4: 0.443)
 #   lora_dots_attn   LoRA saving dots and cuDNN attention outputs (the speed setting): tokens/s vs
 #                    full_dots (target 1.4x; session 4: 1.39x)
+#   full_remat       full fine-tuning with torch_full's settings (full remat, float32 Adam moments):
+#                    rmjax over torch like for like (target > 1)
 #   full_unrolled    full fine-tuning with the layer loop unrolled (--scan-unroll 0), saving dots and
 #                    cuDNN attention outputs: inside the loop XLA copies each layer's weights and
 #                    saved activations out of their stacks and zero-fills the stacks; unrolled, the
@@ -41,7 +47,8 @@
 #   lora_remat       LoRA with full remat: peak device memory at batch 4 (target 16 GB; session 4:
 #                    10,659 MB)
 #   full_dots_cublas full_dots with cuBLAS for every GEMM (XLA_FLAGS; session 4: slower)
-#   torch_full       the torch reference, full fine-tuning with remat, for the same-session ratio
+#   torch_full       the torch reference, full fine-tuning with remat (gradient checkpointing, float32
+#                    Adam moments), for the same-session ratio with full_remat
 #   packing          packing vs padded rows on the 4B shape (target 2x supervised markers/s;
 #                    session 4: 2.21x while both layouts ran the segment mask); the packed rows
 #                    run twice, with the segment mask and with cuDNN's packed layout (16 segment
@@ -54,10 +61,10 @@
 #                    machine, 0.03% on the next, at the same tokens/s)
 # The rmjax bench rows hold one example each, so they run causal attention alone (the bench's
 # default --attention-mask, as training does for unpacked rows).
-# Groups: bench = full_dots lora_dots_attn full_unrolled lora_unrolled attention lora_proj_attn lora_remat
-# full_dots_cublas; data = packing loop; all = full_dots lora_dots_attn full_unrolled lora_unrolled
-# attention loop packing lora_proj_attn lora_remat torch_full full_dots_cublas (the first seven are
-# what #7 still needs).
+# Groups: bench = full_dots lora_dots_attn full_remat full_unrolled lora_unrolled attention lora_proj_attn
+# lora_remat full_dots_cublas; data = packing loop; all = full_dots lora_dots_attn loop packing
+# full_remat torch_full lora_remat (what the targets need), then attention full_unrolled
+# lora_unrolled lora_proj_attn full_dots_cublas.
 # Usage (repository root, jax with CUDA + the project installed or on PYTHONPATH):
 #   OUT=/tmp/gpu-out DEADLINE_S=540 bash rmjax/bench/gpu_checks.sh all
 #   python -m rmjax.bench.gpu_summary /tmp/gpu-out/gpu_checks.tgz   # the targets, one JSON line each
@@ -72,7 +79,14 @@
 set -u
 OUT=${OUT:-gpu-out}
 WORK=${WORK:-$(dirname "$OUT")/gpu-checks-work}
+MARK=.gpu-checks-work  # marks $WORK as this script's: only such a folder is emptied
 mkdir -p "$OUT" "$WORK"
+if [ -n "$(ls -A "$WORK")" ] && [ ! -e "$WORK/$MARK" ]; then
+  echo "gpu_checks.sh: WORK=$WORK holds files this script did not write; empty it or set WORK to another folder" >&2
+  exit 2
+fi
+find "$WORK" -mindepth 1 -delete && touch "$WORK/$MARK" && rm -f "$OUT/gpu_checks.tgz" "$OUT/gpu_checks.tgz.partial" ||
+  exit 2
 START=$SECONDS
 DEADLINE_S=${DEADLINE_S:-100000}
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
@@ -101,6 +115,11 @@ run() {  # run NAME SECONDS COMMAND...: stdout to $WORK/NAME.jsonl, stderr to $W
   echo "   rc=$? $(grep -c '^{' "$WORK/$name.jsonl") records in $((SECONDS - t0))s" >&2
 }
 
+pack() {  # $WORK into $OUT/gpu_checks.tgz, replaced whole (never left half-written)
+  tar -czf "$OUT/gpu_checks.tgz.partial" --exclude="./$MARK" -C "$WORK" . &&
+    mv -f "$OUT/gpu_checks.tgz.partial" "$OUT/gpu_checks.tgz"
+}
+
 data_packages() {  # grain, ml-collections, tensorboardX from .wheels/ where they are missing
   if ! python -c "import grain, ml_collections, tensorboardX" 2>/dev/null && [ -d .wheels ]; then
     python -m pip install -q --no-index --no-deps --target /tmp/rmjax-wheels .wheels/*.whl &&
@@ -116,6 +135,8 @@ check() {
     lora_dots_attn)
       run lora_dots_attn 120 python -m rmjax.bench "${BASE[@]}" --impl rmjax --mode lora \
         --remat-policy dots_and_attention_saveable ;;
+    full_remat)
+      run full_remat 150 python -m rmjax.bench "${BASE[@]}" --impl rmjax --mode full --remat --opt-state-dtype float32 ;;
     full_unrolled)
       run full_unrolled 240 python -m rmjax.bench "${BASE[@]}" --impl rmjax --mode full --opt-state-dtype bfloat16 \
         --remat-policy dots_and_attention_saveable --scan-unroll 0 ;;
@@ -143,21 +164,15 @@ check() {
         --batch 4 --mode lora --segment-attention both --max-segments 16 ;;
     loop)
       data_packages
+      rm -rf "$WORK/run"  # the loop would resume an earlier run found there and append to its metrics
       run loop 200 python -m rmjax.launch --spec specs/demo.py:lora --spec.output_dir="$WORK/run" "${LOOP_SHAPE[@]}" \
         --spec.model.compute_dtype=bfloat16 --spec.model.frozen_dtype=bfloat16 --spec.model.remat=full \
         --spec.batch_size=4 --spec.grad_accum_steps=1 --spec.data.max_length="$LOOP_LEN" \
         "--spec.data.length_buckets=$LOOP_BUCKETS" --spec.data.pack=True --spec.max_steps="$LOOP_STEPS" \
         --spec.warmup_steps=4 --spec.eval_steps=0 --spec.save_steps=0 --spec.max_eval_batches=2 --spec.logging_steps=2 \
         "--spec.head.hidden_dims=(1024, 256)" --spec.lr=1e-4
-      python - "$WORK/run" > "$WORK/data_wait.json" <<'PY'
-import json, pathlib, sys
-path = pathlib.Path(sys.argv[1]) / "demo-lora/logs/metrics.jsonl"
-rows = [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
-rows = [r for r in rows if "train/data_wait_frac" in r][1:]  # the first window includes compilation
-print(json.dumps({key: [r.get(f"train/{key}") for r in rows] for key in
-                  ("data_wait_frac", "device_idle_frac", "data_read_ms", "data_place_ms", "tokens_per_s")}
-                 | {"steps": [r["step"] for r in rows]}))
-PY
+      python -c 'import json, sys; from rmjax.bench.gpu_summary import data_wait; print(json.dumps(data_wait(sys.argv[1])))' \
+        "$WORK/run/demo-lora/logs/metrics.jsonl" > "$WORK/data_wait.json"
       rm -rf "$WORK/run/demo-lora/checkpoints" ;;
     *) echo "gpu_checks.sh: unknown check '$1'" >&2; exit 2 ;;
   esac
@@ -165,11 +180,13 @@ PY
 
 for arg in "$@"; do
   case "$arg" in
-    bench) names="full_dots lora_dots_attn full_unrolled lora_unrolled attention lora_proj_attn lora_remat full_dots_cublas" ;;
+    bench) names="full_dots lora_dots_attn full_remat full_unrolled lora_unrolled attention lora_proj_attn lora_remat
+                  full_dots_cublas" ;;
     data) names="packing loop" ;;
-    all) names="full_dots lora_dots_attn full_unrolled lora_unrolled attention loop packing lora_proj_attn lora_remat torch_full full_dots_cublas" ;;
+    all) names="full_dots lora_dots_attn loop packing full_remat torch_full lora_remat
+                attention full_unrolled lora_unrolled lora_proj_attn full_dots_cublas" ;;
     *) names=$arg ;;
   esac
-  for name in $names; do check "$name"; tar -czf "$OUT/gpu_checks.tgz" -C "$WORK" .; done
+  for name in $names; do check "$name"; pack; done
 done
 echo "== done at $((SECONDS - START))s" >&2
