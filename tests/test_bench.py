@@ -487,7 +487,8 @@ def test_prepared_gpu_checks_run_end_to_end_on_tiny_shapes(tmp_path):
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   started = [line.split()[1] for line in proc.stderr.splitlines() if line.startswith("== ") and "(at " in line]
-  assert started[:7] == ["full_dots", "lora_dots_attn", "loop", "packing", "full_remat", "torch_full", "lora_remat"]
+  assert started[:9] == ["full_dots", "lora_dots_attn", "full_unrolled", "lora_unrolled", "loop", "packing",
+                         "full_remat", "torch_full", "lora_remat"]
   assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_checks.tgz"]  # no .partial left
   with tarfile.open(tmp_path / "out" / "gpu_checks.tgz") as tar:
     names = set(tar.getnames())

@@ -62,9 +62,10 @@
 # The rmjax bench rows hold one example each, so they run causal attention alone (the bench's
 # default --attention-mask, as training does for unpacked rows).
 # Groups: bench = full_dots lora_dots_attn full_remat full_unrolled lora_unrolled attention lora_proj_attn
-# lora_remat full_dots_cublas; data = packing loop; all = full_dots lora_dots_attn loop packing
-# full_remat torch_full lora_remat (what the targets need), then attention full_unrolled
-# lora_unrolled lora_proj_attn full_dots_cublas.
+# lora_remat full_dots_cublas; data = packing loop; all = first what the open targets need
+# (full_dots lora_dots_attn full_unrolled lora_unrolled: MFU and LoRA / full; loop: data wait;
+# packing), then what re-measures met ones (full_remat torch_full: rmjax over torch like for like;
+# lora_remat: LoRA's peak), then attention lora_proj_attn full_dots_cublas.
 # Usage (repository root, jax with CUDA + the project installed or on PYTHONPATH):
 #   OUT=/tmp/gpu-out DEADLINE_S=540 bash rmjax/bench/gpu_checks.sh all
 #   python -m rmjax.bench.gpu_summary /tmp/gpu-out/gpu_checks.tgz   # the targets, one JSON line each
@@ -183,8 +184,8 @@ for arg in "$@"; do
     bench) names="full_dots lora_dots_attn full_remat full_unrolled lora_unrolled attention lora_proj_attn lora_remat
                   full_dots_cublas" ;;
     data) names="packing loop" ;;
-    all) names="full_dots lora_dots_attn loop packing full_remat torch_full lora_remat
-                attention full_unrolled lora_unrolled lora_proj_attn full_dots_cublas" ;;
+    all) names="full_dots lora_dots_attn full_unrolled lora_unrolled loop packing full_remat torch_full
+                lora_remat attention lora_proj_attn full_dots_cublas" ;;
     *) names=$arg ;;
   esac
   for name in $names; do check "$name"; pack; done
