@@ -142,7 +142,7 @@ class Trainer:
     self.spec = spec
     self.run_dir = run_dir_of(spec)
     self.is_main = jax.process_index() == 0
-    self.process_index, self.process_count = jax.process_index(), jax.process_count()
+    self.process_count = jax.process_count()
     self.checkpointer = ckpt_lib.Checkpointer(self.run_dir / "checkpoints",
                                               ckpt_lib.CheckpointConfig.from_spec(spec))
     self.resume_step = self.checkpointer.latest_step()
