@@ -78,6 +78,13 @@ def test_two_processes_equal_one_process_with_two_devices_and_restore_in_one(tmp
   assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
   np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=0, atol=1e-5)
   assert len(set(got.values())) == STEPS  # the loss moves: real steps were taken
+  # The final evaluation: each process scores its own eval rows (process p reads records p, p+2,
+  # ...) and the rows are gathered, so both runs score the same 32 records with the same weights;
+  # every metric agrees only if each process's probabilities stay with its own targets.
+  final = {run: json.loads((run / "logs" / "final_results.json").read_text())["final_metrics"] for run in (multi, single)}
+  assert final[multi].keys() == final[single].keys() and "val/auroc" in final[multi]
+  for key, value in final[single].items():
+    np.testing.assert_allclose(final[multi][key], value, rtol=1e-5, atol=1e-5, err_msg=key)
   # The two shards picked different buckets on some step, so agreeing on T is exercised.
   lengths = [json.loads(x) for x in (tmp_path / "single" / "shard_lengths.jsonl").read_text().splitlines()]
   assert len(lengths) >= STEPS and any(len(set(t)) > 1 for t in lengths[:STEPS]), lengths
