@@ -37,6 +37,7 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import serialization
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 from rmjax import background_errors
@@ -69,6 +70,10 @@ class CheckpointCorrupt(CheckpointError):
 
 class CheckpointProcessMismatch(CheckpointError):
   """The checkpoint's data positions were written by another number of processes."""
+
+
+class CheckpointMismatch(CheckpointError):
+  """A readable checkpoint whose arrays do not fit the model this spec builds."""
 
 
 class CheckpointWriteError(CheckpointError):
@@ -155,6 +160,40 @@ def _check_process_count(path: pathlib.Path) -> None:
       f"checkpoint {path} was written by {written} process(es) and this run has {now}: each process's "
       f"data position belongs to its own shard; resume with {written} process(es), or start a new run "
       f"with --spec.init_from={path} (its weights, a fresh optimizer and data order)")
+
+
+def _shapes_by_path(tree: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
+  """'a/b/c' -> shape for every array (or array metadata) leaf of nested dicts and lists."""
+  if isinstance(tree, dict):
+    items = tree.items()
+  elif isinstance(tree, (list, tuple)):
+    items = enumerate(tree)
+  else:
+    shape, dtype = getattr(tree, "shape", None), getattr(tree, "dtype", None)
+    if shape is None:
+      return {}
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):  # stored as its key data
+      shape = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(shape, dtype)).shape
+    return {prefix: tuple(int(d) for d in shape)}
+  out: dict[str, tuple[int, ...]] = {}
+  for key, value in items:
+    out.update(_shapes_by_path(value, f"{prefix}/{key}" if prefix else str(key)))
+  return out
+
+
+def shape_mismatch(stored: dict[str, tuple[int, ...]], wanted: dict[str, tuple[int, ...]]) -> str | None:
+  """The first difference between a checkpoint's array shapes and the restore target's, or None."""
+  weights_first = lambda path: (not path.startswith(("params", "frozen")), path)  # noqa: E731
+  differ = sorted((p for p in set(stored) & set(wanted) if stored[p] != wanted[p]), key=weights_first)
+  if differ:
+    more = f"; {len(differ) - 1} more array(s) differ" if len(differ) > 1 else ""
+    return f"{differ[0]}: stored {stored[differ[0]]}, this model {wanted[differ[0]]}{more}"
+  missing, extra = sorted(set(wanted) - set(stored)), sorted(set(stored) - set(wanted))
+  if missing:
+    return f"{len(missing)} array(s) of this model not in the checkpoint, e.g. {missing[0]}"
+  if extra:
+    return f"{len(extra)} array(s) in the checkpoint not in this model, e.g. {extra[0]}"
+  return None
 
 
 def _failed_on_processes(failed: bool) -> list[int]:
@@ -348,6 +387,7 @@ class Checkpointer:
     if step not in self._mgr.all_steps():
       raise CheckpointNotFound(
         f"no checkpoint for step {step} in {self.directory} (have {self.all_steps()})")
+    self._check_shapes(step, abstract_state)
     items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
     if iterator is not None:
       if not (path / "data").is_dir():
@@ -359,6 +399,22 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise many types for bad files
       raise CheckpointCorrupt(path, _one_line(e)) from e
     return Restored(step=step, state=out["state"], metadata=dict(out["meta"] or {}))
+
+  def _check_shapes(self, step: int, abstract_state: Any) -> None:
+    """A checkpoint of another model shape (a spec changed between launch and relaunch) is a
+    mismatch, said as such, not corruption: it is never set aside, and orbax is not left to fail
+    halfway through its reads. Unreadable metadata is left for the restore to report."""
+    try:
+      stored = ocp.StandardCheckpointHandler().metadata(self.step_path(step) / "state").tree
+    except Exception:  # noqa: BLE001 -- a damaged checkpoint: the restore names the problem
+      return
+    if not stored:
+      return
+    problem = shape_mismatch(_shapes_by_path(stored), _shapes_by_path(serialization.to_state_dict(abstract_state)))
+    if problem:
+      raise CheckpointMismatch(f"checkpoint {self.step_path(step)} does not fit the model this spec builds "
+                               f"({problem}); relaunch with the run's settings (logs/config.json) or give "
+                               f"another experiment_name")
 
   def restore_latest(self, abstract_state: Any, iterator: Any = None,
                      fallback_to_previous: bool = False) -> Restored | None:

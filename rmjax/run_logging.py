@@ -176,8 +176,6 @@ class RunLogger:
       return
     cfg = to_jsonable(config)
     text = json.dumps(cfg, indent=2, allow_nan=False)
-    if self._resuming:
-      self._warn_of_changes(self.logs_dir / "config.json", cfg)
     _write_json_atomic(self.logs_dir / "config.json", text)
     # Four leading spaces make TensorBoard's markdown render the JSON as a code block.
     self._tb.add_text("config", "\n".join("    " + line for line in text.splitlines()), 0)
@@ -188,16 +186,20 @@ class RunLogger:
         self._tb.file_writer.add_summary(summary)
     self.flush()
 
-  def _warn_of_changes(self, previous_path: pathlib.Path, cfg: Any) -> None:
-    """A resume under a spec other than the run's (config.json, about to be replaced) continues
-    as asked; the differences are said once, so a changed model shape that then fails to restore
-    is not mistaken for a bad checkpoint."""
+  def warn_of_changes(self, config: Mapping[str, Any] | Any) -> list[str]:
+    """When resuming: the differences of `config` from the run's config.json, said once as a
+    warning and returned. A resume under another spec continues as asked (config.json is replaced
+    once the run restores and trains on); a changed model shape that then cannot restore is not
+    mistaken for a bad checkpoint."""
+    if not (self.enabled and self._resuming):
+      return []
+    cfg = to_jsonable(config)
     try:
-      previous = json.loads(previous_path.read_text(encoding="utf-8"))
+      previous = json.loads((self.logs_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-      return
+      return []
     if not isinstance(previous, dict) or not isinstance(cfg, dict):
-      return
+      return []
     old, new = _flatten(previous), _flatten(cfg)
     changes = [f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
                for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
@@ -205,6 +207,7 @@ class RunLogger:
       more = f" (and {len(changes) - 8} more)" if len(changes) > 8 else ""
       self.log(f"Resuming under a spec that differs from this run's config.json: {'; '.join(changes[:8])}{more}",
                logging.WARNING)
+    return changes
 
   def write_final(self, results: Mapping[str, Any]) -> None:
     if self.enabled:

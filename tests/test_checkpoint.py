@@ -424,3 +424,18 @@ def test_a_step_unreadable_on_another_process_counts_as_unreadable_here(tmp_path
     assert c.restore_latest(target, fallback_to_previous=True).step == 2
     assert c.all_steps() == [2]
     assert (d / ck.CORRUPT_DIR / "checkpoint_step_3").is_dir()
+
+
+def test_a_checkpoint_of_another_model_shape_is_a_mismatch_never_set_aside(tmp_path):
+  d = tmp_path / "checkpoints"
+  _save_steps(d, [1, 2])
+  other = {"x": jax.ShapeDtypeStruct((3,), jnp.float32)}  # the spec changed the model between launches
+  with ck.Checkpointer(d) as c:
+    for fallback in (False, True):
+      with pytest.raises(ck.CheckpointMismatch, match=r"checkpoint_step_2 does not fit the model this spec builds "
+                                                      r"\(x: stored \(4,\), this model \(3,\)\)"):
+        c.restore_latest(other, fallback_to_previous=fallback)
+    with pytest.raises(ck.CheckpointMismatch, match=r"1 array\(s\) of this model not in the checkpoint, e.g. y"):
+      c.restore(2, {"x": jax.ShapeDtypeStruct((4,), jnp.float32), "y": jax.ShapeDtypeStruct((1,), jnp.float32)})
+    assert c.all_steps() == [1, 2] and not (d / ck.CORRUPT_DIR).exists()
+    assert float(c.restore_latest({"x": jax.ShapeDtypeStruct((4,), jnp.float32)}).state["x"][0]) == 2.0

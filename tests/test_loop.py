@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import _run_helpers as R
+from rmjax import checkpoint as ckpt_lib
 from rmjax import spec as spec_lib
 from rmjax.run_logging import read_tensorboard_scalars
 from rmjax.train import loop
@@ -228,6 +229,25 @@ def test_resume_continues_the_run_counters_and_a_rerun_logs_nothing_twice(tmp_pa
   assert again["final_metrics"] == resumed["final_metrics"]
   val_steps = [r["step"] for r in read_jsonl(run / "logs" / "metrics.jsonl") if "val/loss" in r]
   assert val_steps == [2, 4, 6]
+
+
+def test_a_relaunch_that_trains_nothing_leaves_the_run_records_as_they_were(tmp_path):
+  """Relaunching a finished run with another lr, or with another model shape (a mismatch, not a
+  corrupt checkpoint), changes neither logs/config.json nor model/: export and scoring read them."""
+  loop.train_and_evaluate(tiny_spec(tmp_path, max_steps=2, eval_steps=0, save_steps=0))
+  run = tmp_path / "demo-full"
+  records = {p: p.read_bytes() for p in [run / "logs" / "config.json", *sorted((run / "model").rglob("*.json"))]}
+  assert len(records) >= 2
+  again = loop.train_and_evaluate(tiny_spec(tmp_path, max_steps=2, eval_steps=0, save_steps=0, lr=5e-4))
+  assert again["total_steps"] == 2
+  with pytest.raises(ckpt_lib.CheckpointMismatch, match=r"checkpoint_step_2 does not fit the model this spec "
+                                                         r"builds \(params/decoder/embed/embedding: stored"):
+    loop.train_and_evaluate(tiny_spec(tmp_path, max_steps=4, eval_steps=0, save_steps=0,
+                                      **{"model.demo.hidden_size": 32, "checkpoint.fallback_to_previous": True}))
+  assert {p: p.read_bytes() for p in records} == records
+  assert checkpoint_steps(run) == [2] and not (run / "checkpoints" / ckpt_lib.CORRUPT_DIR).exists()
+  log = (run / "logs" / "train.log").read_text()
+  assert "Training steps 3..2" not in log and "model.demo.hidden_size: 64 -> 32" in log
 
 
 def test_init_from_loads_weights_with_a_fresh_optimizer(tmp_path):

@@ -116,10 +116,13 @@ def test_rewind_after_a_resume_drops_the_steps_after_it_everywhere(tmp_path):
 def test_resuming_under_a_changed_spec_says_what_changed(tmp_path):
   with RunLogger(tmp_path, echo_stderr=False) as run:
     run.write_config({"lr": 1e-4, "model": {"remat": "full"}, "seed": 0})
+  changed = {"lr": 0.1, "model": {"remat": "full"}, "seed": 0, "new_key": 1}
   with RunLogger(tmp_path, resume_step=2, echo_stderr=False) as run:
-    run.write_config({"lr": 0.1, "model": {"remat": "full"}, "seed": 0, "new_key": 1})
+    assert run.warn_of_changes(changed) == ["lr: 0.0001 -> 0.1", "new_key: '(unset)' -> 1"]
+    assert json.loads((tmp_path / "logs" / "config.json").read_text())["lr"] == 1e-4  # not yet replaced
+    run.write_config(changed)
   with RunLogger(tmp_path, resume_step=2, echo_stderr=False) as run:
-    run.write_config({"lr": 0.1, "model": {"remat": "full"}, "seed": 0, "new_key": 1})  # unchanged: silent
+    assert run.warn_of_changes(changed) == []  # unchanged: silent
   warnings = [line for line in (tmp_path / "logs" / "train.log").read_text().splitlines() if "differs" in line]
   assert len(warnings) == 1 and warnings[0].endswith(
     "Resuming under a spec that differs from this run's config.json: lr: 0.0001 -> 0.1; new_key: '(unset)' -> 1")

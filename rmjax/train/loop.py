@@ -148,7 +148,10 @@ class Trainer:
     self.resume_step = self.checkpointer.latest_step()
     self.logger = RunLogger(self.run_dir, self.is_main, resume_step=self.resume_step)
     try:
-      self.logger.write_config(spec_lib.spec_to_dict(spec))
+      # Said now, written once the run restores and trains: a relaunch that fails to restore, or
+      # finds the run complete, leaves the run's config.json and model/ as they were.
+      self.config = spec_lib.spec_to_dict(spec)
+      self.logger.warn_of_changes(self.config)
       # Skips every process counts alike (readers that parse whole files when built), and skips of
       # this process's shard only (rendering; readers that parse on access), summed at the end.
       self.file_skips, self.shard_skips = SkipCounter(), SkipCounter()
@@ -187,7 +190,6 @@ class Trainer:
                     f"{counts['trainable']:,} trainable / {counts['total']:,} parameters "
                     f"({100 * counts['trainable_fraction']:.2f}%); mesh {dict(self.mesh.shape)} on "
                     f"{jax.device_count()} {jax.devices()[0].platform} device(s), {self.process_count} process(es)")
-    self._save_run_model()
 
   def _save_run_model(self) -> None:
     """<run_dir>/model/ (tokenizer + model json) so export/score can rebuild from a run dir."""
@@ -401,7 +403,10 @@ class Trainer:
     pending: tuple[int, Any, float, dict] | None = None  # step, device metrics, tokens, data times
     window = _fresh_window(time.perf_counter())
     step = start
-    self.logger.log(f"Training steps {start + 1}..{max_steps} in {self.run_dir}")
+    if start < max_steps:
+      self.logger.write_config(self.config)
+      self._save_run_model()
+      self.logger.log(f"Training steps {start + 1}..{max_steps} in {self.run_dir}")
     with (stop.installed(), Progress(max_steps, initial=start, is_main_process=self.is_main) as bar,
           DeviceIdleMeter() as idle):
       interrupted = False
