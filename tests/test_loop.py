@@ -474,6 +474,20 @@ def test_a_source_path_that_is_one_file_warns_that_evaluation_reads_the_training
                      f"holding its split files instead"] if warned else []), said
 
 
+def test_skipped_records_are_said_in_train_log_not_only_in_final_results(tmp_path, shared_data):
+  """Real PRM800K solutions overflow the demo's 128 tokens: most records are skipped, which a user
+  must see at the end of the run, with the key that keeps them."""
+  spec = tiny_spec(tmp_path, max_steps=1, eval_steps=0, save_steps=0,
+                   **{"data.prm800k.path": str(shared_data / "prm800k" / "prm800k_unique_records.jsonl")})
+  final = loop.train_and_evaluate(spec)
+  truncated = final["skipped_records"]["prm800k"]["first_marker_truncated"]
+  assert truncated > 0
+  line = [x for x in (tmp_path / "demo-full" / "logs" / "train.log").read_text().splitlines() if "Skipped records" in x]
+  assert len(line) == 1 and line[0].endswith(
+    f"WARNING rmjax: Skipped records (training and evaluation; final_results.json): prm800k: first_marker_truncated "
+    f"{truncated} (first_marker_truncated -> raise data.max_length)"), line
+
+
 def test_the_reveal_test_set_is_reported_but_never_picks_the_best_checkpoint(tmp_path):
   """REVEAL's terms make it a test set: its metrics are logged (in val/loss too), while the best
   checkpoint is picked on the validation splits alone, val/selection_loss."""
