@@ -34,6 +34,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from rmjax import cli
+from rmjax.data.example import describe_skips
 from rmjax.metrics import EvalAccumulator
 
 
@@ -158,8 +159,9 @@ def evaluate(checkpoint: str | pathlib.Path, spec_file: str | None = None, outpu
         acc.add_batch(name, probs, batch)
         for rec in row_predictions(name, batch, probs):
           pred_file.write(json.dumps(rec) + "\n")
-  if not acc.per_source():
-    raise ValueError("no supervised step was evaluated (empty sources, or every record skipped)")
+  if not any(len(preds) for preds, _ in acc.per_source().values()):
+    skipped = f"; skipped records: {describe_skips(skips.as_dict())}" if skips.total() else ""
+    raise ValueError(f"no supervised step was evaluated (empty sources, or every record skipped{skipped})")
   report = split_metrics(acc.result(), list(sources))
   report |= {"checkpoint": str(rm.checkpoint_dir), "step": rm.step, "max_eval_batches": limit,
              "skipped_records": skips.as_dict()}
@@ -198,6 +200,8 @@ def _evaluate_command(args: argparse.Namespace) -> int:
   for name, m in [("overall", report["overall"])] + sorted(report["sources"].items()):
     print(f"{name:>10}: steps {m.get('count')}  mse {_fmt(m.get('mse'))}  auroc {_fmt(m.get('auroc'))}  "
           f"ece {_fmt(m.get('ece'))}  first-error F1 {_fmt(m.get('first_error_f1'))}")
+  if report["skipped_records"]:
+    print(f"skipped records: {describe_skips(report['skipped_records'])}")
   print(f"wrote {out_dir}/eval_metrics.json, predictions.jsonl, reliability.png")
   return 0
 

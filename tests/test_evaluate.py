@@ -76,9 +76,22 @@ def test_set_overrides_choose_sources_and_render_settings(run):
   assert sorted(base["sources"]) == ["prm800k"] and base["skipped_records"] == {}
   # max_length 24 cuts the synthetic problems before their first marker: the override reaches
   # the renderer (the run's own 384 keeps every example)
-  _, short = evaluate.evaluate(run, max_eval_batches=1, overrides=[
-    "data.eqasc.use=false", "data.reveal.use=false", "data.max_length=24"])
-  assert short["skipped_records"]["prm800k"]["first_marker_truncated"] > 0
+  with pytest.raises(ValueError, match=r"every record skipped; skipped records: prm800k: first_marker_truncated"):
+    evaluate.evaluate(run, max_eval_batches=1, overrides=["data.eqasc.use=false", "data.reveal.use=false",
+                                                          "data.max_length=24"])
+
+
+def test_an_evaluation_of_nothing_is_an_error_that_says_why(run, tmp_path, capsys):
+  # max_length 5 skips every record: before, this printed "steps 0" and exited 0.
+  assert evaluate.main(["--checkpoint", str(run), "--output", str(tmp_path / "x"), "--max-eval-batches", "1",
+                        "--set", "data.eqasc.use=false", "--set", "data.reveal.use=false",
+                        "--set", "data.max_length=5"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith(
+    "rmjax.evaluate: error: no supervised step was evaluated (empty sources, or every record skipped; "
+    "skipped records: prm800k: first_marker_truncated "), err
+  assert err.strip().endswith("(first_marker_truncated -> raise data.max_length))")
+  assert not (tmp_path / "x" / "eval_metrics.json").exists()
 
 
 def test_raising_max_length_alone_adds_it_as_the_largest_bucket():

@@ -72,6 +72,19 @@ class SkipCounter:
         self.add(source, reason, n)
 
 
+# Skip reasons a spec key can avoid, and that key (said beside the counts).
+_SKIP_HINTS = {"first_marker_truncated": "data.max_length"}
+
+
+def describe_skips(skipped: dict[str, dict[str, int]]) -> str:
+  """'prm800k: first_marker_truncated 30 (first_marker_truncated -> raise data.max_length)':
+  the counts of `SkipCounter.as_dict()` in one line, with the key that keeps such records."""
+  parts = [f"{source}: " + ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items()))
+           for source, reasons in sorted(skipped.items())]
+  hints = sorted({f"{r} -> raise {_SKIP_HINTS[r]}" for reasons in skipped.values() for r in reasons if r in _SKIP_HINTS})
+  return "; ".join(parts) + (f" ({'; '.join(hints)})" if hints else "")
+
+
 class BadRecord(ValueError):
   """Raised (in strict mode) for a record that cannot be read; names file and line."""
 

@@ -36,7 +36,7 @@ from jax.experimental import multihost_utils
 from rmjax import checkpoint as ckpt_lib
 from rmjax import sharding as shd
 from rmjax import spec as spec_lib
-from rmjax.data.example import SkipCounter
+from rmjax.data.example import SkipCounter, describe_skips
 from rmjax.data.pipeline import PipelineConfig, eval_datasets, train_dataset
 from rmjax.metrics import EvalAccumulator
 from rmjax.model.confidence import ConfidenceModel
@@ -486,7 +486,8 @@ class Trainer:
     self.logger.log(f"Done at step {step}: best val loss {_fmt(results['best_val_loss'])} at step "
                     f"{results['best_step']}; final val auroc {_fmt(self.last_eval.get('val/auroc'))}")
     if results["skipped_records"]:
-      self.logger.log(skipped_records_line(results["skipped_records"]), logging.WARNING)
+      self.logger.log("Skipped records (training and evaluation; final_results.json): "
+                      + describe_skips(results["skipped_records"]), logging.WARNING)
     return results
 
   def close(self) -> None:
@@ -498,19 +499,6 @@ class Trainer:
 
 def _fmt(value: Any) -> str:
   return "n/a" if value is None else f"{float(value):.4f}"
-
-
-_SKIP_HINTS = {"first_marker_truncated": "data.max_length"}
-
-
-def skipped_records_line(skipped: dict[str, dict[str, int]]) -> str:
-  """One line for the console and train.log: the skip counts of final_results.json, with the
-  spec key that would keep records of the kind a hint names (training and evaluation together)."""
-  parts = [f"{source}: " + ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items()))
-           for source, reasons in sorted(skipped.items())]
-  hints = sorted({f"{r} -> raise {_SKIP_HINTS[r]}" for reasons in skipped.values() for r in reasons if r in _SKIP_HINTS})
-  return (f"Skipped records (training and evaluation; final_results.json): {'; '.join(parts)}"
-          + (f" ({'; '.join(hints)})" if hints else ""))
 
 
 def train_and_evaluate(spec: Any) -> dict[str, Any]:
