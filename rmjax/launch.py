@@ -101,7 +101,9 @@ def _user_facing_errors() -> tuple[type[BaseException], ...]:
   from rmjax.checkpoint import CheckpointError
   from rmjax.data.example import BadRecord
   from rmjax.train.loop import NonFiniteLoss
-  return (NonFiniteLoss, CheckpointError, BadRecord, FileNotFoundError, spec_lib.SpecError)
+  # ValueError: readers and builders check what the spec cannot know before reading (a split
+  # missing from a directory, a file of the wrong shape) and say it in one line, as other tools do.
+  return (NonFiniteLoss, CheckpointError, BadRecord, FileNotFoundError, ValueError, spec_lib.SpecError)
 
 
 def main(argv: Sequence[str]) -> None:

@@ -73,9 +73,14 @@ def distributed_args(dist: Any, env: Mapping[str, str] = os.environ) -> dict[str
     args["process_id"] = int(dist.process_id)
   elif env.get("JAX_PROCESS_ID", "").strip():
     args["process_id"] = _env_int(env, "JAX_PROCESS_ID")
+  cluster = any(env.get(k, "").strip() and _env_int(env, k) > 1 for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
   if address:
+    missing = [name for name in ("num_processes", "process_id") if name not in args]
+    if missing and not cluster:  # jax's own error names neither the spec key nor the variable
+      raise ValueError(f"a coordinator address is set but not {' or '.join(missing)}: set "
+                       + " and ".join(f"distributed.{m} or JAX_{m.upper()}" for m in missing))
     return {"coordinator_address": address, **args}
-  if any(env.get(k, "").strip() and _env_int(env, k) > 1 for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")):
+  if cluster:
     return args  # JAX's cluster detection finds the coordinator
   if args.get("num_processes", 1) > 1:
     raise ValueError(f"{args['num_processes']} processes but no coordinator address: set "

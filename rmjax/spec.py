@@ -26,6 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import ml_collections
 
+from rmjax.data import eqasc, prm800k, reveal, synthetic
 from rmjax.model.config import DTYPES, LORA_TARGETS, REMAT_POLICIES
 
 ConfigDict = ml_collections.ConfigDict
@@ -43,6 +44,12 @@ ENUMS: Mapping[str, tuple[Any, ...]] = {
   "model.frozen_dtype": ("float32", "bfloat16"),
   "model.remat": REMAT_POLICIES,
   "model.attention_impl": ("", "xla", "cudnn"),
+  "data.prm800k.phase": prm800k.PHASES,
+  "data.prm800k.train_split": prm800k.SPLITS,
+  "data.prm800k.eval_split": prm800k.SPLITS,
+  "data.eqasc.train_split": eqasc.SPLITS,
+  "data.eqasc.eval_split": eqasc.SPLITS,
+  "data.reveal.eval_split": reveal.SPLITS,
   "model.segment_attention": ("mask", "cudnn_packed"),
   "head.activation": ("gelu", "gelu_tanh", "relu", "silu", "tanh"),
   "data.template": ("default", "chat"),
@@ -282,6 +289,7 @@ def validate(spec: ConfigDict, num_devices: int, process_count: int = 1,
   """
   problems: list[str] = []
   warnings: list[str] = []
+  _check_leaves(spec, problems)
   _check_enums(spec, problems)
   _check_numbers(spec, problems, warnings)
   _check_batch_and_mesh(spec, num_devices, process_count, problems)
@@ -310,6 +318,37 @@ def _check_enums(spec: ConfigDict, problems: list[str]) -> None:
       problems.append(f"{key}={value!r}; choose from {', '.join(repr(a) for a in allowed)}")
 
 
+# Float keys where inf has a meaning (no clipping); NaN is refused everywhere.
+_INF_ALLOWED = {"max_grad_norm"}
+_INT64_MAX = 2**63 - 1
+# Upper bounds: beyond them a run only fills memory (examples buffered per source).
+_AT_MOST = {"data.prefetch": 100_000}
+
+
+def _leaves(node: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
+  for key, value in node.items():
+    path = f"{prefix}.{key}" if prefix else key
+    if isinstance(value, (ConfigDict, Mapping)):
+      yield from _leaves(value, path)
+    else:
+      yield path, value
+
+
+def _check_leaves(spec: ConfigDict, problems: list[str]) -> None:
+  """Numbers no key can take: NaN, inf (but where it means something), integers past int64."""
+  for key, value in _leaves(spec):
+    for v in (value if isinstance(value, (tuple, list)) else (value,)):
+      if isinstance(v, float) and (math.isnan(v) or (math.isinf(v) and key not in _INF_ALLOWED)):
+        problems.append(f"{key} must be a finite number, got {value}")
+        break
+      if isinstance(v, int) and not isinstance(v, bool) and abs(v) > _INT64_MAX:
+        problems.append(f"{key}={value} is too large")
+        break
+  for key, limit in _AT_MOST.items():
+    if get_dotted(spec, key) > limit:
+      problems.append(f"{key} must be <= {limit}, got {get_dotted(spec, key)}")
+
+
 def _check_numbers(spec: ConfigDict, problems: list[str], warnings: list[str]) -> None:
   positive = ["lr", "max_steps", "batch_size", "grad_accum_steps", "logging_steps",
               "data.max_length", "data.max_steps_per_example", "data.eval_batch_size", "checkpoint.max_to_keep"]
@@ -320,8 +359,16 @@ def _check_numbers(spec: ConfigDict, problems: list[str], warnings: list[str]) -
     if not get_dotted(spec, key) > 0:
       problems.append(f"{key} must be > 0, got {get_dotted(spec, key)}")
   for key in non_negative:
-    if get_dotted(spec, key) < 0:
+    if not get_dotted(spec, key) >= 0:
       problems.append(f"{key} must be >= 0, got {get_dotted(spec, key)}")
+  if spec.data.max_length == 1:
+    problems.append("data.max_length must be >= 2 (a marker and the text before it), got 1")
+  dist = spec.distributed
+  if dist.num_processes < 0:
+    problems.append(f"distributed.num_processes must be >= 0 (0 = from the environment), got {dist.num_processes}")
+  if dist.process_id < -1 or (dist.num_processes > 0 and dist.process_id >= dist.num_processes):
+    problems.append(f"distributed.process_id must be -1 (from the environment) or in [0, num_processes), "
+                    f"got {dist.process_id}")
   if not 0 <= spec.stop_exit_code <= 255:
     problems.append(f"stop_exit_code must be in [0, 255], got {spec.stop_exit_code}")
   if not 0 <= spec.head.dropout < 1:
@@ -333,7 +380,7 @@ def _check_numbers(spec: ConfigDict, problems: list[str], warnings: list[str]) -
   if spec.mode == "lora":
     if spec.lora.rank <= 0:
       problems.append(f"lora.rank must be > 0 in mode 'lora', got {spec.lora.rank}")
-    if spec.lora.alpha <= 0:
+    if not spec.lora.alpha > 0:
       problems.append(f"lora.alpha must be > 0 in mode 'lora', got {spec.lora.alpha}")
     if not spec.lora.targets or not all(isinstance(t, str) and t in LORA_TARGETS for t in spec.lora.targets):
       problems.append(f"lora.targets must be among {', '.join(LORA_TARGETS)}, got {tuple(spec.lora.targets)}")
@@ -391,14 +438,14 @@ def _check_batch_and_mesh(spec: ConfigDict, num_devices: int, process_count: int
 def _check_data(spec: ConfigDict, problems: list[str], warnings: list[str], check_paths: bool) -> None:
   data = spec.data
   buckets = list(data.length_buckets)
-  if not _positive_ints(buckets) or buckets != sorted(set(buckets)):
+  if not buckets or not _positive_ints(buckets) or buckets != sorted(set(buckets)):
     problems.append(f"data.length_buckets must be positive integers, strictly increasing, got {tuple(buckets)}")
-  elif buckets and max(buckets) < data.max_length:
+  elif max(buckets) < data.max_length:
     problems.append(f"data.length_buckets {tuple(buckets)}: the largest bucket is below "
                     f"data.max_length ({data.max_length})")
   for name in SOURCES:
     src = data[name]
-    if float(src.weight) < 0:
+    if not float(src.weight) >= 0:
       problems.append(f"data.{name}.weight must be >= 0, got {src.weight}")
     if not src.use or not check_paths or is_synthetic(spec, name):
       continue
@@ -408,6 +455,10 @@ def _check_data(spec: ConfigDict, problems: list[str], warnings: list[str], chec
     elif not os.path.exists(src.path):
       problems.append(f"data.{name}.path not found: {src.path} "
                       f"(set --spec.data.{name}.path=DIR or --spec.data.{name}.use=False)")
+  if is_synthetic(spec, "prm800k") and data.prm800k.use:
+    problems.extend(f"data.synthetic: {p}" for p in synthetic.settings(data.synthetic.to_dict())[-1])
+  if data.template == "chat" and spec.model.path == DEMO_MODEL:
+    problems.append(f"data.template='chat' but the tokenizer of model.path {DEMO_MODEL} has no chat template")
   if not training_sources(spec):
     problems.append("no training source: enable one with weight > 0 (data.<source>.use / .weight; "
                     "REVEAL trains only with data.allow_reveal_training)")

@@ -89,14 +89,14 @@ def base_spec() -> ml_collections.ConfigDict:
                                      # (4 x max_steps_per_example). cuDNN's packed layout has this many slots
   c.data.eval_batch_size = 16        # global rows per eval batch
   c.data.num_workers = 2             # grain read threads per source; 0 = read inline
-  c.data.prefetch = 64               # examples buffered per source (grain ReadOptions.prefetch_buffer_size)
+  c.data.prefetch = 64               # examples buffered per source (grain ReadOptions.prefetch_buffer_size; <= 100000)
   c.data.allow_reveal_training = False  # REVEAL is eval-only unless set (its terms: test set only)
 
   c.data.synthetic = ml_collections.ConfigDict()  # SYNTHETIC PRM800K-format data, used when data.prm800k.path == ""
   c.data.synthetic.train_records = 4000  # records in <run_dir>/data/phase2_train.jsonl (written once, from seed)
   c.data.synthetic.test_records = 400    # records in <run_dir>/data/phase2_test.jsonl
-  c.data.synthetic.max_ops = 4           # arithmetic operations per problem (at least 2)
-  c.data.synthetic.max_operand = 9       # operands drawn from 1..max_operand
+  c.data.synthetic.max_ops = 4           # arithmetic operations per problem (2 to 100)
+  c.data.synthetic.max_operand = 9       # operands drawn from 1..max_operand (at most max_value)
   c.data.synthetic.max_value = 30        # running values stay in 0..max_value
   c.data.synthetic.max_offset = 5        # a wrong step's result is off by 1..max_offset
   c.data.synthetic.error_rate = 0.5      # fraction of records with a wrong step

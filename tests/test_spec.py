@@ -171,9 +171,43 @@ def test_all_problems_are_listed_at_once():
 
 @pytest.mark.parametrize("key", sorted(spec_lib.ENUMS))
 def test_enum_fields_are_checked(key):
-  spec = demo_spec(**{key.replace(".", "__"): "bogus"})
-  with pytest.raises(spec_lib.SpecError, match=re.escape(f"{key}='bogus'")):
+  bogus = 3 if isinstance(spec_lib.ENUMS[key][0], int) else "bogus"
+  spec = demo_spec(**{key.replace(".", "__"): bogus})
+  with pytest.raises(spec_lib.SpecError, match=re.escape(f"{key}={bogus!r}")):
     spec_lib.validate(spec, 1)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("changes, expected", [
+  # values that passed validation and then crashed, hung or silently misbehaved in a real run
+  ({"weight_decay": NAN}, "weight_decay must be a finite number, got nan"),
+  ({"max_grad_norm": NAN}, "max_grad_norm must be a finite number, got nan"),  # NaN turned clipping off
+  ({"lr": INF}, "lr must be a finite number, got inf"),
+  ({"data__prm800k__weight": NAN}, "data.prm800k.weight must be a finite number, got nan"),
+  ({"data__prm800k__weight": INF}, "data.prm800k.weight must be a finite number, got inf"),
+  ({"mode": "lora", "lora__alpha": NAN}, "lora.alpha must be a finite number, got nan"),
+  ({"seed": 99999999999999999999}, "seed=99999999999999999999 is too large"),
+  ({"data__length_buckets": ()}, "data.length_buckets must be positive integers, strictly increasing, got ()"),
+  ({"data__max_length": 1, "data__length_buckets": (1,)}, "data.max_length must be >= 2"),
+  ({"data__prefetch": 10**12}, "data.prefetch must be <= 100000, got 1000000000000"),
+  ({"data__synthetic__max_ops": 10**8}, "data.synthetic: max_ops must be <= 100, got 100000000"),
+  ({"data__synthetic__max_operand": 10**12}, "data.synthetic: max_operand must be <= 12, got 1000000000000"),
+  ({"data__synthetic__max_ops": 0}, "data.synthetic: max_ops must be >= 2, got 0"),
+  ({"data__prm800k__train_split": "trainx"}, "data.prm800k.train_split='trainx'; choose from 'train', 'test'"),
+  ({"data__eqasc__use": True, "data__eqasc__eval_split": "tes"}, "data.eqasc.eval_split='tes'; choose from"),
+  ({"distributed__num_processes": -1}, "distributed.num_processes must be >= 0"),
+  ({"distributed__num_processes": 2, "distributed__process_id": 2}, "distributed.process_id must be -1"),
+  ({"data__template": "chat"}, "data.template='chat' but the tokenizer of model.path demo has no chat template"),
+])
+def test_values_a_run_cannot_use_are_refused_before_it_starts(changes, expected):
+  with pytest.raises(spec_lib.SpecError, match=re.escape(expected)):
+    spec_lib.validate(demo_spec(**changes), 1, check_paths=False)
+
+
+def test_an_infinite_max_grad_norm_means_no_clipping_and_is_accepted():
+  assert spec_lib.validate(demo_spec(max_grad_norm=INF), 1) == []
 
 
 def test_scan_unroll_reaches_the_model_and_is_checked():
@@ -320,7 +354,12 @@ def test_distributed_args():
   assert runtime.distributed_args(dist, {}) is None
   assert runtime.distributed_args(dist, {"SLURM_NTASKS": "1"}) is None
   assert runtime.distributed_args(dist, {"SLURM_NTASKS": "4"}) == {}
-  assert runtime.distributed_args(dist, {"JAX_COORDINATOR_ADDRESS": "h:1"}) == {"coordinator_address": "h:1"}
+  with pytest.raises(ValueError, match="^a coordinator address is set but not num_processes or process_id: set "
+                                       "distributed.num_processes or JAX_NUM_PROCESSES and distributed.process_id "
+                                       "or JAX_PROCESS_ID$"):
+    runtime.distributed_args(dist, {"JAX_COORDINATOR_ADDRESS": "h:1"})
+  assert runtime.distributed_args(dist, {"JAX_COORDINATOR_ADDRESS": "h:1", "SLURM_NTASKS": "2"}) == {
+    "coordinator_address": "h:1"}  # SLURM tells jax the rest
   with pytest.raises(ValueError, match="SLURM_NTASKS='x'"):
     runtime.distributed_args(dist, {"SLURM_NTASKS": "x"})
   with pytest.raises(ValueError, match="JAX_PROCESS_ID='-1'"):

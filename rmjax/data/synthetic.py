@@ -23,7 +23,7 @@ import dataclasses
 import json
 import os
 import random
-from typing import Optional
+from typing import Any, Optional
 
 SYNTHETIC_LABELER = "synthetic-rmjax"
 _TIMESTAMP = "2000-01-01T00:00:00.000000"
@@ -43,6 +43,32 @@ class SyntheticConfig:
   filler_rate: float = 0.1  # chance of a neutral (rating 0) first step
   alternatives: bool = True  # the error step also lists the correct alternative (rating +1)
   step_padding: str = ""  # optional extra text appended to each step (benchmarks use it)
+
+
+DEFAULT_TRAIN_RECORDS = 4000  # written when data.prm800k.path == "" (demo and tests)
+DEFAULT_TEST_RECORDS = 400
+MAX_OPS = 100  # beyond these, writing the files would take hours or never end
+MAX_RECORDS = 10_000_000
+
+
+def settings(block: dict[str, Any]) -> tuple[SyntheticConfig, int, int, list[str]]:
+  """(generator settings, train records, test records, problems) from a spec's `data.synthetic`
+  block; `problems` lists the values that would make the data wrong or its writing endless (an
+  operand range wider than the value range makes `_problem` redraw almost forever)."""
+  block = dict(block)
+  n_train = int(block.pop("train_records", DEFAULT_TRAIN_RECORDS))
+  n_test = int(block.pop("test_records", DEFAULT_TEST_RECORDS))
+  cfg = SyntheticConfig(**block)
+  problems = [f"{name} must be >= {low}, got {value}" for name, value, low in (
+    ("train_records", n_train, 1), ("test_records", n_test, 1), ("max_ops", cfg.max_ops, cfg.min_ops),
+    ("max_operand", cfg.max_operand, 1), ("max_value", cfg.max_value, 1), ("max_offset", cfg.max_offset, 1))
+    if not value >= low]
+  problems += [f"{name} must be <= {high}, got {value}" for name, value, high in (
+    ("train_records", n_train, MAX_RECORDS), ("test_records", n_test, MAX_RECORDS), ("max_ops", cfg.max_ops, MAX_OPS),
+    ("max_operand", cfg.max_operand, max(cfg.max_value, 1))) if value > high]
+  if not 0.0 <= cfg.error_rate <= 1.0:
+    problems.append(f"error_rate must be in [0, 1], got {cfg.error_rate}")
+  return cfg, n_train, n_test, problems
 
 
 def _problem(rng: random.Random, cfg: SyntheticConfig) -> tuple[list[int], list[str], list[int]]:

@@ -26,6 +26,7 @@ from rmjax import spec as spec_lib
 from rmjax.data.example import SkipCounter
 from rmjax.data.render import RenderConfig, require_chat_template
 from rmjax.data.sources import SKIPS_COUNTED_ON_ACCESS, build_source, reader_kind
+from rmjax.data import synthetic
 from rmjax.data.synthetic import SyntheticConfig, write_synthetic_prm800k
 from rmjax.model import cudnn_attention
 from rmjax.model.config import ModelConfig
@@ -36,8 +37,6 @@ from rmjax.train.state import dummy_inputs
 
 log = logging.getLogger("rmjax.train")
 
-SYNTHETIC_TRAIN = 4000  # demo / test records written when data.prm800k.path == ""
-SYNTHETIC_TEST = 400
 _SYNTHETIC_TEST_SEED_OFFSET = 7919  # train and test records come from disjoint seeds
 
 
@@ -155,23 +154,15 @@ def complete_params(model: Any, backbone: dict, rng: jax.Array) -> dict:
 
 def synthetic_config(spec: Any) -> tuple[SyntheticConfig, int, int]:
   """(generator settings, train records, test records) from the optional `data.synthetic` block."""
-  block = dict(spec.data.synthetic.to_dict()) if "synthetic" in spec.data else {}
-  n_train = int(block.pop("train_records", SYNTHETIC_TRAIN))
-  n_test = int(block.pop("test_records", SYNTHETIC_TEST))
-  cfg = SyntheticConfig(**block)
-  problems = [f"{name} must be >= {low}, got {value}" for name, value, low in (
-    ("train_records", n_train, 1), ("test_records", n_test, 1), ("max_ops", cfg.max_ops, cfg.min_ops),
-    ("max_operand", cfg.max_operand, 1), ("max_value", cfg.max_value, 1), ("max_offset", cfg.max_offset, 1))
-    if value < low]
-  if not 0.0 <= cfg.error_rate <= 1.0:
-    problems.append(f"error_rate must be in [0, 1], got {cfg.error_rate}")
+  cfg, n_train, n_test, problems = synthetic.settings(spec.data.synthetic.to_dict() if "synthetic" in spec.data else {})
   if problems:
     raise spec_lib.SpecError("invalid spec: data.synthetic: " + "; ".join(problems))
   return cfg, n_train, n_test
 
 
 def ensure_synthetic_prm800k(data_dir: pathlib.Path, seed: int, cfg: SyntheticConfig = SyntheticConfig(),
-                             n_train: int = SYNTHETIC_TRAIN, n_test: int = SYNTHETIC_TEST) -> pathlib.Path:
+                             n_train: int = synthetic.DEFAULT_TRAIN_RECORDS,
+                             n_test: int = synthetic.DEFAULT_TEST_RECORDS) -> pathlib.Path:
   """phase2_{train,test}.jsonl of SYNTHETIC records under data_dir (written only if missing).
 
   Each file is written to a temporary name and renamed, so concurrent processes (multi-host on
