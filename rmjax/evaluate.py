@@ -8,7 +8,7 @@ evaluating a finished run on a new split, needs the full report on demand:
 
 Sources come from the run's own spec (<run_dir>/logs/config.json) unless --spec is given;
 `--set data.prm800k.path=/data/prm800k/data --set data.eqasc.use=true` changes keys of that
-spec (dotted spec keys, values parsed as JSON when they parse), so a finished run can be
+spec (dotted spec keys; values as JSON or Python literals, as on the launcher), so a finished run can be
 evaluated on another file or source without writing a spec file. The rendering keys
 `data.max_length`, `data.length_buckets`, `data.max_steps_per_example` and `data.template`
 are the run's unless a --set names them (raising data.max_length alone adds it as the largest

@@ -13,6 +13,7 @@ This module must stay light (no jax/flax import): the launcher imports it before
 
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib.machinery
 import importlib.util
@@ -167,14 +168,22 @@ def check_overrides(spec: ConfigDict, argv: Sequence[str], name: str = "spec") -
       raise SpecError(f"unknown spec key '{key}' in {arg}{hint}")
 
 
+_VALUE_SYNTAX = "values are JSON or Python literals: true or True, 3, 1e-4, (64, 128), [64, 128], 'text'"
+
+
 def parse_set_item(item: str, flag: str = "--set") -> tuple[str, Any]:
-  """`KEY=VALUE` -> (KEY, VALUE parsed as JSON when it parses, else the string)."""
+  """`KEY=VALUE` -> (KEY, VALUE): JSON when it parses, else a Python literal (True, (64, 128),
+  64,128: the forms `--spec.KEY=VALUE` takes on the launcher), else the string itself."""
   key, sep, text = item.partition("=")
   if not sep or not key:
     raise SpecError(f"{flag} expects KEY=VALUE, got {item!r}")
   try:
     return key, json.loads(text)
   except json.JSONDecodeError:
+    pass
+  try:
+    return key, ast.literal_eval(text)
+  except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
     return key, text
 
 
@@ -196,11 +205,13 @@ def apply_overrides(spec: ConfigDict, items: Sequence[str], flag: str = "--set")
       raise SpecError(f"{flag} {item}: '{key}' is a group of keys; set one of its keys instead")
     parent, _, leaf = key.rpartition(".")
     node = get_dotted(spec, parent) if parent else spec
+    if isinstance(getattr(node, leaf), tuple) and isinstance(value, list):
+      value = tuple(value)
     try:
       setattr(node, leaf, value)
     except TypeError:
       raise SpecError(f"{flag} {item}: '{key}' holds {describe_type(spec, key)} values, "
-                      f"got {type(value).__name__} {value!r}") from None
+                      f"got {type(value).__name__} {value!r} ({_VALUE_SYNTAX})") from None
   return spec
 
 

@@ -382,3 +382,17 @@ def test_distributed_args_merge_the_spec_and_the_environment_field_by_field():
   dist.coordinator_address = ""
   with pytest.raises(ValueError, match="^3 processes but no coordinator address"):
     runtime.distributed_args(dist, {"JAX_NUM_PROCESSES": "3", "JAX_PROCESS_ID": "2"})
+
+
+def test_set_items_take_the_value_forms_of_the_launcher_and_of_json():
+  spec = demo_spec()
+  spec_lib.apply_overrides(spec, ["data.eqasc.use=True", "data.pack=false", "data.length_buckets=64,128,2048",
+                                  "lr=1e-3", "data.prm800k.path=/data/prm800k", "experiment_name='x y'"])
+  assert (spec.data.eqasc.use, spec.data.pack, spec.lr) == (True, False, 1e-3)
+  assert spec.data.length_buckets == (64, 128, 2048)
+  assert (spec.data.prm800k.path, spec.experiment_name) == ("/data/prm800k", "x y")
+  spec_lib.apply_overrides(spec, ["data.length_buckets=[32, 64]"])  # JSON's list for a tuple key
+  assert spec.data.length_buckets == (32, 64)
+  with pytest.raises(spec_lib.SpecError, match=re.escape("'data.eval_batch_size' holds int values, got str 'many' "
+                                                         "(values are JSON or Python literals: true or True")):
+    spec_lib.apply_overrides(spec, ["data.eval_batch_size=many"])

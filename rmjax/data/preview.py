@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--limit", type=int, default=None, help="print at most N examples")
   p.add_argument("--strict", action="store_true", help="stop at the first bad record")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                 help="a reader option, e.g. neutral_target=0.0 or label=both (value parsed as JSON if it can be)")
+                 help="a reader option, e.g. neutral_target=0.0 or label=both (value as JSON or a Python literal if it parses)")
   return p
 
 
