@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import re
 import sys
 from typing import Any, Mapping, Sequence
 
@@ -220,6 +221,12 @@ def map_seed(mode: str, args: argparse.Namespace, config: Mapping[str, Any],
   return spec, warnings
 
 
+def seed_hints(message: str) -> str:
+  """Validation names rmjax.launch's flags; these launchers take the seed's config keys instead."""
+  message = re.sub(r"--spec\.data\.(\w+)\.path=DIR", r'"\1_path": DIR in --config', message)
+  return re.sub(r"--spec\.data\.(\w+)\.use=False", r'"\1_path": "" in --config', message)
+
+
 def read_config(path: str | None) -> dict[str, Any]:
   if not path:
     return {}
@@ -248,8 +255,9 @@ def main(mode: str, argv: Sequence[str] | None = None) -> Any:
       raise spec_lib.SpecError(str(e)) from None
     import jax
     spec, warnings = map_seed(mode, args, config, jax.device_count())
+    spec_lib.validate(spec, jax.device_count(), jax.process_count())
   except spec_lib.SpecError as e:
-    print(f"{prog}: error: {e}", file=sys.stderr)
+    print(f"{prog}: error: {seed_hints(str(e))}", file=sys.stderr)
     raise SystemExit(2)
   for w in warnings:
     print(f"{prog}: warning: {w}", file=sys.stderr)

@@ -220,6 +220,16 @@ def test_seed_lora_launcher_dry_run(tmp_path, shared_data):
   assert (spec["mode"], spec["lora"]["rank"], spec["max_steps"], spec["batch_size"]) == ("lora", 4, 1000, 4 * 4 * 8)
 
 
+def test_seed_launcher_hints_name_its_config_keys_not_rmjax_flags(tmp_path):
+  config = tmp_path / "seed.json"
+  config.write_text(json.dumps({"prm800k_path": str(tmp_path / "nowhere")}))
+  proc = launch("launch/train.py", "--config", str(config), "--dry_run", module=None)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert f"data.prm800k.path not found: {tmp_path / 'nowhere'} (set \"prm800k_path\": DIR in --config or " \
+         f"\"prm800k_path\": \"\" in --config)" in proc.stderr
+  assert "--spec." not in proc.stderr
+
+
 def test_seed_launcher_missing_config_is_one_line():
   proc = launch("launch/train.py", "--config", "nope.json", module=None)
   assert one_line_error(proc) == "launch/train.py: error: config file not found: nope.json"
