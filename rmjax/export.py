@@ -79,7 +79,7 @@ def write_head(head: dict, cfg: HeadConfig, out: pathlib.Path) -> list[str]:
     import torch
   except ImportError:
     print(f"rmjax.export: warning: torch not installed, {HEAD_PT} not written "
-          f"(pip install rmjax[torch]); {HEAD_ST} holds the same tensors", file=sys.stderr)
+          f'(pip install -e ".[torch]" in the rmjax checkout); {HEAD_ST} holds the same tensors', file=sys.stderr)
     return [HEAD_ST]
   torch.save({k: torch.from_numpy(v.copy()) for k, v in sd.items()}, out / HEAD_PT)
   return [HEAD_ST, HEAD_PT]

@@ -13,7 +13,7 @@ stderr and skipped.
 
 --checkpoint is a run directory (its best checkpoint), a checkpoint_step_<N> directory (both
 scored in JAX with the run's own model), or an export directory (scored in PyTorch by
-`rmjax.torch_scorer`, so it needs `pip install rmjax[torch]`: this is the path that shows what a
+`rmjax.torch_scorer`, so it needs the [torch] extra (`pip install -e ".[torch]"`): this is the path that shows what a
 torch user will get). Every step is scored, not only the first `data.max_steps_per_example`.
 """
 
@@ -141,9 +141,18 @@ class ExportScorer:
 
 
 def make_scorer(checkpoint: str | pathlib.Path):
-  if (pathlib.Path(checkpoint) / EXPORT_FILE).is_file():
+  path = pathlib.Path(checkpoint)
+  if (path / EXPORT_FILE).is_file():
     return ExportScorer(checkpoint)
-  return JaxScorer(checkpoint)
+  if (path.parent / EXPORT_FILE).is_file():  # a folder inside an export, e.g. export/demo/backbone
+    raise FileNotFoundError(f"{path} is a folder of the export {path.parent}: give the export directory itself")
+  from rmjax.run_artifacts import RunArtifactError
+  try:
+    return JaxScorer(checkpoint)
+  except RunArtifactError as e:
+    if "is neither a run directory" in str(e):
+      raise RunArtifactError(f"{e}, nor an export directory ({EXPORT_FILE})") from None
+    raise
 
 
 # -- the command ------------------------------------------------------------------------------------
@@ -175,6 +184,8 @@ def score_file(checkpoint: str | pathlib.Path, input_path: str | pathlib.Path, o
   from rmjax.progress import Progress
   warn = warn or (lambda m: print(f"rmjax.score: warning: {m}", file=sys.stderr))
   input_path, output_path = pathlib.Path(input_path), pathlib.Path(output_path)
+  if input_path.is_dir():
+    raise FileNotFoundError(f"--input {input_path} is a directory; give a JSON Lines file")
   if not input_path.is_file():
     raise FileNotFoundError(f"input file not found: {input_path}")
   if batch_size < 1:

@@ -11,13 +11,20 @@ CPU demo, on a built-in corpus that covers the synthetic arithmetic data.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import random
 
-from huggingface_hub.errors import StrictDataclassError
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+# rmjax takes only tokenizers from transformers (its PyTorch models serve the [torch] extra), so
+# without torch the "PyTorch was not found. Models won't be available" advice transformers gives
+# at import is noise on every command: it is an advisory warning, which this turns off.
+if importlib.util.find_spec("torch") is None:
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from huggingface_hub.errors import StrictDataclassError  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast  # noqa: E402
 
 from rmjax.cli import first_line
 

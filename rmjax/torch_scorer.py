@@ -2,7 +2,7 @@
 
 Why it exists: the export is meant to be served with transformers / peft / torch alone; this is
 the reference loader that proves it and that `rmjax.score` uses for export directories. It needs
-the optional extra (`pip install rmjax[torch]`: torch + peft), never jax.
+the optional extra (`pip install -e ".[torch]" in the rmjax checkout`: torch + peft), never jax.
 
 Token ids are produced by rmjax's own `Renderer` (same template text, same tokenizer call, same
 truncation rules) from the tokenizer and render settings stored in the export, so they are
@@ -33,7 +33,7 @@ from rmjax.data.render import RenderConfig, Renderer
 from rmjax.export import ADAPTER, BACKBONE, BASE_BACKBONE, EXPORT_FILE, FORMAT, HEAD_PT, HEAD_ST
 from rmjax.tokenizer import pad_id
 
-_INSTALL = "pip install rmjax[torch]"
+_INSTALL = 'pip install -e ".[torch]" in the rmjax checkout'
 
 
 def _require_torch():

@@ -80,3 +80,17 @@ def test_bad_arguments_are_one_line_errors(run, tmp_path, capsys):
   assert score.main(["--checkpoint", str(run), "--input", str(tmp_path / "in.jsonl"),
                      "--output", str(tmp_path / "o"), "--batch-size", "0"]) == 2
   assert "--batch-size must be >= 1" in capsys.readouterr().err
+  # a directory as --input, a run dir without checkpoints, a folder inside an export
+  assert score.main(["--checkpoint", str(run), "--input", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
+  assert capsys.readouterr().err == f"rmjax.score: error: --input {tmp_path} is a directory; give a JSON Lines file\n"
+  (tmp_path / "empty").mkdir()
+  assert score.main(["--checkpoint", str(tmp_path / "empty"), "--input", str(tmp_path / "in.jsonl"),
+                     "--output", str(tmp_path / "o")]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.strip().endswith("nor a checkpoint_step_<N> directory, nor an export "
+                                                       "directory (rmjax_export.json)"), err
+  (tmp_path / "export" / "backbone").mkdir(parents=True)
+  (tmp_path / "export" / "rmjax_export.json").write_text("{}")
+  assert score.main(["--checkpoint", str(tmp_path / "export" / "backbone"), "--input", str(tmp_path / "in.jsonl"),
+                     "--output", str(tmp_path / "o")]) == 2
+  assert "is a folder of the export" in capsys.readouterr().err
