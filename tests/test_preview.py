@@ -86,3 +86,19 @@ def test_build_source_from_configdict(shared_data, tmp_path):
     build_source("eqasc", {})
   with pytest.raises(ValueError, match="phase should be 1 or 2"):
     build_source("prm800k", {"path": str(tmp_path), "phase": "two"}, split="test")
+
+
+def test_a_directory_without_a_split_and_a_file_of_another_format_say_what_to_do(shared_data, tmp_path):
+  proc = run("--source", "eqasc", "--path", tmp_path)
+  assert proc.returncode == 2 and proc.stderr == (
+    f"preview: error: eqasc: {str(tmp_path)!r} is a directory; name the split to read (one of ['train', 'dev', "
+    f"'test']), or give the file itself\n")
+  (tmp_path / "labels.json").write_text('{"chain": 1}')  # valid JSON, but no array of questions
+  proc = run("--source", "eqasc", "--path", tmp_path / "labels.json")
+  assert proc.returncode == 0 and proc.stdout == ""
+  assert '"not_a_json_array": 1' in proc.stderr
+  assert "reads as eqasc (one JSON array of questions); is --source right for this file?" in proc.stderr
+  proc = run("--source", "prm800k", "--path", FIXTURE)  # a CSV read as JSON Lines
+  assert "reads as prm800k (JSON Lines, one labelled solution per line)" in proc.stderr
+  proc = run("--source", "reveal", "--path", FIXTURE)  # the right source: no hint
+  assert proc.stdout and "is --source right" not in proc.stderr

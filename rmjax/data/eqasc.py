@@ -13,7 +13,8 @@ the 20 real dev chains saved under shared/data both agree).
 
 Skipped and counted: a chain with missing/null turk_label ("no_label"), malformed chains and
 questions (reason names the field), questions whose correct choice has no chains
-("no_chains"), and an unparseable remainder of the file ("bad_json"). Example id = chain_id.
+("no_chains"), an unparseable remainder of the file ("bad_json"), and a file that is no JSON array
+("not_a_json_array"). Example id = chain_id.
 The file (tens of MB) is parsed once at start-up; the array is decoded element by element so a
 corrupt question cannot take the rest of the file down with it unless the JSON itself breaks.
 """
@@ -53,7 +54,7 @@ def iter_json_array(text: str) -> Iterator[tuple[int, Any]]:
   decoder = json.JSONDecoder()
   pos = _skip_ws(text, 0)
   if not text.startswith("[", pos):
-    raise Skip("bad_json", "file does not start with a JSON array")
+    raise Skip("not_a_json_array", "file does not start with a JSON array")
   pos = _skip_ws(text, pos + 1)
   if text.startswith("]", pos):
     return

@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+_FORMATS = {"prm800k": "JSON Lines, one labelled solution per line", "eqasc": "one JSON array of questions",
+            "reveal": "CSV with a header row"}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = build_parser().parse_args(argv)
   skips = SkipCounter()
@@ -73,6 +77,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   counts = skips.as_dict().get(args.source, {})
   print(f"preview: {shown} examples; skipped records and noted problems by reason: "
         f"{json.dumps(counts, sort_keys=True)}", file=sys.stderr)
+  if not shown and counts and args.limit != 0:
+    print(f"preview: nothing in {args.path} reads as {args.source} ({_FORMATS[args.source]}); is --source "
+          f"right for this file? --strict stops at the first problem and names it", file=sys.stderr)
   return 0
 
 

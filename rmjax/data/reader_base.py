@@ -80,6 +80,9 @@ def resolve_file(path: str, split: Optional[str], valid_splits: Sequence[str],
     return path
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{what}: path {path!r} does not exist (expected a file or a directory)")
+  if split is None:
+    raise ValueError(f"{what}: {path!r} is a directory; name the split to read (one of {list(valid_splits)}), "
+                     f"or give the file itself")
   if split not in valid_splits:
     raise ValueError(f"{what}: unknown split {split!r} for directory {path!r}; expected one of {list(valid_splits)}")
   tried = [os.path.join(path, c) for c in candidates(split)]
