@@ -50,7 +50,23 @@ def load_eval_spec(run_dir: pathlib.Path, spec_file: str | None, overrides: Sequ
     if not path.is_file():
       raise FileNotFoundError(f"{path} not found; pass --spec FILE to say which sources to evaluate")
     spec = ConfigDict(cli.read_json_object(path))
-  return apply_overrides(spec, overrides)
+  spec = apply_overrides(spec, overrides)
+  _check_eval_numbers(spec, overrides)
+  return spec
+
+
+# Keys evaluate reads that --set may change: (key, least value); a wrong one is named here, not by
+# the grain option or loop it would reach.
+_EVAL_NUMBERS = (("max_eval_batches", 0), ("data.eval_batch_size", 1), ("data.num_workers", 0),
+                 ("data.prefetch", 0), ("data.max_length", 2), ("data.max_steps_per_example", 1))
+
+
+def _check_eval_numbers(spec: Any, overrides: Sequence[str]) -> None:
+  from rmjax.spec import SpecError, get_dotted
+  named = {item.partition("=")[0] for item in overrides}
+  for key, least in _EVAL_NUMBERS:
+    if key in named and not get_dotted(spec, key) >= least:
+      raise SpecError(f"--set {key}: must be >= {least}, got {get_dotted(spec, key)}")
 
 
 @contextlib.contextmanager
