@@ -360,7 +360,8 @@ class Trainer:
     window["steps"] += 1
     if not bool(host["finite"]):
       message = (f"Non-finite loss at step {step} (loss {float(host['loss'])}, grad norm "
-                 f"{float(host['grad_norm'])}); the update was not applied")
+                 f"{float(host['grad_norm'])}); the update was not applied (lr {self.spec.lr:g}"
+                 + (f", lora.alpha {self.spec.lora.alpha:g}" if self.spec.mode == "lora" else "") + ")")
       if self.optim_cfg.nan_policy == "stop":
         self.logger.log(message + ". Stopping (nan_policy='stop'); no checkpoint is written for this "
                         "or any later step", logging.ERROR)
