@@ -336,18 +336,9 @@ _INT64_MAX = 2**63 - 1
 _AT_MOST = {"data.prefetch": 100_000}
 
 
-def _leaves(node: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
-  for key, value in node.items():
-    path = f"{prefix}.{key}" if prefix else key
-    if isinstance(value, (ConfigDict, Mapping)):
-      yield from _leaves(value, path)
-    else:
-      yield path, value
-
-
 def _check_leaves(spec: ConfigDict, problems: list[str]) -> None:
   """Numbers no key can take: NaN, inf (but where it means something), integers past int64."""
-  for key, value in _leaves(spec):
+  for key, value in dotted_items(spec):
     for v in (value if isinstance(value, (tuple, list)) else (value,)):
       if isinstance(v, float) and (math.isnan(v) or (math.isinf(v) and key not in _INF_ALLOWED)):
         problems.append(f"{key} must be a finite number, got {value}")
