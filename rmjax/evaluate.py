@@ -64,6 +64,10 @@ _EVAL_NUMBERS = (("max_eval_batches", 0), ("data.eval_batch_size", 1), ("data.nu
 def _check_eval_numbers(spec: Any, overrides: Sequence[str]) -> None:
   from rmjax.spec import SpecError, get_dotted
   named = {item.partition("=")[0] for item in overrides}
+  synthetic = sorted(k for k in named if k.startswith("data.synthetic."))
+  if synthetic:  # build.ensure_synthetic_prm800k writes them once and then reads what is there
+    raise SpecError(f"--set {synthetic[0]}: the synthetic records were written once, with the run "
+                    f"(<run_dir>/data/), and evaluate reads them as they are; train a run with other settings")
   for key, least in _EVAL_NUMBERS:
     if key in named and not get_dotted(spec, key) >= least:
       raise SpecError(f"--set {key}: must be >= {least}, got {get_dotted(spec, key)}")

@@ -109,6 +109,7 @@ def test_raising_max_length_alone_adds_it_as_the_largest_bucket():
                                          ("data.eval_batch_size=many", "holds int values"),
                                          ("max_eval_batches=-1", "--set max_eval_batches: must be >= 0, got -1"),
                                          ("data.num_workers=-1", "--set data.num_workers: must be >= 0, got -1"),
+                                         ("data.synthetic.test_records=5", "the synthetic records were written once"),
                                          ("data", "KEY=VALUE")])
 def test_bad_set_is_a_one_line_error(run, tmp_path, capsys, item, words):
   assert evaluate.main(["--checkpoint", str(run), "--output", str(tmp_path / "x"), "--set", item]) == 2
