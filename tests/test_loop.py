@@ -55,6 +55,22 @@ def checkpoint_steps(run_dir):
   return sorted(int(n.rsplit("_", 1)[1]) for n in names if n.startswith("checkpoint_step_") and "tmp" not in n)
 
 
+def test_val_loss_is_the_training_loss_pooled_over_every_step():
+  """val/loss picks the best checkpoint: per source and pooled step by step (not a mean of the
+  sources), with the training loss's formula (hand-computed values)."""
+  per = {"a": (np.array([0.9, 0.2]), np.array([1.0, 0.0])), "b": (np.array([0.5]), np.array([1.0]))}
+  mse = loop.val_loss_of(per, "mse")
+  np.testing.assert_allclose([mse["a/loss"], mse["b/loss"], mse["loss"]], [0.025, 0.25, 0.1], rtol=1e-12)
+  bce = loop.val_loss_of(per, "bce")
+  a, b = (-np.log(0.9) - np.log(0.8)) / 2, np.log(2.0)
+  np.testing.assert_allclose([bce["a/loss"], bce["b/loss"], bce["loss"]], [a, b, (2 * a + b) / 3], rtol=1e-9)
+  import optax  # the train step's BCE on the same predictions, as logits
+  p, y = np.array([0.9, 0.2, 0.5]), np.array([1.0, 0.0, 1.0])
+  logits = np.log(p / (1 - p)).astype(np.float32)
+  np.testing.assert_allclose(bce["loss"], float(optax.sigmoid_binary_cross_entropy(logits, y.astype(np.float32)).mean()),
+                             rtol=1e-6)
+
+
 def test_throughput_window_leaves_out_evaluation_time(tmp_path, monkeypatch):
   """An evaluation (or checkpoint) stalls training on purpose; the logging window that spans it
   must not count its time as training time. The loop's clock jumps 1000 s during each evaluation:

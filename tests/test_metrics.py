@@ -174,3 +174,9 @@ def test_accumulator_matches_direct_computation():
   assert out["count"] == 11  # the masked padding slot is not counted
   acc.reset()
   assert acc.result()["count"] == 0
+
+
+def test_a_step_scored_exactly_at_the_threshold_is_not_a_predicted_error():
+  # The predicted first error is the first step scored below the threshold (0.5), not at it.
+  assert metrics.solution_metrics([[0.5, 0.9]], [[1, 1]])["first_error_acc_correct"] == 1.0
+  assert metrics.solution_metrics([[0.49, 0.9]], [[1, 1]])["first_error_acc_correct"] == 0.0

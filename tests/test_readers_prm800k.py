@@ -116,6 +116,33 @@ def test_neutral_target_zero_does_not_end_trajectories(raw, unique_path):
     assert list(b.targets) == [0.0 if t == 0.5 else t for t in a.targets], a.id
 
 
+def _with_steps(record, steps):
+  out = json.loads(json.dumps(record))
+  out["label"]["steps"] = steps
+  return out
+
+
+def _rated(*ratings):
+  return [{"text": f"text {i} rated {r}", "rating": r, "flagged": None} for i, r in enumerate(ratings)]
+
+
+def test_the_error_step_is_the_first_completion_rated_minus_one_wherever_it_sits(raw, tmp_path):
+  """In the real records the -1 completion of a null-chosen step is always completions[0]; the rule
+  is "the first -1", so it must also hold where the -1 comes later. With no -1 the first rated
+  completion stands in (its own target), and a chosen completion rated -1 ends the trajectory."""
+  good = {"chosen_completion": 0, "human_completion": None, "completions": _rated(1)}
+  records = [
+    _with_steps(raw[1], [good, {"chosen_completion": None, "human_completion": None, "completions": _rated(1, 0, -1, 1)}]),
+    _with_steps(raw[1], [good, {"chosen_completion": None, "human_completion": None, "completions": _rated(None, 0, 1)}]),
+    _with_steps(raw[1], [{"chosen_completion": 1, "human_completion": None, "completions": _rated(1, -1)}, good]),
+  ]
+  reader = Prm800kReader(_write_jsonl(tmp_path / "phase2_train.jsonl", records))
+  later_minus_one, no_minus_one, chosen_minus_one = reader[0], reader[1], reader[2]
+  assert later_minus_one.steps[-1] == "text 2 rated -1" and later_minus_one.targets == (1.0, 0.0)
+  assert no_minus_one.steps[-1] == "text 1 rated 0" and no_minus_one.targets == (1.0, 0.5)
+  assert chosen_minus_one.steps == ("text 1 rated -1",) and chosen_minus_one.targets == (0.0,)
+
+
 def test_openr_samples_exact_line_format(shared_data, reader):
   openr = Prm800kReader(str(shared_data / "prm800k" / "openr_samples_prm800k.jsonl"))
   got = list(openr)

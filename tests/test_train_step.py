@@ -11,6 +11,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
@@ -367,6 +368,43 @@ def test_nan_target_is_skipped_without_touching_state():
   state, m = steps.train_step(state, make_batch(2))
   assert bool(m["finite"]) and int(state.step) == 2
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(snapshot(state.params)))
+
+
+def test_a_non_finite_gradient_under_a_finite_loss_is_skipped_too(monkeypatch):
+  """Gradients can overflow or turn NaN in the backward pass while the loss stays finite (bf16,
+  a sqrt at 0); such a step must not reach params or moments either."""
+  real = sp.masked_loss_sum
+  # + sqrt(0 * |sum logits|): the value is unchanged, its gradient is NaN (inf * 0)
+  monkeypatch.setattr(sp, "masked_loss_sum", lambda logits, *rest: real(logits, *rest)
+                      + jnp.sqrt(jnp.abs(jnp.sum(logits)) * 0.0))
+  _, _, _, state, steps = setup(mode="full", nan_policy="skip")
+  before = snapshot(state)
+  state, m = steps.train_step(state, make_batch(0))
+  assert np.isfinite(float(m["loss"])) and not bool(m["finite"])
+  assert_trees_equal(before, snapshot(state))
+
+
+def _adam_state(opt_state):
+  return next(x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+              if isinstance(x, optax.ScaleByAdamState))
+
+
+@pytest.mark.parametrize("moments", ["float32", "bfloat16"])
+def test_weight_decay_reaches_matrices_only_and_clipping_its_threshold(moments):
+  params = {"a": {"kernel": jnp.ones((2, 2)), "scale": jnp.ones(2), "bias": jnp.ones(2)}}
+  cfg = dict(lr=0.1, weight_decay=0.5, warmup_steps=0, schedule="constant", opt_state_dtype=moments)
+  tx = optim.make_optimizer(optim.OptimConfig(max_grad_norm=0.0, **cfg))
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(new["a"]["kernel"], 1 - 0.1 * 0.5, rtol=1e-6)  # decayed, no gradient
+  np.testing.assert_array_equal(new["a"]["scale"], 1.0)
+  np.testing.assert_array_equal(new["a"]["bias"], 1.0)
+  # A gradient of global norm 20 is clipped to norm 1 before the moments see it: mu = (1 - b1) g / 20.
+  grads = {"w": jnp.full((4,), 10.0)}
+  for max_norm, scale in ((1.0, 1 / 20), (0.0, 1.0)):
+    tx = optim.make_optimizer(optim.OptimConfig(max_grad_norm=max_norm, **cfg))
+    _, opt_state = tx.update(grads, tx.init({"w": jnp.ones(4)}), {"w": jnp.ones(4)})
+    np.testing.assert_allclose(np.asarray(_adam_state(opt_state).mu["w"], np.float32), 0.1 * 10.0 * scale, rtol=1e-2)
 
 
 def test_nan_in_unsupervised_slot_is_ignored():
