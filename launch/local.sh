@@ -13,11 +13,12 @@
 # i GPUs i*k..i*k+k-1), or on CPU XLA_FLAGS=--xla_force_host_platform_device_count=1.
 # Environment: PORT (default: a free port), PYTHON (default: python). Output of process i > 0
 # goes to $RMJAX_LOG_DIR/process_<i>.log (default: a temp dir, printed). If one process fails,
-# the others are stopped and the script exits with the first non-zero status.
+# the others are stopped (SIGTERM, then SIGKILL after RMJAX_KILL_AFTER=10 s) and the script exits
+# with the first non-zero status.
 set -euo pipefail
 
 if [[ $# -lt 1 || ! "$1" =~ ^[1-9][0-9]*$ ]]; then
-  sed -n '2,17p' "$0" >&2
+  sed -n '2,18p' "$0" >&2
   exit 2
 fi
 N=$1; shift
@@ -48,14 +49,23 @@ for ((i = 0; i < N; i++)); do
 done
 
 # Processes are reaped in the order they finish (wait -n): a failed process 1 must stop process 0
-# even while 0 is still blocked in a collective waiting for it.
+# even while 0 is still blocked in a collective waiting for it. Such a process cannot act on
+# SIGTERM (its handler runs between steps), so RMJAX_KILL_AFTER seconds (default 10) later the
+# survivors get SIGKILL.
 status=0
+killer=
 for ((i = 0; i < N; i++)); do
   if wait -n; then
     :
   else
     rc=$?
-    if ((status == 0)); then status=$rc; cleanup; fi
+    if ((status == 0)); then
+      status=$rc
+      cleanup
+      (sleep "${RMJAX_KILL_AFTER:-10}"; for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done) &
+      killer=$!
+    fi
   fi
 done
+if [[ -n "$killer" ]]; then kill "$killer" 2>/dev/null || true; fi
 exit $status

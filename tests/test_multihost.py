@@ -116,9 +116,11 @@ def test_launch_local_sh_exits_with_the_failed_process_status_and_stops_the_othe
   # A stand-in for python: process 1 fails at once, process 0 blocks (as in a collective waiting
   # for process 1). local.sh must stop process 0 and exit with process 1's status.
   fake = tmp_path / "fake_python"
-  fake.write_text('#!/usr/bin/env bash\nif [[ "$JAX_PROCESS_ID" == 1 ]]; then exit 3; fi\nexec sleep 120\n')
+  # Process 0 ignores SIGTERM, as a process blocked in a collective does: SIGKILL must follow.
+  fake.write_text('#!/usr/bin/env bash\nif [[ "$JAX_PROCESS_ID" == 1 ]]; then exit 3; fi\n'
+                  'trap "" TERM\nexec sleep 120\n')
   fake.chmod(0o755)
-  env = dict(os.environ, PYTHON=str(fake), PORT="1", RMJAX_LOG_DIR=str(tmp_path / "logs"))
+  env = dict(os.environ, PYTHON=str(fake), PORT="1", RMJAX_LOG_DIR=str(tmp_path / "logs"), RMJAX_KILL_AFTER="1")
   proc = subprocess.run(["bash", str(R.ROOT / "launch" / "local.sh"), "2", "--spec", "specs/demo.py"],
                         cwd=R.ROOT, env=env, capture_output=True, text=True, timeout=60)
   assert proc.returncode == 3, proc.stderr
