@@ -153,7 +153,9 @@ def _check_process_count(path: pathlib.Path) -> None:
   own shard of every source; with another process count those shards differ, so the positions
   cannot be carried over. That is a relaunch with the wrong layout, not a corrupt checkpoint."""
   counts = {int(m.group(2)) for f in (path / "data").iterdir() if (m := _DATA_STATE_FILE.fullmatch(f.name))}
-  now = jax.process_count()
+  now, mine = jax.process_count(), path / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  if now in counts and not mine.is_file():  # said before orbax's collective restore, which would wait for us
+    raise CheckpointCorrupt(path, f"no data position of this process ({mine.name})")
   if counts and now not in counts:
     written = "/".join(str(n) for n in sorted(counts))
     raise CheckpointProcessMismatch(
@@ -380,6 +382,12 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: Any, iterator: Any = None) -> Restored:
     """Restores step `step` into the shardings/structure of `abstract_state` (see
     `abstract_like`); the grain `iterator`, if given, is set to the saved position."""
+    self._check_before_restore(step, abstract_state, iterator)
+    return self._restore_checked(int(step), abstract_state, iterator)
+
+  def _check_before_restore(self, step: int, abstract_state: Any, iterator: Any) -> None:
+    """What can be found wrong with a step from its files alone, before orbax's restore, which is
+    collective: a process that failed inside it would leave the others waiting there."""
     self._check_open()
     self.wait_until_finished()
     step = int(step)
@@ -388,11 +396,15 @@ class Checkpointer:
       raise CheckpointNotFound(
         f"no checkpoint for step {step} in {self.directory} (have {self.all_steps()})")
     self._check_shapes(step, abstract_state)
-    items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
     if iterator is not None:
       if not (path / "data").is_dir():
         raise CheckpointCorrupt(path, "no data-iterator state in this checkpoint")
       _check_process_count(path)
+
+  def _restore_checked(self, step: int, abstract_state: Any, iterator: Any) -> Restored:
+    path = self.step_path(step)
+    items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+    if iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(iterator)
     try:
       out = self._mgr.restore(step, args=ocp.args.Composite(**items))
@@ -404,10 +416,13 @@ class Checkpointer:
     """A checkpoint of another model shape (a spec changed between launch and relaunch) is a
     mismatch, said as such, not corruption: it is never set aside, and orbax is not left to fail
     halfway through its reads. Unreadable metadata is left for the restore to report."""
+    handler = ocp.StandardCheckpointHandler()
     try:
-      stored = ocp.StandardCheckpointHandler().metadata(self.step_path(step) / "state").tree
+      stored = handler.metadata(self.step_path(step) / "state").tree
     except Exception:  # noqa: BLE001 -- a damaged checkpoint: the restore names the problem
       return
+    finally:
+      handler.close()  # its thread would outlive an error exit (runtime.exit_process)
     if not stored:
       return
     problem = shape_mismatch(_shapes_by_path(stored), _shapes_by_path(serialization.to_state_dict(abstract_state)))
@@ -426,11 +441,17 @@ class Checkpointer:
     corrupt: list[int] = []
     for step in reversed(self.all_steps()):
       error: CheckpointCorrupt | None = None
-      try:
-        restored = self.restore(step, abstract_state, iterator)
+      try:  # agreed twice: on what the files show, then on orbax's (collective) restore
+        self._check_before_restore(step, abstract_state, iterator)
       except CheckpointCorrupt as e:
         error = e
       error = _agreed_error(error, self.step_path(step))
+      if error is None:
+        try:
+          restored = self._restore_checked(step, abstract_state, iterator)
+        except CheckpointCorrupt as e:
+          error = e
+        error = _agreed_error(error, self.step_path(step))
       if error is not None:
         if not fallback_to_previous:
           raise error

@@ -107,6 +107,19 @@ def init_distributed(dist: Any, env: Mapping[str, str] = os.environ) -> bool:
   return True
 
 
+def _leave_distributed() -> None:
+  """jax.distributed's shutdown barrier, which os._exit would skip: every process meets there on
+  its way out, and one that left without it keeps the others waiting for its heartbeat (~100 s)."""
+  jax = sys.modules.get("jax")
+  if jax is None:
+    return
+  try:
+    if jax.distributed.is_initialized():
+      jax.distributed.shutdown()
+  except Exception:  # noqa: BLE001 -- a partner already gone: leave anyway
+    logging.getLogger("rmjax").debug("jax.distributed.shutdown failed", exc_info=True)
+
+
 def exit_process(code: int | str | None) -> NoReturn:
   """Ends the process with `code` (as SystemExit would).
 
@@ -124,6 +137,7 @@ def exit_process(code: int | str | None) -> NoReturn:
     print(code, file=sys.stderr)
   logging.getLogger("rmjax").debug("leaving with %d non-daemon threads alive: %s", len(lingering),
                                    ", ".join(t.name for t in lingering))
+  _leave_distributed()
   logging.shutdown()
   sys.stdout.flush()
   sys.stderr.flush()

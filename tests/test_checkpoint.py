@@ -414,13 +414,13 @@ def test_a_step_unreadable_on_another_process_counts_as_unreadable_here(tmp_path
   # fall back together (or fail together), never one train while the other falls back.
   d = tmp_path / "checkpoints"
   _save_steps(d, [2, 3])
-  reports = iter([[1], []])  # step 3 failed on process 1; step 2 restored everywhere
+  reports = iter([[1], []])  # step 3 failed on process 1 (its files); (step 2 read everywhere)
   monkeypatch.setattr(ck, "_failed_on_processes", lambda failed: [0] * failed + next(reports))
   target = {"x": jax.ShapeDtypeStruct((4,), jnp.float32)}
   with ck.Checkpointer(d) as c:
     with pytest.raises(ck.CheckpointCorrupt, match="checkpoint_step_3: unreadable on process.es. 1"):
       c.restore_latest(target)
-    reports = iter([[1], []])
+    reports = iter([[], [1], [], []])  # step 3 read everywhere, failed in process 1's restore; step 2 fine
     assert c.restore_latest(target, fallback_to_previous=True).step == 2
     assert c.all_steps() == [2]
     assert (d / ck.CORRUPT_DIR / "checkpoint_step_3").is_dir()
@@ -439,3 +439,15 @@ def test_a_checkpoint_of_another_model_shape_is_a_mismatch_never_set_aside(tmp_p
       c.restore(2, {"x": jax.ShapeDtypeStruct((4,), jnp.float32), "y": jax.ShapeDtypeStruct((1,), jnp.float32)})
     assert c.all_steps() == [1, 2] and not (d / ck.CORRUPT_DIR).exists()
     assert float(c.restore_latest({"x": jax.ShapeDtypeStruct((4,), jnp.float32)}).state["x"][0]) == 2.0
+
+
+def test_a_missing_data_position_of_this_process_is_found_before_the_collective_restore(tmp_path):
+  # Several processes restore collectively: one that found its file missing inside orbax's restore
+  # left the others waiting there, so the file is checked first (and agreed on, as corruption).
+  with ck.Checkpointer(tmp_path / "checkpoints") as c:
+    c.save(5, _tiny(), iterator=_grain_iter())
+    c.wait_until_finished()
+    (c.step_path(5) / "data" / "process_0-of-1.json").unlink()
+    (c.step_path(5) / "data" / "process_1-of-1.json").write_text("{}")  # another process's, not ours
+    with pytest.raises(ck.CheckpointCorrupt, match=r"no data position of this process \(process_0-of-1.json\)"):
+      c.restore_latest(ck.abstract_like(_tiny()), iterator=_grain_iter())
