@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import signal
 import sys
 import threading
 from typing import Any, Mapping, NoReturn
@@ -104,7 +105,27 @@ def init_distributed(dist: Any, env: Mapping[str, str] = os.environ) -> bool:
   import jax
   if not jax.distributed.is_initialized():  # idempotent: launchers may call it early
     jax.distributed.initialize(**args)
+    catch_sigterm_from_start()
   return True
+
+
+_startup_sigterm: list[int] = []
+
+
+def catch_sigterm_from_start() -> None:
+  """jax.distributed.initialize installs a native SIGTERM catcher (its preemption notifier) that
+  only notes the signal, so a SIGTERM before the training loop installs its own handler (model
+  build, data, restore) was lost and the run trained on. This records it instead; the loop's stop
+  flag starts from it and stops, with every process, at its first step boundary."""
+  try:
+    signal.signal(signal.SIGTERM, lambda signum, _frame: _startup_sigterm.append(signum))
+  except ValueError:  # not the main thread: nothing to install
+    pass
+
+
+def sigterm_during_startup() -> int | None:
+  """The SIGTERM `catch_sigterm_from_start` recorded, if any."""
+  return _startup_sigterm[0] if _startup_sigterm else None
 
 
 def _leave_distributed() -> None:

@@ -55,6 +55,23 @@ def checkpoint_steps(run_dir):
   return sorted(int(n.rsplit("_", 1)[1]) for n in names if n.startswith("checkpoint_step_") and "tmp" not in n)
 
 
+def test_a_sigterm_during_start_up_stops_the_loop_at_its_first_step_boundary():
+  """jax.distributed's own SIGTERM catcher only notes the signal: rmjax's start-up handler keeps
+  it for the loop, which would otherwise train on after a preemption notice."""
+  import signal
+  from rmjax import runtime
+  previous = signal.getsignal(signal.SIGTERM)
+  try:
+    runtime.catch_sigterm_from_start()
+    assert not loop._StopFlag(1).should_stop()
+    os.kill(os.getpid(), signal.SIGTERM)
+    flag = loop._StopFlag(1)
+    assert flag.should_stop() and flag.signum == signal.SIGTERM
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    runtime._startup_sigterm.clear()
+
+
 def test_val_loss_is_the_training_loss_pooled_over_every_step():
   """val/loss picks the best checkpoint: per source and pooled step by step (not a mean of the
   sources), with the training loss's formula (hand-computed values)."""

@@ -42,7 +42,7 @@ from rmjax.metrics import EvalAccumulator
 from rmjax.model.confidence import ConfidenceModel
 from rmjax.progress import Progress
 from rmjax.run_logging import RunLogger
-from rmjax.runtime import quiet_library_logs
+from rmjax.runtime import quiet_library_logs, sigterm_during_startup
 from rmjax.train import build
 from rmjax.train.device_idle import DeviceIdleMeter
 from rmjax.train.optim import OptimConfig, param_counts
@@ -98,7 +98,7 @@ class _StopFlag:
   """Set by SIGTERM; the loop saves a checkpoint at the next step boundary and returns."""
 
   def __init__(self, process_count: int = 1):
-    self.signum: int | None = None
+    self.signum: int | None = sigterm_during_startup()
     self._process_count = process_count
     self._agreed = False
 
@@ -440,7 +440,10 @@ class Trainer:
           window["start"] += time.perf_counter() - paused_at  # the window times training only
       if pending is not None:
         self._log_train(*pending, window)
-    if interrupted:
+    if interrupted and step == start:  # stopped during start-up: nothing trained since the last save
+      self.logger.log(f"Received signal {stop.signum} (SIGTERM) before step {start + 1}: stopped; "
+                      "relaunch the same command to go on")
+    elif interrupted:
       self.save(step, None)
       self.logger.log(f"Received signal {stop.signum} (SIGTERM): saved step {step} and stopped; "
                       "relaunch the same command to resume")
