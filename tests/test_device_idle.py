@@ -1,5 +1,6 @@
 """DeviceIdleMeter: the device's idle gap before each step, from when the previous step's outputs
-became ready to when the next step was dispatched; zero while the device is still busy."""
+became ready to when the next step's call began (certain) and returned (at most); zero while the
+device is still busy."""
 
 from __future__ import annotations
 
@@ -35,35 +36,53 @@ def _finish(meter: DeviceIdleMeter, clock: list[float], step: _Step, at: float, 
 def test_gaps_count_only_when_the_device_had_nothing_queued():
   clock = [0.0]
   steps = [_Step() for _ in range(6)]
+
+  def dispatch(step: _Step, called: float, returned: float):
+    clock[0] = returned
+    return meter.dispatched(step, called)
+
   with DeviceIdleMeter(block=lambda s: s.done.wait(), clock=lambda: clock[0]) as meter:
-    assert meter.dispatched(steps[0]) == 0.0  # the first step has no predecessor
-    clock[0] = 1.0
-    assert meter.dispatched(steps[1]) == 0.0  # step 1 still running: the device is busy
+    assert dispatch(steps[0], 0.0, 0.5) == (0.0, 0.0, 0.5)  # the first step has no predecessor
+    assert dispatch(steps[1], 1.0, 1.25) == (0.0, 0.0, 0.25)  # step 1 still running: the device is busy
     _finish(meter, clock, steps[0], at=10.0, index=1)
     _finish(meter, clock, steps[1], at=12.0, index=2)
-    clock[0] = 15.0  # the host came back 3 s after the device ran dry
-    assert meter.dispatched(steps[2]) == 3.0
-    _finish(meter, clock, steps[2], at=16.0, index=3)
+    # the host called 3 s after the device ran dry; its call returned 1 s later
+    assert dispatch(steps[2], 15.0, 16.0) == (3.0, 4.0, 1.0)
+    _finish(meter, clock, steps[2], at=17.0, index=3)
     meter.pause()  # an evaluation in between: the next gap is not training's
-    clock[0] = 20.0
-    assert meter.dispatched(steps[3]) == 0.0
+    assert dispatch(steps[3], 20.0, 20.5) == (0.0, 0.0, 0.5)
     _finish(meter, clock, steps[3], at=25.0, index=4)
-    clock[0] = 30.0
-    assert meter.dispatched(steps[4]) == 5.0  # counted again after the paused one
+    assert dispatch(steps[4], 30.0, 30.5) == (5.0, 5.5, 0.5)  # counted again after the paused one
+
+
+def test_a_call_begun_while_the_device_was_busy_is_no_certain_idle():
+  """On a GPU a step call returns only once its kernels are enqueued, which the bounded launch
+  queue paces to the device: a call begun before the previous step finished can return after it.
+  The device had work queued all along: idle for certain 0, at most up to the return."""
+  clock = [0.0]
+  steps = [_Step() for _ in range(2)]
+  with DeviceIdleMeter(block=lambda s: s.done.wait(), clock=lambda: clock[0]) as meter:
+    meter.dispatched(steps[0], 0.0)
+    _finish(meter, clock, steps[0], at=10.0, index=1)
+    clock[0] = 10.25  # the call for step 2 began at 9.5, before step 1 finished at 10.0
+    gap = meter.dispatched(steps[1], 9.5)
+  assert gap.idle_s == 0.0 and gap.idle_max_s == 0.25 and gap.dispatch_s == 0.75
 
 
 def test_real_arrays_the_gap_covers_the_time_the_host_kept_an_idle_device_waiting():
   f = jax.jit(lambda x: x @ x)
   x = jnp.ones((64, 64))
   with DeviceIdleMeter() as meter:
+    called = meter.clock()
     first = f(x)
     start = time.perf_counter()
-    assert meter.dispatched(first) == 0.0
+    assert meter.dispatched(first, called).idle_s == 0.0
     jax.block_until_ready(first)
     deadline = time.monotonic() + 5
     while 1 not in meter._stamps and time.monotonic() < deadline:  # the watcher saw it finish
       time.sleep(0.001)
     time.sleep(0.02)  # the device is idle now: the "host" is late with the next step
+    called = meter.clock()
     second = f(x)
-    gap = meter.dispatched(second)
-    assert 0.02 <= gap <= time.perf_counter() - start
+    gap = meter.dispatched(second, called)
+    assert 0.02 <= gap.idle_s <= gap.idle_max_s <= time.perf_counter() - start

@@ -31,7 +31,7 @@ TINY = {
 }
 # Wall-clock metrics: they differ between runs, so resume checks leave them out.
 TIMING_KEYS = {"train/tokens_per_s", "train/data_wait_frac", "train/data_read_ms", "train/data_place_ms",
-               "train/device_idle_frac"}
+               "train/device_idle_frac", "train/device_idle_max_frac", "train/dispatch_ms"}
 TRAIN_KEYS = {"step", "timestamp", "train/loss", "train/learning_rate", "train/grad_norm"} | TIMING_KEYS
 
 
@@ -123,7 +123,8 @@ def test_run_directory_logs_tensorboard_and_single_trace(tmp_path):
   assert all(set(r) == TRAIN_KEYS for r in train_rows)
   assert all(0.0 <= r["train/data_wait_frac"] <= 1.0 and r["train/tokens_per_s"] > 0 for r in train_rows)
   assert all(r["train/data_read_ms"] > 0 and r["train/data_place_ms"] > 0 for r in train_rows)
-  assert all(0.0 <= r["train/device_idle_frac"] <= 1.0 for r in train_rows)
+  assert all(0.0 <= r["train/device_idle_frac"] <= r["train/device_idle_max_frac"] <= 1.0 for r in train_rows)
+  assert all(r["train/dispatch_ms"] > 0 for r in train_rows)
   eval_rows = [r for r in rows if "val/loss" in r]
   assert [r["step"] for r in eval_rows] == [3, 6]
   for key in ("val/loss", "val/auroc", "val/mse", "val/ece", "val/prm800k/loss", "val/prm800k/auroc"):

@@ -2,14 +2,22 @@
 
 Why it exists: the loop dispatches step N+1 while step N still runs, so time the host spends
 blocked on the next batch (`train/data_wait_frac`) costs the device nothing unless it outlasts
-the step in flight; the host wait is only an upper bound on what the device lost. The H100 run
-in BUILD.md shows it: 6.2% host wait at the same tokens/s as a run with 0.03%. This meter
-measures the device side: a watcher thread blocks on each step's outputs and stamps when they
-became ready; when the next step is dispatched, the time since the previous one finished is
-time the device had nothing to do (0 when it was still busy, the normal case).
+the step in flight; the host wait is only an upper bound on what the device lost to data. This
+meter measures the device side: a watcher thread blocks on each step's outputs and stamps when
+they became ready; the next step's dispatch is compared with that stamp.
+
+A dispatch is a span, not an instant, and the two ends bound the device's idle time:
+- `idle_s`: from the previous step finishing to the host *calling* the next step. The device had
+  nothing queued for certain (a lower bound, 0 when the call began while the device was busy).
+- `idle_max_s`: to the call *returning*. On a GPU the call returns only after it has enqueued
+  the step's kernels, and the driver's launch queue is bounded, so a call begun in time can
+  return well after the device started on it: this end is an upper bound. The H100 loop of
+  BUILD.md (session 9) read 28% on this end alone, while its tokens/s put the loop within about
+  10% of the same step in the benchmark; the two ends together say which it was.
+- `dispatch_s`: the call's own length (host time inside the step call).
 
 Only gaps between consecutive training steps count: `pause()` before evaluation or a checkpoint
-(which use the device, or stall the loop, on purpose) makes the next step's gap 0. The stamp is
+(which use the device, or stall the loop, on purpose) makes the next step's gaps 0. The stamp is
 taken when the watcher thread wakes, at most a GIL hand-off after the device finished, so a gap
 can only be under-estimated by that much.
 """
@@ -19,11 +27,19 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
+
+
+class StepGap(NamedTuple):
+  """Seconds around one step's dispatch (module docstring): the device idle for certain, idle at
+  most, and the host's time inside the step call."""
+  idle_s: float
+  idle_max_s: float
+  dispatch_s: float
 
 
 class DeviceIdleMeter:
-  """`dispatched(outputs)` after each step's dispatch returns the device's idle seconds before it."""
+  """`clock()` before each step's call, `dispatched(outputs, called_at)` after it: the StepGap."""
 
   def __init__(self, block: Callable[[Any], Any] | None = None, clock: Callable[[], float] = time.perf_counter):
     if block is None:
@@ -50,13 +66,18 @@ class DeviceIdleMeter:
           self._stamps.pop(index - 2, None)
           self._stamped.notify_all()
 
-  def dispatched(self, outputs: Any) -> float:
-    """Call right after a step's dispatch returns, with its outputs; the seconds the device had
-    nothing queued between the previous step finishing and this one arriving."""
+  def clock(self) -> float:
+    """The meter's time: take it right before calling the step, for `dispatched`."""
+    return self._clock()
+
+  def dispatched(self, outputs: Any, called_at: float) -> StepGap:
+    """Call right after a step's call returns, with its outputs and when the call began: how long
+    the device had nothing queued between the previous step finishing and this one's call
+    (certain, and at most up to the return)."""
     now = self._clock()
     self._count += 1
     index = self._count
-    gap = 0.0
+    idle = idle_max = 0.0
     if index >= self._counted_from:
       with self._stamped:
         previous = self._stamps.get(index - 1)
@@ -65,10 +86,10 @@ class DeviceIdleMeter:
           self._stamped.wait_for(lambda: index - 1 in self._stamps, timeout=1.0)
           previous = self._stamps.get(index - 1)
       if previous is not None:
-        gap = max(0.0, now - previous)
+        idle, idle_max = max(0.0, called_at - previous), max(0.0, now - previous)
     self._previous_outputs = outputs
     self._queue.put((index, outputs))
-    return gap
+    return StepGap(idle, idle_max, max(0.0, now - called_at))
 
   def pause(self) -> None:
     """The next step's gap is not counted (evaluation or a checkpoint comes in between)."""

@@ -132,7 +132,7 @@ def _fresh_window(start: float) -> dict[str, float]:
   """Sums over one logging window: tokens, seconds per data timing (the keys of a step's data
   times), steps."""
   return {"start": start, "tokens": 0.0, "data_wait": 0.0, "data_read": 0.0, "data_place": 0.0,
-          "device_idle": 0.0, "steps": 0}
+          "device_idle": 0.0, "device_idle_max": 0.0, "dispatch": 0.0, "steps": 0}
 
 
 class Trainer:
@@ -377,8 +377,11 @@ class Trainer:
       "train/grad_norm": float(host["grad_norm"]), "train/tokens_per_s": window["tokens"] / elapsed,
       "train/data_wait_frac": min(window["data_wait"] / elapsed, 1.0),
       # What the device lost: time with no step queued (a host wait shorter than the step in
-      # flight costs nothing; train/device_idle.py).
+      # flight costs nothing), for certain and at most: up to the step call's start and its
+      # return (train/device_idle.py); and the host's time inside the call.
       "train/device_idle_frac": min(window["device_idle"] / elapsed, 1.0),
+      "train/device_idle_max_frac": min(window["device_idle_max"] / elapsed, 1.0),
+      "train/dispatch_ms": 1e3 * window["dispatch"] / max(window["steps"], 1),
       # Where a wait comes from: the prefetch thread's time per batch in the pipeline and in
       # placing it on the devices (both overlap the device's work unless data_wait_frac says not).
       "train/data_read_ms": 1e3 * window["data_read"] / max(window["steps"], 1),
@@ -421,8 +424,10 @@ class Trainer:
         self.train_shapes.add(tuple(batch["input_ids"].shape))
         if placed is None:
           placed = device_batch(self._same_length(batch), self.mesh)
+        called_at = idle.clock()
         self.state, metrics = self.steps.train_step(self.state, placed)
-        data_times["device_idle"] = idle.dispatched(metrics)
+        gap = idle.dispatched(metrics, called_at)
+        data_times.update(device_idle=gap.idle_s, device_idle_max=gap.idle_max_s, dispatch=gap.dispatch_s)
         step += 1
         if pending is not None:  # step N is queued; now read step N-1 (the device stays busy)
           bar.update(pending[0], loss=self._log_train(*pending, window))
