@@ -28,7 +28,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import ml_collections
 
 from rmjax.data import eqasc, prm800k, reveal, synthetic
-from rmjax.model.config import DTYPES, LORA_TARGETS, REMAT_POLICIES
+from rmjax.model.config import DTYPES, LORA_TARGETS, REMAT_POLICIES, SEGMENT_ATTENTION
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -51,7 +51,7 @@ ENUMS: Mapping[str, tuple[Any, ...]] = {
   "data.eqasc.train_split": eqasc.SPLITS,
   "data.eqasc.eval_split": eqasc.SPLITS,
   "data.reveal.eval_split": reveal.SPLITS,
-  "model.segment_attention": ("mask", "cudnn_packed"),
+  "model.segment_attention": SEGMENT_ATTENTION,
   "head.activation": ("gelu", "gelu_tanh", "relu", "silu", "tanh"),
   "data.template": ("default", "chat"),
   "data.reveal.label": ("correctness",),
@@ -389,11 +389,12 @@ def _check_numbers(spec: ConfigDict, problems: list[str], warnings: list[str]) -
   if 0 < spec.max_steps <= spec.warmup_steps:
     warnings.append(f"warmup_steps ({spec.warmup_steps}) >= max_steps ({spec.max_steps}): "
                     "the learning rate never reaches its peak")
-  if spec.data.pack and spec.model.segment_attention == "cudnn_packed" and not spec.data.max_segments_per_row:
+  if spec.data.pack and spec.model.segment_attention != "mask" and not spec.data.max_segments_per_row:
     slots = 4 * int(spec.data.max_steps_per_example) + 1
-    warnings.append(f"model.segment_attention='cudnn_packed' with data.max_segments_per_row=0 gives cuDNN {slots} "
-                    "segment slots per row (one softmax statistic each, mostly empty); set "
-                    "data.max_segments_per_row (e.g. 16)")
+    where = " on a Hopper GPU" if spec.model.segment_attention == "auto" else ""
+    warnings.append(f"model.segment_attention='{spec.model.segment_attention}' with data.max_segments_per_row=0 "
+                    f"gives cuDNN{where} {slots} segment slots per row (one softmax statistic each, mostly empty); "
+                    "set data.max_segments_per_row (e.g. 16)")
   if spec.model.path == DEMO_MODEL:
     for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size"):
       if not spec.model.demo[key] > 0:

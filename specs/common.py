@@ -54,8 +54,10 @@ def base_spec() -> ml_collections.ConfigDict:
                                      # layer's GEMMs read its weights in place, not copies; longer compile)
   c.model.attention_query_block = 128  # XLA attention (CPU; fp32 on a GPU): query rows per block, each
                                      # attending only the keys up to it (skips the upper half); 0 = one block
-  c.model.segment_attention = "mask" # packed rows under cuDNN: "mask" (segment mask) | "cudnn_packed" (each
-                                     # example its own sequence, no work between examples; Hopper GPUs)
+  c.model.segment_attention = "auto" # packed rows under cuDNN: "mask" (segment mask) | "cudnn_packed" (each
+                                     # example its own sequence, no work between examples; Hopper GPUs:
+                                     # same values to bf16 rounding, 1.09x the packed LoRA step on an H100)
+                                     # | "auto" (cudnn_packed where it can run, else the mask)
   c.model.trust_remote_code = False  # passed to the HF tokenizer/config loaders
   c.model.demo = ml_collections.ConfigDict()  # backbone shape when model.path == "demo"
   c.model.demo.hidden_size = 64      # model width
@@ -85,8 +87,9 @@ def base_spec() -> ml_collections.ConfigDict:
   c.data.neutral_target = 0.5        # target for neutral ratings (PRM800K rating 0)
   c.data.pack = False                # pack several examples per row (segment ids keep them apart)
   c.data.pack_lookahead = 16         # packing: read on past this many examples that fit no row
-  c.data.max_segments_per_row = 0    # packing: examples per row at most; 0 = as many as its marker slots
-                                     # (4 x max_steps_per_example). cuDNN's packed layout has this many slots
+  c.data.max_segments_per_row = 16   # packing: examples per row at most; 0 = as many as its marker slots
+                                     # (4 x max_steps_per_example). cuDNN's packed layout has this many slots,
+                                     # and each costs time even empty; the packing bench's PRM800K-like rows of 2048 hold <= 6
   c.data.eval_batch_size = 16        # global rows per eval batch
   c.data.num_workers = 2             # grain read threads per source; 0 = read inline
   c.data.prefetch = 64               # examples buffered per source (grain ReadOptions.prefetch_buffer_size; <= 100000)

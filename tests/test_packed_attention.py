@@ -78,8 +78,28 @@ def test_the_model_gives_cudnn_the_layout_only_when_asked_and_on_cudnn():
   assert attention_inputs(_packed_cfg(attention_impl="cudnn", attention_mask="causal"), segments, 16) is None
   with pytest.raises(ValueError, match="needs max_segments"):
     attention_inputs(_packed_cfg(attention_impl="cudnn"), segments, None)
-  with pytest.raises(ValueError, match="segment_attention='ragged'; choose 'mask' or 'cudnn_packed'"):
+  with pytest.raises(ValueError, match="segment_attention='ragged'; choose 'auto', 'mask' or 'cudnn_packed'"):
     ModelConfig.tiny("qwen3", segment_attention="ragged")
+
+
+def test_auto_takes_the_packed_layout_where_it_can_run_and_the_mask_elsewhere(monkeypatch, caplog):
+  """"auto" (the spec's default): cuDNN's packed layout where it can run, the mask under XLA or
+  where cuDNN cannot take the layout, and never a refusal; an info line says what it picked."""
+  from rmjax.train.build import check_on_this_device
+  segments = jnp.asarray(packed_segment_ids(2, 32, 8.0, np.random.default_rng(0)))
+  auto = _packed_cfg(attention_impl="cudnn", segment_attention="auto")
+  assert isinstance(attention_inputs(auto, segments, 16), tuple)
+  np.testing.assert_array_equal(attention_inputs(auto.replace(attention_impl="xla"), segments, 16),
+                                attention_mask(segments))
+  caplog.set_level("INFO")
+  check_on_this_device(auto)
+  assert "model.segment_attention='auto': packed rows go to cuDNN as its packed layout" in caplog.text
+  ampere = "cuDNN's packed layout needs a Hopper or later GPU (compute capability 9.0); this A100 has 8.0"
+  monkeypatch.setattr(cudnn_attention, "packed_unsupported_reason", lambda device=None: ampere)
+  np.testing.assert_array_equal(attention_inputs(auto, segments, 16), attention_mask(segments))
+  caplog.clear()
+  check_on_this_device(auto)  # not refused
+  assert f"model.segment_attention='auto': packed rows use the segment mask here ({ampere})" in caplog.text
 
 
 class _Device:
@@ -100,7 +120,7 @@ def test_packed_layout_is_refused_in_one_line_where_it_cannot_run(monkeypatch):
   monkeypatch.setattr(cudnn_attention, "packed_unsupported_reason", lambda device=None: ampere)
   with pytest.raises(spec_lib.SpecError) as refused:
     check_on_this_device(_packed_cfg(attention_impl="cudnn"))
-  assert str(refused.value) == f"model.segment_attention='cudnn_packed': {ampere}; use 'mask'"
+  assert str(refused.value) == f"model.segment_attention='cudnn_packed': {ampere}; use 'auto' or 'mask'"
   check_on_this_device(_packed_cfg(attention_impl="xla"))  # the mask: nothing to refuse
   check_on_this_device(_packed_cfg(attention_impl="cudnn", segment_attention="mask"))
   with pytest.raises(ValueError, match="Hopper or later GPU"):  # the model itself, used directly

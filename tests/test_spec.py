@@ -225,9 +225,9 @@ def test_stop_exit_code_is_an_exit_status():
 
 def test_segment_attention_reaches_the_model_and_is_checked():
   from rmjax.train.build import model_overrides
-  assert model_overrides(demo_spec())["segment_attention"] == "mask"
+  assert model_overrides(demo_spec())["segment_attention"] == "auto"
   assert model_overrides(demo_spec(model__segment_attention="cudnn_packed"))["segment_attention"] == "cudnn_packed"
-  with pytest.raises(spec_lib.SpecError, match=r"model.segment_attention='ragged'; choose from 'mask', 'cudnn_packed'"):
+  with pytest.raises(spec_lib.SpecError, match=r"model.segment_attention='ragged'; choose from 'auto', 'mask', 'cudnn_packed'"):
     spec_lib.validate(demo_spec(model__segment_attention="ragged"), 1)
   with pytest.raises(spec_lib.SpecError, match=r"data.max_segments_per_row must be >= 0, got -1"):
     spec_lib.validate(demo_spec(data__max_segments_per_row=-1), 1)
@@ -291,11 +291,15 @@ def test_warmup_longer_than_training_is_a_warning():
 
 
 def test_packed_cudnn_layout_without_a_segment_cap_is_a_warning():
-  spec = dict(data__pack=True, model__segment_attention="cudnn_packed")
+  spec = dict(data__pack=True, model__segment_attention="cudnn_packed", data__max_segments_per_row=0)
   assert spec_lib.validate(demo_spec(**spec), 1) == [
     "model.segment_attention='cudnn_packed' with data.max_segments_per_row=0 gives cuDNN 129 segment slots per "
     "row (one softmax statistic each, mostly empty); set data.max_segments_per_row (e.g. 16)"]
-  assert spec_lib.validate(demo_spec(**spec, data__max_segments_per_row=16), 1) == []
+  assert spec_lib.validate(demo_spec(**spec | {"model__segment_attention": "auto"}), 1) == [
+    "model.segment_attention='auto' with data.max_segments_per_row=0 gives cuDNN on a Hopper GPU 129 segment "
+    "slots per row (one softmax statistic each, mostly empty); set data.max_segments_per_row (e.g. 16)"]
+  assert spec_lib.validate(demo_spec(**spec | {"model__segment_attention": "mask"}), 1) == []
+  assert spec_lib.validate(demo_spec(data__pack=True), 1) == []  # the defaults: auto, 16 a row
 
 
 def test_multi_process_divisibility():

@@ -27,6 +27,8 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_save
                   "nothing_saveable")
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
+# How packed rows attend under cuDNN (ModelConfig.segment_attention).
+SEGMENT_ATTENTION = ("auto", "mask", "cudnn_packed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +82,8 @@ class ModelConfig:
   # How "segments" attends under cuDNN: "mask" passes the (B, 1, T, T) segment mask to
   # jax.nn.dot_product_attention (every implementation); "cudnn_packed" gives cuDNN the segments
   # as a packed layout instead (model/cudnn_attention.py: no mask, no score blocks between two
-  # examples; Hopper GPUs). Other implementations (XLA on a CPU) use the mask either way.
+  # examples; Hopper GPUs); "auto" the packed layout where it can run, else the mask. Other
+  # implementations (XLA on a CPU) use the mask either way.
   segment_attention: str = "mask"
   # Segment slots per row of that packed layout: 0 = the confidence model's marker slots (every
   # example has a marker); training sets data.max_segments_per_row, which the packer keeps to.
@@ -115,8 +118,8 @@ class ModelConfig:
       raise ValueError(f"attention_impl={self.attention_impl!r}; choose None, 'xla' or 'cudnn'")
     if self.attention_mask not in ("segments", "causal"):
       raise ValueError(f"attention_mask={self.attention_mask!r}; choose 'segments' or 'causal'")
-    if self.segment_attention not in ("mask", "cudnn_packed"):
-      raise ValueError(f"segment_attention={self.segment_attention!r}; choose 'mask' or 'cudnn_packed'")
+    if self.segment_attention not in SEGMENT_ATTENTION:
+      raise ValueError(f"segment_attention={self.segment_attention!r}; choose 'auto', 'mask' or 'cudnn_packed'")
     if self.max_segments < 0:
       raise ValueError(f"max_segments={self.max_segments} must be >= 0 (0 = the marker slots)")
     if self.scan_unroll < 0:

@@ -31,7 +31,7 @@ from rmjax.data.synthetic import SyntheticConfig, write_synthetic_prm800k
 from rmjax.model import cudnn_attention
 from rmjax.model.config import ModelConfig
 from rmjax.model.head import HeadConfig
-from rmjax.model.transformer import uses_packed_layout
+from rmjax.model.transformer import auto_attention_impl, uses_packed_layout
 from rmjax.tokenizer import build_demo_tokenizer, load_tokenizer, marker_id
 from rmjax.train.state import dummy_inputs
 
@@ -86,14 +86,20 @@ def demo_model_config(spec: Any, tokenizer: Any) -> ModelConfig:
 
 def check_on_this_device(cfg: ModelConfig) -> None:
   """Model settings only the device can judge, refused before anything compiles (SpecError: one
-  line): cuDNN's packed layout needs a jax that offers it and a Hopper or later GPU."""
+  line): cuDNN's packed layout, asked for by name, needs a jax that offers it and a Hopper or
+  later GPU. "auto" is never refused; for packed rows an info line says what it picked."""
+  if cfg.attention_mask != "segments" or cfg.segment_attention == "mask":
+    return
+  choice = f"model.segment_attention='{cfg.segment_attention}'"
   if uses_packed_layout(cfg):
     reason = cudnn_attention.packed_unsupported_reason()
     if reason:
-      raise spec_lib.SpecError(f"model.segment_attention='cudnn_packed': {reason}; use 'mask'")
-  elif cfg.attention_mask == "segments" and cfg.segment_attention == "cudnn_packed":
-    log.info("model.segment_attention='cudnn_packed' applies to cuDNN attention only; packed rows "
-             "use the segment mask here")
+      raise spec_lib.SpecError(f"{choice}: {reason}; use 'auto' or 'mask'")
+    log.info(f"{choice}: packed rows go to cuDNN as its packed layout, each example a sequence of its own")
+  elif (cfg.attention_impl or auto_attention_impl(cfg, cfg.compute_dtype)) != "cudnn":
+    log.info(f"{choice} applies to cuDNN attention only; packed rows use the segment mask here")
+  else:
+    log.info(f"{choice}: packed rows use the segment mask here ({cudnn_attention.packed_unsupported_reason()})")
 
 
 def check_template(spec: Any, tokenizer: Any) -> None:
