@@ -74,10 +74,60 @@ def test_bad_option_is_one_line_error(capsys):
   assert bench_main.main(["--preset", "tiny", "--seq-len", "100000", "--no-isolate"]) == 2
   err = capsys.readouterr().err.strip()
   assert "max_position_embeddings" in err and len(err.splitlines()) == 1
+  assert bench_main.main(["--preset", "tiny", "--grad-accum", "0", "--no-isolate"]) == 2
+  assert capsys.readouterr().err.strip() == "error: grad_accum=0 must be >= 1"
   for flag in (["--analysis-only"], ["--target", "h100"]):
     assert bench_main.main(["--preset", "tiny", "--impl", "torch", *flag]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: --analysis-only and --target compile rmjax's step only; use --impl rmjax"
+
+
+def test_grad_accum_steps_batch_times_n_rows_through_the_training_step(capsys):
+  """--grad-accum 2 --batch 2: each step takes the 4 rows of a --batch 4 step (same batches) in
+  two micro-batches, training's accumulating step on the rmjax side. tokens/s, model_flops and
+  compiled_flops count all 4 rows; only the activations' memory is a micro-batch's."""
+  accum = ["--preset", "tiny", "--seq-len", "64", "--steps", "2", "--warmup", "1", "--mode", "full", "--no-isolate"]
+  assert bench_main.main([*accum, "--batch", "2", "--grad-accum", "2", "--impl", "both"]) == 0
+  jx, pt, _ = _lines(capsys.readouterr().out)
+  assert bench_main.main([*accum, "--batch", "4", "--impl", "rmjax"]) == 0
+  one_pass = _lines(capsys.readouterr().out)[0]
+  for r in (jx, pt):
+    assert (r["batch"], r["grad_accum"]) == (2, 2)
+    assert r["tokens_per_s"] == pytest.approx(4 * 64 / r["step_time_s"])
+    assert r["model_flops"] == one_pass["model_flops"]
+  assert (one_pass["batch"], one_pass["grad_accum"]) == (4, 1)
+  assert jx["traces"] == 1 and jx["compiled_flops"] == one_pass["compiled_flops"]
+  assert jx["compiled_temp_mb"] < one_pass["compiled_temp_mb"]
+
+
+def test_grad_accum_gives_the_one_pass_loss_and_gradient():
+  """Both sides' accumulated steps compute the loss and gradient of the whole step's rows (each
+  micro-batch's loss over the step's markers): rmjax through train_step's grad_accum_steps,
+  torch through N backward passes into .grad."""
+  import dataclasses
+  import jax
+  import torch
+  from rmjax.bench import jax_impl, torch_ref
+  accum = common.BenchSettings(preset="tiny", seq_len=32, batch=2, grad_accum=2, dtype="float32",
+                               frozen_dtype="float32")
+  one_pass = dataclasses.replace(accum, batch=4, grad_accum=1)
+  host = common.make_batches(accum.model_config("full"), accum, 1)[0]
+  assert host["input_ids"].shape == (4, 32)
+  metrics = []
+  for settings in (accum, one_pass):
+    steps, state, mesh = jax_impl.build(settings, "full", jax.devices()[0])
+    assert steps.grad_accum_steps == settings.grad_accum
+    metrics.append(jax.device_get(steps.train_step(state, jax_impl.device_batch(host, mesh))[1]))
+  for key in ("loss", "grad_norm"):
+    assert metrics[0][key] == pytest.approx(metrics[1][key], rel=1e-5), key
+  grads = []
+  for n in (2, 1):
+    model, params = torch_ref.build(accum, "full", "cpu")
+    loss = torch_ref.backward_micro_batches(model, torch_ref.to_device(host, "cpu"), n, torch.enable_grad)
+    grads.append((float(loss), [p.grad.clone() for p in params]))
+  assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
+  for a, b in zip(grads[0][1], grads[1][1]):
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
 def test_flops_against_hand_count():
@@ -521,7 +571,7 @@ def test_isolated_child_gets_every_setting():
   not the default must survive the trip (a forgotten flag silently benchmarks the default)."""
   import dataclasses
   from rmjax.bench import __main__ as bench_main
-  changed = common.BenchSettings(preset="qwen3-4b", seq_len=64, batch=3, steps=2, warmup=1, remat=True, dtype="bfloat16",
+  changed = common.BenchSettings(preset="qwen3-4b", seq_len=64, batch=3, grad_accum=2, steps=2, warmup=1, remat=True, dtype="bfloat16",
                                  dropout=0.1, seed=7, frozen_dtype="float32", attention_mask="segments",
                                  segment_attention="cudnn_packed",
                                  attention="xla", opt_state_dtype="bfloat16", remat_name="dots_saveable",
@@ -636,7 +686,8 @@ def _summary_files(device: str) -> dict[str, str]:
                   {"variant": "segments_cudnn_packed", "ms": 1.5, "max_abs_diff_out": 0.0078}],
   }
   return ({f"{name}.jsonl": "\n".join(map(json.dumps, rs)) for name, rs in records.items()}
-          | {"data_wait.json": json.dumps({"device_idle_frac": [0.01, 0.03, None]})})
+          | {"data_wait.json": json.dumps({"data_wait_frac": [0.001, 0.003, None], "device_idle_frac": [0.01, 0.03, None],
+                                           "device_idle_max_frac": [0.02, 0.3, None], "dispatch_ms": [5.0, 7.0, None]})})
 
 
 def test_gpu_summary_reads_the_targets_from_one_tarball(tmp_path, capsys):
@@ -664,7 +715,10 @@ def test_gpu_summary_reads_the_targets_from_one_tarball(tmp_path, capsys):
   assert (rows["lora_peak_mb"]["value"], rows["lora_peak_mb"]["held"]) == (10659.0, True)
   assert [f["check"] for f in rows["full_fits"]["value"]] == ["full_dots", "full_unrolled", "full_remat"]
   assert (rows["packing:packed"]["held"], rows["packing:packed_cudnn_packed"]["held"]) == (True, False)
-  assert rows["device_idle"]["value"] == pytest.approx(0.02) and rows["device_idle"]["windows"] == 2
+  assert (rows["data_wait"]["value"], rows["data_wait"]["held"]) == (pytest.approx(0.002), True)
+  idle = rows["device_idle"]  # idle for certain under 5%, at most over it: not settled
+  assert (idle["value"], idle["max"], idle["dispatch_ms"], idle["held"], idle["windows"]) == (
+    pytest.approx(0.02), pytest.approx(0.16), pytest.approx(6.0), None, 2)
   packed = rows["packed_attention:segments_cudnn_packed"]
   assert (packed["value"], packed["ms_masked"], packed["faster_than_mask"], packed["max_abs_diff_out"]) == (
     1.5, 3.0, True, 0.0078)
@@ -685,6 +739,32 @@ def test_gpu_summary_judges_the_targets_on_an_h100_sxm_only(tmp_path, capsys, de
   assert rows["full_mfu"]["value"] == 0.47 and rows["full_over_torch"]["value"] == pytest.approx(1.5)
   assert all(r["held"] is None and device in r["not_judged"] for r in rows.values())
   assert err.startswith("note: not judged: the targets are an H100 SXM's") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("loop, held", [
+  ({"device_idle_frac": [0.01, 0.02], "device_idle_max_frac": [0.03, 0.04]}, True),  # at most under 5%
+  ({"device_idle_frac": [0.06, 0.08], "device_idle_max_frac": [0.2, 0.3]}, False),  # for certain over it
+])
+def test_gpu_summary_judges_device_idle_by_its_bounds(tmp_path, loop, held):
+  assert _loop_summary(tmp_path, loop)["device_idle"]["held"] is held
+
+
+def _loop_summary(tmp_path: pathlib.Path, loop: dict) -> dict[str, dict]:
+  """gpu_summary's rows for a tarball of this data_wait.json and one H100 record (the device)."""
+  from rmjax.bench import gpu_summary
+  files = {"data_wait.json": json.dumps(loop),
+           "full_dots.jsonl": json.dumps({"impl": "rmjax", "mode": "full", "device": "NVIDIA H100 80GB HBM3"})}
+  rows = gpu_summary.summarise(gpu_summary.read_tarball(_write_tarball(tmp_path / "gpu_checks.tgz", files)))
+  return {r["target"]: r for r in rows}
+
+
+def test_gpu_summary_reads_an_older_loop_s_idle_as_the_upper_end(tmp_path):
+  """Before session 9 the loop logged only the return end of a dispatch, as device_idle_frac:
+  such a tarball gives it as `max`, with no certain figure and no verdict above 5%."""
+  rows = _loop_summary(tmp_path, {"data_wait_frac": [0.0001, 0.0002], "device_idle_frac": [0.28, 0.30]})
+  idle = rows["device_idle"]
+  assert (idle["value"], idle["max"], idle["held"]) == (None, pytest.approx(0.29), None)
+  assert rows["data_wait"]["held"] is True
 
 
 def test_gpu_summary_packing_ratios_from_the_layout_lines_when_the_ratio_line_is_missing(tmp_path):

@@ -14,6 +14,7 @@ Examples:
   python -m rmjax.bench --preset qwen3-4b --seq-len 2048 --batch 4 --mode lora --remat
   python -m rmjax.bench --preset 75m --impl rmjax --mode full --profile /tmp/rmjax-trace
   python -m rmjax.bench --preset qwen3-4b --seq-len 2048 --mode lora --remat --target h100
+  python -m rmjax.bench --preset qwen3-4b --seq-len 2048 --batch 4 --grad-accum 4 --mode full --remat --target h100
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--preset", default="75m", choices=sorted(common.PRESETS), help="model shape")
   p.add_argument("--seq-len", type=int, default=512, help="tokens per row (no padding)")
-  p.add_argument("--batch", type=int, default=4, help="rows per step")
+  p.add_argument("--batch", type=int, default=4, help="rows per micro-batch (per step without --grad-accum)")
+  p.add_argument("--grad-accum", type=int, default=1, metavar="N",
+                 help="micro-batches per optimizer step (a step takes batch x N rows): rmjax runs the "
+                      "training step's gradient accumulation, torch N backward passes then one update")
   p.add_argument("--mode", default="both", choices=(*common.MODES, "both"))
   p.add_argument("--impl", default="both", choices=(*common.IMPLS, "both"))
   p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
@@ -81,7 +85,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def settings_from(args: argparse.Namespace) -> common.BenchSettings:
-  return common.BenchSettings(preset=args.preset, seq_len=args.seq_len, batch=args.batch, steps=args.steps,
+  return common.BenchSettings(preset=args.preset, seq_len=args.seq_len, batch=args.batch,
+                              grad_accum=args.grad_accum, steps=args.steps,
                               warmup=args.warmup, remat=args.remat, dtype=args.dtype,
                               dropout=args.dropout, seed=args.seed,
                               frozen_dtype=args.frozen_dtype, attention=args.attention,
@@ -104,6 +109,7 @@ def run_in_process(impl: str, settings: common.BenchSettings, mode: str) -> dict
 def child_argv(impl: str, settings: common.BenchSettings, mode: str) -> list[str]:
   argv = [sys.executable, "-m", "rmjax.bench", "--no-isolate", "--no-ratios", "--impl", impl, "--mode", mode,
           "--preset", settings.preset, "--seq-len", str(settings.seq_len), "--batch", str(settings.batch),
+          "--grad-accum", str(settings.grad_accum),
           "--steps", str(settings.steps), "--warmup", str(settings.warmup), "--dtype", settings.dtype,
           "--dropout", str(settings.dropout), "--seed", str(settings.seed),
           "--frozen-dtype", settings.frozen_dtype, "--attention", settings.attention,
@@ -129,8 +135,8 @@ def run_isolated(impl: str, settings: common.BenchSettings, mode: str) -> dict[s
 def run_one(impl: str, settings: common.BenchSettings, mode: str, isolate: bool) -> dict[str, Any]:
   if isolate:
     return run_isolated(impl, settings, mode)  # the child prints its own progress line
-  print(f"[rmjax.bench] {impl} {mode} preset={settings.preset} batch={settings.batch}x{settings.seq_len}",
-        file=sys.stderr, flush=True)
+  print(f"[rmjax.bench] {impl} {mode} preset={settings.preset} batch={settings.batch}x{settings.seq_len} "
+        f"grad_accum={settings.grad_accum}", file=sys.stderr, flush=True)
   try:
     return run_in_process(impl, settings, mode)
   except common.RUN_ERRORS as e:

@@ -25,7 +25,7 @@ from rmjax.model.config import ModelConfig
 
 IMPLS = ("rmjax", "torch")
 MODES = ("full", "lora")
-REQUIRED_KEYS = ("impl", "mode", "seq_len", "batch", "tokens_per_s", "step_time_s", "peak_mem_mb",
+REQUIRED_KEYS = ("impl", "mode", "seq_len", "batch", "grad_accum", "tokens_per_s", "step_time_s", "peak_mem_mb",
                  "mfu", "model_flops")
 RMJAX_KEYS = ("compiled_flops", "compiled_temp_mb", "compiled_arg_mb")
 MARKER_EVERY = 64  # mean tokens per reasoning step; the marker closes each step
@@ -63,7 +63,10 @@ class BenchSettings:
   """One benchmark run: shape, numerics and timing knobs, identical for both sides."""
   preset: str = "tiny"
   seq_len: int = 512
-  batch: int = 4
+  batch: int = 4  # rows per micro-batch; a step takes batch * grad_accum rows
+  # Micro-batches per optimizer step: rmjax runs training's accumulating step (grad_accum_steps),
+  # torch N backward passes, then one optimizer step. 1 = no accumulation.
+  grad_accum: int = 1
   steps: int = 5
   warmup: int = 2
   remat: bool = False
@@ -93,6 +96,11 @@ class BenchSettings:
   target: str = ""  # rmjax, analysis only: compile for this GPU (bench/gpu_target.py) instead of the local device
 
   @property
+  def global_batch(self) -> int:
+    """Rows per optimizer step (what tokens/s and model_flops count)."""
+    return self.batch * self.grad_accum
+
+  @property
   def remat_policy(self) -> str:
     return self.remat_name or ("full" if self.remat else "none")
 
@@ -102,6 +110,8 @@ class BenchSettings:
     if self.seq_len < 2 or self.batch < 1 or self.steps < 1 or self.warmup < 0:
       raise ValueError(f"need seq_len >= 2, batch >= 1, steps >= 1, warmup >= 0; got seq_len={self.seq_len}, "
                        f"batch={self.batch}, steps={self.steps}, warmup={self.warmup}")
+    if self.grad_accum < 1:
+      raise ValueError(f"grad_accum={self.grad_accum} must be >= 1")
     if self.dtype not in ("auto", "float32", "bfloat16"):
       raise ValueError(f"dtype={self.dtype!r}; choose auto, float32 or bfloat16")
     if self.opt_state_dtype not in ("float32", "bfloat16"):
@@ -155,11 +165,12 @@ def max_markers(seq_len: int) -> int:
 def make_batches(cfg: ModelConfig, settings: BenchSettings, count: int) -> list[dict[str, np.ndarray]]:
   """`count` training batches in the BUILD.md batch contract, identical for every caller.
 
-  Rows are full (no padding), one example per row; token ids avoid the marker id except at
-  the marker positions; targets are random 0/1.
+  Each holds a whole step's rows (`global_batch`: batch x grad_accum). Rows are full (no
+  padding), one example per row; token ids avoid the marker id except at the marker positions;
+  targets are random 0/1.
   """
   rng = np.random.default_rng(settings.seed)
-  B, T, M = settings.batch, settings.seq_len, max_markers(settings.seq_len)
+  B, T, M = settings.global_batch, settings.seq_len, max_markers(settings.seq_len)
   batches = []
   for _ in range(count):
     ids = rng.integers(0, cfg.marker_id, size=(B, T), dtype=np.int32)
@@ -288,7 +299,8 @@ def make_record(impl: str, mode: str, settings: BenchSettings, batch: Mapping[st
   step_time = statistics.median(times)
   return {
     "impl": impl, "mode": mode, "preset": settings.preset, "seq_len": settings.seq_len,
-    "batch": settings.batch, "dtype": settings.dtype, "remat": settings.remat, "device": device,
+    "batch": settings.batch, "grad_accum": settings.grad_accum, "dtype": settings.dtype,
+    "remat": settings.remat, "device": device,
     "tokens_per_s": non_pad_tokens(batch) / step_time, "step_time_s": step_time,
     "step_time_min_s": min(times), "step_times_s": [round(t, 6) for t in times], "peak_mem_mb": round(peak_mem_mb, 1),
     "mfu": None if peak is None else model_flops / step_time / peak,

@@ -11,9 +11,16 @@ one JSON line per target: the figure, where it came from, the target, and whethe
                        remat, float32 Adam moments) over the torch reference (torch_full) > 1
   lora_over_full       best LoRA step's tokens/s over the best full step's >= 1.4
   lora_peak_mb         LoRA with full remat (lora_remat): peak device memory <= 16 GB at batch 4
-  full_fits            a full fine-tuning step ran at batch 4 (its peak and Adam moment dtype)
+  full_fits            a full fine-tuning step ran at batch 4, no accumulation (its peak and Adam
+                       moment dtype)
   packing              packed over unpacked supervised markers/s >= 2, per segment attention
-  device_idle          mean train/device_idle_frac of the loop (first window dropped) < 0.05
+  data_wait            mean train/data_wait_frac of the loop (first window dropped) < 0.05: the
+                       host's time blocked on the next batch, which bounds the device's wait for
+                       data from above (a batch ready when asked for delays no step)
+  device_idle          the loop's device idle for any reason (train/device_idle.py), certain
+                       (train/device_idle_frac) and at most (train/device_idle_max_frac) < 0.05;
+                       loops run before session 9's meter logged only the upper end, which they
+                       called train/device_idle_frac: such a tarball gives `max` alone
   packed_attention     cuDNN's packed layout against the masked call: max abs differences, ms
 and, not a target: full_fastest_over_torch, the best full step (bf16 moments, lighter remat)
 over the same torch run, which is not like for like.
@@ -61,8 +68,15 @@ def data_wait(metrics_path: str | pathlib.Path) -> dict[str, Any]:
   records, bad = parse_jsonl(path.read_text()) if path.exists() else ([], 0)
   rows = [r for r in records if "train/data_wait_frac" in r][1:]
   return ({key: [r.get(f"train/{key}") for r in rows]
-           for key in ("data_wait_frac", "device_idle_frac", "data_read_ms", "data_place_ms", "tokens_per_s")}
+           for key in ("data_wait_frac", "device_idle_frac", "device_idle_max_frac", "dispatch_ms", "data_read_ms",
+                       "data_place_ms", "tokens_per_s")}
           | {"steps": [r.get("step") for r in rows], "skipped_lines": bad})
+
+
+def _mean_of(values: list[Any] | None) -> float | None:
+  """The mean of the values that are not None (None when there are none)."""
+  present = [x for x in values or [] if x is not None]
+  return statistics.mean(present) if present else None
 
 
 def read_tarball(path: str) -> dict[str, Any]:
@@ -148,7 +162,8 @@ def summarise(records: dict[str, Any]) -> list[dict[str, Any]]:
   rows.append(_target("lora_peak_mb", peak, f"<= {LORA_PEAK_LIMIT_MB:.0f} (16 GB)",
                       None if peak is None else peak <= LORA_PEAK_LIMIT_MB, check="lora_remat",
                       batch=remat and remat.get("batch")))
-  fits = [(c, r) for c in (*FULL_CHECKS, LIKE_TORCH_CHECK) if (r := _run_record(records, c)) and r.get("batch") == 4]
+  fits = [(c, r) for c in (*FULL_CHECKS, LIKE_TORCH_CHECK)
+          if (r := _run_record(records, c)) and r.get("batch") == 4 and r.get("grad_accum", 1) == 1]
   rows.append(_target("full_fits", [{"check": c, "peak_mem_mb": r.get("peak_mem_mb"),
                                      "opt_state_dtype": r.get("opt_state_dtype")} for c, r in fits],
                       "a full step at batch 4", bool(fits) or None))
@@ -157,10 +172,17 @@ def summarise(records: dict[str, Any]) -> list[dict[str, Any]]:
     rows.append(_target(f"packing:{key}", value, ">= 2", value >= 2, check="packing"))
   if not ratios:
     rows.append(_target("packing", None, ">= 2", None, check="packing"))
-  idle = [x for x in records.get("data_wait", {}).get("device_idle_frac", []) if x is not None]
-  mean = statistics.mean(idle) if idle else None
-  rows.append(_target("device_idle", mean, "< 0.05", None if mean is None else mean < 0.05, check="loop",
-                      windows=len(idle)))
+  loop = records.get("data_wait", {})
+  wait = _mean_of(loop.get("data_wait_frac"))
+  rows.append(_target("data_wait", wait, "< 0.05", None if wait is None else wait < 0.05, check="loop",
+                      windows=len([x for x in loop.get("data_wait_frac", []) if x is not None])))
+  idle, idle_max = _mean_of(loop.get("device_idle_frac")), _mean_of(loop.get("device_idle_max_frac"))
+  if idle_max is None and not any(x is not None for x in loop.get("device_idle_max_frac", [])):
+    idle, idle_max = None, idle  # an older loop: its device_idle_frac was the upper end
+  held = True if idle_max is not None and idle_max < 0.05 else False if idle is not None and idle >= 0.05 else None
+  rows.append(_target("device_idle", idle, "< 0.05", held, check="loop", max=idle_max,
+                      dispatch_ms=_mean_of(loop.get("dispatch_ms")),
+                      windows=len([x for x in loop.get("device_idle_frac", []) if x is not None])))
   attention = {r.get("variant"): r for r in records.get("attention", []) if "variant" in r}
   for variant in ("segments_cudnn_packed", "segments_cudnn_packed_tight"):
     r = attention.get(variant)

@@ -20,6 +20,13 @@ compile (memory analysis; XLA's temp is the live peak beyond arguments and outpu
 `compiled_peak_mb` the larger of that and the step's arguments + temp + non-aliased outputs:
 XLA's bound on the device peak, which matched the measured H100 peaks within 0.5% (BUILD.md).
 
+`--grad-accum N` steps `settings.grad_accum` micro-batches per optimizer step through the same
+`train_step` (OptimConfig.grad_accum_steps, the lax.scan of gradient sums training runs), so
+with N = 4 its memory analysis is the default spec's step. Its micro-batch loop is a while
+loop too, so `compiled_flops` counts the one-micro-batch step over the same global rows: the
+micro-batches' work is linear in rows, and that leaves out only the gradient sums' adds (one
+per trained weight and micro-batch, next to ~6 FLOPs per weight and token).
+
 `--target h100` compiles for a described GPU without one (gpu_target.py): the step and the init
 compile for it, `compiled_flops` still comes from the local device (the count is the same).
 """
@@ -48,7 +55,7 @@ def optim_config(settings: common.BenchSettings, mode: str) -> optim.OptimConfig
   return optim.OptimConfig(lr=settings.lr(mode), schedule="constant", warmup_steps=0,
                            max_steps=max(settings.warmup + settings.steps, 1),
                            weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm,
-                           grad_accum_steps=1, loss="mse", mode=mode,
+                           grad_accum_steps=settings.grad_accum, loss="mse", mode=mode,
                            frozen_dtype=settings.frozen_dtype if mode == "lora" else "float32",
                            opt_state_dtype=settings.opt_state_dtype)
 
@@ -127,8 +134,10 @@ def compiled_peak(analysis: dict[str, Any]) -> dict[str, Any]:
 
 def layer_extrapolated_flops(settings: common.BenchSettings, mode: str, device: jax.Device,
                              host_batch: dict[str, np.ndarray], cfg=None) -> dict[str, Any]:
-  """compiled_flops of the L-layer step from unrolled 1- and 2-layer compiles (module docstring)."""
+  """compiled_flops of the L-layer step from unrolled 1- and 2-layer compiles of the step over
+  `host_batch` in one micro-batch (module docstring)."""
   cfg = cfg or settings.model_config(mode)
+  accumulated, settings = settings.grad_accum > 1, dataclasses.replace(settings, grad_accum=1)
   counts = []
   for n in (1, 2):
     small = cfg.replace(num_layers=n, scan_unroll=0, attention_impl="xla")
@@ -140,7 +149,8 @@ def layer_extrapolated_flops(settings: common.BenchSettings, mode: str, device: 
   total = counts[0] - per_layer + cfg.num_layers * per_layer
   return {"compiled_flops": total, "compiled_flops_per_layer": per_layer,
           "compiled_flops_note": "XLA cost analysis, layer scan unrolled at 1 and 2 layers, "
-                                 "extrapolated to num_layers; XLA attention"}
+                                 "extrapolated to num_layers; XLA attention"
+                                 + ("; the step's rows in one micro-batch" if accumulated else "")}
 
 
 def compiled_analysis(steps, state, batch: dict[str, jax.Array]) -> tuple[dict[str, Any], str]:
@@ -180,7 +190,8 @@ def _run(settings: common.BenchSettings, mode: str) -> dict[str, Any]:
     analysis |= memory_analysis(compile_step(steps, abstract, abstract_batch(host_batches[0])))
     analysis |= init_memory(settings, mode, device)
     record = {"impl": "rmjax", "mode": mode, "preset": settings.preset, "seq_len": settings.seq_len,
-            "batch": settings.batch, "dtype": settings.dtype, "remat": settings.remat_policy,
+            "batch": settings.batch, "grad_accum": settings.grad_accum, "dtype": settings.dtype,
+            "remat": settings.remat_policy,
             "scan_unroll": settings.scan_unroll, "attention_query_block": cfg.attention_query_block,
             "opt_state_dtype": settings.opt_state_dtype, "frozen_dtype": settings.frozen_dtype,
             "attention": cfg.attention_impl or f"auto:{auto_attention_impl(cfg, cfg.compute_dtype)}",

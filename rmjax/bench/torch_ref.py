@@ -17,6 +17,9 @@ baseline, for the same model shape, batches and head as the rmjax side (see `com
   and peft keeps the adapters float32 (`autocast_adapter_dtype`); full fine-tuning trains every
   weight, so its parameters stay float32 whatever `--frozen-dtype` says;
 - gradient checkpointing (non-reentrant) only with `--remat`;
+- `--grad-accum N`: N forward/backward passes over consecutive row blocks of the step's batch,
+  gradients summed in `.grad`, each loss divided by the whole batch's supervised markers (so the
+  sum is the one-pass loss, as rmjax's accumulation), then one clip and one optimizer step;
 - on CPU `torch.set_num_threads` = every core this process may use.
 
 Known difference: the rmjax LoRA mode also trains the marker's embedding row; peft's plain
@@ -64,7 +67,8 @@ class ConfidenceModel:
   def __init__(self, backbone, head):
     self.backbone, self.head = backbone, head
 
-  def loss(self, batch: dict[str, Any]):
+  def loss(self, batch: dict[str, Any], denom=None):
+    """Masked MSE summed over `batch`'s markers, over `denom` (default: its own marker count)."""
     torch = _torch()
     hidden_BTD = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                position_ids=batch["positions"], use_cache=False).last_hidden_state
@@ -74,7 +78,8 @@ class ConfidenceModel:
     logits_BM = self.head(torch.gather(hidden_BTD, 1, index_BMD).float()).squeeze(-1)
     probs_BM = torch.sigmoid(logits_BM.float())
     mask_BM = batch["target_mask"]
-    return ((probs_BM - batch["targets"]) ** 2 * mask_BM).sum() / mask_BM.sum().clamp_min(1.0)
+    denom = mask_BM.sum().clamp_min(1.0) if denom is None else denom
+    return ((probs_BM - batch["targets"]) ** 2 * mask_BM).sum() / denom
 
 
 def build(settings: common.BenchSettings, mode: str, device: str):
@@ -110,6 +115,21 @@ def to_device(batch: dict[str, np.ndarray], device: str) -> dict[str, Any]:
   return out
 
 
+def backward_micro_batches(model: ConfidenceModel, batch: dict[str, Any], n: int, autocast):
+  """Accumulates into `.grad` the gradient of the whole batch's loss in `n` forward/backward
+  passes over consecutive row blocks; returns the loss (detached)."""
+  denom = batch["target_mask"].sum().clamp_min(1.0)
+  rows = batch["input_ids"].shape[0] // n
+  total = 0.0
+  for i in range(n):
+    micro = {k: v[i * rows:(i + 1) * rows] for k, v in batch.items()}
+    with autocast():
+      loss = model.loss(micro, denom)
+    loss.backward()
+    total = total + loss.detach()
+  return total
+
+
 def make_step(model: ConfidenceModel, params, settings: common.BenchSettings, mode: str, device: str):
   """One optimizer step on a device batch; blocks until the device has finished it."""
   torch = _torch()
@@ -117,17 +137,16 @@ def make_step(model: ConfidenceModel, params, settings: common.BenchSettings, mo
   opt = torch.optim.AdamW(params, lr=settings.lr(mode), weight_decay=settings.weight_decay,
                           fused=cuda or None)
   amp = settings.dtype == "bfloat16"
+  autocast = lambda: torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=amp)
 
   def step(batch: dict[str, Any]) -> None:
     opt.zero_grad(set_to_none=True)
-    with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=amp):
-      loss = model.loss(batch)
-    loss.backward()
+    loss = backward_micro_batches(model, batch, settings.grad_accum, autocast)
     torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
     opt.step()
     if cuda:
       torch.cuda.synchronize()
-    if not torch.isfinite(loss.detach()):
+    if not torch.isfinite(loss):
       raise FloatingPointError("torch reference produced a non-finite loss")
 
   return step
