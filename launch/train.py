@@ -60,6 +60,7 @@ from rmjax import spec as spec_lib
 
 SPECS_DIR = pathlib.Path(__file__).resolve().parents[1] / "specs"
 SEED_PER_DEVICE_BATCH = 4  # the seed's per-device batch when none is given
+SEED_GRAD_ACCUM = 4  # the seed's accumulation steps when none are given (specs/full.py runs 1)
 
 _DIRECT = {
   "model_name_or_path": "model.path", "model_name": "model.path", "model_path": "model.path",
@@ -180,6 +181,7 @@ def map_seed(mode: str, args: argparse.Namespace, config: Mapping[str, Any],
              num_devices: int) -> tuple[Any, list[str]]:
   """(spec, warnings): specs/<mode>.py with the seed JSON config, then the flags, applied."""
   spec = spec_lib.load_spec_file(str(SPECS_DIR / f"{mode}.py"))
+  spec.grad_accum_steps = SEED_GRAD_ACCUM  # the seed's batch arithmetic; its config or flags may say otherwise
   used: set[str] = set()
   overrides: dict[str, Any] = {}
   for key, value in config.items():

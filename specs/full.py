@@ -7,8 +7,12 @@ Every backbone weight, the marker embedding and the head train; lr 2e-5 (the see
       --spec.data.prm800k.path=data/prm800k/data --spec.data.eqasc.path=data/eqasc \
       --spec.data.reveal.path=data/reveal
 
-batch_size is GLOBAL (16 = the seed's 4 per device x 4 accumulation steps on one device): on
-8 GPUs use --spec.batch_size=128 to keep 4 rows per device per micro-batch.
+batch_size is GLOBAL (16 = the seed's 4 per device x 4 accumulation steps on one device), here
+in one pass (grad_accum_steps=1): the same rows and loss, and less memory than accumulating,
+which keeps a float32 gradient sum beside each micro-batch's gradients (compiled for an H100,
+Qwen3-4B, rows of 2048, full remat, float32 Adam moments: 68.3 GiB in one pass, 76.0 GiB as
+4 x 4, against the 71.2 GiB jax may use of an H100 80GB under rmjax's memory fraction of 0.9).
+On 8 GPUs --spec.batch_size=128 keeps 16 rows per device.
 """
 
 from rmjax.spec import load_sibling
@@ -25,6 +29,7 @@ def get_config(arg=None):
   c.experiment_name = "prm-full"   # run dir = runs/prm-full
   c.mode = "full"                  # every weight trains
   c.lr = 2e-5                      # seed's full fine-tuning learning rate
+  c.grad_accum_steps = 1           # the seed's 16 rows in one pass (docstring: memory)
   c.data.prm800k.path = "data/prm800k/data"  # phase2_train.jsonl / phase2_test.jsonl live here
   c.data.eqasc.path = "data/eqasc"           # eqasc_{train,dev}_grc.json
   c.data.reveal.path = "data/reveal"         # eval/reveal_eval.csv (gated: --spec.data.reveal.use=False without it)

@@ -537,14 +537,14 @@ def test_prepared_gpu_checks_run_end_to_end_on_tiny_shapes(tmp_path):
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   started = [line.split()[1] for line in proc.stderr.splitlines() if line.startswith("== ") and "(at " in line]
-  assert started[:9] == ["full_dots", "lora_dots_attn", "full_unrolled", "lora_unrolled", "loop", "packing",
-                         "full_remat", "torch_full", "lora_remat"]
+  assert started == ["loop", "full_spec", "full_unrolled", "lora_unrolled", "packing", "full_remat", "torch_full",
+                     "lora_remat", "full_dots", "lora_dots_attn", "attention", "lora_proj_attn", "full_dots_cublas"]
   assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_checks.tgz"]  # no .partial left
   with tarfile.open(tmp_path / "out" / "gpu_checks.tgz") as tar:
     names = set(tar.getnames())
     assert "./stale_check.jsonl" not in names and "./.gpu-checks-work" not in names
     checks = ("full_dots", "lora_dots_attn", "full_remat", "full_unrolled", "lora_unrolled", "attention",
-              "lora_proj_attn", "lora_remat", "packing", "torch_full", "full_dots_cublas")
+              "lora_proj_attn", "lora_remat", "packing", "torch_full", "full_dots_cublas", "full_spec")
     for check in checks:
       assert f"./{check}.jsonl" in names, check
       records = [json.loads(line) for line in tar.extractfile(f"./{check}.jsonl").read().decode().splitlines()
@@ -554,6 +554,7 @@ def test_prepared_gpu_checks_run_end_to_end_on_tiny_shapes(tmp_path):
         assert all(r["scan_unroll"] == 0 for r in records if "impl" in r), records
     waits = json.loads(tar.extractfile("./data_wait.json").read())
   assert waits["steps"] and len(waits["device_idle_frac"]) == len(waits["steps"]) and waits["skipped_lines"] == 0
+  assert all(x is not None for x in waits["device_idle_max_frac"] + waits["dispatch_ms"])  # the meter's both ends
   assert 40 not in waits["steps"]  # the stale run's metrics were not appended to
   assert "skipped" not in proc.stderr
   # the summary of the next GPU session reads this tarball's real records (on a CPU: no MFU)
@@ -564,6 +565,7 @@ def test_prepared_gpu_checks_run_end_to_end_on_tiny_shapes(tmp_path):
   assert rows["full_over_torch"]["value"] > 0 and rows["full_fastest_over_torch"]["value"] > 0
   assert rows["lora_over_full"]["value"] > 0 and rows["device_idle"]["windows"] == len([x for x in waits["device_idle_frac"] if x is not None])
   assert {"packing:packed", "packing:packed_cudnn_packed"} <= set(rows)
+  assert rows["full_spec_fits"]["value"] > 0 and rows["data_wait"]["windows"] == len(waits["steps"])
 
 
 def test_isolated_child_gets_every_setting():
@@ -680,6 +682,7 @@ def _summary_files(device: str) -> dict[str, str]:
     "lora_unrolled": [{"impl": "rmjax", "mode": "lora", "batch": 4, "tokens_per_s": 23000.0}],
     "lora_remat": [{"impl": "rmjax", "mode": "lora", "batch": 4, "tokens_per_s": 17000.0, "peak_mem_mb": 10659.0}],
     "torch_full": [{"impl": "torch", "mode": "full", "batch": 4, "tokens_per_s": 8000.0}, {"ratios": {}}],
+    "full_spec": [full | {"batch": 16, "tokens_per_s": 11000.0, "peak_mem_mb": 69000.0, "opt_state_dtype": "float32"}],
     "packing": [{"layout": "unpacked"}, {"packed_over_unpacked_markers_per_s": 2.1,
                                          "packed_cudnn_packed_over_unpacked_markers_per_s": 1.9}],
     "attention": [{"variant": "segments", "ms": 3.0},
@@ -715,6 +718,7 @@ def test_gpu_summary_reads_the_targets_from_one_tarball(tmp_path, capsys):
   assert (rows["lora_peak_mb"]["value"], rows["lora_peak_mb"]["held"]) == (10659.0, True)
   assert [f["check"] for f in rows["full_fits"]["value"]] == ["full_dots", "full_unrolled", "full_remat"]
   assert (rows["packing:packed"]["held"], rows["packing:packed_cudnn_packed"]["held"]) == (True, False)
+  assert (rows["full_spec_fits"]["value"], rows["full_spec_fits"]["held"]) == (69000.0, True)
   assert (rows["data_wait"]["value"], rows["data_wait"]["held"]) == (pytest.approx(0.002), True)
   idle = rows["device_idle"]  # idle for certain under 5%, at most over it: not settled
   assert (idle["value"], idle["max"], idle["dispatch_ms"], idle["held"], idle["windows"]) == (
@@ -756,6 +760,16 @@ def _loop_summary(tmp_path: pathlib.Path, loop: dict) -> dict[str, dict]:
            "full_dots.jsonl": json.dumps({"impl": "rmjax", "mode": "full", "device": "NVIDIA H100 80GB HBM3"})}
   rows = gpu_summary.summarise(gpu_summary.read_tarball(_write_tarball(tmp_path / "gpu_checks.tgz", files)))
   return {r["target"]: r for r in rows}
+
+
+def test_gpu_summary_full_spec_out_of_memory_is_not_held(tmp_path):
+  from rmjax.bench import gpu_summary
+  oom = {"impl": "rmjax", "mode": "full", "device": "NVIDIA H100 80GB HBM3",
+         "error": "XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 17.60GiB."}
+  rows = gpu_summary.summarise(gpu_summary.read_tarball(_write_tarball(
+    tmp_path / "gpu_checks.tgz", {"full_spec.jsonl": json.dumps(oom)})))
+  spec = next(r for r in rows if r["target"] == "full_spec_fits")
+  assert (spec["value"], spec["held"]) == (None, False)
 
 
 def test_gpu_summary_reads_an_older_loop_s_idle_as_the_upper_end(tmp_path):

@@ -140,6 +140,8 @@ def test_seed_flags_map_onto_the_full_spec(seed):
 
 
 def test_seed_defaults_give_the_seed_batch(seed):
+  spec, _ = seed.map_seed("full", seed.build_parser("full").parse_args([]), {}, num_devices=1)
+  assert (spec.batch_size, spec.grad_accum_steps) == (16, 4)  # the seed's 4 x 4 (specs/full.py runs 16 x 1)
   spec, _ = seed.map_seed("lora", seed.build_parser("lora").parse_args([]), {}, num_devices=1)
   assert (spec.batch_size, spec.grad_accum_steps, spec.lr, spec.lora.rank) == (16, 4, 1e-4, 16)
   spec, _ = seed.map_seed("lora", seed.build_parser("lora").parse_args([]), {}, num_devices=3)

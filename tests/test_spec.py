@@ -74,8 +74,10 @@ def test_spec_defaults_follow_the_seed():
   lora = load_with_config_flags("lora.py")
   assert (full.mode, full.lr, lora.mode, lora.lr) == ("full", 2e-5, "lora", 1e-4)
   assert (lora.lora.rank, lora.lora.alpha, tuple(lora.lora.targets)) == (16, 32.0, ("q_proj", "k_proj", "v_proj", "o_proj"))
+  # the seed's 16 rows: LoRA as 4 x 4, full fine-tuning in one pass (less memory; specs/full.py)
+  assert (full.grad_accum_steps, lora.grad_accum_steps) == (1, 4)
   for s in (full, lora):
-    assert (s.warmup_steps, s.schedule, s.max_grad_norm, s.batch_size, s.grad_accum_steps) == (500, "cosine", 1.0, 16, 4)
+    assert (s.warmup_steps, s.schedule, s.max_grad_norm, s.batch_size) == (500, "cosine", 1.0, 16)
     assert (s.eval_steps, s.save_steps, s.data.max_length, s.data.max_steps_per_example) == (100, 500, 2048, 32)
     assert (s.data.prm800k.weight, s.data.eqasc.weight, s.data.reveal.weight) == (0.5, 0.25, 0.25)
     assert s.data.allow_reveal_training is False
@@ -104,10 +106,10 @@ def test_specs_validate(arg, devices, shared_data):
     overrides = [f"--spec.data.prm800k.path={shared_data / 'prm800k'}",
                  f"--spec.data.eqasc.path={shared_data / 'eqasc'}", "--spec.data.reveal.use=False"]
   spec = load_with_config_flags(arg, overrides)
-  if devices == 8 and not arg.startswith("demo"):
+  if devices == 8 and arg.startswith("lora"):
     with pytest.raises(spec_lib.SpecError, match=r"= 4 is not divisible by the data-parallel size data\*fsdp = 8"):
       spec_lib.validate(spec, devices)  # 16 // 4 = 4 rows cannot split over 8 devices
-    return
+    return  # (full fine-tuning's 16 rows in one pass split 2 a device)
   assert spec_lib.validate(spec, devices) is not None
 
 
@@ -351,6 +353,44 @@ def test_compilation_cache_dir():
   assert runtime.compilation_cache_dir({}) == pathlib.Path("~/.cache/rmjax/jax-cache").expanduser()
   assert runtime.compilation_cache_dir({"RMJAX_COMPILATION_CACHE": "/tmp/c"}) == pathlib.Path("/tmp/c")
   assert runtime.compilation_cache_dir({"RMJAX_COMPILATION_CACHE": "off"}) is None
+
+
+def test_gpu_memory_fraction_defaults_to_0_9_unless_the_environment_says():
+  env = {}
+  assert runtime.default_gpu_memory_fraction(env) == "0.9" and env == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.9"}
+  assert runtime.memory_fraction(env) == "0.9" and runtime.memory_fraction({}) == "0.75"
+  for given in ({"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"}, {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}):
+    env = dict(given)
+    assert runtime.default_gpu_memory_fraction(env) is None and env == given
+
+
+def test_out_of_device_memory_is_one_line_naming_what_makes_the_step_smaller(monkeypatch, capsys):
+  """A step that does not fit its devices: jax's RESOURCE_EXHAUSTED error (a long XLA message)
+  becomes one line with the allocation that failed and what makes the run smaller for its mode."""
+  import jax
+  from rmjax import launch
+  from rmjax.train import loop
+  oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 17.60GiB.\n"
+                                   "BufferAssignment OOM Debugging.\nBufferAssignment stats: ...")
+  monkeypatch.setattr(loop, "train_and_evaluate", lambda spec: (_ for _ in ()).throw(oom))
+  monkeypatch.delenv("RMJAX_DEBUG", raising=False)
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+  spec = demo_spec(mode="full", grad_accum_steps=4, batch_size=32, opt_state_dtype="float32")
+  with pytest.raises(SystemExit) as exited:
+    launch.run(spec)
+  err = capsys.readouterr().err.strip()
+  assert exited.value.code == 1 and len(err.splitlines()) == 1
+  assert err.startswith("rmjax.launch: error: out of device memory: RESOURCE_EXHAUSTED: Out of memory while "
+                        "trying to allocate 17.60GiB. (jax may use 0.9 of each GPU's memory")
+  for hint in ("--spec.opt_state_dtype=bfloat16", "--spec.grad_accum_steps=1", "--spec.model.remat=full",
+               "--spec.mesh.fsdp"):
+    assert hint in err
+  lora = launch.out_of_memory_message(oom, demo_spec(mode="lora"))
+  assert "more --spec.grad_accum_steps" in lora and "opt_state_dtype" not in lora
+  other = jax.errors.JaxRuntimeError("INTERNAL: something else")
+  monkeypatch.setattr(loop, "train_and_evaluate", lambda spec: (_ for _ in ()).throw(other))
+  with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):  # not a user's mistake: as it is
+    launch.run(demo_spec())
 
 
 def test_distributed_args():

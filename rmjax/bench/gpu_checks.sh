@@ -47,6 +47,9 @@
 #   lora_remat       LoRA with full remat: peak device memory at batch 4 (target 16 GB; session 4:
 #                    10,659 MB)
 #   full_dots_cublas full_dots with cuBLAS for every GEMM (XLA_FLAGS; session 4: slower)
+#   full_spec        specs/full.py's step: 16 rows of 2048 in one pass, full remat, float32 Adam
+#                    moments, under the 0.9 memory fraction rmjax's launcher sets (compiled for an
+#                    H100: 69,985 MiB of the 72,938 it leaves; never yet run on a GPU)
 #   torch_full       the torch reference, full fine-tuning with remat (gradient checkpointing, float32
 #                    Adam moments), for the same-session ratio with full_remat
 #   packing          packing vs padded rows on the 4B shape (target 2x supervised markers/s;
@@ -58,14 +61,17 @@
 #                    time the host spent waiting for data, train/device_idle_frac, the share the
 #                    device had no step queued (target < 5%), and the prefetch thread's read and
 #                    place times, into data_wait.json (session 4, host wait only: 6.2% on one
-#                    machine, 0.03% on the next, at the same tokens/s)
+#                    machine, 0.03% on the next, at the same tokens/s; session 9: 0.013% host wait,
+#                    28% device idle measured to the step call's return, which the meter now
+#                    separates from idle for certain, to the call's start, and train/dispatch_ms)
 # The rmjax bench rows hold one example each, so they run causal attention alone (the bench's
 # default --attention-mask, as training does for unpacked rows).
 # Groups: bench = full_dots lora_dots_attn full_remat full_unrolled lora_unrolled attention lora_proj_attn
-# lora_remat full_dots_cublas; data = packing loop; all = first what the open targets need
-# (full_dots lora_dots_attn full_unrolled lora_unrolled: MFU and LoRA / full; loop: data wait;
-# packing), then what re-measures met ones (full_remat torch_full: rmjax over torch like for like;
-# lora_remat: LoRA's peak), then attention lora_proj_attn full_dots_cublas.
+# lora_remat full_dots_cublas; data = packing loop; all = first what is open (loop: device idle;
+# full_spec: the full spec fits), then what re-measures the met targets (full_unrolled
+# lora_unrolled: MFU and LoRA / full; packing; full_remat torch_full: rmjax over torch like for
+# like; lora_remat: LoRA's peak), then full_dots lora_dots_attn attention lora_proj_attn
+# full_dots_cublas.
 # Usage (repository root, jax with CUDA + the project installed or on PYTHONPATH):
 #   OUT=/tmp/gpu-out DEADLINE_S=540 bash rmjax/bench/gpu_checks.sh all
 #   python -m rmjax.bench.gpu_summary /tmp/gpu-out/gpu_checks.tgz   # the targets, one JSON line each
@@ -157,6 +163,10 @@ check() {
     full_dots_cublas)
       XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" run full_dots_cublas 150 \
         python -m rmjax.bench "${BASE[@]}" --impl rmjax "${FULL_BEST[@]}" ;;
+    full_spec)
+      # --batch 16 after BASE's --batch 4: the later flag wins
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 run full_spec 150 python -m rmjax.bench "${BASE[@]}" --impl rmjax \
+        --mode full --remat --opt-state-dtype float32 --batch 16 ;;
     torch_full)
       run torch_full 120 python -m rmjax.bench "${BASE[@]}" --impl torch --mode full --remat ;;
     packing)
@@ -184,8 +194,8 @@ for arg in "$@"; do
     bench) names="full_dots lora_dots_attn full_remat full_unrolled lora_unrolled attention lora_proj_attn lora_remat
                   full_dots_cublas" ;;
     data) names="packing loop" ;;
-    all) names="full_dots lora_dots_attn full_unrolled lora_unrolled loop packing full_remat torch_full
-                lora_remat attention lora_proj_attn full_dots_cublas" ;;
+    all) names="loop full_spec full_unrolled lora_unrolled packing full_remat torch_full lora_remat full_dots
+                lora_dots_attn attention lora_proj_attn full_dots_cublas" ;;
     *) names=$arg ;;
   esac
   for name in $names; do check "$name"; pack; done

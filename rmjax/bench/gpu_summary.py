@@ -13,6 +13,9 @@ one JSON line per target: the figure, where it came from, the target, and whethe
   lora_peak_mb         LoRA with full remat (lora_remat): peak device memory <= 16 GB at batch 4
   full_fits            a full fine-tuning step ran at batch 4, no accumulation (its peak and Adam
                        moment dtype)
+  full_spec_fits       specs/full.py's step (full_spec: 16 rows in one pass, float32 moments, full
+                       remat) ran under the launcher's 0.9 memory fraction: its peak; false when it
+                       ran out of memory
   packing              packed over unpacked supervised markers/s >= 2, per segment attention
   data_wait            mean train/data_wait_frac of the loop (first window dropped) < 0.05: the
                        host's time blocked on the next batch, which bounds the device's wait for
@@ -167,6 +170,10 @@ def summarise(records: dict[str, Any]) -> list[dict[str, Any]]:
   rows.append(_target("full_fits", [{"check": c, "peak_mem_mb": r.get("peak_mem_mb"),
                                      "opt_state_dtype": r.get("opt_state_dtype")} for c, r in fits],
                       "a full step at batch 4", bool(fits) or None))
+  spec_run, spec_lines = _run_record(records, "full_spec"), records.get("full_spec", [])
+  spec_oom = any("RESOURCE_EXHAUSTED" in str(r.get("error", "")) for r in spec_lines)
+  rows.append(_target("full_spec_fits", spec_run and spec_run.get("peak_mem_mb"), "specs/full.py's step runs",
+                      True if spec_run else False if spec_oom else None, check="full_spec"))
   ratios = _packing_ratios(records.get("packing", []))
   for key, value in ratios.items():
     rows.append(_target(f"packing:{key}", value, ">= 2", value >= 2, check="packing"))
