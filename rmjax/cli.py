@@ -47,6 +47,21 @@ def first_line(exc: BaseException) -> str:
   return type(exc).__name__
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+  """Whether `exc` is jax's error for a device out of memory (XLA's RESOURCE_EXHAUSTED)."""
+  return isinstance(exc, RuntimeError) and type(exc).__name__ in ("JaxRuntimeError", "XlaRuntimeError") \
+    and "RESOURCE_EXHAUSTED" in str(exc)
+
+
+def out_of_memory_line(exc: BaseException, smaller: str) -> str:
+  """"out of device memory: <XLA's RESOURCE_EXHAUSTED line> (<memory fraction>; <smaller>)"."""
+  from rmjax.runtime import memory_fraction
+  lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+  what = next((line for line in lines if "RESOURCE_EXHAUSTED" in line), first_line(exc))
+  return (f"out of device memory: {what} (jax may use {memory_fraction()} of each GPU's memory, "
+          f"XLA_PYTHON_CLIENT_MEM_FRACTION; to need less: {smaller}; RMJAX_DEBUG=1 shows the traceback)")
+
+
 def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
   """The JSON object in `path`; a ValueError naming the path if it is not valid JSON or not an
   object (a missing or unreadable file stays an OSError, which names the path itself)."""
@@ -61,10 +76,16 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def run(tool: str, body: Callable[[], int]) -> int:
-  """body()'s return code, or EXIT_USER_ERROR after printing "rmjax.<tool>: error: <line>"."""
+  """body()'s return code, or EXIT_USER_ERROR after printing "rmjax.<tool>: error: <line>"
+  (bad input, or a device out of memory: a batch too large for it is the user's setting too)."""
   errors = user_errors()
   try:
     return body()
   except errors as e:
     print(f"rmjax.{tool}: error: {first_line(e)}", file=sys.stderr)
+    return EXIT_USER_ERROR
+  except RuntimeError as e:
+    if not is_out_of_memory(e) or os.environ.get("RMJAX_DEBUG"):
+      raise
+    print(f"rmjax.{tool}: error: {out_of_memory_line(e, 'a smaller batch')}", file=sys.stderr)
     return EXIT_USER_ERROR

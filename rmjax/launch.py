@@ -21,7 +21,7 @@ from typing import Any, Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rmjax import runtime, spec as spec_lib
+from rmjax import cli, runtime, spec as spec_lib
 
 _SPEC = config_flags.DEFINE_config_file("spec", None, "spec file, optionally file.py:arg", lock_config=True)
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "validate the spec, print it as JSON and exit")
@@ -93,7 +93,7 @@ def run(spec: Any, dry_run: bool = False) -> Any:
       raise
     _fail(f"{type(e).__name__}: {e}", code=1)
   except jax.errors.JaxRuntimeError as e:
-    if os.environ.get("RMJAX_DEBUG") or not is_out_of_memory(e):
+    if os.environ.get("RMJAX_DEBUG") or not cli.is_out_of_memory(e):
       raise
     _fail(out_of_memory_message(e, spec), code=1)
   if results.get("interrupted") and int(spec.stop_exit_code):
@@ -101,15 +101,8 @@ def run(spec: Any, dry_run: bool = False) -> Any:
   return results
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-  """Whether a jax runtime error is the device running out of memory."""
-  return "RESOURCE_EXHAUSTED" in str(error)
-
-
 def out_of_memory_message(error: BaseException, spec: Any) -> str:
   """One line for a run that does not fit its devices: what failed, and what makes it smaller."""
-  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  what = next((line for line in lines if "RESOURCE_EXHAUSTED" in line), lines[0] if lines else "out of memory")
   full = spec.mode == "full"
   smaller = ["--spec.model.remat=full" if str(spec.model.remat) != "full" else None,
              "--spec.opt_state_dtype=bfloat16" if full and spec.opt_state_dtype == "float32" else None,
@@ -119,9 +112,7 @@ def out_of_memory_message(error: BaseException, spec: Any) -> str:
              None if full else "more --spec.grad_accum_steps (smaller micro-batches)",
              "a smaller --spec.batch_size or --spec.data.max_length",
              "more devices (--spec.mesh.fsdp shards weights and optimizer state)"]
-  return (f"out of device memory: {what} (jax may use {runtime.memory_fraction()} of each GPU's memory, "
-          f"XLA_PYTHON_CLIENT_MEM_FRACTION; to need less: {'; '.join(x for x in smaller if x)}; "
-          "RMJAX_DEBUG=1 shows the traceback)")
+  return cli.out_of_memory_line(error, "; ".join(x for x in smaller if x))
 
 
 def _user_facing_errors() -> tuple[type[BaseException], ...]:

@@ -260,3 +260,31 @@ def test_exit_process_does_not_wait_for_lingering_threads(code, status):
   with pytest.raises(SystemExit) as leaving:
     runtime.exit_process(3)
   assert leaving.value.code == 3
+
+
+def test_tools_report_a_device_out_of_memory_in_one_line(capsys, monkeypatch):
+  """evaluate, score, export and convert share cli.run: a batch too large for the device is one
+  line (XLA's RESOURCE_EXHAUSTED line and the memory fraction), another runtime error keeps its
+  traceback, and RMJAX_DEBUG=1 keeps it for the out-of-memory error too."""
+  import jax
+  from rmjax import cli
+  monkeypatch.delenv("RMJAX_DEBUG", raising=False)
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 2.00GiB.\nmore")
+
+  def fails(exc):
+    def body():
+      raise exc
+    return body
+  assert cli.run("evaluate", fails(oom)) == cli.EXIT_USER_ERROR
+  assert capsys.readouterr().err == (
+    "rmjax.evaluate: error: out of device memory: RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+    "2.00GiB. (jax may use 0.75 of each GPU's memory, XLA_PYTHON_CLIENT_MEM_FRACTION; to need less: a smaller "
+    "batch; RMJAX_DEBUG=1 shows the traceback)\n")
+  with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+    cli.run("evaluate", fails(jax.errors.JaxRuntimeError("INTERNAL: a bug")))
+  with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):  # not jax's: not ours to explain
+    cli.run("evaluate", fails(RuntimeError("RESOURCE_EXHAUSTED elsewhere")))
+  monkeypatch.setenv("RMJAX_DEBUG", "1")
+  with pytest.raises(jax.errors.JaxRuntimeError):
+    cli.run("evaluate", fails(oom))
