@@ -53,13 +53,18 @@ def is_out_of_memory(exc: BaseException) -> bool:
     and "RESOURCE_EXHAUSTED" in str(exc)
 
 
-def out_of_memory_line(exc: BaseException, smaller: str) -> str:
-  """"out of device memory: <XLA's RESOURCE_EXHAUSTED line> (<memory fraction>; <smaller>)"."""
+def out_of_memory_line(exc: BaseException, smaller: str, platform: str | None = None) -> str:
+  """"out of device memory: <XLA's RESOURCE_EXHAUSTED line> (<what bounds it>; <smaller>)": on a
+  GPU the share of its memory jax may use, on a CPU the host's memory."""
   from rmjax.runtime import memory_fraction
+  if platform is None:
+    import jax
+    platform = jax.default_backend()
   lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
   what = next((line for line in lines if "RESOURCE_EXHAUSTED" in line), first_line(exc))
-  return (f"out of device memory: {what} (jax may use {memory_fraction()} of each GPU's memory, "
-          f"XLA_PYTHON_CLIENT_MEM_FRACTION; to need less: {smaller}; RMJAX_DEBUG=1 shows the traceback)")
+  bound = (f"jax may use {memory_fraction()} of each GPU's memory, XLA_PYTHON_CLIENT_MEM_FRACTION"
+           if platform == "gpu" else f"the {platform} backend uses this machine's memory")
+  return f"out of device memory: {what} ({bound}; to need less: {smaller}; RMJAX_DEBUG=1 shows the traceback)"
 
 
 def read_json_object(path: str | os.PathLike) -> dict[str, Any]:

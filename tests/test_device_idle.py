@@ -86,3 +86,21 @@ def test_real_arrays_the_gap_covers_the_time_the_host_kept_an_idle_device_waitin
     second = f(x)
     gap = meter.dispatched(second, called)
     assert 0.02 <= gap.idle_s <= gap.idle_max_s <= time.perf_counter() - start
+
+
+def test_a_step_that_fails_is_stamped_and_the_watcher_prints_nothing(monkeypatch):
+  """A step whose outputs raise (a device out of memory) is the training thread's to report as
+  one line; the watcher thread stamps it as finished and raises nothing of its own."""
+  raised = []
+  monkeypatch.setattr(threading, "excepthook", lambda args: raised.append(args.exc_value))
+
+  def failing_block(outputs):
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 8357888882752 bytes.")
+  clock = [0.0]
+  with DeviceIdleMeter(block=failing_block, clock=lambda: clock[0]) as meter:
+    meter.dispatched(_Step(), 0.0)
+    deadline = time.monotonic() + 5
+    while 1 not in meter._stamps and time.monotonic() < deadline:
+      time.sleep(0.001)
+    assert 1 in meter._stamps and meter._thread.is_alive()
+  assert raised == []

@@ -279,8 +279,12 @@ def test_tools_report_a_device_out_of_memory_in_one_line(capsys, monkeypatch):
   assert cli.run("evaluate", fails(oom)) == cli.EXIT_USER_ERROR
   assert capsys.readouterr().err == (
     "rmjax.evaluate: error: out of device memory: RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
-    "2.00GiB. (jax may use 0.75 of each GPU's memory, XLA_PYTHON_CLIENT_MEM_FRACTION; to need less: a smaller "
-    "batch; RMJAX_DEBUG=1 shows the traceback)\n")
+    "2.00GiB. (the cpu backend uses this machine's memory; to need less: a smaller batch; RMJAX_DEBUG=1 shows "
+    "the traceback)\n")
+  assert cli.out_of_memory_line(oom, "a smaller batch", platform="gpu") == (
+    "out of device memory: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 2.00GiB. (jax may use 0.75 "
+    "of each GPU's memory, XLA_PYTHON_CLIENT_MEM_FRACTION; to need less: a smaller batch; RMJAX_DEBUG=1 shows the "
+    "traceback)")
   with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
     cli.run("evaluate", fails(jax.errors.JaxRuntimeError("INTERNAL: a bug")))
   with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):  # not jax's: not ours to explain

@@ -381,7 +381,7 @@ def test_out_of_device_memory_is_one_line_naming_what_makes_the_step_smaller(mon
   err = capsys.readouterr().err.strip()
   assert exited.value.code == 1 and len(err.splitlines()) == 1
   assert err.startswith("rmjax.launch: error: out of device memory: RESOURCE_EXHAUSTED: Out of memory while "
-                        "trying to allocate 17.60GiB. (jax may use 0.9 of each GPU's memory")
+                        "trying to allocate 17.60GiB. (the cpu backend uses this machine's memory; to need less:")
   for hint in ("--spec.opt_state_dtype=bfloat16", "--spec.grad_accum_steps=1", "--spec.model.remat=full",
                "--spec.mesh.fsdp"):
     assert hint in err

@@ -60,7 +60,9 @@ class DeviceIdleMeter:
       index, outputs = item
       try:
         self._block(outputs)
-      finally:  # a failed step is the training thread's to report; it still "finished"
+      except Exception:  # noqa: BLE001 - a failed step is the training thread's to report (once,
+        pass  # as one line); here it only "finished", and a traceback from this thread would be noise
+      finally:
         with self._stamped:
           self._stamps[index] = self._clock()
           self._stamps.pop(index - 2, None)
