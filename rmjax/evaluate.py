@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import pathlib
 import sys
 from typing import Any, Iterator, Sequence
@@ -171,20 +172,27 @@ def evaluate(checkpoint: str | pathlib.Path, spec_file: str | None = None, outpu
   out_dir = pathlib.Path(output) if output else rm.run_dir / "eval" / f"step_{rm.step}"
   out_dir.mkdir(parents=True, exist_ok=True)
   acc = EvalAccumulator()
-  with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as pred_file:
-    for name, ds in datasets.items():
-      for batch in ds:
-        arrays = {k: batch[k] for k in ("input_ids", "positions", "segment_ids", "marker_positions")}
-        probs = np.asarray(apply(arrays))
-        acc.add_batch(name, probs, batch)
-        for rec in row_predictions(name, batch, probs):
-          pred_file.write(json.dumps(rec) + "\n")
-  if not any(len(preds) for preds, _ in acc.per_source().values()):
-    skipped = f"; skipped records: {describe_skips(skips.as_dict())}" if skips.total() else ""
-    raise ValueError(f"no supervised step was evaluated (empty sources, or every record skipped{skipped})")
-  report = split_metrics(acc.result(), list(sources))
-  report |= {"checkpoint": str(rm.checkpoint_dir), "step": rm.step, "max_eval_batches": limit,
-             "skipped_records": skips.as_dict()}
+  # Written beside the last evaluation's file and put in its place only once this one has
+  # succeeded: an evaluation that fails leaves the folder as it found it.
+  partial = out_dir / "predictions.jsonl.partial"
+  try:
+    with open(partial, "w", encoding="utf-8") as pred_file:
+      for name, ds in datasets.items():
+        for batch in ds:
+          arrays = {k: batch[k] for k in ("input_ids", "positions", "segment_ids", "marker_positions")}
+          probs = np.asarray(apply(arrays))
+          acc.add_batch(name, probs, batch)
+          for rec in row_predictions(name, batch, probs):
+            pred_file.write(json.dumps(rec) + "\n")
+    if not any(len(preds) for preds, _ in acc.per_source().values()):
+      skipped = f"; skipped records: {describe_skips(skips.as_dict())}" if skips.total() else ""
+      raise ValueError(f"no supervised step was evaluated (empty sources, or every record skipped{skipped})")
+    report = split_metrics(acc.result(), list(sources))
+    report |= {"checkpoint": str(rm.checkpoint_dir), "step": rm.step, "max_eval_batches": limit,
+               "skipped_records": skips.as_dict()}
+    os.replace(partial, out_dir / "predictions.jsonl")
+  finally:
+    partial.unlink(missing_ok=True)
   (out_dir / "eval_metrics.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
   reliability_diagram(acc.per_source(), out_dir / "reliability.png")
   return out_dir, report

@@ -82,7 +82,10 @@ def test_set_overrides_choose_sources_and_render_settings(run):
 
 
 def test_an_evaluation_of_nothing_is_an_error_that_says_why(run, tmp_path, capsys):
-  # max_length 5 skips every record: before, this printed "steps 0" and exited 0.
+  # max_length 5 skips every record: before, this printed "steps 0" and exited 0. An earlier
+  # evaluation's predictions in the same folder survive it (before, they were truncated first).
+  (tmp_path / "x").mkdir()
+  (tmp_path / "x" / "predictions.jsonl").write_text('{"source": "earlier"}\n')
   assert evaluate.main(["--checkpoint", str(run), "--output", str(tmp_path / "x"), "--max-eval-batches", "1",
                         "--set", "data.eqasc.use=false", "--set", "data.reveal.use=false",
                         "--set", "data.max_length=5"]) == 2
@@ -92,6 +95,8 @@ def test_an_evaluation_of_nothing_is_an_error_that_says_why(run, tmp_path, capsy
     "skipped records: prm800k: first_marker_truncated "), err
   assert err.strip().endswith("(first_marker_truncated -> raise data.max_length))")
   assert not (tmp_path / "x" / "eval_metrics.json").exists()
+  assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["predictions.jsonl"]  # no .partial left
+  assert (tmp_path / "x" / "predictions.jsonl").read_text() == '{"source": "earlier"}\n'
 
 
 def test_raising_max_length_alone_adds_it_as_the_largest_bucket():
