@@ -76,9 +76,14 @@ def data_wait(metrics_path: str | pathlib.Path) -> dict[str, Any]:
           | {"steps": [r.get("step") for r in rows], "skipped_lines": bad})
 
 
+def _present(values: list[Any] | None) -> list[Any]:
+  """The values that are not None (a logging window that lacked the metric gives None)."""
+  return [x for x in values or [] if x is not None]
+
+
 def _mean_of(values: list[Any] | None) -> float | None:
   """The mean of the values that are not None (None when there are none)."""
-  present = [x for x in values or [] if x is not None]
+  present = _present(values)
   return statistics.mean(present) if present else None
 
 
@@ -182,14 +187,14 @@ def summarise(records: dict[str, Any]) -> list[dict[str, Any]]:
   loop = records.get("data_wait", {})
   wait = _mean_of(loop.get("data_wait_frac"))
   rows.append(_target("data_wait", wait, "< 0.05", None if wait is None else wait < 0.05, check="loop",
-                      windows=len([x for x in loop.get("data_wait_frac", []) if x is not None])))
+                      windows=len(_present(loop.get("data_wait_frac")))))
   idle, idle_max = _mean_of(loop.get("device_idle_frac")), _mean_of(loop.get("device_idle_max_frac"))
-  if idle_max is None and not any(x is not None for x in loop.get("device_idle_max_frac", [])):
+  if idle_max is None:
     idle, idle_max = None, idle  # an older loop: its device_idle_frac was the upper end
   held = True if idle_max is not None and idle_max < 0.05 else False if idle is not None and idle >= 0.05 else None
   rows.append(_target("device_idle", idle, "< 0.05", held, check="loop", max=idle_max,
                       dispatch_ms=_mean_of(loop.get("dispatch_ms")),
-                      windows=len([x for x in loop.get("device_idle_frac", []) if x is not None])))
+                      windows=len(_present(loop.get("device_idle_frac")))))
   attention = {r.get("variant"): r for r in records.get("attention", []) if "variant" in r}
   for variant in ("segments_cudnn_packed", "segments_cudnn_packed_tight"):
     r = attention.get(variant)

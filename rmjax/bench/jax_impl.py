@@ -137,7 +137,8 @@ def layer_extrapolated_flops(settings: common.BenchSettings, mode: str, device: 
   """compiled_flops of the L-layer step from unrolled 1- and 2-layer compiles of the step over
   `host_batch` in one micro-batch (module docstring)."""
   cfg = cfg or settings.model_config(mode)
-  accumulated, settings = settings.grad_accum > 1, dataclasses.replace(settings, grad_accum=1)
+  accumulated = settings.grad_accum > 1
+  settings = dataclasses.replace(settings, grad_accum=1)
   counts = []
   for n in (1, 2):
     small = cfg.replace(num_layers=n, scan_unroll=0, attention_impl="xla")

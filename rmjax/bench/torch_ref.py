@@ -28,6 +28,7 @@ LoRA leaves the embedding frozen (a one-row gradient, negligible in cost).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -137,7 +138,8 @@ def make_step(model: ConfidenceModel, params, settings: common.BenchSettings, mo
   opt = torch.optim.AdamW(params, lr=settings.lr(mode), weight_decay=settings.weight_decay,
                           fused=cuda or None)
   amp = settings.dtype == "bfloat16"
-  autocast = lambda: torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=amp)
+  autocast = functools.partial(torch.autocast, device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16,
+                               enabled=amp)
 
   def step(batch: dict[str, Any]) -> None:
     opt.zero_grad(set_to_none=True)

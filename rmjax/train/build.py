@@ -91,15 +91,15 @@ def check_on_this_device(cfg: ModelConfig) -> None:
   if cfg.attention_mask != "segments" or cfg.segment_attention == "mask":
     return
   choice = f"model.segment_attention='{cfg.segment_attention}'"
-  if uses_packed_layout(cfg):
-    reason = cudnn_attention.packed_unsupported_reason()
+  reason = cudnn_attention.packed_unsupported_reason()
+  if uses_packed_layout(cfg):  # under "auto" only where `reason` is None
     if reason:
       raise spec_lib.SpecError(f"{choice}: {reason}; use 'auto' or 'mask'")
     log.info(f"{choice}: packed rows go to cuDNN as its packed layout, each example a sequence of its own")
   elif (cfg.attention_impl or auto_attention_impl(cfg, cfg.compute_dtype)) != "cudnn":
     log.info(f"{choice} applies to cuDNN attention only; packed rows use the segment mask here")
   else:
-    log.info(f"{choice}: packed rows use the segment mask here ({cudnn_attention.packed_unsupported_reason()})")
+    log.info(f"{choice}: packed rows use the segment mask here ({reason})")
 
 
 def check_template(spec: Any, tokenizer: Any) -> None:

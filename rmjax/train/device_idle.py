@@ -12,8 +12,8 @@ A dispatch is a span, not an instant, and the two ends bound the device's idle t
 - `idle_max_s`: to the call *returning*. On a GPU the call returns only after it has enqueued
   the step's kernels, and the driver's launch queue is bounded, so a call begun in time can
   return well after the device started on it: this end is an upper bound. The H100 loop of
-  BUILD.md (session 9) read 28% on this end alone, while its tokens/s put the loop within about
-  10% of the same step in the benchmark; the two ends together say which it was.
+  BUILD.md (session 9) read 28% on this end alone, while its tokens/s put it about 16% below the
+  bare packed step (an estimate across different synthetic rows); the two ends say which it was.
 - `dispatch_s`: the call's own length (host time inside the step call).
 
 Only gaps between consecutive training steps count: `pause()` before evaluation or a checkpoint
@@ -60,13 +60,12 @@ class DeviceIdleMeter:
       index, outputs = item
       try:
         self._block(outputs)
-      except Exception:  # noqa: BLE001 - a failed step is the training thread's to report (once,
-        pass  # as one line); here it only "finished", and a traceback from this thread would be noise
-      finally:
-        with self._stamped:
-          self._stamps[index] = self._clock()
-          self._stamps.pop(index - 2, None)
-          self._stamped.notify_all()
+      except Exception:  # noqa: BLE001 - a failed step is the training thread's to report, once,
+        pass  # as one line; here it has only "finished" (a traceback from this thread is noise)
+      with self._stamped:
+        self._stamps[index] = self._clock()
+        self._stamps.pop(index - 2, None)
+        self._stamped.notify_all()
 
   def clock(self) -> float:
     """The meter's time: take it right before calling the step, for `dispatched`."""
