@@ -1,4 +1,4 @@
-"""Tests for rmjax.checkpoint: exact round trips, retention (latest N + best), best.json,
+"""Tests for the rmjax.checkpoint package: exact round trips, retention (latest N + best), best.json,
 corrupt/partial checkpoints, write failures, and grain iterator state."""
 
 import json
@@ -16,6 +16,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rmjax import checkpoint as ck
+from rmjax.checkpoint import agreement
 
 
 def _adam_state(seed: int = 0) -> dict:
@@ -292,6 +293,7 @@ _KILL_MID_SAVE = """
 import os, signal, sys
 import jax.numpy as jnp
 from rmjax import checkpoint as ck
+from rmjax.checkpoint import agreement
 c = ck.Checkpointer(sys.argv[1])
 c.save(1, {"x": jnp.zeros((4096, 4096), jnp.float32)})
 c.wait_until_finished()
@@ -357,12 +359,12 @@ def test_flax_train_state_with_frozen_branch_and_subtree_restore(tmp_path):
 
 
 def test_write_error_line_names_the_os_reason_when_tensorstore_only_gives_its_code():
-  from rmjax.checkpoint import _one_line
+  from rmjax.checkpoint.errors import one_line
   long_message = "OUT_OF_RANGE: Error writing \"opt_state/mu\" " + "{...}" * 200 + " [os_error_code='27']"
-  line = _one_line(ValueError(long_message + "\nsecond line"))
+  line = one_line(ValueError(long_message + "\nsecond line"))
   assert line.startswith("ValueError: OUT_OF_RANGE") and len(line) < 500 and "\n" not in line
   assert line.endswith("[os_error_code='27'] (File too large)")  # EFBIG on Linux
-  assert _one_line(ValueError("File too large [os_error_code='27']")).count("File too large") == 1
+  assert one_line(ValueError("File too large [os_error_code='27']")).count("File too large") == 1
 
 
 def test_background_error_filters_touch_only_orbax_and_tensorstore():
@@ -415,7 +417,7 @@ def test_a_step_unreadable_on_another_process_counts_as_unreadable_here(tmp_path
   d = tmp_path / "checkpoints"
   _save_steps(d, [2, 3])
   reports = iter([[1], []])  # step 3 failed on process 1 (its files); (step 2 read everywhere)
-  monkeypatch.setattr(ck, "_failed_on_processes", lambda failed: [0] * failed + next(reports))
+  monkeypatch.setattr(agreement, "failed_on_processes", lambda failed: [0] * failed + next(reports))
   target = {"x": jax.ShapeDtypeStruct((4,), jnp.float32)}
   with ck.Checkpointer(d) as c:
     with pytest.raises(ck.CheckpointCorrupt, match="checkpoint_step_3: unreadable on process.es. 1"):
