@@ -22,14 +22,13 @@ corrupt question cannot take the rest of the file down with it unless the JSON i
 from __future__ import annotations
 
 import dataclasses
-import json
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from rmjax.data.example import Example, SkipCounter
 from rmjax.data.reader_base import ListReader, Skip, SkipLog, resolve_file, text_field
+from rmjax.data.record_files import iter_json_array, read_text
 
 SPLITS = ("train", "dev", "test")
-_WS = " \t\n\r"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,41 +36,6 @@ class EqascOptions:
   """label_all_steps: put the chain's target on both facts (default: on fact 2 only)."""
 
   label_all_steps: bool = False
-
-
-def _skip_ws(text: str, pos: int) -> int:
-  while pos < len(text) and text[pos] in _WS:
-    pos += 1
-  return pos
-
-
-def iter_json_array(text: str) -> Iterator[tuple[int, Any]]:
-  """Yields (index, element) of a JSON array; raises Skip("bad_json") where decoding fails.
-
-  Elements decoded before a failure are still yielded, so one truncated question at the end
-  of a file costs one skip, not the file.
-  """
-  decoder = json.JSONDecoder()
-  pos = _skip_ws(text, 0)
-  if not text.startswith("[", pos):
-    raise Skip("not_a_json_array", "file does not start with a JSON array")
-  pos = _skip_ws(text, pos + 1)
-  if text.startswith("]", pos):
-    return
-  index = 0
-  while True:
-    try:
-      value, pos = decoder.raw_decode(text, pos)
-    except (json.JSONDecodeError, RecursionError) as e:
-      raise Skip("bad_json", f"element {index}: {str(e)[:200]}") from None
-    yield index, value
-    index += 1
-    pos = _skip_ws(text, pos)
-    if text.startswith("]", pos):
-      return
-    if not text.startswith(",", pos):
-      raise Skip("bad_json", f"after element {index - 1}: expected ',' or ']' at char {pos}")
-    pos = _skip_ws(text, pos + 1)
 
 
 def _chain_example(chain: Any, problem: str, options: EqascOptions, source: str) -> Example:
@@ -111,15 +75,6 @@ def _correct_choice(question: Any) -> tuple[str, list]:
   return f"Question: {stem}\nAnswer: {answer}", chains
 
 
-def _read_text(path: str) -> str:
-  with open(path, "rb") as f:
-    data = f.read()
-  if data.startswith(b"\xef\xbb\xbf"):
-    data = data[3:]
-  # Undecodable bytes survive as lone surrogates; text_field rejects the records holding them.
-  return data.decode("utf-8", errors="surrogateescape")
-
-
 class EqascReader(ListReader):
   """All usable chains of one eQASC file, built at start-up (random access, thread-safe).
 
@@ -133,7 +88,7 @@ class EqascReader(ListReader):
     self.options = options
     self._log = SkipLog(source, self.path, skips, strict)
     self.skips = self._log.counter
-    self._examples = self._build(_read_text(self.path))
+    self._examples = self._build(read_text(self.path))
 
   def _build(self, text: str) -> list[Example]:
     examples: list[Example] = []

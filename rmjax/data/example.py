@@ -18,7 +18,10 @@ class Example:
   """A problem and its reasoning steps, with one target per step.
 
   `targets[i]` is a float in [0, 1] (the probability that step i is correct) or None for a
-  step that is shown to the model but not supervised.
+  step that is shown to the model but not supervised. `meta` keeps record fields a benchmark
+  scores against but training never reads (ProcessBench's `label`, the index of the earliest
+  wrong step), so an evaluator can work from the same `Example` the pipeline saw; JSON values
+  only, and it takes no part in hashing.
   """
 
   source: str
@@ -26,6 +29,7 @@ class Example:
   problem: str
   steps: tuple[str, ...]
   targets: tuple[Optional[float], ...]
+  meta: dict = dataclasses.field(default_factory=dict, hash=False)
 
   def __post_init__(self):
     if len(self.steps) != len(self.targets):
@@ -35,8 +39,11 @@ class Example:
         raise ValueError(f"{self.source}/{self.id}: target {t} outside [0, 1]")
 
   def to_json(self) -> dict:
-    return {"source": self.source, "id": self.id, "problem": self.problem,
-            "steps": list(self.steps), "targets": list(self.targets)}
+    out = {"source": self.source, "id": self.id, "problem": self.problem,
+           "steps": list(self.steps), "targets": list(self.targets)}
+    if self.meta:
+      out["meta"] = dict(self.meta)
+    return out
 
 
 class SkipCounter:

@@ -6,6 +6,10 @@ id, problem, steps, targets) in file order, then the skipped-record counts on st
 
   python -m rmjax.data.preview --source prm800k --path DIR --split train --phase 2 --limit 5
   python -m rmjax.data.preview --source reveal --path reveal_eval.csv --set label=both
+  python -m rmjax.data.preview --source processbench --path hf://datasets/Qwen/ProcessBench --split gsm8k
+
+The printed JSONL is itself a dataset: `--source rmjax` (and a spec source with reader "rmjax")
+reads it back into the same examples, so any source can be converted once.
 
 Errors (missing path, unknown split, bad option, strict-mode bad record) are one line on
 stderr and exit code 2, without a traceback.
@@ -44,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _FORMATS = {"prm800k": "JSON Lines, one labelled solution per line", "eqasc": "one JSON array of questions",
-            "reveal": "CSV with a header row"}
+            "reveal": "CSV with a header row",
+            "processbench": "records with problem, steps and label (index of the first wrong step)",
+            "math_shepherd": "records with input (steps ending in a step tag) and label",
+            "stepwise": "records with prompt, completions and labels (TRL stepwise supervision)",
+            "rmjax": "records with problem, steps and targets, as this command prints them"}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

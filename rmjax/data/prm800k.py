@@ -24,13 +24,13 @@ Lines are indexed lazily (byte offsets, see `jsonl_index`) and parsed on access.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable, Iterator, Optional
 
 from rmjax.data.example import Example, SkipCounter
 from rmjax.data.jsonl_index import LineFile, LineTooLong
 from rmjax.data.reader_base import Skip, SkipLog, check_text, resolve_file, text_field
+from rmjax.data.record_files import parse_json_line as parse_line
 
 SPLITS = ("train", "test")
 PHASES = (1, 2)
@@ -144,21 +144,6 @@ def trajectory(record: Any, options: Prm800kOptions) -> tuple[str, list[str], li
   if all(t is None for t in targets):
     raise Skip("no_supervised_step")
   return problem, steps, targets
-
-
-def parse_line(data: bytes) -> Any:
-  """JSON value of one raw line; Skip for empty lines, non-UTF-8 bytes or bad JSON."""
-  if not data.strip():
-    raise Skip("empty_line")
-  try:
-    text = data.decode("utf-8")
-  except UnicodeDecodeError as e:
-    raise Skip("not_utf8", str(e)) from None
-  try:
-    value = json.loads(text)
-  except (json.JSONDecodeError, RecursionError) as e:
-    raise Skip("bad_json", str(e)[:200]) from None
-  return value
 
 
 class Prm800kReader:

@@ -16,8 +16,12 @@ lists the keys each reader understands, for spec validation):
   reveal    label ("correctness" | "attribution" | "both"), correctness_column,
             attribution_column, final_evidence_column, correctness_values,
             attribution_values (mappings label string -> target)
+  processbench, stepwise, rmjax: none
+  math_shepherd  step_tag (" ки"), good_label ("+"), bad_label ("-")
 
-Splits: prm800k "train" | "test"; eqasc "train" | "dev" | "test"; reveal "eval" | "open".
+Splits: prm800k "train" | "test"; eqasc "train" | "dev" | "test"; reveal "eval" | "open"; the
+field readers (`FIELD_READERS`, see `field_reader`) take the split names of the files in the
+directory (ProcessBench: gsm8k | math | olympiadbench | omnimath), and hf://datasets/ paths.
 """
 
 from __future__ import annotations
@@ -27,16 +31,20 @@ from typing import Any, Mapping, Optional
 
 from rmjax.data.eqasc import EqascOptions, EqascReader
 from rmjax.data.example import SkipCounter
+from rmjax.data.processbench import ProcessbenchReader
 from rmjax.data.prm800k import Prm800kOptions, Prm800kReader
 from rmjax.data.reveal import RevealOptions, RevealReader
 
-READERS = ("prm800k", "eqasc", "reveal")
-# Readers that parse a record when it is read (PRM800K's lazily indexed JSONL), so each process
-# counts the skips of its own shard only; the others parse the whole file when built, on every
-# process, and count the same skips everywhere.
-SKIPS_COUNTED_ON_ACCESS = frozenset({"prm800k"})
+# The field's stepwise formats: one `FieldReader` subclass each, built the same way.
+FIELD_READERS = {cls.kind: cls for cls in (ProcessbenchReader,)}
+READERS = ("prm800k", "eqasc", "reveal") + tuple(FIELD_READERS)
+# Readers that parse a record when it is read (PRM800K's lazily indexed JSONL and every field
+# reader), so each process counts the skips of its own shard only; the others parse the whole
+# file when built, on every process, and count the same skips everywhere.
+SKIPS_COUNTED_ON_ACCESS = frozenset({"prm800k", *FIELD_READERS})
 _COMMON_KEYS = ("path", "split", "reader")
-_OPTIONS = {"prm800k": Prm800kOptions, "eqasc": EqascOptions, "reveal": RevealOptions}
+_OPTIONS = {"prm800k": Prm800kOptions, "eqasc": EqascOptions, "reveal": RevealOptions,
+            **{name: cls.Options for name, cls in FIELD_READERS.items()}}
 READER_KEYS: dict[str, tuple[str, ...]] = {
     name: _COMMON_KEYS + (("phase",) if name == "prm800k" else ()) +
     tuple(f.name for f in dataclasses.fields(opts)) for name, opts in _OPTIONS.items()}
@@ -89,7 +97,9 @@ def build_source(name: str, source_cfg: Any, split: Optional[str] = None,
     return Prm800kReader(path, split=split, phase=phase, options=options, **common)
   if kind == "eqasc":
     return EqascReader(path, split=split, options=options, **common)
-  return RevealReader(path, split=split, options=options, **common)
+  if kind == "reveal":
+    return RevealReader(path, split=split, options=options, **common)
+  return FIELD_READERS[kind](path, split=split, options=options, **common)
 
 
-__all__ = ["build_source", "READERS", "READER_KEYS"]
+__all__ = ["build_source", "READERS", "READER_KEYS", "FIELD_READERS"]
