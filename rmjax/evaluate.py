@@ -149,10 +149,9 @@ def split_metrics(flat: dict[str, Any], sources: list[str]) -> dict[str, Any]:
 def evaluate(checkpoint: str | pathlib.Path, spec_file: str | None = None, output: str | None = None,
              max_eval_batches: int | None = None,
              overrides: Sequence[str] = ()) -> tuple[pathlib.Path, dict[str, Any]]:
-  import jax
   from rmjax.data.example import SkipCounter
   from rmjax.data.pipeline import PipelineConfig, eval_datasets
-  from rmjax.model.confidence import ConfidenceModel
+  from rmjax.inference import RunScorer
   from rmjax.plots import reliability_diagram
   from rmjax.run_artifacts import load_run_model
   rm = load_run_model(checkpoint)
@@ -165,10 +164,7 @@ def evaluate(checkpoint: str | pathlib.Path, spec_file: str | None = None, outpu
                           max_eval_batches=limit)
     render_cfg = eval_render_config(rm.render_cfg, spec.data, overrides)
   datasets = eval_datasets(sources, render_cfg, rm.tokenizer, pcfg, skips=skips)
-  model = ConfidenceModel(rm.model_cfg, rm.head_cfg)
-  params = jax.device_put(rm.params)
-  apply = jax.jit(lambda b: jax.nn.sigmoid(model.apply(
-    {"params": params}, b["input_ids"], b["positions"], b["segment_ids"], b["marker_positions"], deterministic=True)))
+  scorer = RunScorer(rm, render_cfg)
   out_dir = pathlib.Path(output) if output else rm.run_dir / "eval" / f"step_{rm.step}"
   out_dir.mkdir(parents=True, exist_ok=True)
   acc = EvalAccumulator()
@@ -179,8 +175,7 @@ def evaluate(checkpoint: str | pathlib.Path, spec_file: str | None = None, outpu
     with open(partial, "w", encoding="utf-8") as pred_file:
       for name, ds in datasets.items():
         for batch in ds:
-          arrays = {k: batch[k] for k in ("input_ids", "positions", "segment_ids", "marker_positions")}
-          probs = np.asarray(apply(arrays))
+          probs = scorer.probs(batch)
           acc.add_batch(name, probs, batch)
           for rec in row_predictions(name, batch, probs):
             pred_file.write(json.dumps(rec) + "\n")

@@ -5,11 +5,13 @@ without writing code:
 
   python -m rmjax.score --checkpoint runs/demo --input in.jsonl --output out.jsonl [--batch-size 8] [--with-tokens]
 
-Each input line is an object with `problem` (string) and `steps` (list of strings); other keys
-pass through. Output lines add `step_scores` (P(step correct) per step, in order; null for a
-step whose marker does not fit in max_length, with a warning) and, with --with-tokens,
-`input_ids` and `marker_positions`. Malformed lines are reported with their line number on
-stderr and skipped.
+Each input line is an object with `problem` (string) and either `steps` (list of strings) or
+`text` (a whole solution, split into steps at --step-separator, default a blank line; the
+steps are written back as `steps`); other keys pass through. Output lines add `step_scores`
+(P(step correct) per step, in order; null for a step whose marker does not fit in max_length,
+with a warning), with --aggregate min|prod|mean|last a `solution_score` (rmjax.solutions; null
+when a step has no score) and, with --with-tokens, `input_ids` and `marker_positions`.
+Malformed lines are reported with their line number on stderr and skipped.
 
 --checkpoint is a run directory (its best checkpoint), a checkpoint_step_<N> directory (both
 scored in JAX with the run's own model), or an export directory (scored in PyTorch by
@@ -29,10 +31,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from rmjax import cli
-from rmjax.data.example import Example
-from rmjax.data.render import RenderConfig, Renderer, batch_rows
 from rmjax.export import EXPORT_FILE
-from rmjax.tokenizer import pad_id
+from rmjax.solutions import DEFAULT_SEPARATOR, add_solution_args, aggregate, parse_separator, solution_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +43,7 @@ class Record:
   steps: tuple[str, ...]
 
 
-def parse_line(line: str, lineno: int) -> Record | str:
+def parse_line(line: str, lineno: int, separator: str = DEFAULT_SEPARATOR) -> Record | str:
   """A Record, or a one-line reason why the line is malformed."""
   try:
     obj = json.loads(line)
@@ -51,11 +51,12 @@ def parse_line(line: str, lineno: int) -> Record | str:
     return f"not valid JSON ({e.msg} at column {e.colno})"
   if not isinstance(obj, dict):
     return f"expected a JSON object, got {type(obj).__name__}"
-  problem, steps = obj.get("problem"), obj.get("steps")
+  problem = obj.get("problem")
   if not isinstance(problem, str):
     return "'problem' must be a string"
-  if not isinstance(steps, list) or not all(isinstance(s, str) for s in steps):
-    return "'steps' must be a list of strings"
+  steps = solution_steps(obj, separator)
+  if isinstance(steps, str):
+    return steps
   try:  # JSON escapes can spell lone surrogates ("\ud800"), which no tokenizer accepts
     for text in (problem, *steps):
       text.encode("utf-8")
@@ -64,7 +65,7 @@ def parse_line(line: str, lineno: int) -> Record | str:
   return Record(lineno, obj, problem, tuple(steps))
 
 
-def read_records(path: pathlib.Path, warn) -> Iterator[Record]:
+def read_records(path: pathlib.Path, warn, separator: str = DEFAULT_SEPARATOR) -> Iterator[Record]:
   with open(path, "rb") as fh:  # bytes: one non-UTF-8 line is skipped, not the whole file
     for lineno, raw in enumerate(fh, 1):
       if not raw.strip():
@@ -74,7 +75,7 @@ def read_records(path: pathlib.Path, warn) -> Iterator[Record]:
       except UnicodeDecodeError as e:
         warn(f"{path}:{lineno}: skipped: not valid UTF-8 (byte {e.start})")
         continue
-      rec = parse_line(line, lineno)
+      rec = parse_line(line, lineno, separator)
       if isinstance(rec, str):
         warn(f"{path}:{lineno}: skipped: {rec}")
         continue
@@ -83,48 +84,18 @@ def read_records(path: pathlib.Path, warn) -> Iterator[Record]:
 
 # -- scorers ----------------------------------------------------------------------------------------
 class JaxScorer:
-  """ConfidenceModel of a run's checkpoint; batches are padded to bucket lengths (few compiles)."""
+  """A run's checkpoint, scored by rmjax.inference.RunScorer (Steps.eval_step on every local
+  device, several solutions per row)."""
 
-  def __init__(self, checkpoint: str | pathlib.Path):
-    import jax
-    from rmjax.model.confidence import ConfidenceModel
+  def __init__(self, checkpoint: str | pathlib.Path, rows: int = 8):
+    from rmjax.inference import RunScorer
     from rmjax.run_artifacts import load_run_model
-    rm = load_run_model(checkpoint)
-    self.run, self.tokenizer = rm, rm.tokenizer
-    model = ConfidenceModel(rm.model_cfg, rm.head_cfg)
-    params = jax.device_put(rm.params)
-    self._apply = jax.jit(lambda ids, pos, seg, mk: jax.nn.sigmoid(
-      model.apply({"params": params}, ids, pos, seg, mk, deterministic=True)))
-
-  def render_config(self, num_steps: int) -> RenderConfig:
-    markers = 1 << max(num_steps - 1, 0).bit_length()  # marker slots: power of two (few shapes)
-    return dataclasses.replace(self.run.render_cfg, max_steps_per_example=max(num_steps, 1), max_markers=markers)
-
-  def tokenize(self, recs: Sequence[Record]) -> tuple[RenderConfig, list]:
-    cfg = self.render_config(max(len(r.steps) for r in recs))
-    renderer = Renderer(self.tokenizer, cfg)
-    out = []
-    for r in recs:
-      ex = Example("score", str(r.line), r.problem, r.steps, (None,) * len(r.steps))
-      out.append(renderer(ex) if r.steps else None)
-    return cfg, out
+    self.scorer = RunScorer(load_run_model(checkpoint), rows=rows)
 
   def score_batch(self, recs: Sequence[Record]) -> list[tuple[list, Any]]:
-    cfg, toks = self.tokenize(recs)
-    kept = [t for t in toks if t is not None]
-    probs = None
-    if kept:
-      b = batch_rows(kept, cfg, pad_id(self.tokenizer), num_rows=len(toks))  # fixed B per batch size
-      probs = np.asarray(self._apply(b["input_ids"], b["positions"], b["segment_ids"], b["marker_positions"]))
-    out, i = [], 0
-    for t in toks:
-      if t is None:
-        out.append(([], None))
-        continue
-      k = t.marker_positions.shape[0]
-      out.append(([float(x) for x in probs[i, :k]], (t.input_ids, t.marker_positions)))
-      i += 1
-    return out
+    done = self.scorer.score([(r.problem, r.steps) for r in recs])
+    return [([s for s in d.scores if s is not None],
+             None if d.tokens is None else (d.tokens.input_ids, d.tokens.marker_positions)) for d in done]
 
 
 class ExportScorer:
@@ -140,7 +111,7 @@ class ExportScorer:
     return [([], None) if t is None else (next(scores), t) for t in toks]
 
 
-def make_scorer(checkpoint: str | pathlib.Path):
+def make_scorer(checkpoint: str | pathlib.Path, rows: int = 8):
   path = pathlib.Path(checkpoint)
   if (path / EXPORT_FILE).is_file():
     return ExportScorer(checkpoint)
@@ -148,7 +119,7 @@ def make_scorer(checkpoint: str | pathlib.Path):
     raise FileNotFoundError(f"{path} is a folder of the export {path.parent}: give the export directory itself")
   from rmjax.run_artifacts import RunArtifactError
   try:
-    return JaxScorer(checkpoint)
+    return JaxScorer(checkpoint, rows)
   except RunArtifactError as e:
     if "is neither a run directory" in str(e):
       raise RunArtifactError(f"{e}, nor an export directory ({EXPORT_FILE})") from None
@@ -167,11 +138,16 @@ def _batches(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
     yield batch
 
 
-def output_record(rec: Record, scores: list, tokens: Any, with_tokens: bool) -> tuple[dict, int]:
+def output_record(rec: Record, scores: list, tokens: Any, with_tokens: bool,
+                  how: str | None = None) -> tuple[dict, int]:
   """The output object and how many steps got null (did not fit)."""
   missing = len(rec.steps) - len(scores)
   out = dict(rec.obj)
+  if "steps" not in out:  # split from `text`
+    out["steps"] = list(rec.steps)
   out["step_scores"] = list(scores) + [None] * missing
+  if how:
+    out["solution_score"] = aggregate(out["step_scores"], how)
   if with_tokens:
     out["input_ids"] = [] if tokens is None else [int(x) for x in tokens[0]]
     out["marker_positions"] = [] if tokens is None else [int(x) for x in tokens[1]]
@@ -179,7 +155,8 @@ def output_record(rec: Record, scores: list, tokens: Any, with_tokens: bool) -> 
 
 
 def score_file(checkpoint: str | pathlib.Path, input_path: str | pathlib.Path, output_path: str | pathlib.Path,
-               batch_size: int = 8, with_tokens: bool = False, warn=None, progress: bool | None = None) -> dict:
+               batch_size: int = 8, with_tokens: bool = False, warn=None, progress: bool | None = None,
+               aggregate_by: str | None = None, separator: str = DEFAULT_SEPARATOR) -> dict:
   """Score every valid line of `input_path` into `output_path`; returns counts."""
   from rmjax.progress import Progress
   warn = warn or (lambda m: print(f"rmjax.score: warning: {m}", file=sys.stderr))
@@ -192,7 +169,7 @@ def score_file(checkpoint: str | pathlib.Path, input_path: str | pathlib.Path, o
     raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
   with open(input_path, "rb") as fh:
     total_lines = sum(1 for line in fh if line.strip())
-  scorer = make_scorer(checkpoint)
+  scorer = make_scorer(checkpoint, batch_size)
   counts = {"scored": 0, "malformed": 0, "truncated_steps": 0}
 
   def count_warn(msg: str) -> None:
@@ -202,9 +179,9 @@ def score_file(checkpoint: str | pathlib.Path, input_path: str | pathlib.Path, o
   output_path.parent.mkdir(parents=True, exist_ok=True)
   with open(output_path, "w", encoding="utf-8") as out, \
        Progress(total_lines, enabled=progress, stream=sys.stderr, desc="score") as bar:
-    for batch in _batches(read_records(input_path, count_warn), batch_size):
+    for batch in _batches(read_records(input_path, count_warn, separator), batch_size):
       for rec, (scores, tokens) in zip(batch, scorer.score_batch(batch)):
-        obj, missing = output_record(rec, scores, tokens, with_tokens)
+        obj, missing = output_record(rec, scores, tokens, with_tokens, aggregate_by)
         if missing:
           counts["truncated_steps"] += missing
           warn(f"{input_path}:{rec.line}: {missing} of {len(rec.steps)} steps do not fit in "
@@ -218,16 +195,18 @@ def score_file(checkpoint: str | pathlib.Path, input_path: str | pathlib.Path, o
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m rmjax.score", description=__doc__.split("\n\n")[0])
   parser.add_argument("--checkpoint", required=True, help="run dir, checkpoint_step_<N> dir or export dir")
-  parser.add_argument("--input", required=True, help="JSONL, one {problem, steps} object per line")
+  parser.add_argument("--input", required=True, help="JSONL, one {problem, steps | text} object per line")
   parser.add_argument("--output", required=True, help="JSONL to write")
   parser.add_argument("--batch-size", type=int, default=8)
   parser.add_argument("--with-tokens", action="store_true", help="also write input_ids and marker_positions")
+  add_solution_args(parser)
   args = parser.parse_args(argv)
   return cli.run("score", lambda: _score_command(args))
 
 
 def _score_command(args: argparse.Namespace) -> int:
-  counts = score_file(args.checkpoint, args.input, args.output, args.batch_size, args.with_tokens)
+  counts = score_file(args.checkpoint, args.input, args.output, args.batch_size, args.with_tokens,
+                      aggregate_by=args.aggregate, separator=parse_separator(args.step_separator))
   print(f"rmjax.score: scored {counts['scored']} lines, skipped {counts['malformed']} malformed, "
         f"{counts['truncated_steps']} steps did not fit (null) -> {args.output}", file=sys.stderr)
   return 0
