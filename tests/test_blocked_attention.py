@@ -1,8 +1,6 @@
 """XLA attention in query blocks (model/blocked_attention.py): the plain call's values and
 gradients, with fewer FLOPs."""
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,12 +51,3 @@ def test_blocks_above_the_diagonal_are_not_computed():
   # 5 blocks of 14 rows: the scores of (1 + 2 + ... + 5) / 25 = 60% of the T x T matrix
   assert flops(14) < 0.75 * flops(0)
 
-
-def test_block_size_benchmark_prints_one_timing_per_block(capsys):
-  from rmjax.bench import blocked_attention
-  assert blocked_attention.main(["--seq-lens", "16,24", "--blocks", "0,8,16", "--batch", "1", "--heads", "2",
-                                 "--kv-heads", "1", "--head-dim", "8", "--repeats", "1"]) == 0
-  rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-  assert [r["T"] for r in rows] == [16, 24]
-  assert set(rows[0]) == {"T", "device", "0", "8"} and set(rows[1]) == {"T", "device", "0", "8", "16"}
-  assert all(r[b] > 0 for r in rows for b in r if b not in ("T", "device"))

@@ -2,7 +2,7 @@
 
 cuDNN itself needs a GPU: here the layout arrays are checked against the segment mask they
 replace, and the model's choice between mask and layout is checked where it is made. The
-GPU comparison of values and gradients is `python -m rmjax.bench.attention` (gpu_checks.sh).
+GPU comparison of values and gradients is `python -m benchmarks.attention` (gpu_checks.sh).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.attention import packed_segment_ids
 from rmjax.bench import gpu_target
-from rmjax.bench.attention import packed_segment_ids
 from rmjax.model import cudnn_attention
 from rmjax.model.config import ModelConfig
 from rmjax.model.transformer import Decoder, attention_inputs, attention_mask, init_params

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rmjax.data.render import RenderConfig, Tokenized, batch_rows, pack_batch, pack_examples, pack_stream
+from benchmarks.packing import pack_stream
+from rmjax.data.render import RenderConfig, Tokenized, batch_rows, pack_batch, pack_examples
 from rmjax.model.confidence import ConfidenceModel
 from rmjax.model.config import ModelConfig
 from rmjax.model.head import HeadConfig

@@ -267,20 +267,6 @@ def pack_batch(pending: Sequence[tuple[Tokenized, Any]], read: Callable[[], Opti
   return packer.rows(), held
 
 
-def pack_stream(examples: Sequence[Tokenized], rows: int, row_length: int, max_markers: int,
-                lookahead: int = 0, *, max_segments: Optional[int] = None) -> list[list[Row]]:
-  """The batches the training pipeline's packer makes from `examples` in this order (the
-  packing benchmark's layout; the pipeline itself reads a grain iterator, see pipeline.py)."""
-  stream = iter((t, None) for t in examples)
-  batches, pending = [], []
-  while True:
-    batch, pending = pack_batch(pending, lambda: next(stream, None), rows, row_length, max_markers, lookahead,
-                                max_segments=max_segments)
-    if not batch:
-      return batches
-    batches.append(batch)
-
-
 def _concat(parts: Sequence[Tokenized]) -> Row:
   offsets = np.cumsum([0] + [len(p) for p in parts[:-1]])
   cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)

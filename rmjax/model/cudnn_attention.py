@@ -1,32 +1,16 @@
-"""cuDNN attention for packed rows, through what jax's public attention API does not expose.
+"""cuDNN's packed layout for packed rows, which jax's public attention API does not expose.
 
-Two ways to attend within segments, both behind exact signature checks on jax's private cuDNN
-module (`jax._src.cudnn.fused_attention_stablehlo`):
-
-1. `causal_attention_constant_mask`: the segment mask without the mask's gradient.
-
-Why it exists: `jax.nn.dot_product_attention(..., mask=m, implementation="cudnn")` hands the
-mask to cuDNN as an additive bias, and jax 0.10's cuDNN wrapper always asks the backward kernel
-for that bias's gradient (`should_export_dbias` returns True; earlier jax skipped it for a bias
-broadcast over heads). Packed rows' segment mask is a constant, so that gradient, a (B, 1, T, T)
-tensor summed over heads, is computed in every layer's backward pass and thrown away: compiled
-for an H100, the 4B LoRA step with the segment mask has backward custom calls that output
-bf16[4,1,2048,2048] besides dq, dk, dv. The public API has no switch for it, so this calls jax's
-private cuDNN primitive with the arguments the public wrapper passes, except has_dbias=False.
-
-It is used only where the private function has exactly the parameters expected (`available()`),
-and not by the model: `python -m rmjax.bench.attention` (a GPU check) times it against the
-public call and compares outputs and gradients.
-
-2. `packed_causal_attention` (the model's `segment_attention="cudnn_packed"`): cuDNN's packed
-("ragged") layout, where each segment is attended as a sequence of its own. Nothing is masked,
-so there is no mask and no mask gradient, and no work is spent on the score blocks between two
-examples of a row (with a mask, cuDNN computes every block on or below the diagonal: a row of
-four 500-token examples costs about four times the attention it needs). `segment_layout`
-turns segment ids into the per-segment lengths and start offsets it takes. jax's wrapper scales
-the key/value offsets by the QUERY heads (jax 0.10.2, `_fix_seqlen_offsets`), which is wrong
-for grouped-query attention, so keys and values are repeated to the query heads first. cuDNN
-runs the packed layout on Hopper or later only.
+Why it exists: under a segment mask cuDNN computes every score block on or below the diagonal of
+the whole row, and jax's cuDNN wrapper has the backward kernel compute the mask's gradient, which
+nobody uses. In cuDNN's packed ("ragged") layout each segment is attended as a sequence of its
+own: no mask, no mask gradient, no work on the blocks between two examples of a row (a row of
+four 500-token examples costs about a quarter of the masked attention). This is the model's
+`segment_attention="cudnn_packed"`. It goes through jax's private cuDNN module
+(`jax._src.cudnn.fused_attention_stablehlo`), only where that module's function has exactly the
+parameters passed here. `segment_layout` turns segment ids into the per-segment lengths and
+start offsets it takes. jax's wrapper scales the key/value offsets by the QUERY heads (jax
+0.10.2, `_fix_seqlen_offsets`), which is wrong for grouped-query attention, so keys and values
+are repeated to the query heads first. cuDNN runs the packed layout on Hopper or later only.
 """
 
 from __future__ import annotations
@@ -37,11 +21,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-# The private primitive's parameters as of jax 0.10.2 (jax/_src/cudnn/fused_attention_stablehlo.py).
-_EXPECTED_PARAMETERS = (
-  "query", "key", "value", "bias", "q_seqlen", "kv_seqlen", "q_offsets", "kv_offsets", "page_table_k",
-  "page_table_v", "scale", "seed", "dropout_rate", "variadic_args", "mask_type", "layout",
-  "sliding_window_length", "cudnn_version", "return_residual")
 # What packed_causal_attention passes to the module's own dot_product_attention (jax 0.10.2).
 _PACKED_PARAMETERS = frozenset({"query", "key", "value", "q_seqlen", "kv_seqlen", "q_offsets", "kv_offsets",
                                 "scale", "mask_type", "qkv_layout"})
@@ -111,9 +90,9 @@ def segment_layout(segment_ids_BT: jax.Array, max_segments: int) -> tuple[jax.Ar
 
 def packed_causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
                             seqlen_BS: jax.Array, offsets_BS1: jax.Array, scale: float) -> jax.Array:
-  """Causal attention within each sequence of `segment_layout`, by cuDNN's packed layout: meant
-  to give the segment mask's values at every real position (`python -m rmjax.bench.attention`
-  compares them on a GPU; not yet run on one). Needs a Hopper GPU and `packed_available()`."""
+  """Causal attention within each sequence of `segment_layout`, by cuDNN's packed layout: the
+  segment mask's values at every real position, to bf16 rounding (BUILD.md, Measuring:
+  `python -m benchmarks.attention`). Needs a Hopper GPU and `packed_available()`."""
   function = _packed_function()
   if function is None:
     raise RuntimeError("this jax's private cuDNN module does not take the packed layout as expected")
@@ -122,32 +101,3 @@ def packed_causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Ar
   return function(q_BTNH, k_BTNH, v_BTNH, q_seqlen=seqlen_BS, kv_seqlen=seqlen_BS, q_offsets=offsets_BS1,
                   kv_offsets=offsets_BS1, scale=scale, mask_type=_private_module().MaskType.PADDING_CAUSAL,
                   qkv_layout="BTNH")
-
-
-def available() -> bool:
-  """Whether this jax has the private cuDNN primitive with the parameters this module passes."""
-  module = _private_module()
-  function = getattr(module, "_dot_product_attention", None)
-  if function is None or not all(hasattr(module, name) for name in
-                                 ("combine_bias_and_mask", "check_cudnn_version", "MaskType", "AttentionLayout")):
-    return False
-  try:
-    return tuple(inspect.signature(function).parameters) == _EXPECTED_PARAMETERS
-  except (TypeError, ValueError):
-    return False
-
-
-def causal_attention_constant_mask(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
-                                   mask_B1TT: jax.Array, scale: float) -> jax.Array:
-  """Causal cuDNN attention restricted by a boolean mask that gets no gradient; the same values
-  as `jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
-  implementation="cudnn")`. Needs a GPU and `available()`."""
-  if not available():
-    raise RuntimeError("this jax has no private cuDNN attention primitive with the expected parameters")
-  fa = _private_module()
-  bias = fa.combine_bias_and_mask(None, mask_B1TT, q_BTNH.dtype)
-  unused = jnp.zeros(0, q_BTNH.dtype)
-  return fa._dot_product_attention(
-    q_BTNH, k_BTKH, v_BTKH, bias, unused, unused, unused, unused, unused, unused,
-    scale, 42, 0.0, (True, False), fa.MaskType.CAUSAL, fa.AttentionLayout.BTNH.value, None,
-    fa.check_cudnn_version(), False)

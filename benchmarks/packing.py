@@ -1,4 +1,4 @@
-"""`python -m rmjax.bench.packing`: supervised markers per second, packed vs unpacked batches.
+"""`python -m benchmarks.packing`: supervised markers per second, packed vs unpacked batches.
 
 Why it exists: PRM800K-like data has many examples far shorter than max_length, so one example
 per row (padded to the smallest length bucket) spends most of each step on padding, while
@@ -6,7 +6,7 @@ first-fit packing (segment ids, per-segment positions) fills rows. This measures
 buys with the real jitted train step: the same examples are stepped through once as padded
 rows and once as packed rows of `--row` tokens, with `--batch` rows per step either way, every
 batch shape compiled before timing. Both layouts are the training pipeline's own: bucketed
-padding, and the streaming packer with its lookahead (`render.pack_stream`, the same
+padding, and the streaming packer with its lookahead (`pack_stream` below, through the
 `pack_batch` the pipeline's iterator calls); each with the attention training uses for it
 (unpacked rows causal attention alone, packed rows the segment mask; train/build.py).
 `--segment-attention cudnn_packed` gives packed rows cuDNN's packed layout instead (the spec's
@@ -26,8 +26,8 @@ Qwen3-4B at 2048 keeps that share (attention / 6N = 8.3% at full rows) with the 
 a third of the row, lengths and buckets:
 `--preset 75m --row 680 --median 150 --min-length 21 --buckets 85,170,340,680`.
 
-  python -m rmjax.bench.packing --preset tiny --examples 64 --batch 4 --row 2048
-  python -m rmjax.bench.packing --preset 75m --row 680 --median 150 --min-length 21 --buckets 85,170,340,680 --examples 384
+  python -m benchmarks.packing --preset tiny --examples 64 --batch 4 --row 2048
+  python -m benchmarks.packing --preset 75m --row 680 --median 150 --min-length 21 --buckets 85,170,340,680 --examples 384
 """
 
 from __future__ import annotations
@@ -43,11 +43,25 @@ import jax
 import numpy as np
 
 from rmjax.bench import common, jax_impl
-from rmjax.data.render import DEFAULT_PACK_LOOKAHEAD, RenderConfig, Tokenized, batch_rows, pack_stream
+from rmjax.data.render import DEFAULT_PACK_LOOKAHEAD, RenderConfig, Row, Tokenized, batch_rows, pack_batch
 from rmjax.model.transformer import auto_attention_impl
 from rmjax.train.step import device_batch
 
 TOKENS_PER_MARKER = 50
+
+
+def pack_stream(examples: Sequence[Tokenized], rows: int, row_length: int, max_markers: int,
+                lookahead: int = 0, *, max_segments: int | None = None) -> list[list[Row]]:
+  """The batches the training pipeline's packer (`render.pack_batch`) makes from `examples` in
+  this order; the pipeline itself reads a grain iterator (rmjax/data/pipeline.py)."""
+  stream = iter((t, None) for t in examples)
+  batches, pending = [], []
+  while True:
+    batch, pending = pack_batch(pending, lambda: next(stream, None), rows, row_length, max_markers, lookahead,
+                                max_segments=max_segments)
+    if not batch:
+      return batches
+    batches.append(batch)
 
 
 def synthetic_examples(n: int, row: int, median: float, marker_id: int, seed: int,
@@ -99,7 +113,7 @@ def time_layout(steps, state, batches: list[dict], mesh) -> tuple[float, object]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m rmjax.bench.packing", description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(prog="python -m benchmarks.packing", description=__doc__.split("\n\n")[0])
   p.add_argument("--preset", default="tiny", choices=sorted(common.PRESETS))
   p.add_argument("--examples", type=int, default=64)
   p.add_argument("--batch", type=int, default=4)

@@ -1,11 +1,10 @@
-"""`python -m rmjax.bench.gpu_summary gpu_checks.tgz`: #7's GPU targets read from one gpu_checks.sh tarball.
+"""`python -m benchmarks.gpu_summary gpu_checks.tgz`: the GPU figures read from one gpu_checks.sh tarball.
 
-Why it exists: a lent GPU command returns one tarball of benchmark records (bench/gpu_checks.sh),
-and the figures the performance issue asks for are ratios and maxima across several of its
-checks, all of which must come from that same command (same machine, same session). Reading
-them by hand after a short loan is where mistakes happen, so this reads the records and prints
-one JSON line per target: the figure, where it came from, the target, and whether it holds
-(null when the checks it needs are missing or failed). Targets (issue 7, GPU part):
+Why it exists: the GPU figures of BUILD.md's results table are ratios and maxima across several
+checks of one gpu_checks.sh run, which must all come from that run (same machine). Reading them
+by hand is where mistakes happen, so this reads the records and prints one JSON line per
+figure: its value, the checks it came from, the target, and whether it holds (null when the
+checks it needs are missing or failed). Figures:
   full_mfu             best full fine-tuning step's MFU >= 0.45
   full_over_torch      rmjax full fine-tuning with the reference's settings (full_remat: full
                        remat, float32 Adam moments) over the torch reference (torch_full) > 1
@@ -21,9 +20,7 @@ one JSON line per target: the figure, where it came from, the target, and whethe
                        host's time blocked on the next batch, which bounds the device's wait for
                        data from above (a batch ready when asked for delays no step)
   device_idle          the loop's device idle for any reason (train/device_idle.py), certain
-                       (train/device_idle_frac) and at most (train/device_idle_max_frac) < 0.05;
-                       loops run before session 9's meter logged only the upper end, which they
-                       called train/device_idle_frac: such a tarball gives `max` alone
+                       (train/device_idle_frac) and at most (train/device_idle_max_frac) < 0.05
   packed_attention     cuDNN's packed layout against the masked call: max abs differences, ms
 and, not a target: full_fastest_over_torch, the best full step (bf16 moments, lighter remat)
 over the same torch run, which is not like for like.
@@ -189,8 +186,6 @@ def summarise(records: dict[str, Any]) -> list[dict[str, Any]]:
   rows.append(_target("data_wait", wait, "< 0.05", None if wait is None else wait < 0.05, check="loop",
                       windows=len(_present(loop.get("data_wait_frac")))))
   idle, idle_max = _mean_of(loop.get("device_idle_frac")), _mean_of(loop.get("device_idle_max_frac"))
-  if idle_max is None:
-    idle, idle_max = None, idle  # an older loop: its device_idle_frac was the upper end
   held = True if idle_max is not None and idle_max < 0.05 else False if idle is not None and idle >= 0.05 else None
   rows.append(_target("device_idle", idle, "< 0.05", held, check="loop", max=idle_max,
                       dispatch_ms=_mean_of(loop.get("dispatch_ms")),
@@ -212,7 +207,7 @@ def summarise(records: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m rmjax.bench.gpu_summary", description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_summary", description=__doc__.split("\n\n")[0])
   p.add_argument("tarball", help="gpu_checks.tgz as gpu_checks.sh writes it")
   args = p.parse_args(argv)
   try:

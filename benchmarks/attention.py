@@ -1,15 +1,15 @@
-"""`python -m rmjax.bench.attention`: the attention of packed rows, timed and compared, forward + backward.
+"""`python -m benchmarks.attention`: the attention of packed rows, timed and compared, forward + backward.
 
-Why it exists: packed rows need the segment mask, and on an H100 the masked cuDNN attention took
-103.5 ms per 4B step against 58.8 ms for causal attention alone (BUILD.md, session 4). Part of
-that is a gradient nobody uses: jax's cuDNN wrapper has the backward kernel compute the mask's
-(bias's) gradient; part is the score blocks between two examples of a row, which a mask cannot
-skip (model/cudnn_attention.py). This times, on one layer's attention of the Qwen3-4B shape
+Why it exists: packed rows need the segment mask, and the masked cuDNN attention costs about
+twice causal attention alone on an H100 (BUILD.md). Part of that is a gradient nobody uses:
+jax's cuDNN wrapper has the backward kernel compute the mask's (bias's) gradient; part is the
+score blocks between two examples of a row, which a mask cannot skip (model/cudnn_attention.py).
+This times, on one layer's attention of the Qwen3-4B shape
 (default 4 x 2048, 32 query heads, 8 key/value heads, head_dim 128, bf16), the gradient of
 sum(out * w) with respect to q, k and v for:
   segments               public API, segment mask + causal (what packed rows run by default; the reference)
   causal                 public API, causal only (what unpacked rows run)
-  segments_no_mask_grad  the private primitive without the mask's gradient (cudnn_attention.py)
+  segments_no_mask_grad  the private primitive without the mask's gradient (below)
   segments_cudnn_packed  cuDNN's packed layout, each example its own sequence
                          (the model's segment_attention="cudnn_packed"), with 40 segment slots
                          per row (packed rows' marker slots at data.max_steps_per_example 10)
@@ -24,19 +24,20 @@ cuDNN-only ones are reported unavailable. One JSON line per variant, printed as 
 variant that fails gives a line with its `error`, the others still run, and the exit status is 1
 (the differences are from `segments` only when it ran).
 
-`--target h100` compiles the cuDNN variants for an H100 without one (bench/gpu_target.py, jax's
+`--target h100` compiles the cuDNN variants for an H100 without one (rmjax/bench/gpu_target.py, jax's
 CUDA plugin) and, instead of timing, lists each compiled cuDNN call's outputs and whether its
 backend config equals the reference's: the public call's backward also outputs the mask's
 gradient, (B, 1, T, T).
 
-  python -m rmjax.bench.attention                      # on a GPU
-  python -m rmjax.bench.attention --target h100        # any machine with jax's CUDA plugin
-  python -m rmjax.bench.attention --seq-len 64 --heads 4 --kv-heads 2 --head-dim 16   # smoke
+  python -m benchmarks.attention                      # on a GPU
+  python -m benchmarks.attention --target h100        # any machine with jax's CUDA plugin
+  python -m benchmarks.attention --seq-len 64 --heads 4 --kv-heads 2 --head-dim 16   # smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import re
@@ -53,14 +54,51 @@ from rmjax.bench import common, gpu_target
 from rmjax.model import cudnn_attention
 from rmjax.model.transformer import attention_mask
 
-# Segment slots of the packed layout: packed rows' marker slots at data.max_steps_per_example 10
-# (4x that; the default is now 32, so training with the packed layout sets
-# data.max_segments_per_row, which spec validation asks for); rows with more examples are refused.
+# Segment slots of the packed layout (4x the marker slots of data.max_steps_per_example 10: more
+# than training's data.max_segments_per_row, to show what empty slots cost); rows with more
+# examples are refused.
 MAX_SEGMENTS = 40
 
 _UNAVAILABLE = "needs cuDNN and jax's private attention primitive with the expected parameters"
 _CUDNN_CALL = re.compile(r"= \(([^)]*)\) custom-call\(.*custom_call_target=\"(__cudnn\$fmha\w*)\""
                          r".*backend_config=(\{.*\})\s*$", re.M)
+
+
+# jax's private cuDNN primitive's parameters as of jax 0.10.2 (fused_attention_stablehlo.py).
+_EXPECTED_PARAMETERS = (
+  "query", "key", "value", "bias", "q_seqlen", "kv_seqlen", "q_offsets", "kv_offsets", "page_table_k",
+  "page_table_v", "scale", "seed", "dropout_rate", "variadic_args", "mask_type", "layout",
+  "sliding_window_length", "cudnn_version", "return_residual")
+
+
+def constant_mask_available() -> bool:
+  """Whether this jax has the private cuDNN primitive with the parameters this module passes."""
+  module = cudnn_attention._private_module()
+  function = getattr(module, "_dot_product_attention", None)
+  if function is None or not all(hasattr(module, name) for name in
+                                 ("combine_bias_and_mask", "check_cudnn_version", "MaskType", "AttentionLayout")):
+    return False
+  try:
+    return tuple(inspect.signature(function).parameters) == _EXPECTED_PARAMETERS
+  except (TypeError, ValueError):
+    return False
+
+
+def causal_attention_constant_mask(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
+                                   mask_B1TT: jax.Array, scale: float) -> jax.Array:
+  """Causal cuDNN attention restricted by a boolean mask that gets no gradient (jax's public
+  wrapper always has the backward kernel compute the mask's, as a bias's, gradient); the same values
+  as `jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
+  implementation="cudnn")`. Needs a GPU and `constant_mask_available()`."""
+  if not constant_mask_available():
+    raise RuntimeError("this jax has no private cuDNN attention primitive with the expected parameters")
+  fa = cudnn_attention._private_module()
+  bias = fa.combine_bias_and_mask(None, mask_B1TT, q_BTNH.dtype)
+  unused = jnp.zeros(0, q_BTNH.dtype)
+  return fa._dot_product_attention(
+    q_BTNH, k_BTKH, v_BTKH, bias, unused, unused, unused, unused, unused, unused,
+    scale, 42, 0.0, (True, False), fa.MaskType.CAUSAL, fa.AttentionLayout.BTNH.value, None,
+    fa.check_cudnn_version(), False)
 
 
 def packed_segment_ids(batch: int, seq_len: int, median: float, rng: np.random.Generator) -> np.ndarray:
@@ -83,8 +121,8 @@ def variants(impl: str, scale: float, tight_segments: int) -> dict[str, Callable
   public = lambda q, k, v, mask: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
                                                               implementation=impl)
   no_mask_grad = packed = packed_tight = None
-  if impl == "cudnn" and cudnn_attention.available():
-    no_mask_grad = lambda q, k, v, seg: cudnn_attention.causal_attention_constant_mask(
+  if impl == "cudnn" and constant_mask_available():
+    no_mask_grad = lambda q, k, v, seg: causal_attention_constant_mask(
       q, k, v, attention_mask(seg), scale)
   if impl == "cudnn" and cudnn_attention.packed_available():
     packed, packed_tight = (
@@ -156,7 +194,7 @@ def compile_for_target(args: argparse.Namespace, base: dict) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m rmjax.bench.attention", description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(prog="python -m benchmarks.attention", description=__doc__.split("\n\n")[0])
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq-len", type=int, default=2048)
   p.add_argument("--heads", type=int, default=32)

@@ -1,4 +1,4 @@
-"""`python -m rmjax.bench.blocked_attention`: XLA attention's time by query block size.
+"""`python -m benchmarks.blocked_attention`: XLA attention's time by query block size.
 
 Why it exists: `model.attention_query_block` (model/blocked_attention.py) splits XLA attention's
 queries into blocks that skip the scores above the diagonal; how large a block should be is a
@@ -8,7 +8,7 @@ examples) for each sequence length and block size, median of `--repeats` after o
 prints one JSON line per length: {"T": t, "<block>": seconds, ...}; block 0 is the plain call.
 Defaults are the 75m preset's attention shape (12 query heads, 4 key/value heads, head_dim 64).
 
-  python -m rmjax.bench.blocked_attention --seq-lens 512,680,2048 --blocks 0,64,128,192,256,512
+  python -m benchmarks.blocked_attention --seq-lens 512,680,2048 --blocks 0,64,128,192,256,512
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def time_blocks(t: int, blocks: Sequence[int], batch: int, heads: int, kv_heads:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m rmjax.bench.blocked_attention", description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(prog="python -m benchmarks.blocked_attention", description=__doc__.split("\n\n")[0])
   p.add_argument("--seq-lens", default="512,680,2048", help="comma-separated sequence lengths")
   p.add_argument("--blocks", default="0,64,128,192,256,512", help="comma-separated query blocks (0 = one block)")
   p.add_argument("--batch", type=int, default=4)

@@ -1,88 +1,53 @@
 #!/usr/bin/env bash
-# The GPU figures BUILD.md's Results still lacks, prepared to run inside one lent command.
+# The GPU measurements of BUILD.md's results table, as named checks under one deadline.
 #
-# Why it exists: GPU time is lent in short slots (15 minutes a session, the machine's start
-# included; at most 10 minutes a command), so the open measurements of the performance issue are
-# prepared here as named checks, run in the order given, each bounded by `timeout` and by the
-# command's deadline (DEADLINE_S seconds after the script starts: a check that would not finish
-# in time is cut short, one that cannot start with 30 s left is skipped), each writing the
-# benchmark's own JSON lines (NAME.jsonl, stderr in NAME.err) into $WORK (default
-# $OUT/../gpu-checks-work), which starts empty: an earlier run's files are deleted (a folder
-# with files this script did not write, no .gpu-checks-work mark, is refused instead), and so is
-# an earlier $OUT/gpu_checks.tgz. After every check, $WORK is packed into $OUT/gpu_checks.tgz
-# (written as gpu_checks.tgz.partial, then renamed, so a killed run leaves the last whole one
-# and, at most, a .partial to ignore): one file, since a lent command brings back at most 8,
-# and a cut-off call still brings back the checks that finished, so give them in order of
-# value: `all` runs first what the targets of gpu_summary.py need. Checks:
-#   full_dots        full fine-tuning, best known setting (bf16 Adam moments,
-#                    dots_with_no_batch_dims_saveable), with a profile summary of the step (where
-#                    the GPU time goes); MFU target 45% (session 4: 0.443)
-#   lora_dots_attn   LoRA saving dots and cuDNN attention outputs (the speed setting): tokens/s vs
-#                    full_dots (target 1.4x; session 4: 1.39x)
+# Why it exists: GPU time comes in short slots, so the checks run in the order given, each
+# bounded by `timeout` and by DEADLINE_S seconds from the start (a check that cannot start with
+# 30 s left is skipped). Each writes the benchmark's own JSON lines (NAME.jsonl, stderr in
+# NAME.err) into $WORK (default $OUT/../gpu-checks-work), which starts empty: an earlier run's
+# files are deleted, and a folder holding files this script did not write (no .gpu-checks-work
+# mark) is refused. After every check $WORK is packed into $OUT/gpu_checks.tgz (written as
+# .partial, then renamed), so a run cut short still returns one whole tarball of what finished;
+# `all` therefore runs first what gpu_summary.py reads. Checks (options below; figures in BUILD.md):
+#   full_dots        full fine-tuning, bf16 Adam moments, dots_with_no_batch_dims_saveable, with a
+#                    profile summary of the step (where the GPU time goes)
+#   lora_dots_attn   LoRA saving dots and cuDNN attention outputs, in the layer loop
 #   full_remat       full fine-tuning with torch_full's settings (full remat, float32 Adam moments):
-#                    rmjax over torch like for like (target > 1)
-#   full_unrolled    full fine-tuning with the layer loop unrolled (--scan-unroll 0), saving dots and
-#                    cuDNN attention outputs: inside the loop XLA copies each layer's weights and
-#                    saved activations out of their stacks and zero-fills the stacks; unrolled, the
-#                    GEMM fusions read them in place, and saving attention no longer makes XLA
-#                    duplicate ops. Compiled for an H100: 392 GB moved per step instead of 500
-#                    (full_dots), 36 attention forwards instead of 72, peak 60 GB. Longer compile.
-#   lora_unrolled    LoRA with the layer loop unrolled and no remat: 282 GB moved instead of 400
-#                    (dots_and_attention_saveable in the loop; session 4's profile: 936 device
-#                    copies, 27.5 ms), peak 32 GB; tokens/s vs full_unrolled and full_dots
-#   attention        packed rows' attention on one layer of the 4B shape, forward + backward: causal
-#                    only, the segment mask (public API), the segment mask without its unused
-#                    gradient (compiled for an H100, the public call's backward also writes a
-#                    bf16[4,1,2048,2048] mask gradient), and cuDNN's packed layout, each example
-#                    its own sequence (model.segment_attention="cudnn_packed"; never yet run on a
-#                    GPU), with 40 segment slots per row and with as few as the rows
-#                    need (what empty slots cost); model/cudnn_attention.py. ms each, and max abs differences from the
-#                    public masked call over real tokens (the segment variants' must be bf16
-#                    rounding)
-#   lora_proj_attn   LoRA saving each projection's output and cuDNN attention's (not every dot's):
-#                    compiled for an H100, 410 GB moved instead of 426, peak 28 GB instead of 33
-#   lora_dots_attn_dsf  lora_dots_attn with XLA's dynamic-slice fusion (XLA_FLAGS; in no group): the
-#                    H100 profile shows 936 device copies per LoRA step (27.5 ms), slices of the
-#                    saved layer stacks copied out for cuBLAS; the flag may let GEMMs read them in place
-#   lora_remat       LoRA with full remat: peak device memory at batch 4 (target 16 GB; session 4:
-#                    10,659 MB)
-#   full_dots_cublas full_dots with cuBLAS for every GEMM (XLA_FLAGS; session 4: slower)
+#                    rmjax over torch like for like
+#   full_unrolled    full fine-tuning, layer loop unrolled (--scan-unroll 0), dots and attention saved
+#   lora_unrolled    LoRA, layer loop unrolled, no remat
+#   attention        one layer of packed rows' attention, forward + backward: causal only, the
+#                    segment mask, the mask without its unused gradient, cuDNN's packed layout
+#                    with 40 slots and with as few as the rows need; ms and max abs differences
+#   lora_proj_attn   LoRA saving each projection's output and cuDNN attention's
+#   lora_dots_attn_dsf  lora_dots_attn with XLA's dynamic-slice fusion (XLA_FLAGS; in no group)
+#   lora_remat       LoRA with full remat: peak device memory at batch 4
+#   full_dots_cublas full_dots with cuBLAS for every GEMM (XLA_FLAGS)
 #   full_spec        specs/full.py's step: 16 rows of 2048 in one pass, full remat, float32 Adam
-#                    moments, under the 0.9 memory fraction rmjax's launcher sets (compiled for an
-#                    H100: 69,985 MiB of the 72,938 it leaves; never yet run on a GPU)
-#   torch_full       the torch reference, full fine-tuning with remat (gradient checkpointing, float32
-#                    Adam moments), for the same-session ratio with full_remat
-#   packing          packing vs padded rows on the 4B shape (target 2x supervised markers/s;
-#                    session 4: 2.21x while both layouts ran the segment mask); the packed rows
-#                    run twice, with the segment mask and with cuDNN's packed layout (16 segment
-#                    slots: --max-segments 16, which rows of this length distribution never reach)
+#                    moments, under the 0.9 memory fraction rmjax's launcher sets
+#   torch_full       the torch reference, full fine-tuning with gradient checkpointing
+#   packing          packed vs padded rows on the 4B shape, the packed rows with the segment mask
+#                    and with cuDNN's packed layout (--max-segments 16)
 #   loop             the training loop on a Qwen3-4B-shaped random backbone (the demo's synthetic
-#                    PRM800K data, packed rows of 2048): train/data_wait_frac, the share of step
-#                    time the host spent waiting for data, train/device_idle_frac, the share the
-#                    device had no step queued (target < 5%), and the prefetch thread's read and
-#                    place times, into data_wait.json (session 4, host wait only: 6.2% on one
-#                    machine, 0.03% on the next, at the same tokens/s; session 9: 0.013% host wait,
-#                    28% device idle measured to the step call's return, which the meter now
-#                    separates from idle for certain, to the call's start, and train/dispatch_ms)
+#                    PRM800K data, packed rows of 2048): host wait, device idle and the prefetch
+#                    thread's times per window, into data_wait.json
 # The rmjax bench rows hold one example each, so they run causal attention alone (the bench's
 # default --attention-mask, as training does for unpacked rows).
-# Groups: bench = full_dots lora_dots_attn full_remat full_unrolled lora_unrolled attention lora_proj_attn
-# lora_remat full_dots_cublas; data = packing loop; all = first what is open (loop: device idle;
-# full_spec: the full spec fits), then what re-measures the met targets (full_unrolled
-# lora_unrolled: MFU and LoRA / full; packing; full_remat torch_full: rmjax over torch like for
-# like; lora_remat: LoRA's peak), then full_dots lora_dots_attn attention lora_proj_attn
-# full_dots_cublas.
+# Groups: bench = full_dots lora_dots_attn full_remat full_unrolled lora_unrolled attention
+# lora_proj_attn lora_remat full_dots_cublas; data = packing loop; all = loop full_spec, then
+# full_unrolled lora_unrolled packing full_remat torch_full lora_remat, then full_dots
+# lora_dots_attn attention lora_proj_attn full_dots_cublas.
 # Usage (repository root, jax with CUDA + the project installed or on PYTHONPATH):
-#   OUT=/tmp/gpu-out DEADLINE_S=540 bash rmjax/bench/gpu_checks.sh all
-#   python -m rmjax.bench.gpu_summary /tmp/gpu-out/gpu_checks.tgz   # the targets, one JSON line each
-#   SMOKE=1 OUT=/tmp/smoke bash rmjax/bench/gpu_checks.sh all   # tiny shapes, any CPU: checks the script
+#   OUT=/tmp/gpu-out DEADLINE_S=540 bash benchmarks/gpu_checks.sh all
+#   python -m benchmarks.gpu_summary /tmp/gpu-out/gpu_checks.tgz   # one JSON line per figure
+#   SMOKE=1 OUT=/tmp/smoke bash benchmarks/gpu_checks.sh all   # tiny shapes, any CPU: checks the script
 # The compilation cache (JAX_COMPILATION_CACHE_DIR, default $OUT/../jax-cache-gpu-checks) lets
 # the checks share compiles of the same init. "loop" and "packing" need grain, ml-collections
-# and tensorboardX. A GPU machine without them and without PyPI gets them from a .wheels/ folder
-# (git-ignored; carry it) prepared on a machine with PyPI for the device's Python (3.12 here):
+# and tensorboardX; a GPU machine without PyPI gets them from a git-ignored .wheels/ folder
+# prepared on a machine with PyPI for the device's Python:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .wheels \
-#     grain ml-collections tensorboardX array-record portpicker     # about 4.5 MB
+#     grain ml-collections tensorboardX array-record portpicker
 set -u
 OUT=${OUT:-gpu-out}
 WORK=${WORK:-$(dirname "$OUT")/gpu-checks-work}
@@ -151,7 +116,7 @@ check() {
       run lora_unrolled 240 python -m rmjax.bench "${BASE[@]}" --impl rmjax --mode lora --remat-policy none \
         --scan-unroll 0 ;;
     attention)
-      run attention 90 python -m rmjax.bench.attention "${ATTN_SHAPE[@]}" ;;
+      run attention 90 python -m benchmarks.attention "${ATTN_SHAPE[@]}" ;;
     lora_proj_attn)
       run lora_proj_attn 120 python -m rmjax.bench "${BASE[@]}" --impl rmjax --mode lora \
         --remat-policy projections_and_attention_saveable ;;
@@ -171,7 +136,7 @@ check() {
       run torch_full 120 python -m rmjax.bench "${BASE[@]}" --impl torch --mode full --remat ;;
     packing)
       data_packages
-      run packing 280 python -m rmjax.bench.packing --preset "$PRESET" --row "$SEQ" --examples "$EXAMPLES" \
+      run packing 280 python -m benchmarks.packing --preset "$PRESET" --row "$SEQ" --examples "$EXAMPLES" \
         --batch 4 --mode lora --segment-attention both --max-segments 16 ;;
     loop)
       data_packages
@@ -182,7 +147,7 @@ check() {
         "--spec.data.length_buckets=$LOOP_BUCKETS" --spec.data.pack=True --spec.max_steps="$LOOP_STEPS" \
         --spec.warmup_steps=4 --spec.eval_steps=0 --spec.save_steps=0 --spec.max_eval_batches=2 --spec.logging_steps=2 \
         "--spec.head.hidden_dims=(1024, 256)" --spec.lr=1e-4
-      python -c 'import json, sys; from rmjax.bench.gpu_summary import data_wait; print(json.dumps(data_wait(sys.argv[1])))' \
+      python -c 'import json, sys; from benchmarks.gpu_summary import data_wait; print(json.dumps(data_wait(sys.argv[1])))' \
         "$WORK/run/demo-lora/logs/metrics.jsonl" > "$WORK/data_wait.json"
       rm -rf "$WORK/run/demo-lora/checkpoints" ;;
     *) echo "gpu_checks.sh: unknown check '$1'" >&2; exit 2 ;;

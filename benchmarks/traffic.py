@@ -1,4 +1,4 @@
-"""`python -m rmjax.bench.traffic DUMP_DIR`: bytes the compiled train step moves, op by op.
+"""`python -m benchmarks.traffic DUMP_DIR`: bytes the compiled train step moves, op by op.
 
 Why it exists: without a GPU to time on, the optimized HLO still says what the step does. With
 `XLA_FLAGS=--xla_dump_to=DUMP_DIR` a compile (also `--target h100`, bench/gpu_target.py) writes
@@ -20,7 +20,7 @@ parameters, bitcasts and control flow move nothing themselves. For example:
 
   XLA_FLAGS=--xla_dump_to=/tmp/dump python -m rmjax.bench --preset qwen3-4b --seq-len 2048 \\
       --batch 4 --mode lora --remat-policy dots_and_attention_saveable --target h100 --no-flops --no-isolate
-  python -m rmjax.bench.traffic /tmp/dump
+  python -m benchmarks.traffic /tmp/dump
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import re
 import sys
 from typing import Any, Iterator, Sequence
 
-from rmjax.bench.buffers import dump_summary_cli, step_dump
+from benchmarks.buffers import dump_summary_cli, step_dump
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
           "u32": 4, "f64": 8, "s64": 8, "u64": 8}

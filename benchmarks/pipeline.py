@@ -1,6 +1,6 @@
 """Input-pipeline benchmark: can one CPU core feed the accelerator?
 
-    python -m rmjax.data.bench [--examples N] [--vocab V] [--max-length L]
+    python -m benchmarks.pipeline [--examples N] [--vocab V] [--max-length L]
 
 Builds PRM800K-like examples in memory (3-10 steps of ~100-300 tokens each, like real model
 solutions; the text is generated, SYNTHETIC), trains a Qwen-style byte-level BPE tokenizer

@@ -1,4 +1,4 @@
-"""`python -m rmjax.bench.buffers DUMP_DIR`: what fills the train step's temp memory.
+"""`python -m benchmarks.buffers DUMP_DIR`: what fills the train step's temp memory.
 
 Why it exists: XLA's memory analysis gives one number (`compiled_temp_mb`); to lower it one has
 to know which values share that block. With `XLA_FLAGS=--xla_dump_to=DUMP_DIR` a compile writes
@@ -9,7 +9,7 @@ For example:
 
   XLA_FLAGS=--xla_dump_to=/tmp/dump python -m rmjax.bench --preset qwen3-4b --seq-len 2048 \\
       --batch 4 --mode lora --remat --analysis-only --no-flops --no-isolate
-  python -m rmjax.bench.buffers /tmp/dump
+  python -m benchmarks.buffers /tmp/dump
 
 On CPU the bf16 runs also show the f32 copies XLA makes of bf16 weights (the CPU has no bf16
 matmul), so bf16 memory is only meaningful from a GPU dump.
@@ -65,10 +65,10 @@ def summarize(dump_dir: str | pathlib.Path, top: int = 20) -> dict[str, Any]:
 
 def dump_summary_cli(tool: str, summarize_dump: Callable[[str], dict[str, Any]],
                      argv: Sequence[str] | None) -> int:
-  """`python -m rmjax.bench.<tool> DUMP_DIR`: the summary as one JSON line, or a one-line error."""
+  """`python -m benchmarks.<tool> DUMP_DIR`: the summary as one JSON line, or a one-line error."""
   args = list(sys.argv[1:] if argv is None else argv)
   if len(args) != 1:
-    print(f"usage: python -m rmjax.bench.{tool} DUMP_DIR", file=sys.stderr)
+    print(f"usage: python -m benchmarks.{tool} DUMP_DIR", file=sys.stderr)
     return 2
 
   def body() -> int:
