@@ -36,6 +36,7 @@ import numpy as np
 
 from rmjax import cli
 from rmjax.data.example import describe_skips
+from rmjax.inference import with_max_length
 from rmjax.metrics import EvalAccumulator
 
 
@@ -113,8 +114,7 @@ def eval_render_config(run_cfg: Any, data_spec: Any, overrides: Sequence[str]) -
   if "max_length" in changes:
     changes["max_length"] = int(changes["max_length"])
     if "length_buckets" not in changes:
-      changes["length_buckets"] = tuple(b for b in run_cfg.length_buckets if b < changes["max_length"]) + (
-        changes["max_length"],)
+      changes["length_buckets"] = with_max_length(run_cfg, changes["max_length"]).length_buckets
   if "max_steps_per_example" in changes:
     changes["max_steps_per_example"] = int(changes["max_steps_per_example"])
     changes["max_markers"] = 0  # eval rows are unpacked: one slot per kept step

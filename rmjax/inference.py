@@ -33,6 +33,14 @@ class Scored:
   tokens: Optional[Tokenized]  # the rendered solution (None when nothing of it fits)
 
 
+def with_max_length(cfg: RenderConfig, max_length: int) -> RenderConfig:
+  """`cfg` rendering up to `max_length` tokens, which becomes its largest length bucket."""
+  if max_length < 2:
+    raise ValueError(f"max_length must be >= 2, got {max_length}")
+  buckets = tuple(b for b in cfg.length_buckets if b < max_length) + (max_length,)
+  return dataclasses.replace(cfg, max_length=max_length, length_buckets=buckets)
+
+
 def _pow2(n: int) -> int:
   return 1 << max(n - 1, 0).bit_length()
 

@@ -94,3 +94,42 @@ def test_bad_arguments_are_one_line_errors(run, tmp_path, capsys):
   assert score.main(["--checkpoint", str(tmp_path / "export" / "backbone"), "--input", str(tmp_path / "in.jsonl"),
                      "--output", str(tmp_path / "o")]) == 2
   assert "is a folder of the export" in capsys.readouterr().err
+
+
+def test_text_is_split_into_steps_and_aggregated_like_the_same_steps(run, tmp_path):
+  steps = ["2 + 3 = 5", "5 - 1 = 4", "The answer is 4."]
+  as_steps = {"problem": "Compute 2 + 3 - 1.", "steps": steps}
+  as_text = {"problem": "Compute 2 + 3 - 1.", "text": "\n\n".join(steps) + "\n\n\n", "id": "t"}
+  as_lines = {"problem": "Compute 2 + 3 - 1.", "text": "\n".join(steps)}
+  _, rows = _score(run, tmp_path, [json.dumps(as_steps), json.dumps(as_text)], "--aggregate", "min")
+  _, lines = _score(run, tmp_path, [json.dumps(as_lines)], "--aggregate", "prod", "--step-separator", "\\n")
+  assert rows[1]["steps"] == steps and lines[0]["steps"] == steps and rows[1]["id"] == "t"
+  np.testing.assert_allclose(rows[1]["step_scores"], rows[0]["step_scores"], atol=1e-6)
+  np.testing.assert_allclose(lines[0]["step_scores"], rows[0]["step_scores"], atol=1e-6)
+  assert rows[0]["solution_score"] == min(rows[0]["step_scores"])
+  assert lines[0]["solution_score"] == pytest.approx(float(np.prod(lines[0]["step_scores"])), rel=1e-12)
+
+
+def test_rerank_scores_real_gsm8k_candidates_with_the_checkpoint(run, tmp_path, shared_data):
+  from rmjax import rerank
+  from test_rerank import brute_oracle, brute_top
+  src = (shared_data / "best_of_n" / "gsm8k_example_model_solutions.subset.jsonl").read_text().splitlines()[:3]
+  (tmp_path / "c.jsonl").write_text("\n".join(src) + "\n")
+  assert rerank.main(["--checkpoint", str(run), "--input", str(tmp_path / "c.jsonl"), "--output",
+                      str(tmp_path / "o"), "--step-separator", "\\n", "--max-length", "1024"]) == 0
+  report = json.loads((tmp_path / "o" / "bon.json").read_text())
+  scored = [json.loads(x) for x in (tmp_path / "o" / "candidates.jsonl").read_text().splitlines()]
+  originals = [json.loads(x) for x in src]
+  for p, raw in zip(scored, originals):
+    correct = [c["correct"] for c in p["candidates"]]
+    assert correct == [raw[c["name"]]["is_correct"] for c in p["candidates"]]
+    for c in p["candidates"]:
+      assert len(c["step_scores"]) == len(raw[c["name"]]["solution"].splitlines())
+  assert report["unscored_steps"] == 0
+  for n in (1, 2, 4):
+    mins = [[min(c["step_scores"]) for c in p["candidates"]] for p in scored]
+    want = np.mean([brute_top(m, [c["correct"] for c in p["candidates"]], n) for m, p in zip(mins, scored)])
+    assert abs(report["accuracy"]["min"][str(n)] - want) <= 1e-9
+    want = np.mean([brute_oracle([r[k]["is_correct"] for k in ("6b_finetuning", "6b_verification", "175b_finetuning",
+                                                               "175b_verification")], n) for r in originals])
+    assert abs(report["oracle"][str(n)] - want) <= 1e-9
