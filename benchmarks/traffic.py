@@ -1,14 +1,13 @@
 """`python -m benchmarks.traffic DUMP_DIR`: bytes the compiled train step moves, op by op.
 
 Why it exists: without a GPU to time on, the optimized HLO still says what the step does. With
-`XLA_FLAGS=--xla_dump_to=DUMP_DIR` a compile (also `--target h100`, bench/gpu_target.py) writes
+`XLA_FLAGS=--xla_dump_to=DUMP_DIR` a compile (also `--target h100`, rmjax/bench/gpu_target.py) writes
 `*after_optimizations.txt`; this sums, for every op the step executes, the bytes of its
 operands and results, multiplying ops inside the layer loops by their trip counts. The total is
 an upper bound on the device memory traffic (caches can serve some reads), so comparing two
-settings shows which moves less: for Qwen3-4B LoRA at 4 x 2048 on an H100 (the command below),
-saving dots and cuDNN attention outputs moves 400 GB per step, no remat 497 GB (it stores and
-reloads every elementwise value in layer stacks); with the layer loop unrolled
-(`--scan-unroll 0`) and no remat, 282 GB (nothing is copied out of a stack). It also counts
+settings shows which moves less (BUILD.md): inside the layer loop a step stores and reloads
+values in layer stacks, copied out of them per layer; unrolled (`--scan-unroll 0`) nothing is
+copied out of a stack. It also counts
 what is easy to miss in a profile: cuDNN attention forwards run again in the backward loop,
 and ops XLA itself duplicated under memory pressure (".remat" in their names).
 

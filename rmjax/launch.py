@@ -107,7 +107,7 @@ def out_of_memory_message(error: BaseException, spec: Any) -> str:
   smaller = ["--spec.model.remat=full" if str(spec.model.remat) != "full" else None,
              "--spec.opt_state_dtype=bfloat16" if full and spec.opt_state_dtype == "float32" else None,
              # accumulating full fine-tuning keeps a float32 gradient sum beside each micro-batch's
-             # gradients: 76.0 GiB compiled for an H100 as 4 x 4 rows of 2048, 68.3 GiB as 16 in one pass
+             # gradients, which costs more than the activations smaller micro-batches save
              "--spec.grad_accum_steps=1 (the same rows in one pass)" if full and int(spec.grad_accum_steps) > 1 else None,
              None if full else "more --spec.grad_accum_steps (smaller micro-batches)",
              "a smaller --spec.batch_size or --spec.data.max_length",

@@ -45,11 +45,11 @@ DEFAULT_MEMORY_FRACTION = "0.9"
 def default_gpu_memory_fraction(env: MutableMapping[str, str] = os.environ) -> str | None:
   """Lets jax take 90% of each GPU's memory, not its own default 75%, unless the user chose.
 
-  Why: full fine-tuning of the Qwen3-4B shape needs 61.4-68.3 GiB on one H100 80GB (BUILD.md,
-  Results), over the 59.4 GiB jax's 75% leaves of its 79.1 GiB, and under the 71.2 GiB of 90%;
-  the rest stays for the CUDA context and libraries (cuDNN and cuBLAS workspaces, NCCL). Must
-  run before jax starts its GPU backend; read nowhere else (a CPU ignores it). Returns the fraction set, or
-  None when the environment already says (the fraction, or no preallocation at all).
+  Why: full fine-tuning of the Qwen3-4B shape on one 80 GB GPU needs more than jax's 75% and
+  less than 90% (BUILD.md, Results); the rest stays for the CUDA context and libraries (cuDNN
+  and cuBLAS workspaces, NCCL). Must run before jax starts its GPU backend; read nowhere else (a
+  CPU ignores it). Returns the fraction set, or None when the environment already says (the
+  fraction, or no preallocation at all).
   """
   if MEMORY_FRACTION_ENV in env or env.get("XLA_PYTHON_CLIENT_PREALLOCATE", "").lower() in ("false", "0"):
     return None

@@ -30,7 +30,7 @@ REQUIRED_KEYS = ("impl", "mode", "seq_len", "batch", "grad_accum", "tokens_per_s
 RMJAX_KEYS = ("compiled_flops", "compiled_temp_mb", "compiled_arg_mb")
 MARKER_EVERY = 64  # mean tokens per reasoning step; the marker closes each step
 # What one run of a benchmark may raise that the tool reports as that run's error line before
-# going on to its next run, so a lent GPU command keeps the other figures (jax's runtime errors,
+# going on to its next run, so a run on scarce GPU time keeps the other figures (jax's runtime errors,
 # device out-of-memory among them, are RuntimeErrors).
 RUN_ERRORS = (ValueError, FloatingPointError, MemoryError, RuntimeError)
 

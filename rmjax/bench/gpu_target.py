@@ -1,16 +1,14 @@
 """A GPU device to compile for when none is attached: XLA's deviceless GPU compiler.
 
 Why it exists: what a training step needs in GPU memory is decided by XLA's GPU compiler
-(its fusions, buffer assignment and cuDNN attention), not by the CPU compiler, and most
-sessions of this project have no GPU. With jax's CUDA plugin installed
-(`pip install -e ".[cuda12]"`; no driver or GPU needed), jax can compile for a GPU described by
-a target config (XLA's GpuTargetConfigProto: compute capability, SM count, memory...) and
-report XLA's memory analysis of the executable. `python -m rmjax.bench --target h100
---analysis-only` uses it. Checked against the measured H100 figures in BUILD.md: the full
-step's temp bytes within 1.2% for three remat policies, and step and init peaks within 0.5%.
-Timings still need a real GPU, and so do GEMM choices: with no device to autotune on, XLA picks
-its GEMM kernels (Triton fusion or cuBLAS, tile sizes) by heuristics, so matmul fusions in the
-compiled HLO may differ from a real GPU's.
+(its fusions, buffer assignment and cuDNN attention), not by the CPU compiler, and a GPU is
+often not at hand. With jax's CUDA plugin installed (`pip install -e ".[cuda12]"`; no driver or
+GPU needed), jax can compile for a GPU described by a target config (XLA's GpuTargetConfigProto:
+compute capability, SM count, memory...) and report XLA's memory analysis of the executable.
+`python -m rmjax.bench --target h100 --analysis-only` uses it; its peaks track the measured ones
+closely (BUILD.md). Timings still need a real GPU, and so do GEMM choices: with no device to
+autotune on, XLA picks its GEMM kernels (Triton fusion or cuBLAS, tile sizes) by heuristics,
+so matmul fusions in the compiled HLO may differ from a real GPU's.
 """
 
 from __future__ import annotations

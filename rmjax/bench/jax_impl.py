@@ -18,7 +18,7 @@ state (no device memory). `compiled_temp_mb` / `compiled_arg_mb` come from the r
 compile (memory analysis; XLA's temp is the live peak beyond arguments and outputs).
 `compiled_init_mb` is the random init's compiled temp + result (the state's birth), and
 `compiled_peak_mb` the larger of that and the step's arguments + temp + non-aliased outputs:
-XLA's bound on the device peak, which matched the measured H100 peaks within 0.5% (BUILD.md).
+XLA's bound on the device peak, which tracks the measured peak (BUILD.md).
 
 `--grad-accum N` steps `settings.grad_accum` micro-batches per optimizer step through the same
 `train_step` (OptimConfig.grad_accum_steps, the lax.scan of gradient sums training runs), so

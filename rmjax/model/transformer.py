@@ -127,7 +127,7 @@ def auto_attention_impl(cfg: ModelConfig, dtype: Any, backend: str | None = None
   """The attention implementation when the config leaves it open (attention_impl=None).
 
   cuDNN's fused attention on a GPU when it applies (fp16/bf16, head_dim a multiple of 8 and at
-  most 128: measured 1.7x XLA's on an H100 for the Qwen3-4B shape), XLA otherwise (CPU, fp32).
+  most 128: much faster than XLA's on a GPU, BUILD.md), XLA otherwise (CPU, fp32).
   Decided at trace time from the default backend (or `backend`, when compiling for a GPU that
   is not attached), so one config runs on both platforms.
   """
@@ -138,8 +138,8 @@ def auto_attention_impl(cfg: ModelConfig, dtype: Any, backend: str | None = None
 
 def uses_packed_layout(cfg: ModelConfig) -> bool:
   """Whether segments go to cuDNN as its packed layout (else: the mask, or causal only).
-  "auto" takes it where it can run: measured on an H100 (BUILD.md, session 9), equal to the
-  mask's values to bf16 rounding and 1.3x (40 slots) to 2.5x (4 slots) faster per layer."""
+  "auto" takes it where it can run: it gives the mask's values to bf16 rounding, faster
+  (BUILD.md)."""
   impl = cfg.attention_impl or auto_attention_impl(cfg, cfg.compute_dtype)
   if cfg.attention_mask != "segments" or impl != "cudnn" or cfg.segment_attention == "mask":
     return False
@@ -194,9 +194,9 @@ class Proj(nn.Module):
   """Linear layer with kernel stored (in, out), optional bias and optional LoRA (A, B).
 
   The input is flattened to (tokens, in) and the output reshaped back: both are free bitcasts,
-  but with 2-D operands XLA's CPU layout assignment no longer fuses the SwiGLU backward with a
-  strided transpose for the weight gradient (the full fine-tuning step is 1.35x faster on CPU;
-  GPU gemms are 2-D either way). See BUILD.md "Where the CPU step's time goes".
+  and with 2-D operands XLA's CPU layout assignment does not fuse the SwiGLU backward with a
+  strided transpose for the weight gradient, which it writes column by column (GPU gemms are
+  2-D either way).
   """
   cfg: ModelConfig
   features: int
