@@ -1,38 +1,34 @@
-"""Spec (ml-collections ConfigDict) loading, validation and conversion.
+"""Spec (ml-collections ConfigDict) validation and the quantities derived from a spec.
 
 Why it exists: a bad spec must fail in the first second, with every problem listed at once,
 never after minutes of compilation or with a raw traceback from deep inside flag parsing.
-`validate` checks the whole spec against the device count before anything is built;
-`check_overrides` turns a mistyped `--spec.key=value` into one line naming the closest valid
-keys; `spec_to_dict` gives the JSON form written to logs/config.json. Library modules do not
-read the ConfigDict deep inside: each converts its own sub-config into a frozen dataclass at
-its boundary, using the small helpers here (`resolve_mesh`, `micro_batch_size`, ...).
+`validate` checks the whole spec against the device count before anything is built. Loading,
+`--spec.key=value` overrides and the JSON form live in `rmjax.spec_io` and are re-exported
+here. Library modules do not read the ConfigDict deep inside: each converts its own sub-config
+into a frozen dataclass at its boundary, using the small helpers here (`resolve_mesh`, ...).
+
+Data sources: the built-in blocks data.prm800k, data.eqasc and data.reveal, plus any other
+data.<name> block that names a `reader` (one of `rmjax.data.sources.READERS`); such a block
+holds use, weight, path, train_split, eval_split, test_only and its reader's options (specs/
+common.py's `source_block` makes one with the defaults). Two blocks may use the same reader.
 
 This module must stay light (no jax/flax import): the launcher imports it before jax starts.
 """
 
 from __future__ import annotations
 
-import ast
-import difflib
-import importlib.machinery
-import importlib.util
-import json
-import keyword
 import math
 import os
-import pathlib
-import re
-from typing import Any, Iterable, Mapping, Sequence
-
-import ml_collections
+from typing import Any, Iterable, Mapping
 
 from rmjax.data import eqasc, prm800k, reveal, synthetic
 from rmjax.model.config import DTYPES, LORA_TARGETS, REMAT_POLICIES, SEGMENT_ATTENTION
+from rmjax.spec_io import (ConfigDict, SpecError, apply_overrides, check_overrides, closest_keys,  # noqa: F401
+                           describe_type, dotted_items, dotted_keys, find_flag_value, get_dotted,
+                           load_sibling, load_spec_file, override_keys, parse_set_item, spec_to_dict)
+from rmjax.spec_sources import (SOURCES, check_sources, eval_sources, is_synthetic, source_names,  # noqa: F401
+                                test_only_sources, training_sources)
 
-ConfigDict = ml_collections.ConfigDict
-
-SOURCES = ("prm800k", "eqasc", "reveal")
 MESH_AXES = ("data", "fsdp", "tensor")
 ENUMS: Mapping[str, tuple[Any, ...]] = {
   "mode": ("full", "lora"),
@@ -57,170 +53,6 @@ ENUMS: Mapping[str, tuple[Any, ...]] = {
   "data.reveal.label": ("correctness",),
 }
 DEMO_MODEL = "demo"
-
-
-class SpecError(ValueError):
-  """A spec problem the user must fix; the message is meant to be printed as is."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Keys, loading, overrides.
-
-def dotted_items(spec: ConfigDict, prefix: str = "") -> Iterable[tuple[str, Any]]:
-  """Yields (dotted key, value) for every node, sub-dicts included, depth first."""
-  for key, value in spec.items():
-    name = f"{prefix}{key}"
-    yield name, value
-    if isinstance(value, ConfigDict):
-      yield from dotted_items(value, name + ".")
-
-
-def dotted_keys(spec: ConfigDict) -> list[str]:
-  return [k for k, _ in dotted_items(spec)]
-
-
-def get_dotted(spec: ConfigDict, key: str) -> Any:
-  node: Any = spec
-  for part in key.split("."):
-    node = node[part]
-  return node
-
-
-def closest_keys(key: str, keys: Sequence[str], n: int = 3) -> list[str]:
-  """Closest valid keys to a mistyped one: whole dotted keys first, then by last component."""
-  found = difflib.get_close_matches(key, keys, n=n, cutoff=0.6)
-  leaf = key.rsplit(".", 1)[-1]
-  by_leaf = [k for k in keys if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], cutoff=0.75)]
-  for k in by_leaf:
-    if k not in found and len(found) < n:
-      found.append(k)
-  return found
-
-
-def load_sibling(spec_file: str, filename: str = "common.py"):
-  """Imports a module that sits next to a spec file (config_flags loads specs by path, so the
-  specs directory is not a package and `import common` would not resolve)."""
-  path = pathlib.Path(spec_file).resolve().with_name(filename)
-  module_spec = importlib.util.spec_from_file_location(f"rmjax_specs_{path.stem}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module
-
-
-def load_spec_file(path_arg: str, module_name: str = "rmjax_spec") -> ConfigDict:
-  """Loads `file.py[:arg]` the way ml_collections' config_flags does (an unlocked copy).
-
-  Raises SpecError (one line) when the file is missing or has no get_config.
-  """
-  path, _, arg = path_arg.partition(":")
-  if not path:
-    raise SpecError("empty spec path; pass --spec FILE, e.g. --spec specs/demo.py")
-  if not os.path.isfile(path):
-    raise SpecError(f"spec file not found: {path}")
-  try:
-    loader = importlib.machinery.SourceFileLoader(module_name, path)
-    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(module_name, loader))
-    loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-      raise SpecError(f"spec file {path} defines no get_config(arg=None)")
-    config = module.get_config(arg) if arg else module.get_config()
-  except SpecError:
-    raise
-  except Exception as e:  # noqa: BLE001  a broken spec file is a user error: one line
-    raise SpecError(f"cannot load spec {path_arg}: {type(e).__name__}: {e}") from e
-  if not isinstance(config, ConfigDict):
-    raise SpecError(f"{path}: get_config() returned {type(config).__name__}, not a ConfigDict")
-  return config
-
-
-def find_flag_value(argv: Sequence[str], name: str) -> str | None:
-  """Value of `--name X` / `--name=X` in argv (the last one wins), or None."""
-  value = None
-  for i, arg in enumerate(argv):
-    m = re.fullmatch(rf"--?{re.escape(name)}(=(.*))?", arg)
-    if m:
-      value = m.group(2) if m.group(1) is not None else (argv[i + 1] if i + 1 < len(argv) else "")
-  return value
-
-
-def override_keys(argv: Sequence[str], name: str = "spec") -> list[tuple[str, str]]:
-  """(dotted key, original argument) for every `--spec.key[=v]` / `--nospec.key` in argv."""
-  out = []
-  for arg in argv:
-    m = re.match(rf"--?(?:no)?{re.escape(name)}\.([^=]+)", arg)
-    if m:
-      out.append((m.group(1), arg))
-  return out
-
-
-def check_overrides(spec: ConfigDict, argv: Sequence[str], name: str = "spec") -> None:
-  """Raises SpecError naming the first unknown override key and its closest valid keys."""
-  keys = dotted_keys(spec)
-  known = set(keys)
-  for key, arg in override_keys(argv, name):
-    reserved = [part for part in key.split(".") if keyword.iskeyword(part)]
-    if key in known and reserved:
-      raise SpecError(f"spec key '{key}' cannot be overridden on the command line ('{reserved[0]}' "
-                      "is a Python keyword); set it in a spec file")
-    if key not in known:
-      close = closest_keys(key, keys)
-      hint = f"; did you mean {', '.join(name + '.' + k for k in close)}?" if close else ""
-      raise SpecError(f"unknown spec key '{key}' in {arg}{hint}")
-
-
-_VALUE_SYNTAX = "values are JSON or Python literals: true or True, 3, 1e-4, (64, 128), [64, 128], 'text'"
-
-
-def parse_set_item(item: str, flag: str = "--set") -> tuple[str, Any]:
-  """`KEY=VALUE` -> (KEY, VALUE): JSON when it parses, else a Python literal (True, (64, 128),
-  64,128: the forms `--spec.KEY=VALUE` takes on the launcher), else the string itself."""
-  key, sep, text = item.partition("=")
-  if not sep or not key:
-    raise SpecError(f"{flag} expects KEY=VALUE, got {item!r}")
-  try:
-    return key, json.loads(text)
-  except json.JSONDecodeError:
-    pass
-  try:
-    return key, ast.literal_eval(text)
-  except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-    return key, text
-
-
-def apply_overrides(spec: ConfigDict, items: Sequence[str], flag: str = "--set") -> ConfigDict:
-  """Sets `KEY=VALUE` items (dotted spec keys; VALUE parsed as JSON when it parses, else kept as
-  a string) on `spec` in place, for the tools that take overrides without absl flags.
-
-  Raises SpecError (one line) for a malformed item, an unknown key (with the closest valid
-  ones), a whole sub-dict as the target, or a value of another type than the key's.
-  """
-  keys = dotted_keys(spec)
-  for item in items:
-    key, value = parse_set_item(item, flag)
-    if key not in keys:
-      close = closest_keys(key, keys)
-      hint = f"; did you mean {', '.join(close)}?" if close else ""
-      raise SpecError(f"unknown spec key '{key}' in {flag} {item}{hint}")
-    if isinstance(get_dotted(spec, key), ConfigDict):
-      raise SpecError(f"{flag} {item}: '{key}' is a group of keys; set one of its keys instead")
-    parent, _, leaf = key.rpartition(".")
-    node = get_dotted(spec, parent) if parent else spec
-    if isinstance(getattr(node, leaf), tuple) and isinstance(value, list):
-      value = tuple(value)
-    try:
-      setattr(node, leaf, value)
-    except TypeError:
-      raise SpecError(f"{flag} {item}: '{key}' holds {describe_type(spec, key)} values, "
-                      f"got {type(value).__name__} {value!r} ({_VALUE_SYNTAX})") from None
-  return spec
-
-
-def describe_type(spec: ConfigDict, key: str) -> str:
-  try:
-    value = get_dotted(spec, key)
-  except (KeyError, AttributeError):
-    return "?"
-  return type(value).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,36 +89,6 @@ def data_parallel_size(spec: ConfigDict, num_devices: int) -> int:
 def micro_batch_size(spec: ConfigDict) -> int:
   """Global rows per micro-batch (one forward/backward): batch_size // grad_accum_steps."""
   return int(spec.batch_size) // int(spec.grad_accum_steps)
-
-
-def is_synthetic(spec: ConfigDict, source: str) -> bool:
-  """PRM800K with an empty path means synthetic PRM800K-format data (demo and tests)."""
-  return source == "prm800k" and not spec.data[source].path
-
-
-def training_sources(spec: ConfigDict) -> dict[str, float]:
-  """Sources that are sampled for training, with their (unnormalised) weights."""
-  data = spec.data
-  out = {}
-  for name in SOURCES:
-    src = data[name]
-    if not src.use or float(src.weight) <= 0:
-      continue
-    if name == "reveal" and not data.allow_reveal_training:
-      continue
-    out[name] = float(src.weight)
-  return out
-
-
-def eval_sources(spec: ConfigDict) -> list[str]:
-  """Every enabled source is evaluated (REVEAL included even when it is not trained on)."""
-  return [name for name in SOURCES if spec.data[name].use]
-
-
-def test_only_sources(spec: ConfigDict) -> set[str]:
-  """Evaluated sources that are test sets: reported, but never used to pick the best checkpoint
-  (REVEAL's terms allow it as a test set only; once it is trained on it is held out no more)."""
-  return {"reveal"} if spec.data.reveal.use and not spec.data.allow_reveal_training else set()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,46 +248,14 @@ def _check_data(spec: ConfigDict, problems: list[str], warnings: list[str], chec
   elif max(buckets) < data.max_length:
     problems.append(f"data.length_buckets {tuple(buckets)}: the largest bucket is below "
                     f"data.max_length ({data.max_length})")
-  for name in SOURCES:
-    src = data[name]
-    if not float(src.weight) >= 0:
-      problems.append(f"data.{name}.weight must be >= 0, got {src.weight}")
-    if not src.use or not check_paths or is_synthetic(spec, name):
-      continue
-    if not src.path:
-      problems.append(f"data.{name}.path is empty but data.{name}.use is True "
-                      f"(set --spec.data.{name}.path=DIR or --spec.data.{name}.use=False)")
-    elif not os.path.exists(src.path):
-      problems.append(f"data.{name}.path not found: {src.path} "
-                      f"(set --spec.data.{name}.path=DIR or --spec.data.{name}.use=False)")
+  sources_readable = check_sources(spec, problems, check_paths)
   if is_synthetic(spec, "prm800k") and data.prm800k.use:
     problems.extend(f"data.synthetic: {p}" for p in synthetic.settings(data.synthetic.to_dict())[-1])
   if data.template == "chat" and spec.model.path == DEMO_MODEL:
     problems.append(f"data.template='chat' but the tokenizer of model.path {DEMO_MODEL} has no chat template")
-  if not training_sources(spec):
+  if sources_readable and not training_sources(spec):
     problems.append("no training source: enable one with weight > 0 (data.<source>.use / .weight; "
                     "REVEAL trains only with data.allow_reveal_training)")
   if data.allow_reveal_training and data.reveal.use:
     warnings.append("data.allow_reveal_training is set: REVEAL's terms allow it as a test set only, "
                     "and its eval numbers are no longer held-out")
-
-
-# ---------------------------------------------------------------------------------------------
-# Conversion.
-
-def spec_to_dict(spec: ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
-  """A JSON-safe nested dict (tuples -> lists, non-JSON leaves -> str)."""
-  raw = spec.to_dict() if isinstance(spec, ConfigDict) else dict(spec)
-  return _jsonable(raw)
-
-
-def _jsonable(value: Any) -> Any:
-  if isinstance(value, Mapping):
-    return {str(k): _jsonable(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_jsonable(v) for v in value]
-  if value is None or isinstance(value, (bool, int, float, str)):
-    return value
-  if isinstance(value, pathlib.PurePath):
-    return str(value)
-  return repr(value)

@@ -147,3 +147,25 @@ def base_spec() -> ml_collections.ConfigDict:
   c.distributed.num_processes = 0    # 0 = from the environment
   c.distributed.process_id = -1      # -1 = from the environment
   return c
+
+
+def source_block(reader: str, path: str = "", weight: float = 1.0, train_split: str = "train",
+                 eval_split: str = "test", use: bool = True, test_only: bool = False,
+                 **options) -> ml_collections.ConfigDict:
+  """A data source of a supported format, for `c.data.<name> = source_block(...)`.
+
+  A dataset is a spec entry, not code: any data.<name> block naming a `reader` is trained and
+  evaluated like the built-in three (two blocks may share a reader). `options` are the reader's
+  own keys (e.g. step_tag for math_shepherd); the rest:
+  """
+  c = ml_collections.ConfigDict()
+  c.reader = reader                  # processbench | math_shepherd | stepwise | rmjax (or a built-in reader)
+  c.use = use                        # train (weight > 0) and evaluate on it
+  c.weight = float(weight)           # sampling weight in the training mix; 0 = evaluate only
+  c.path = path                      # a file, a directory of <split>.{jsonl,json,parquet}, or hf://datasets/<owner>/<name>[/<file>]
+  c.train_split = train_split        # split read for training (ignored when path is a file)
+  c.eval_split = eval_split          # split read for evaluation (ignored when path is a file)
+  c.test_only = test_only            # reported, never used to pick the best checkpoint (a benchmark)
+  for key, value in options.items():
+    c[key] = value
+  return c

@@ -11,7 +11,7 @@ its eval loss must fall: a smoke test of the whole system.
 Argument: "" (full fine-tuning) or "lora".
 """
 
-from rmjax.spec import load_sibling
+from rmjax.spec_io import load_sibling
 
 
 def load_common():

@@ -15,7 +15,7 @@ Qwen3-4B, rows of 2048, full remat, float32 Adam moments: 68.3 GiB in one pass, 
 On 8 GPUs --spec.batch_size=128 keeps 16 rows per device.
 """
 
-from rmjax.spec import load_sibling
+from rmjax.spec_io import load_sibling
 
 
 def load_common():

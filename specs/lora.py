@@ -12,7 +12,7 @@ batch_size is GLOBAL (16 = the seed's 4 per device x 4 accumulation steps on one
 8 GPUs use --spec.batch_size=128 to keep 4 rows per device per micro-batch.
 """
 
-from rmjax.spec import load_sibling
+from rmjax.spec_io import load_sibling
 
 
 def load_common():

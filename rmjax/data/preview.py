@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 from rmjax.data.example import BadRecord, SkipCounter
 from rmjax.data.sources import READER_KEYS, READERS, build_source
-from rmjax.spec import parse_set_item
+from rmjax.spec_io import parse_set_item
 
 
 class _Parser(argparse.ArgumentParser):

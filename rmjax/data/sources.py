@@ -30,13 +30,16 @@ import dataclasses
 from typing import Any, Mapping, Optional
 
 from rmjax.data.eqasc import EqascOptions, EqascReader
+from rmjax.data.math_shepherd import MathShepherdReader
 from rmjax.data.example import SkipCounter
 from rmjax.data.processbench import ProcessbenchReader
 from rmjax.data.prm800k import Prm800kOptions, Prm800kReader
 from rmjax.data.reveal import RevealOptions, RevealReader
+from rmjax.data.rmjax_jsonl import RmjaxReader
+from rmjax.data.stepwise import StepwiseReader
 
 # The field's stepwise formats: one `FieldReader` subclass each, built the same way.
-FIELD_READERS = {cls.kind: cls for cls in (ProcessbenchReader,)}
+FIELD_READERS = {cls.kind: cls for cls in (ProcessbenchReader, MathShepherdReader, StepwiseReader, RmjaxReader)}
 READERS = ("prm800k", "eqasc", "reveal") + tuple(FIELD_READERS)
 # Readers that parse a record when it is read (PRM800K's lazily indexed JSONL and every field
 # reader), so each process counts the skips of its own shard only; the others parse the whole
@@ -64,6 +67,11 @@ def _options(kind: str, cfg: dict) -> Any:
   cls = _OPTIONS[kind]
   fields = {f.name for f in dataclasses.fields(cls)}
   return cls(**{k: v for k, v in cfg.items() if k in fields})
+
+
+def option_type(kind: str) -> type:
+  """The options dataclass of reader `kind` (its fields are the reader's spec keys)."""
+  return _OPTIONS[kind]
 
 
 def reader_kind(name: str, source_cfg: Any) -> str:
@@ -102,4 +110,4 @@ def build_source(name: str, source_cfg: Any, split: Optional[str] = None,
   return FIELD_READERS[kind](path, split=split, options=options, **common)
 
 
-__all__ = ["build_source", "READERS", "READER_KEYS", "FIELD_READERS"]
+__all__ = ["build_source", "option_type", "READERS", "READER_KEYS", "FIELD_READERS"]
