@@ -7,8 +7,11 @@ import json
 import pytest
 
 from rmjax.data.example import BadRecord, SkipCounter
+from rmjax.data.math_shepherd import MathShepherdReader
 from rmjax.data.processbench import ProcessbenchReader
+from rmjax.data.rmjax_jsonl import RmjaxReader
 from rmjax.data.sources import build_source
+from rmjax.data.stepwise import StepwiseReader
 
 
 def _pb(shared_data, split):
@@ -81,3 +84,114 @@ def test_processbench_bad_labels_are_counted(tmp_path):
                                                      "bad_problem": 1, "bad_json": 1}
   with pytest.raises(BadRecord, match=r"x.jsonl:1: processbench record rejected \(bad_label\)"):
     ProcessbenchReader(str(path), strict=True)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Math-Shepherd: one target per " ки" tag, read at the tag's position in `label`.
+
+# The label characters that replace each tag, read off the five real lines by eye.
+SHEPHERD_TARGETS = [(1.0, 1.0, 1.0, 1.0, 0.0), (0.0, 0.0, 0.0), (0.0, 0.0), (0.0,) * 5, (0.0, 0.0, 0.0)]
+
+
+def test_math_shepherd_targets_at_the_tags_not_at_every_plus_or_minus(shared_data):
+  path = shared_data / "math_shepherd" / "openr_samples_math-shepherd.subset.jsonl"
+  examples = list(MathShepherdReader(str(path)))
+  assert [e.targets for e in examples] == SHEPHERD_TARGETS
+  first = examples[0]
+  assert first.problem == ("Janet pays $40/hour for 3 hours per week of clarinet lessons and $28/hour for 5 hours "
+                           "a week of piano lessons. How much more does she spend on piano lessons than clarinet "
+                           "lessons in a year?")
+  assert first.steps[0] == "Step 1: Janet spends 3 hours + 5 hours = <<3+5=8>>8 hours per week on music lessons."
+  assert first.steps[4] == ("Step 5: She spends 260 * 52 = <<260*52=13520>>13520 on music lessons in a year. "
+                            "The answer is: 13520")
+  assert examples[2].steps[1].startswith("Step 2: Since she landed in San Francisco 24 hours later")
+  assert first.id == "openr_samples_math-shepherd.subset:1"
+
+
+def test_math_shepherd_matches_trls_own_conversion(shared_data):
+  """TRL's conversion script, run on the same five lines, gives the same problems, steps, labels."""
+  ours = list(MathShepherdReader(str(shared_data / "math_shepherd" / "openr_samples_math-shepherd.subset.jsonl")))
+  trl = [json.loads(l) for l in open(shared_data / "trl_stepwise" / "math_shepherd_to_trl.derived.jsonl")]
+  assert [(e.problem, list(e.steps), list(e.targets)) for e in ours] == \
+      [(r["prompt"], r["completions"], [1.0 if v else 0.0 for v in r["labels"]]) for r in trl]
+
+
+def test_math_shepherd_misaligned_labels_and_options(tmp_path):
+  good = {"input": "What is 1+1? Step 1: 1+1=2 ки\nStep 2: The answer is: 2 ки", "label":
+          "What is 1+1? Step 1: 1+1=2 +\nStep 2: The answer is: 2 -"}
+  rows = [good,
+          {"input": good["input"], "label": good["label"].replace("1+1=2 +", "1+1=2+")},  # shifted
+          {"input": good["input"], "label": good["label"].replace("What", "Wh+t")},       # text differs
+          {"input": good["input"], "label": good["label"].replace("2 -", "2 ?")},         # unknown mark
+          {"input": "no tags here", "label": "no tags here"},
+          {"input": "Just text ки", "label": "Just text +"}]                              # no problem split
+  path = tmp_path / "ms.jsonl"
+  path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+  reader = MathShepherdReader(str(path))
+  assert [(e.problem, e.steps, e.targets) for e in reader] == \
+      [("What is 1+1?", ("Step 1: 1+1=2", "Step 2: The answer is: 2"), (1.0, 0.0))]
+  assert reader.skips.as_dict()["math_shepherd"] == {"label_mismatch": 2, "bad_step_label": 1, "no_step_tag": 1,
+                                                      "no_first_step": 1}
+  tagged = tmp_path / "tag.jsonl"
+  tagged.write_text(json.dumps({"input": "Q? A <s>\nB <s>", "label": "Q? A Y\nB N"}) + "\n")
+  ex = build_source("m", {"reader": "math_shepherd", "path": str(tagged), "step_tag": " <s>",
+                          "good_label": "Y", "bad_label": "N"})[0]
+  assert (ex.problem, ex.steps, ex.targets) == ("Q?", ("A", "B"), (1.0, 0.0))
+  with pytest.raises(ValueError, match="two different single characters"):
+    build_source("m", {"reader": "math_shepherd", "path": str(tagged), "good_label": "++"})
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL stepwise supervision.
+
+def test_stepwise_trl_docs_example(shared_data):
+  ex = StepwiseReader(str(shared_data / "trl_stepwise" / "trl_docs_prm_trainer_example.quoted.jsonl"))[0]
+  assert ex.problem.startswith("Musa is the class teacher of a class of 45 students.")
+  assert ex.steps[2] == ("Step 3: There are 45 students, so the third group will have 45 - 7 - 8 = "
+                         "<<45-7-8=20>>20 students. The answer is: 20")
+  assert ex.targets == (1.0, 0.0, 0.0)
+
+
+def test_stepwise_prm800k_rows_against_their_provenance_table(shared_data):
+  """The .sources.tsv beside the derived rows lists each row's labels as T/F, written when the
+  rows were made: the targets must spell the same letters."""
+  d = shared_data / "trl_stepwise"
+  lines = open(d / "prm800k_phase1_to_trl.derived.sources.tsv").read().splitlines()
+  header = lines[0].split("\t")
+  table = [dict(zip(header, l.split("\t"))) for l in lines[1:]]
+  examples = list(StepwiseReader(str(d / "prm800k_phase1_to_trl.derived.jsonl")))
+  assert len(examples) == len(table) == 151
+  for ex, row in zip(examples, table):
+    assert ex.id == f"prm800k_phase1_to_trl.derived:{row['line']}"
+    assert len(ex.steps) == int(row["n_completions"])
+    assert "".join("T" if t == 1.0 else "F" for t in ex.targets) == row["labels"]
+
+
+def test_stepwise_soft_and_null_labels(tmp_path):
+  rows = [{"prompt": "p", "completions": ["a", "b", "c"], "labels": [0.25, None, True], "index": 7},
+          {"prompt": "p", "completions": ["a", "b"], "labels": [True]},
+          {"prompt": "p", "completions": ["a"], "labels": [1.5]},
+          {"prompt": [{"role": "user", "content": "p"}], "completions": ["a"], "labels": [True]},
+          {"prompt": "p", "completions": ["a"], "labels": [None]}]
+  path = tmp_path / "rows.jsonl"
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  reader = StepwiseReader(str(path))
+  assert [(e.id, e.targets) for e in reader] == [("7", (0.25, None, 1.0))]
+  assert reader.skips.as_dict()["stepwise"] == {"bad_labels": 2, "bad_prompt": 1, "no_supervised_step": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# rmjax's own JSONL.
+
+def test_rmjax_reader_keeps_ids_targets_and_meta(tmp_path):
+  rows = [{"source": "elsewhere", "id": "q1", "problem": "p", "steps": ["a", "b"], "targets": [None, 0.5],
+           "meta": {"label": 1}},
+          {"problem": "p", "steps": ["a"], "targets": [1]},
+          {"problem": "p", "steps": ["a"], "targets": [1.0], "meta": [1]}]
+  path = tmp_path / "mine.jsonl"
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  reader = RmjaxReader(str(path), source="mine")
+  got = list(reader)
+  assert [(e.source, e.id, e.targets, e.meta) for e in got] == [("mine", "q1", (None, 0.5), {"label": 1}),
+                                                                 ("mine", "mine:2", (1.0,), {})]
+  assert reader.skips.as_dict()["mine"] == {"bad_meta": 1}
