@@ -5,6 +5,11 @@ evaluating a finished run on a new split, needs the full report on demand:
 
   python -m rmjax.evaluate --checkpoint runs/demo-full [--spec specs/x.py] [--set KEY=VALUE ...]
                            [--output DIR] [--max-eval-batches N]
+  python -m rmjax.evaluate --checkpoint runs/demo-full --benchmark processbench --path DIR
+                           [--threshold 0.5] [--set data.max_length=N] [--output DIR]
+
+The second form scores a benchmark's files instead of the spec's sources (rmjax.processbench_eval
+says what it reports).
 
 Sources come from the run's own spec (<run_dir>/logs/config.json) unless --spec is given;
 `--set data.prm800k.path=/data/prm800k/data --set data.eqasc.use=true` changes keys of that
@@ -99,6 +104,7 @@ def build_eval_sources(spec: Any, run_dir: pathlib.Path, skips: Any) -> dict[str
           for n in names}
 
 
+BENCHMARKS = ("processbench",)
 RENDER_KEYS = ("template", "max_length", "max_steps_per_example", "length_buckets")
 
 
@@ -212,10 +218,32 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--output", default=None, help="output dir (default <run_dir>/eval/step_<N>)")
   parser.add_argument("--max-eval-batches", type=int, default=None, help="batches per source; 0 = all "
                       "(default: the spec's max_eval_batches)")
+  parser.add_argument("--benchmark", choices=BENCHMARKS, default=None,
+                      help="score a benchmark's files (--path) instead of the spec's sources")
+  parser.add_argument("--path", default=None, help="the benchmark's directory (with --benchmark)")
+  parser.add_argument("--threshold", type=float, default=0.5,
+                      help="with --benchmark: a step scored below it is a predicted error (default 0.5)")
   args = parser.parse_args(argv)
   if args.max_eval_batches is not None and args.max_eval_batches < 0:
     parser.error("--max-eval-batches must be >= 0")
+  if (args.benchmark is None) != (args.path is None):
+    parser.error("--benchmark and --path go together")
+  if args.benchmark:
+    return cli.run("evaluate", lambda: _benchmark_command(args))
   return cli.run("evaluate", lambda: _evaluate_command(args))
+
+
+def _benchmark_command(args: argparse.Namespace) -> int:
+  from rmjax import processbench_eval
+  if args.spec or args.max_eval_batches is not None:
+    raise ValueError("--spec and --max-eval-batches do not apply to --benchmark")
+  out_dir, result = processbench_eval.evaluate_processbench(args.checkpoint, args.path, args.output,
+                                                            args.threshold, args.set)
+  print(processbench_eval.table(result))
+  if result["skipped_records"]:
+    print(f"skipped records: {describe_skips(result['skipped_records'])}")
+  print(f"wrote {out_dir}/processbench.json, predictions.jsonl")
+  return 0
 
 
 def _evaluate_command(args: argparse.Namespace) -> int:

@@ -120,3 +120,70 @@ def test_bad_set_is_a_one_line_error(run, tmp_path, capsys, item, words):
   assert evaluate.main(["--checkpoint", str(run), "--output", str(tmp_path / "x"), "--set", item]) == 2
   err = capsys.readouterr().err
   assert err.startswith("rmjax.evaluate: error:") and words in err and err.count("\n") == 1
+
+
+def official_processbench(preds, threshold):
+  """QwenLM/ProcessBench's metric, computed here from predictions.jsonl: the predicted index is
+  the first step scored below the threshold (-1 if none; unknown if an unscored step comes
+  first); accuracy on erroneous and on correct samples; F1 their harmonic mean."""
+  def first_error(scores):
+    for i, s in enumerate(scores):
+      if s is None:
+        return "unknown"
+      if s < threshold:
+        return i
+    return -1
+  out = {}
+  for split in sorted({p["split"] for p in preds}):
+    own = [p for p in preds if p["split"] == split]
+    err = [first_error(p["step_scores"]) == p["label"] for p in own if p["label"] != -1]
+    ok = [first_error(p["step_scores"]) == -1 for p in own if p["label"] == -1]
+    a, b = np.mean(err), np.mean(ok)
+    out[split] = {"error_acc": a, "correct_acc": b, "f1": 0.0 if a + b == 0 else 2 * a * b / (a + b),
+                  "count": len(own)}
+  return out, np.mean([m["f1"] for m in out.values()])
+
+
+def processbench_dir(root, shared_data, splits):
+  """The real ProcessBench records under the hub's file names (links, not copies)."""
+  root.mkdir()
+  for split in splits:
+    (root / f"{split}.jsonl").symlink_to(shared_data / "processbench" / f"processbench_{split}.subset.jsonl")
+  return root
+
+
+def check_processbench_output(out, result, threshold):
+  preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+  assert json.loads((out / "processbench.json").read_text()) == result
+  splits, average = official_processbench(preds, threshold)
+  assert result["splits"] == splits and result["average_f1"] == pytest.approx(average, abs=1e-15)
+  unscored = [p["id"] for p in preds if None in p["step_scores"]]
+  assert result["unscored"] == {"count": len(unscored), "ids": unscored}
+  best = result["best_threshold"]  # no threshold (every step score, 0 and 1 tried) does better
+  tried = {s for p in preds for s in p["step_scores"] if s is not None} | {0.0, 1.0}
+  assert max(official_processbench(preds, t)[1] for t in tried) == pytest.approx(best["average_f1"], abs=1e-12)
+  assert official_processbench(preds, best["threshold"])[1] == pytest.approx(best["average_f1"], abs=1e-12)
+  assert "tuned on the samples it is reported on" in best["note"]
+  return preds
+
+
+def test_processbench_matches_the_benchmark_definition_from_predictions(run, tmp_path, shared_data, capsys):
+  bench = processbench_dir(tmp_path / "pb", shared_data, ["gsm8k", "math"])
+  out = tmp_path / "out"
+  assert evaluate.main(["--checkpoint", str(run), "--benchmark", "processbench", "--path", str(bench),
+                        "--output", str(out), "--threshold", "0.45", "--set", "data.max_length=2048"]) == 0
+  result = json.loads((out / "processbench.json").read_text())
+  assert result["threshold"] == 0.45 and sorted(result["splits"]) == ["gsm8k", "math"]
+  assert [result["splits"][s]["count"] for s in ("gsm8k", "math")] == [53, 57]
+  preds = check_processbench_output(out, result, 0.45)
+  assert 0 < result["unscored"]["count"] < len(preds) // 2  # long math solutions do not fit 2048 tokens
+  printed = capsys.readouterr().out
+  assert "average_f1" in printed and "best threshold" in printed and "past max_length 2048" in printed
+
+
+def test_processbench_bad_input_is_one_line(run, tmp_path, capsys):
+  for extra in (["--path", str(tmp_path)], ["--path", str(tmp_path / "none")],
+                ["--path", str(tmp_path), "--threshold", "2"]):
+    assert evaluate.main(["--checkpoint", str(run), "--benchmark", "processbench", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rmjax.evaluate: error:") and err.count("\n") == 1, err
