@@ -25,7 +25,7 @@ REAL = {
 EXPECTED = {"processbench": ("bad_label", "bad_steps", "bad_problem"),
             "math_shepherd": ("label_mismatch", "bad_input", "bad_label"),
             "stepwise": ("bad_labels", "bad_completions", "bad_prompt"),
-            "rmjax": ("bad_labels", "bad_steps", "bad_problem")}
+            "rmjax": ("bad_targets", "bad_steps", "bad_problem", "bad_meta")}
 
 
 def _real_records(shared_data, reader):

@@ -13,16 +13,22 @@ and each process of a sharded run counts the skips of the records it reads.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from rmjax.data.example import Example, SkipCounter
-from rmjax.data.reader_base import Skip, SkipLog, check_text, text_field
+from rmjax.data.reader_base import LazyReader, Skip, SkipLog, check_text, text_field
 from rmjax.data.record_files import RecordFiles, resolve_record_files
 
 
-class FieldReader:
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+  """Options of a format that defines its targets completely."""
+
+
+class FieldReader(LazyReader):
   """Random-access, thread-safe source (grain `MapDataset.source`) of one stepwise format.
 
   `path`: a file, a directory plus `split`, or hf://datasets/<owner>/<name>[/<file>].
@@ -32,7 +38,7 @@ class FieldReader:
   """
 
   kind = ""  # the reader's name in specs and on the preview command line
-  Options: type = type(None)
+  Options: type = NoOptions
 
   def __init__(self, path: str, split: Optional[str] = None, options: Any = None,
                skips: Optional[SkipCounter] = None, strict: bool = False, source: Optional[str] = None):
@@ -62,29 +68,16 @@ class FieldReader:
   def __len__(self) -> int:
     return len(self._records)
 
-  def __getitem__(self, i: int) -> Optional[Example]:
-    if not -len(self) <= i < len(self):
-      raise IndexError(f"{self.kind} index {i} out of range ({len(self)} records in {self.path})")
-    i %= len(self)
+  def _example(self, i: int) -> Example:
     k, n = self._records.locate(i)
-    try:
-      record = self._records.record(i)
-      if not isinstance(record, dict):
-        raise Skip("not_an_object", f"record is a {type(record).__name__}")
-      return self.convert(record, record_id(record, f"{self._stems[k]}:{n}"))
-    except Skip as skip:
-      self._log.record(i, skip, n if len(self._stems) == 1 else f"{self._stems[k]}:{n}")
-      return None
+    record = self._records.record(i)
+    if not isinstance(record, dict):
+      raise Skip("not_an_object", f"record is a {type(record).__name__}")
+    return self.convert(record, record_id(record, f"{self._stems[k]}:{n}"))
 
-  def __iter__(self) -> Iterator[Example]:
-    """Examples in file order, skipped records left out (and counted)."""
-    for i in range(len(self)):
-      example = self[i]
-      if example is not None:
-        yield example
-
-  def __repr__(self) -> str:
-    return f"{type(self).__name__}(path={self.path!r}, records={len(self)})"
+  def _location(self, i: int) -> int | str:
+    k, n = self._records.locate(i)
+    return n if len(self._stems) == 1 else f"{self._stems[k]}:{n}"
 
 
 def record_id(record: dict, default: str) -> str:
@@ -131,4 +124,4 @@ def probability(value: Any, reason: str, allow_none: bool = False) -> Optional[f
   raise Skip(reason, f"label {value!r} is not a bool or a number in [0, 1]")
 
 
-__all__ = ["FieldReader", "record_id", "text_list", "problem_text", "probability"]
+__all__ = ["FieldReader", "NoOptions", "record_id", "text_list", "problem_text", "probability"]

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 from rmjax.data.example import Example, SkipCounter
 from rmjax.data.jsonl_index import LineFile, LineTooLong
-from rmjax.data.reader_base import Skip, SkipLog, check_text, resolve_file, text_field
+from rmjax.data.reader_base import LazyReader, Skip, SkipLog, check_text, resolve_file, text_field
 from rmjax.data.record_files import parse_json_line as parse_line
 
 SPLITS = ("train", "test")
@@ -146,13 +146,15 @@ def trajectory(record: Any, options: Prm800kOptions) -> tuple[str, list[str], li
   return problem, steps, targets
 
 
-class Prm800kReader:
+class Prm800kReader(LazyReader):
   """Random-access, thread-safe PRM800K source (grain `MapDataset.source`).
 
   `path` is a phase{p}_{split}.jsonl file, or a directory holding it (directly, under data/ or
   under prm800k/data/) together with `phase` and `split`. `reader[i]` parses line i + 1 and
   returns an `Example`, or None for a skipped line (counted once in `skips`).
   """
+
+  kind = "prm800k"
 
   def __init__(self, path: str, split: Optional[str] = None, phase: Optional[int] = None,
                options: Prm800kOptions = Prm800kOptions(), skips: Optional[SkipCounter] = None,
@@ -171,31 +173,14 @@ class Prm800kReader:
   def __len__(self) -> int:
     return len(self._lines)
 
-  def __getitem__(self, i: int) -> Optional[Example]:
-    if not -len(self) <= i < len(self):
-      raise IndexError(f"prm800k index {i} out of range ({len(self)} lines in {self.path})")
-    i %= len(self)
+  def _example(self, i: int) -> Example:
     try:
-      try:
-        record = parse_line(self._lines.read(i))
-      except LineTooLong as e:
-        raise Skip("line_too_long", str(e)) from None
-      problem, steps, targets = trajectory(record, self.options)
-    except Skip as skip:
-      self._log.record(i, skip, i + 1)
-      return None
+      record = parse_line(self._lines.read(i))
+    except LineTooLong as e:
+      raise Skip("line_too_long", str(e)) from None
+    problem, steps, targets = trajectory(record, self.options)
     return Example(source=self.source, id=f"{self._stem}:{i + 1}", problem=problem,
                    steps=tuple(steps), targets=tuple(targets))
-
-  def __iter__(self) -> Iterator[Example]:
-    """Examples in file order, skipped lines left out (and counted)."""
-    for i in range(len(self)):
-      example = self[i]
-      if example is not None:
-        yield example
-
-  def __repr__(self) -> str:
-    return f"Prm800kReader(path={self.path!r}, lines={len(self)})"
 
 
 __all__ = ["Prm800kOptions", "Prm800kReader", "trajectory", "parse_line", "check_text"]

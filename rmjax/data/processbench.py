@@ -20,18 +20,11 @@ not an int in [-1, len(steps)).
 
 from __future__ import annotations
 
-import dataclasses
-
 from rmjax.data.example import Example
 from rmjax.data.field_reader import FieldReader, problem_text, text_list
 from rmjax.data.reader_base import Skip
 
 SPLITS = ("gsm8k", "math", "olympiadbench", "omnimath")
-
-
-@dataclasses.dataclass(frozen=True)
-class ProcessbenchOptions:
-  """No options: the format defines its targets completely."""
 
 
 def targets_from_label(label: int, n_steps: int) -> list:
@@ -43,7 +36,6 @@ def targets_from_label(label: int, n_steps: int) -> list:
 
 class ProcessbenchReader(FieldReader):
   kind = "processbench"
-  Options = ProcessbenchOptions
 
   def convert(self, record: dict, example_id: str) -> Example:
     problem = problem_text(record, "problem")
@@ -58,4 +50,4 @@ class ProcessbenchReader(FieldReader):
     return self.make(example_id, problem, steps, targets_from_label(label, len(steps)), meta)
 
 
-__all__ = ["ProcessbenchOptions", "ProcessbenchReader", "SPLITS", "targets_from_label"]
+__all__ = ["ProcessbenchReader", "SPLITS", "targets_from_label"]

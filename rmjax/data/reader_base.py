@@ -113,6 +113,45 @@ def check_text(value: str, reason: str) -> None:
     raise Skip("not_utf8", f"{reason}: text holds bytes that are not UTF-8") from None
 
 
+class LazyReader:
+  """A reader that parses record i when it is read: `reader[i]` is an `Example` or None for a
+  skipped record (counted once). Subclasses define `kind`, `path`, `__len__` and `_example(i)`
+  (raising Skip, with the record's location for the count)."""
+
+  kind = ""
+  path: str
+  _log: SkipLog
+
+  def __len__(self) -> int:
+    raise NotImplementedError
+
+  def _example(self, i: int) -> Example:
+    raise NotImplementedError
+
+  def _location(self, i: int) -> int | str:
+    return i + 1
+
+  def __getitem__(self, i: int) -> Optional[Example]:
+    if not -len(self) <= i < len(self):
+      raise IndexError(f"{self.kind} index {i} out of range ({len(self)} records in {self.path})")
+    i %= len(self)
+    try:
+      return self._example(i)
+    except Skip as skip:
+      self._log.record(i, skip, self._location(i))
+      return None
+
+  def __iter__(self) -> Iterator[Example]:
+    """Examples in file order, skipped records left out (and counted)."""
+    for i in range(len(self)):
+      example = self[i]
+      if example is not None:
+        yield example
+
+  def __repr__(self) -> str:
+    return f"{type(self).__name__}(path={self.path!r}, records={len(self)})"
+
+
 class ListReader:
   """A reader whose examples are all built at start-up (small files: eQASC, REVEAL).
 

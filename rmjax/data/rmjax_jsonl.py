@@ -4,7 +4,8 @@ Why: with a reader for its own output, any source converts once (preview > file.
 file that reads back without loss: same ids, problems, steps, targets (null = unsupervised)
 and `meta`; `source` is not read back, since a run names its sources itself. It also makes the
 simplest format to write a dataset in by hand: {"problem", "steps", "targets"} per line, with
-an optional "id" and "meta" (an object).
+an optional "id" and "meta" (an object). It is TRL's stepwise format under other key names,
+so it shares that reader's rule.
 
 Skipped and counted: a blank problem or step, targets of another length than steps or outside
 [0, 1], a meta that is not an object, and records with no supervised step.
@@ -12,31 +13,19 @@ Skipped and counted: a blank problem or step, targets of another length than ste
 
 from __future__ import annotations
 
-import dataclasses
-
-from rmjax.data.example import Example
-from rmjax.data.field_reader import FieldReader, problem_text, text_list
 from rmjax.data.reader_base import Skip
-from rmjax.data.stepwise import labels_of
+from rmjax.data.stepwise import StepwiseReader
 
 
-@dataclasses.dataclass(frozen=True)
-class RmjaxOptions:
-  """No options: the format is the `Example` itself."""
-
-
-class RmjaxReader(FieldReader):
+class RmjaxReader(StepwiseReader):
   kind = "rmjax"
-  Options = RmjaxOptions
+  keys = ("problem", "steps", "targets")
 
-  def convert(self, record: dict, example_id: str) -> Example:
-    problem = problem_text(record, "problem")
-    steps = text_list(record, "steps", "bad_steps")
-    targets = labels_of(record, "targets", len(steps))
+  def meta(self, record: dict) -> dict:
     meta = record.get("meta", {})
     if not isinstance(meta, dict):
       raise Skip("bad_meta", f"meta should be an object, got {type(meta).__name__}")
-    return self.make(example_id, problem, steps, targets, meta)
+    return meta
 
 
-__all__ = ["RmjaxOptions", "RmjaxReader"]
+__all__ = ["RmjaxReader"]

@@ -13,39 +13,32 @@ completions or outside [0, 1], and rows with no labelled step.
 
 from __future__ import annotations
 
-import dataclasses
-
 from rmjax.data.example import Example
 from rmjax.data.field_reader import FieldReader, probability, problem_text, record_id, text_list
 from rmjax.data.reader_base import Skip
 
 
-@dataclasses.dataclass(frozen=True)
-class StepwiseOptions:
-  """No options: labels are read as bools or probabilities."""
-
-
-def labels_of(record: dict, key: str, n_steps: int) -> list:
-  """record[key] as targets, one per step (None for a null label)."""
-  labels = record.get(key)
-  if not isinstance(labels, (list, tuple)):
-    raise Skip("bad_labels", f"{key!r} should be a list, got {type(labels).__name__}")
-  if len(labels) != n_steps:
-    raise Skip("bad_labels", f"{len(labels)} {key} for {n_steps} steps")
-  return [probability(v, "bad_labels", allow_none=True) for v in labels]
-
-
 class StepwiseReader(FieldReader):
   kind = "stepwise"
-  Options = StepwiseOptions
+  # The record keys of (problem, steps, one label per step); rmjax's own format renames them.
+  keys = ("prompt", "completions", "labels")
 
   def convert(self, record: dict, example_id: str) -> Example:
-    problem = problem_text(record, "prompt")
-    steps = text_list(record, "completions", "bad_completions")
-    targets = labels_of(record, "labels", len(steps))
+    problem_key, steps_key, labels_key = self.keys
+    problem = problem_text(record, problem_key)
+    steps = text_list(record, steps_key, f"bad_{steps_key}")
+    labels = record.get(labels_key)
+    if not isinstance(labels, (list, tuple)):
+      raise Skip(f"bad_{labels_key}", f"{labels_key!r} should be a list, got {type(labels).__name__}")
+    if len(labels) != len(steps):
+      raise Skip(f"bad_{labels_key}", f"{len(labels)} {labels_key} for {len(steps)} steps")
+    targets = [probability(v, f"bad_{labels_key}", allow_none=True) for v in labels]
     if "id" not in record and "index" in record:
       example_id = record_id({"id": record["index"]}, example_id)
-    return self.make(example_id, problem, steps, targets)
+    return self.make(example_id, problem, steps, targets, self.meta(record))
+
+  def meta(self, record: dict) -> dict:
+    return {}
 
 
-__all__ = ["StepwiseOptions", "StepwiseReader", "labels_of"]
+__all__ = ["StepwiseReader"]
