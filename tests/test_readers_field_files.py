@@ -108,3 +108,20 @@ def test_preview_of_a_field_reader_names_its_format_when_nothing_reads(tmp_path,
   assert "prompt, completions and labels" in capsys.readouterr().err
   assert preview.main(["--source", "math_shepherd", "--path", str(path), "--set", "step_tagg=x"]) == 2
   assert "unknown --set option(s) step_tagg" in capsys.readouterr().err
+
+
+def test_random_access_from_threads_matches_file_order(shared_data, tmp_path):
+  """grain reads a source from a thread pool: concurrent reads give file order's examples and
+  count each bad record once."""
+  from concurrent.futures import ThreadPoolExecutor
+  records = _records(shared_data / REAL["stepwise"])
+  rows = records + [{"prompt": "p", "completions": ["a"], "labels": [2.0]}]
+  pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
+  (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  for name in ("rows.parquet", "rows.jsonl"):
+    reader = build_source("stepwise", {"path": str(tmp_path / name)})
+    order = list(range(len(reader))) * 4
+    with ThreadPoolExecutor(8) as pool:
+      got = list(pool.map(lambda i: reader[i], order))
+    assert got[:len(reader)] == [reader[i] for i in range(len(reader))] and got[-1] is None
+    assert reader.skips.as_dict() == {"stepwise": {"bad_labels": 1}}
