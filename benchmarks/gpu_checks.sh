@@ -146,6 +146,7 @@ check() {
         --spec.batch_size=4 --spec.grad_accum_steps=1 --spec.data.max_length="$LOOP_LEN" \
         "--spec.data.length_buckets=$LOOP_BUCKETS" --spec.data.pack=True --spec.max_steps="$LOOP_STEPS" \
         --spec.warmup_steps=4 --spec.eval_steps=0 --spec.save_steps=0 --spec.max_eval_batches=2 --spec.logging_steps=2 \
+        --spec.perf_metrics=True \
         "--spec.head.hidden_dims=(1024, 256)" --spec.lr=1e-4
       python -c 'import json, sys; from benchmarks.gpu_summary import data_wait; print(json.dumps(data_wait(sys.argv[1])))' \
         "$WORK/run/demo-lora/logs/metrics.jsonl" > "$WORK/data_wait.json"

@@ -42,6 +42,7 @@ def base_spec() -> ml_collections.ConfigDict:
   # Exit status after SIGTERM stopped the run (a checkpoint saved): 0, or non-zero (e.g. 143) so an
   # orchestrator sees an unfinished run and restarts it (launch/k8s-indexed-job.yaml sets 143).
   c.stop_exit_code = 0
+  c.perf_metrics = False            # log where the loop's time goes: data wait, device idle, dispatch (a watcher thread)
 
   c.model = ml_collections.ConfigDict()
   c.model.path = "Qwen/Qwen3-4B-Instruct-2507"  # hub id, local HF dir, or "demo" (tiny random backbone)

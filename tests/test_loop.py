@@ -18,7 +18,7 @@ import _run_helpers as R
 from rmjax import checkpoint as ckpt_lib
 from rmjax import spec as spec_lib
 from rmjax.run_logging import read_tensorboard_scalars
-from rmjax.train import loop
+from rmjax.train import evaluation, loop, multiprocess, perf, stop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO = ROOT / "specs" / "demo.py"
@@ -29,10 +29,12 @@ TINY = {
   "batch_size": 16, "grad_accum_steps": 2, "max_eval_batches": 2,
   "data.eval_batch_size": 8, "data.length_buckets": (128,), "data.num_workers": 0,
 }
-# Wall-clock metrics: they differ between runs, so resume checks leave them out.
-TIMING_KEYS = {"train/tokens_per_s", "train/data_wait_frac", "train/data_read_ms", "train/data_place_ms",
-               "train/device_idle_frac", "train/device_idle_max_frac", "train/dispatch_ms"}
-TRAIN_KEYS = {"step", "timestamp", "train/loss", "train/learning_rate", "train/grad_norm"} | TIMING_KEYS
+# Wall-clock metrics: they differ between runs, so resume checks leave them out. All but
+# tokens/s are logged only with perf_metrics.
+PERF_KEYS = {"train/data_wait_frac", "train/data_read_ms", "train/data_place_ms",
+             "train/device_idle_frac", "train/device_idle_max_frac", "train/dispatch_ms"}
+TIMING_KEYS = {"train/tokens_per_s"} | PERF_KEYS
+TRAIN_KEYS = {"step", "timestamp", "train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_s"}
 
 
 def tiny_spec(out: pathlib.Path, **overrides):
@@ -63,9 +65,9 @@ def test_a_sigterm_during_start_up_stops_the_loop_at_its_first_step_boundary():
   previous = signal.getsignal(signal.SIGTERM)
   try:
     runtime.catch_sigterm_from_start()
-    assert not loop._StopFlag(1).should_stop()
+    assert not stop.StopFlag(1).should_stop()
     os.kill(os.getpid(), signal.SIGTERM)
-    flag = loop._StopFlag(1)
+    flag = stop.StopFlag(1)
     assert flag.should_stop() and flag.signum == signal.SIGTERM
   finally:
     signal.signal(signal.SIGTERM, previous)
@@ -76,9 +78,9 @@ def test_val_loss_is_the_training_loss_pooled_over_every_step():
   """val/loss picks the best checkpoint: per source and pooled step by step (not a mean of the
   sources), with the training loss's formula (hand-computed values)."""
   per = {"a": (np.array([0.9, 0.2]), np.array([1.0, 0.0])), "b": (np.array([0.5]), np.array([1.0]))}
-  mse = loop.val_loss_of(per, "mse")
+  mse = evaluation.val_loss_of(per, "mse")
   np.testing.assert_allclose([mse["a/loss"], mse["b/loss"], mse["loss"]], [0.025, 0.25, 0.1], rtol=1e-12)
-  bce = loop.val_loss_of(per, "bce")
+  bce = evaluation.val_loss_of(per, "bce")
   a, b = (-np.log(0.9) - np.log(0.8)) / 2, np.log(2.0)
   np.testing.assert_allclose([bce["a/loss"], bce["b/loss"], bce["loss"]], [a, b, (2 * a + b) / 3], rtol=1e-9)
   import optax  # the train step's BCE on the same predictions, as logits
@@ -88,27 +90,35 @@ def test_val_loss_is_the_training_loss_pooled_over_every_step():
                              rtol=1e-6)
 
 
-def test_throughput_window_leaves_out_evaluation_time(tmp_path, monkeypatch):
+def test_throughput_window_leaves_out_evaluation_time_and_perf_metrics_log_where_time_goes(tmp_path, monkeypatch):
   """An evaluation (or checkpoint) stalls training on purpose; the logging window that spans it
-  must not count its time as training time. The loop's clock jumps 1000 s during each evaluation:
-  counted, the window after it would report under 16 rows * 128 tokens / 1000 s ~ 2 tokens/s."""
+  must not count its time as training time. The meters' clock jumps 1000 s during each evaluation:
+  counted, the window after it would report under 16 rows * 128 tokens / 1000 s ~ 2 tokens/s.
+  With perf_metrics the timing keys are logged too, each within its bounds."""
   offset = [0.0]
   clock = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
   clock.perf_counter = lambda: time.perf_counter() + offset[0]
-  monkeypatch.setattr(loop, "time", clock)
+  monkeypatch.setattr(perf, "time", clock)
   evaluate = loop.Trainer.evaluate
 
   def slow_evaluate(self, step):
     offset[0] += 1000.0
     return evaluate(self, step)
   monkeypatch.setattr(loop.Trainer, "evaluate", slow_evaluate)
-  loop.train_and_evaluate(tiny_spec(tmp_path, max_steps=4, save_steps=0))
+  loop.train_and_evaluate(tiny_spec(tmp_path, max_steps=4, save_steps=0, perf_metrics=True))
   rows = {r["step"]: r for r in read_jsonl(tmp_path / "demo-full" / "logs" / "metrics.jsonl") if "train/loss" in r}
   assert offset[0] == 2000.0  # evaluated at steps 3 and 4
   assert rows[4]["train/tokens_per_s"] > 16 * 128 / 100.0, rows[4]
+  for r in rows.values():
+    assert set(r) == TRAIN_KEYS | PERF_KEYS
+    assert 0.0 <= r["train/data_wait_frac"] <= 1.0 and r["train/data_read_ms"] > 0 and r["train/data_place_ms"] > 0
+    assert 0.0 <= r["train/device_idle_frac"] <= r["train/device_idle_max_frac"] <= 1.0 and r["train/dispatch_ms"] > 0
 
 
-def test_run_directory_logs_tensorboard_and_single_trace(tmp_path):
+def test_run_directory_logs_tensorboard_and_single_trace(tmp_path, monkeypatch):
+  def no_meter(*a, **k):
+    raise AssertionError("the device idle meter runs only with perf_metrics")
+  monkeypatch.setattr(perf, "DeviceIdleMeter", no_meter)
   spec = tiny_spec(tmp_path)
   results = loop.train_and_evaluate(spec)
   run = tmp_path / "demo-full"
@@ -121,10 +131,7 @@ def test_run_directory_logs_tensorboard_and_single_trace(tmp_path):
   train_rows = [r for r in rows if "train/loss" in r]
   assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
   assert all(set(r) == TRAIN_KEYS for r in train_rows)
-  assert all(0.0 <= r["train/data_wait_frac"] <= 1.0 and r["train/tokens_per_s"] > 0 for r in train_rows)
-  assert all(r["train/data_read_ms"] > 0 and r["train/data_place_ms"] > 0 for r in train_rows)
-  assert all(0.0 <= r["train/device_idle_frac"] <= r["train/device_idle_max_frac"] <= 1.0 for r in train_rows)
-  assert all(r["train/dispatch_ms"] > 0 for r in train_rows)
+  assert all(r["train/tokens_per_s"] > 0 for r in train_rows)
   eval_rows = [r for r in rows if "val/loss" in r]
   assert [r["step"] for r in eval_rows] == [3, 6]
   for key in ("val/loss", "val/auroc", "val/mse", "val/ece", "val/prm800k/loss", "val/prm800k/auroc"):
@@ -161,7 +168,7 @@ def test_run_directory_logs_tensorboard_and_single_trace(tmp_path):
 def test_best_checkpoint_survives_when_older_than_latest_three(tmp_path, monkeypatch):
   # The validation loss is made to get worse after the first evaluation (honest monkeypatch:
   # the loop's retention and best tracking are what is tested, not the model).
-  real = loop.val_loss_of
+  real = evaluation.val_loss_of
   calls = []
 
   def worsening(per_source, kind):
@@ -169,7 +176,7 @@ def test_best_checkpoint_survives_when_older_than_latest_three(tmp_path, monkeyp
     calls.append(1)
     return {k: (v + len(calls) if v is not None else v) for k, v in out.items()}
 
-  monkeypatch.setattr(loop, "val_loss_of", worsening)
+  monkeypatch.setattr(evaluation, "val_loss_of", worsening)
   spec = tiny_spec(tmp_path, max_steps=6, eval_steps=1, save_steps=1)
   final = loop.train_and_evaluate(spec)
   run = tmp_path / "demo-full"
@@ -470,12 +477,10 @@ def test_skipped_records_sum_every_process_shard_skips_and_count_whole_file_skip
     if x.dtype == np.int32:
       return np.stack([x, np.asarray([other.size], np.int32)])
     return np.stack([x, np.pad(other, (0, x.size - other.size))])
-  monkeypatch.setattr(loop.multihost_utils, "process_allgather", allgather)
-  trainer = types.SimpleNamespace(file_skips=whole_file, shard_skips=mine, process_count=2)
-  assert loop.Trainer._skipped_records(trainer) == {
+  monkeypatch.setattr(multiprocess.multihost_utils, "process_allgather", allgather)
+  assert multiprocess.skipped_records(whole_file, mine, 2) == {
     "eqasc": {"no_correct_choice": 2}, "prm800k": {"bad_json": 1, "first_marker_truncated": 7}}
-  trainer.process_count = 1
-  assert loop.Trainer._skipped_records(trainer) == {
+  assert multiprocess.skipped_records(whole_file, mine, 1) == {
     "eqasc": {"no_correct_choice": 2}, "prm800k": {"first_marker_truncated": 3}}
 
 
@@ -483,7 +488,7 @@ def test_only_readers_that_parse_on_access_count_per_shard(tmp_path):
   from rmjax.data.example import SkipCounter
   from rmjax.data.sources import SKIPS_COUNTED_ON_ACCESS
   from rmjax.train import build
-  assert SKIPS_COUNTED_ON_ACCESS == {"prm800k"}
+  assert "prm800k" in SKIPS_COUNTED_ON_ACCESS and not {"eqasc", "reveal"} & SKIPS_COUNTED_ON_ACCESS
   spec = tiny_spec(tmp_path)
   whole_file, shard = SkipCounter(), SkipCounter()
   train, evals = build.build_sources(spec, tmp_path, whole_file, shard)

@@ -15,40 +15,40 @@ Rules it keeps:
 * The train step traces once per batch shape (length bucket); final_results.json says how many
   times it traced and which shapes it saw.
 * Multi-process: each process reads its own data shard, batches become global arrays with
-  `device_batch`, evaluation gathers every process's rows, and only process 0 writes logs.
+  `device_batch` (what the processes exchange besides: multiprocess.py), and only process 0
+  writes logs.
+* No needless host work between dispatches: the timing meters of perf.py run only with
+  `spec.perf_metrics`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import pathlib
-import signal
-import time
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from rmjax import checkpoint as ckpt_lib
 from rmjax import sharding as shd
 from rmjax import spec as spec_lib
 from rmjax.data.example import SkipCounter, describe_skips
 from rmjax.data.pipeline import PipelineConfig, eval_datasets, train_dataset
-from rmjax.metrics import EvalAccumulator
 from rmjax.model.confidence import ConfidenceModel
 from rmjax.progress import Progress
 from rmjax.run_logging import RunLogger
-from rmjax.runtime import quiet_library_logs, sigterm_during_startup
-from rmjax.train import build
-from rmjax.train.device_idle import DeviceIdleMeter
+from rmjax.runtime import quiet_library_logs
+from rmjax.train import build, evaluation, multiprocess
+from rmjax.train.evaluation import fmt, selection_loss
 from rmjax.train.optim import OptimConfig, param_counts
+from rmjax.train.perf import LoopMeter
 from rmjax.train.prefetch import DevicePrefetcher
 from rmjax.train.state import create_train_state
-from rmjax.train.step import EVAL_KEYS, Steps, device_batch, make_steps
+from rmjax.train.step import EVAL_KEYS, TRAIN_KEYS, Steps, device_batch, make_steps
+from rmjax.train.stop import StopFlag
 from rmjax.tokenizer import pad_id
 
 log = logging.getLogger("rmjax.train")
@@ -62,29 +62,6 @@ def run_dir_of(spec: Any) -> pathlib.Path:
   return pathlib.Path(spec.output_dir) / str(spec.experiment_name)
 
 
-def val_loss_of(per_source: dict[str, tuple[np.ndarray, np.ndarray]], kind: str) -> dict[str, float | None]:
-  """The training loss measured on eval predictions: {"loss": pooled, "<source>/loss": ...}."""
-  def loss(p: np.ndarray, y: np.ndarray) -> float | None:
-    if p.size == 0:
-      return None
-    if kind == "mse":
-      return float(np.mean((p - y) ** 2))
-    p = np.clip(p, 1e-7, 1 - 1e-7)
-    return float(np.mean(-(y * np.log(p) + (1 - y) * np.log1p(-p))))
-
-  out = {f"{s}/loss": loss(p, y) for s, (p, y) in per_source.items()}
-  if per_source:
-    out["loss"] = loss(np.concatenate([p for p, _ in per_source.values()]),
-                       np.concatenate([y for _, y in per_source.values()]))
-  return out
-
-
-def selection_loss(metrics: dict[str, Any]) -> float | None:
-  """The loss that picks the best checkpoint: val/loss, or val/selection_loss when a test-only
-  source (REVEAL) was evaluated too."""
-  return metrics.get("val/selection_loss", metrics.get("val/loss"))
-
-
 def optim_config(spec: Any) -> OptimConfig:
   """OptimConfig of the spec; warmup is capped at max_steps (spec validation only warns there)."""
   if int(spec.warmup_steps) > int(spec.max_steps):
@@ -92,47 +69,6 @@ def optim_config(spec: Any) -> OptimConfig:
     with spec.unlocked():
       spec.warmup_steps = int(spec.max_steps)
   return OptimConfig.from_spec(spec)
-
-
-class _StopFlag:
-  """Set by SIGTERM; the loop saves a checkpoint at the next step boundary and returns."""
-
-  def __init__(self, process_count: int = 1):
-    self.signum: int | None = sigterm_during_startup()
-    self._process_count = process_count
-    self._agreed = False
-
-  def should_stop(self) -> bool:
-    """True once any process got the signal. Several processes must stop at the same step (a
-    collective step with a missing process hangs), so they agree on it every step."""
-    if self._agreed or self._process_count == 1:
-      return self._agreed or self.signum is not None
-    flags = multihost_utils.process_allgather(np.int32(self.signum is not None))
-    self._agreed = bool(np.any(flags))
-    if self._agreed and self.signum is None:
-      self.signum = int(signal.SIGTERM)
-    return self._agreed
-
-  @contextlib.contextmanager
-  def installed(self) -> Iterator[None]:
-    def handler(signum, _frame):
-      self.signum = signum
-    try:
-      previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (e.g. called from a worker thread): no handler
-      yield
-      return
-    try:
-      yield
-    finally:
-      signal.signal(signal.SIGTERM, previous)
-
-
-def _fresh_window(start: float) -> dict[str, float]:
-  """Sums over one logging window: tokens, seconds per data timing (the keys of a step's data
-  times), steps."""
-  return {"start": start, "tokens": 0.0, "data_wait": 0.0, "data_read": 0.0, "data_place": 0.0,
-          "device_idle": 0.0, "device_idle_max": 0.0, "dispatch": 0.0, "steps": 0}
 
 
 class Trainer:
@@ -216,8 +152,8 @@ class Trainer:
                                   seed=int(self.spec.seed), global_batch=int(self.spec.batch_size), **common)
     self.eval_ds = eval_datasets(eval_sources, self.render_cfg, self.tokenizer, self.pipeline_cfg, **common)
     # The pipeline runs 2 batches ahead in a thread (get_state() stays the consumed position).
-    # One process: batches are also placed on the mesh there. Several: the length agreement in
-    # _same_length is a collective, so it and the placement stay on this thread.
+    # One process: batches are also placed on the mesh there. Several: the length agreement
+    # (multiprocess.pad_to_longest) is a collective, so it and the placement stay on this thread.
     place = (lambda b: device_batch(b, self.mesh)) if self.process_count == 1 else (lambda b: None)
     self.train_iter = DevicePrefetcher(iter(self.train_ds), place, depth=2)
     sizes = ", ".join(f"{n}: {len(r)} train records (weight {w:g})" for n, (r, w) in train_sources.items())
@@ -228,7 +164,7 @@ class Trainer:
   def _restore(self) -> int:
     """Step to continue from: the latest checkpoint's (state + iterator restored), else 0."""
     if self.resume_step is not None:
-      fallback = bool(self.spec.checkpoint.get("fallback_to_previous", False))
+      fallback = bool(self.spec.checkpoint.fallback_to_previous)
       restored = self.checkpointer.restore_latest(ckpt_lib.abstract_like(self.state), iterator=self.train_iter,
                                                   fallback_to_previous=fallback)
       if restored.step != self.resume_step:  # the newer step(s) were corrupt (logged by restore_latest)
@@ -256,81 +192,30 @@ class Trainer:
             "nonfinite_steps_skipped": self.nonfinite_skipped}
 
   def _restore_run_counters(self, metadata: dict[str, Any]) -> None:
-    """The counters as saved with the restored step; checkpoints written before they were saved
-    there give the best loss from best.json (kept only with checkpoint.keep_best)."""
-    if "best_step" in metadata:
-      loss = metadata.get("best_val_loss")
-      self.best_val_loss = math.inf if loss is None else float(loss)
-      self.best_step = metadata["best_step"]
-      self.nonfinite_skipped = int(metadata.get("nonfinite_steps_skipped", 0))
-      return
-    best = ckpt_lib.read_best_file(self.checkpointer.directory)
-    if best is not None:
-      self.best_val_loss, self.best_step = float(best["val_loss"]), int(best["step"])
+    """The counters as saved with the restored step (`_run_counters`)."""
+    loss = metadata["best_val_loss"]
+    self.best_val_loss = math.inf if loss is None else float(loss)
+    self.best_step = metadata["best_step"]
+    self.nonfinite_skipped = int(metadata["nonfinite_steps_skipped"])
 
-  def _same_length(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Pads this process's rows to the longest bucket any process chose for this batch.
-
-    Each process buckets its own rows, so their lengths can differ at the same step; every
-    process must run the same program on one global (B, T) array, so T is agreed here (one tiny
-    all-gather per batch, multi-process runs only). Extra columns are padding (segment 0)."""
-    if self.process_count == 1:
-      return batch
-    t = batch["input_ids"].shape[1]
-    longest = int(np.max(multihost_utils.process_allgather(np.asarray([t], np.int32))))
-    if longest == t:
-      return batch
-    out = dict(batch)
-    for key, fill in (("input_ids", pad_id(self.tokenizer)), ("positions", 0), ("segment_ids", 0)):
-      out[key] = np.pad(batch[key], ((0, 0), (0, longest - t)), constant_values=fill)
-    return out
+  def _placed(self, batch: dict[str, np.ndarray], keys: tuple[str, ...] = TRAIN_KEYS) -> dict[str, jax.Array]:
+    """A batch of this process's rows as global arrays (lengths agreed across processes)."""
+    batch = multiprocess.pad_to_longest(batch, pad_id(self.tokenizer), self.process_count)
+    return device_batch(batch, self.mesh, keys)
 
   # ---- evaluation -------------------------------------------------------------------------
 
-  def _host_rows(self, batch: dict[str, np.ndarray], probs: jax.Array) -> dict[str, np.ndarray]:
-    """Every process's rows of one eval batch, on every host (rows of process p after p-1's).
-
-    Each process's probabilities are taken from its own rows of the global array (the inverse of
-    device_batch) and gathered together with its targets, so the two stay aligned whatever order
-    the mesh puts the processes' devices in."""
-    rows = batch["input_ids"].shape[0]
-    local = {"probs": None, "targets": batch["targets"], "target_mask": batch["target_mask"],
-             "step_index": batch["step_index"],
-             "example_index": batch["example_index"] + self.batch_block * rows}
-    if self.process_count == 1:
-      local["probs"] = np.asarray(probs)
-      return local
-    local["probs"] = np.asarray(multihost_utils.global_array_to_host_local_array(
-      probs, self.mesh, shd.batch_sharding(self.mesh).spec))
-    gathered = multihost_utils.process_allgather(local, tiled=True)
-    return {k: np.asarray(v) for k, v in gathered.items()}
+  def _predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    probs = self.steps.eval_step(self.state.params, self.state.frozen, self._placed(batch, EVAL_KEYS))
+    return multiprocess.host_rows(batch, probs, self.mesh, self.batch_block, self.process_count)
 
   def evaluate(self, step: int, log_scalars: bool = True) -> dict[str, Any]:
-    acc = EvalAccumulator()
-    for name, ds in self.eval_ds.items():
-      for i, batch in enumerate(ds):
-        probs = self.steps.eval_step(self.state.params, self.state.frozen,
-                                     device_batch(self._same_length(batch), self.mesh, EVAL_KEYS))
-        rows = self._host_rows(batch, probs)
-        ids = np.asarray([f"{i}:{r}" for r in range(rows["probs"].shape[0])])
-        acc.add(name, rows["probs"], rows["targets"], rows["target_mask"], example_ids=ids,
-                example_index_BM=rows["example_index"], step_index_BM=rows["step_index"])
-    per_source = acc.per_source()
-    results = acc.result() if per_source else {}
-    results.update(val_loss_of(per_source, self.optim_cfg.loss))
-    test_only = spec_lib.test_only_sources(self.spec) & set(per_source)
-    if test_only:  # reported in val/loss, but the best checkpoint is picked on the validation splits
-      held_in = {s: v for s, v in per_source.items() if s not in test_only}
-      results["selection_loss"] = val_loss_of(held_in, self.optim_cfg.loss).get("loss")
-    metrics = {f"val/{k}": v for k, v in sorted(results.items())}
+    test_only = spec_lib.test_only_sources(self.spec)
+    metrics = evaluation.evaluate_sources(self.eval_ds, self._predict, self.optim_cfg.loss, test_only)
     if log_scalars:
       self.logger.log_scalars(step, metrics)
+    self.logger.log(evaluation.describe(step, metrics, self.eval_ds, test_only))
     loss = selection_loss(metrics)
-    auroc = results.get("auroc")
-    self.logger.log(f"Eval at step {step}: val/loss {_fmt(results.get('loss'))}, val/auroc {_fmt(auroc)}, "
-                    + ", ".join(f"{n}/auroc {_fmt(results.get(f'{n}/auroc'))}" for n in self.eval_ds)
-                    + (f"; val/selection_loss {_fmt(loss)} (without the test set "
-                       f"{', '.join(sorted(test_only))})" if test_only else ""))
     if loss is not None and math.isfinite(loss) and loss < self.best_val_loss:
       self.best_val_loss, self.best_step = loss, step
       self.logger.best(loss, step)
@@ -350,14 +235,11 @@ class Trainer:
 
   # ---- the loop ---------------------------------------------------------------------------
 
-  def _log_train(self, step: int, metrics: dict[str, Any], tokens: float, data_times: dict[str, float],
-                 window: dict[str, float]) -> float:
+  def _log_train(self, step: int, metrics: dict[str, Any], tokens: float, times: dict[str, float],
+                 meter: LoopMeter) -> float:
     """Reads one step's device metrics (blocks on that step only), logs them when due; the loss."""
     host = jax.device_get(metrics)
-    window["tokens"] += tokens
-    for key, seconds in data_times.items():
-      window[key] += seconds
-    window["steps"] += 1
+    meter.count(tokens, times)
     if not bool(host["finite"]):
       message = (f"Non-finite loss at step {step} (loss {float(host['loss'])}, grad norm "
                  f"{float(host['grad_norm'])}); the update was not applied (lr {self.spec.lr:g}"
@@ -368,25 +250,10 @@ class Trainer:
         raise NonFiniteLoss(message)
       self.nonfinite_skipped += 1
       self.logger.log(message + " (nan_policy='skip')", logging.WARNING)
-    if step % int(self.spec.logging_steps) and step != int(self.spec.max_steps):
-      return float(host["loss"])
-    now = time.perf_counter()
-    elapsed = max(now - window["start"], 1e-9)
-    self.logger.log_scalars(step, {
-      "train/loss": float(host["loss"]), "train/learning_rate": float(host["learning_rate"]),
-      "train/grad_norm": float(host["grad_norm"]), "train/tokens_per_s": window["tokens"] / elapsed,
-      "train/data_wait_frac": min(window["data_wait"] / elapsed, 1.0),
-      # What the device lost: time with no step queued (a host wait shorter than the step in
-      # flight costs nothing), for certain and at most: up to the step call's start and its
-      # return (train/device_idle.py); and the host's time inside the call.
-      "train/device_idle_frac": min(window["device_idle"] / elapsed, 1.0),
-      "train/device_idle_max_frac": min(window["device_idle_max"] / elapsed, 1.0),
-      "train/dispatch_ms": 1e3 * window["dispatch"] / max(window["steps"], 1),
-      # Where a wait comes from: the prefetch thread's time per batch in the pipeline and in
-      # placing it on the devices (both overlap the device's work unless data_wait_frac says not).
-      "train/data_read_ms": 1e3 * window["data_read"] / max(window["steps"], 1),
-      "train/data_place_ms": 1e3 * window["data_place"] / max(window["steps"], 1)})
-    window.update(_fresh_window(now))
+    if step % int(self.spec.logging_steps) == 0 or step == int(self.spec.max_steps):
+      self.logger.log_scalars(step, {
+        "train/loss": float(host["loss"]), "train/learning_rate": float(host["learning_rate"]),
+        "train/grad_norm": float(host["grad_norm"]), **meter.scalars()})
     return float(host["loss"])
 
   def _evaluate_and_save(self, step: int, eval_due: bool, save_due: bool) -> None:
@@ -403,48 +270,39 @@ class Trainer:
     start = self._restore()
     max_steps = int(self.spec.max_steps)
     eval_every, save_every = int(self.spec.eval_steps), int(self.spec.save_steps)
-    stop = _StopFlag(self.process_count)
-    pending: tuple[int, Any, float, dict] | None = None  # step, device metrics, tokens, data times
-    window = _fresh_window(time.perf_counter())
+    stop = StopFlag(self.process_count)
+    pending: tuple[int, Any, float, dict] | None = None  # step, device metrics, tokens, timings
     step = start
     if start < max_steps:
       self.logger.write_config(self.config)
       self._save_run_model()
       self.logger.log(f"Training steps {start + 1}..{max_steps} in {self.run_dir}")
     with (stop.installed(), Progress(max_steps, initial=start, is_main_process=self.is_main) as bar,
-          DeviceIdleMeter() as idle):
+          LoopMeter(bool(self.spec.perf_metrics)) as meter):
       interrupted = False
       while step < max_steps and not (interrupted := stop.should_stop()):
-        t0 = time.perf_counter()
-        item = next(self.train_iter)
-        data_wait = time.perf_counter() - t0
-        batch, placed = item.host, item.device
-        data_times = {"data_wait": data_wait, "data_read": item.read_s, "data_place": item.place_s}
-        tokens = float(np.count_nonzero(batch["segment_ids"])) * self.process_count
-        self.train_shapes.add(tuple(batch["input_ids"].shape))
-        if placed is None:
-          placed = device_batch(self._same_length(batch), self.mesh)
-        called_at = idle.clock()
-        self.state, metrics = self.steps.train_step(self.state, placed)
-        gap = idle.dispatched(metrics, called_at)
-        data_times.update(device_idle=gap.idle_s, device_idle_max=gap.idle_max_s, dispatch=gap.dispatch_s)
+        item = meter.next_batch(self.train_iter)
+        placed = item.device if item.device is not None else self._placed(item.host)
+        self.state, metrics = meter.dispatch(self.steps.train_step, self.state, placed)
         step += 1
-        if pending is not None:  # step N is queued; now read step N-1 (the device stays busy)
-          bar.update(pending[0], loss=self._log_train(*pending, window))
-        pending = (step, metrics, tokens, data_times)
+        # Step N is queued: the host's bookkeeping, and reading step N-1, overlap its run.
+        batch = item.host
+        self.train_shapes.add(tuple(batch["input_ids"].shape))
+        tokens = float(np.count_nonzero(batch["segment_ids"])) * self.process_count
+        if pending is not None:
+          bar.update(pending[0], loss=self._log_train(*pending, meter))
+        pending = (step, metrics, tokens, meter.step_times())
         is_last = step == max_steps
         eval_due = is_last or (eval_every > 0 and step % eval_every == 0)
         save_due = is_last or (save_every > 0 and step % save_every == 0)
         if eval_due or save_due:
-          idle.pause()  # evaluation and checkpoints stall training on purpose
           # Read this step now: a checkpoint or eval must never follow an unseen non-finite step.
-          bar.update(step, loss=self._log_train(*pending, window))
+          bar.update(step, loss=self._log_train(*pending, meter))
           pending = None
-          paused_at = time.perf_counter()
-          self._evaluate_and_save(step, eval_due, save_due)
-          window["start"] += time.perf_counter() - paused_at  # the window times training only
+          with meter.paused():
+            self._evaluate_and_save(step, eval_due, save_due)
       if pending is not None:
-        self._log_train(*pending, window)
+        self._log_train(*pending, meter)
     if interrupted and step == start:  # stopped during start-up: nothing trained since the last save
       self.logger.log(f"Received signal {stop.signum} (SIGTERM) before step {start + 1}: stopped; "
                       "relaunch the same command to go on")
@@ -462,29 +320,14 @@ class Trainer:
       self.evaluate(start, log_scalars=not self.logger.has_scalar(start, "val/loss"))
     return self._final_results(step, interrupted=interrupted)
 
-  def _skipped_records(self) -> dict[str, dict[str, int]]:
-    """Skipped records of the whole run: the whole-file counts (alike on every process) plus
-    every process's shard counts (a collective in multi-process runs: all processes call it)."""
-    total = SkipCounter()
-    total.add_all(self.file_skips)
-    if self.process_count == 1:
-      total.add_all(self.shard_skips)
-      return total.as_dict()
-    mine = np.frombuffer(json.dumps(self.shard_skips.as_dict()).encode(), np.uint8)
-    longest = int(np.max(multihost_utils.process_allgather(np.asarray([mine.size], np.int32))))
-    padded = np.zeros(longest, np.uint8)
-    padded[:mine.size] = mine
-    for row in np.asarray(multihost_utils.process_allgather(padded)).reshape(-1, longest):
-      total.add_all(json.loads(row.tobytes().rstrip(b"\0")))
-    return total.as_dict()
-
   def _final_results(self, step: int, interrupted: bool) -> dict[str, Any]:
     self.checkpointer.wait_until_finished()
     results = {
       "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
       "best_step": self.best_step, "total_steps": step, "max_steps": int(self.spec.max_steps),
       "interrupted": interrupted, "resumed_from_step": self.resume_step,
-      "final_metrics": self.last_eval, "skipped_records": self._skipped_records(),
+      "final_metrics": self.last_eval,
+      "skipped_records": multiprocess.skipped_records(self.file_skips, self.shard_skips, self.process_count),
       "nonfinite_steps_skipped": self.nonfinite_skipped,
       "train_step_traces": int(self.steps.traces["train"]),
       "train_batch_shapes": sorted(list(s) for s in self.train_shapes),
@@ -492,8 +335,8 @@ class Trainer:
       "checkpoints": self.checkpointer.all_steps(),
     }
     self.logger.write_final(results)
-    self.logger.log(f"Done at step {step}: best val loss {_fmt(results['best_val_loss'])} at step "
-                    f"{results['best_step']}; final val auroc {_fmt(self.last_eval.get('val/auroc'))}")
+    self.logger.log(f"Done at step {step}: best val loss {fmt(results['best_val_loss'])} at step "
+                    f"{results['best_step']}; final val auroc {fmt(self.last_eval.get('val/auroc'))}")
     if results["skipped_records"]:
       self.logger.log("Skipped records (training and evaluation; final_results.json): "
                       + describe_skips(results["skipped_records"]), logging.WARNING)
@@ -504,10 +347,6 @@ class Trainer:
       self.checkpointer.close()
     finally:
       self.logger.close()
-
-
-def _fmt(value: Any) -> str:
-  return "n/a" if value is None else f"{float(value):.4f}"
 
 
 def train_and_evaluate(spec: Any) -> dict[str, Any]:
