@@ -19,7 +19,7 @@ def _lines(text: str) -> list[dict]:
   return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
-def _check_record(r: dict, impl: str, mode: str) -> None:
+def _check_record(r: dict, impl: str, mode: str, flops: bool = True) -> None:
   assert (r["impl"], r["mode"], r["seq_len"], r["batch"]) == (impl, mode, 64, 2)
   for key in common.REQUIRED_KEYS:
     assert key in r, key
@@ -31,19 +31,21 @@ def _check_record(r: dict, impl: str, mode: str) -> None:
   assert r["mfu"] is None  # CPU has no peak FLOP/s entry
   assert isinstance(r["model_flops"], float) and r["model_flops"] > 0
   if impl == "rmjax":
-    for key in common.RMJAX_KEYS:
+    for key in common.RMJAX_KEYS if flops else ("compiled_temp_mb", "compiled_arg_mb"):
       assert isinstance(r[key], float) and r[key] > 0, key
 
 
 def test_tiny_both_impls_both_modes(capsys):
-  rc = bench_main.main([*TINY_ARGS, "--mode", "both", "--impl", "both", "--no-isolate"])
+  """Both sides, both modes, one record each and the ratios; without the layer-extrapolated FLOP
+  count (its extra compiles are checked by the grad-accum and extrapolation tests)."""
+  rc = bench_main.main([*TINY_ARGS, "--mode", "both", "--impl", "both", "--no-isolate", "--no-flops"])
   records = _lines(capsys.readouterr().out)
   assert rc == 0
   runs, last = records[:-1], records[-1]
   assert [(r["impl"], r["mode"]) for r in runs] == [
     ("rmjax", "full"), ("torch", "full"), ("rmjax", "lora"), ("torch", "lora")]
   for r in runs:
-    _check_record(r, r["impl"], r["mode"])
+    _check_record(r, r["impl"], r["mode"], flops=False)
   by = {(r["impl"], r["mode"]): r for r in runs}
   hidden = common.PRESETS["tiny"]().hidden_size
   for mode in common.MODES:
@@ -188,13 +190,14 @@ def test_peak_table_and_ratios():
 
 def test_layer_extrapolated_flops_equal_a_fully_unrolled_compile():
   """compiled_flops comes from 1- and 2-layer unrolled compiles; check it against an honest
-  3-layer compile with the whole layer scan unrolled (XLA then counts every layer)."""
+  3-layer compile with the whole layer scan unrolled (XLA then counts every layer). One mode:
+  the extrapolation does not depend on which weights train."""
   import jax
   from rmjax.bench import jax_impl
   settings = common.BenchSettings(preset="tiny", seq_len=32, batch=2, dtype="float32", frozen_dtype="float32")
   device = jax.devices()[0]
   host = common.make_batches(settings.model_config("full"), settings, 1)[0]
-  for mode in ("full", "lora"):
+  for mode in ("full",):
     cfg3 = settings.model_config(mode).replace(num_layers=3, scan_unroll=3, attention_impl="xla")
     steps, abstract = jax_impl.build_abstract(settings, mode, device, cfg3)
     want = jax_impl._cost_flops(jax_impl.compile_step(steps, abstract, jax_impl.abstract_batch(host)))
