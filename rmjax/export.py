@@ -8,12 +8,14 @@ the same scores in torch as rmjax does, with only transformers / peft / torch:
 DIR/rmjax_export.json    base model, mode, marker token + id, template, max_length, head dims /
                          activation / output function, the file layout below, rmjax model config
 DIR/backbone/            full fine-tuning or --merge-lora: HF model dir (config.json,
-                         model.safetensors, tokenizer incl. <CONFIDENCE>) for AutoModel
-DIR/lora_adapter/        LoRA: PEFT adapter for the BARE decoder (AutoModel, e.g. Qwen3Model):
-                         keys base_model.model.layers.<i>.self_attn.q_proj.lora_A.weight (r, in) /
-                         lora_B.weight (out, r); the trained marker row travels as PEFT
+                         model.safetensors, tokenizer incl. <CONFIDENCE>) for AutoModelForCausalLM
+DIR/lora_adapter/        LoRA: a PEFT adapter (task CAUSAL_LM) for the base loaded as
+                         AutoModelForCausalLM, the class most PEFT adapters are made for, so
+                         `AutoPeftModelForCausalLM.from_pretrained(DIR/lora_adapter)` loads it:
+                         keys base_model.model.model.layers.<i>.self_attn.q_proj.lora_A.weight
+                         (r, in) / lora_B.weight (out, r); the trained marker row travels as PEFT
                          trainable tokens (trainable_token_indices=[marker_id], saved as
-                         base_model.model.embed_tokens.token_adapter.trainable_tokens_delta,
+                         base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta,
                          which holds the row's new VALUE, not a difference); tokenizer files
 DIR/backbone_base/       LoRA whose base is not an HF model (the "demo" backbone, or an rmjax
                          converted dir): the frozen base weights as an HF dir, so the adapter
@@ -22,9 +24,11 @@ DIR/mlp_head.safetensors, DIR/mlp_head.pt
                          state dict of nn.Sequential(Linear, act, Dropout, ..., Linear(., 1));
                          sigmoid after it gives the confidence
 
-Marker rows beyond the base's embedding matrix (the matrix grew when the marker was added) need
-`model.resize_token_embeddings(rmjax_export.json["vocab_size"])` before PeftModel is applied;
-`rmjax.torch_scorer` does that.
+The head reads the decoder's last hidden state (after its final norm: `hidden_states[-1]` of
+the CausalLM's output) at each marker position. Marker rows beyond the base's embedding matrix
+(the matrix grew when the marker was added) need the embeddings resized to the tokenizer before
+the adapter is applied; AutoPeftModelForCausalLM does that from the adapter's tokenizer, and so
+does `rmjax.torch_scorer`.
 """
 
 from __future__ import annotations
@@ -51,8 +55,8 @@ EXPORT_FILE = "rmjax_export.json"
 FORMAT = "rmjax-export-v1"
 BACKBONE, ADAPTER, BASE_BACKBONE = "backbone", "lora_adapter", "backbone_base"
 HEAD_ST, HEAD_PT = "mlp_head.safetensors", "mlp_head.pt"
-_BARE_CLASSES = {"qwen3": ("Qwen3Model", "qwen3"), "qwen2": ("Qwen2Model", "qwen2"),
-                 "llama": ("LlamaModel", "llama")}
+# PEFT's key prefix of the decoder's modules inside a PeftModelForCausalLM.
+_PEFT_PREFIX = "base_model.model."
 
 
 class ExportError(ValueError):
@@ -95,7 +99,7 @@ def _node(tree: dict, path: tuple[str, ...]) -> Any:
 
 
 def adapter_tensors(decoder: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
-  """PEFT adapter tensors for the bare decoder, keyed as peft saves them for a *Model base."""
+  """PEFT adapter tensors keyed as peft saves them for a *ForCausalLM base."""
   out: dict[str, np.ndarray] = {}
   for row in param_table(cfg):
     if not row.transpose:
@@ -103,10 +107,10 @@ def adapter_tensors(decoder: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
     node = _node(decoder, row.path[:-1])
     if node is None or "lora_a" not in node:
       continue
-    module = row.hf.removeprefix("model.").removesuffix(".weight")
+    module = row.hf.removesuffix(".weight")
     a_LIR, b_LRO = np.asarray(node["lora_a"], np.float32), np.asarray(node["lora_b"], np.float32)
     for i in range(cfg.num_layers):
-      prefix = f"base_model.model.{module.format(i=i)}"
+      prefix = _PEFT_PREFIX + module.format(i=i)
       out[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a_LIR[i].T)  # (r, in)
       out[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b_LRO[i].T)  # (out, r)
   if not out:
@@ -114,7 +118,7 @@ def adapter_tensors(decoder: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
   embed = decoder["embed"]
   if cfg.marker_id is not None and "marker" in embed:
     marker_1D = np.asarray(embed["marker"], np.float32)[None, :]
-    out["base_model.model.embed_tokens.token_adapter.trainable_tokens_delta"] = marker_1D
+    out[_PEFT_PREFIX + "model.embed_tokens.token_adapter.trainable_tokens_delta"] = marker_1D
   return out
 
 
@@ -124,10 +128,8 @@ def _alpha(value: float) -> int | float:
 
 def adapter_config(cfg: ModelConfig, base: str) -> dict[str, Any]:
   """adapter_config.json for peft's LoraConfig (fields peft 0.17-0.21 read; others default)."""
-  cls, module = _BARE_CLASSES[cfg.architecture]
   return {
-    "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base,
-    "auto_mapping": {"base_model_class": cls, "parent_library": f"transformers.models.{module}.modeling_{module}"},
+    "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
     "r": cfg.lora_rank, "lora_alpha": _alpha(cfg.lora_alpha), "lora_dropout": 0.0,
     "target_modules": sorted(cfg.lora_targets), "bias": "none", "fan_in_fan_out": False,
     "use_rslora": False, "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
@@ -191,9 +193,7 @@ def write_backbone(rm: RunModel, out_dir: pathlib.Path, *, base_only: bool = Fal
   if not cfg.tie_word_embeddings and "lm_head" not in dec:
     lm_head = _base_lm_head(rm)
     if lm_head is None:
-      hint = (" (converted before rmjax kept the lm_head: convert the HF model again)"
-              if is_converted(rm.base_model_path) else "")
-      raise ExportError(f"untied model: the base {rm.base_model_path} has no lm_head to copy{hint}")
+      raise ExportError(f"untied model: the base {rm.base_model_path} has no lm_head to copy")
   save_hf_params(dec, cfg, out_dir, lora="merge", lm_head=lm_head)
   rm.tokenizer.save_pretrained(str(out_dir))
 

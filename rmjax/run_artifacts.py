@@ -60,14 +60,6 @@ def render_cfg_to_dict(cfg: RenderConfig) -> dict[str, Any]:
   return d
 
 
-# Config fields that choose how the model runs, not what it computes (scoring rows are unpacked,
-# one example each, so none of them changes a score). Runs written before a field existed lack
-# it and load with its default; every other field must be present.
-EXECUTION_ONLY_FIELDS = {"model": frozenset({"attention_mask", "scan_unroll", "segment_attention", "max_segments",
-                                             "attention_query_block"}),
-                         "render": frozenset({"max_segments"})}
-
-
 def head_cfg_to_dict(cfg: HeadConfig) -> dict[str, Any]:
   d = dataclasses.asdict(cfg)
   d["hidden_dims"] = list(cfg.hidden_dims)
@@ -162,15 +154,14 @@ def configs_from_meta(meta: dict[str, Any]) -> tuple[ModelConfig, HeadConfig, Re
 
 def _checked_meta(run_dir: pathlib.Path, meta: dict[str, Any]) -> tuple[ModelConfig, HeadConfig, RenderConfig, int]:
   """configs_from_meta and the marker id, with a missing key or a value of the wrong type named
-  with the file. Every config field but the execution-only ones must be present (save_run_model
-  writes them all): a default filled in for a lost field would silently score with another model."""
+  with the file. Every config field must be present (save_run_model writes them all): a default
+  filled in for a lost field would silently score with another model."""
   f = run_dir / MODEL_DIR / MODEL_FILE
   try:
     for key, cls in (("model", ModelConfig), ("head", HeadConfig), ("render", RenderConfig)):
       if not isinstance(meta[key], dict):
         raise TypeError(f"'{key}' is a {type(meta[key]).__name__}, expected an object")
-      missing = sorted({field.name for field in dataclasses.fields(cls)} - set(meta[key])
-                       - EXECUTION_ONLY_FIELDS.get(key, frozenset()))
+      missing = sorted({field.name for field in dataclasses.fields(cls)} - set(meta[key]))
       if missing:
         raise KeyError(f"{key}.{missing[0]}")
     configs = configs_from_meta(meta)

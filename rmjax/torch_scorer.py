@@ -209,7 +209,8 @@ def _check_adapter_used(model: Any, adapter: pathlib.Path) -> None:
 
 
 def build_backbone(meta: dict[str, Any], export_dir: pathlib.Path, dtype: Any = None):
-  """The HF decoder (AutoModel) with the trained weights: merged backbone or base + PEFT adapter."""
+  """The HF decoder (the bare *Model) with the trained weights: the merged backbone, or the base
+  loaded as AutoModelForCausalLM (the class the adapter is for) with the PEFT adapter applied."""
   torch, transformers = _require_torch()
   dtype = dtype or torch.float32
   files = meta["files"]
@@ -229,7 +230,7 @@ def build_backbone(meta: dict[str, Any], export_dir: pathlib.Path, dtype: Any = 
     _require_files(pathlib.Path(base_path), *model_files)
     _check_hf_config(meta, pathlib.Path(base_path), written_by_export=bool(files.get("backbone_base")))
   with _loading(base_path):
-    base = transformers.AutoModel.from_pretrained(base_path, dtype=dtype)
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
   if base.get_input_embeddings().weight.shape[0] < meta["vocab_size"]:
     base.resize_token_embeddings(meta["vocab_size"])  # the marker row lies past the base's rows
   adapter = export_dir / files["lora_adapter"]
@@ -238,7 +239,7 @@ def build_backbone(meta: dict[str, Any], export_dir: pathlib.Path, dtype: Any = 
   with _loading(adapter):
     model = PeftModel.from_pretrained(base, str(adapter)).eval()
   _check_adapter_used(model, adapter)
-  return model
+  return model.get_base_model().get_decoder()  # the adapted decoder; the LM head is never used
 
 
 @dataclasses.dataclass

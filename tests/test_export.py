@@ -1,8 +1,10 @@
 """Run artefacts, export to HF / PEFT / torch head, and the torch round trip (fp32, CPU).
 
-The reference torch scores here are computed independently of rmjax.torch_scorer: one example
-at a time (no padding), AutoModel (+ PeftModel), and a hand-built nn.Sequential loaded from
-mlp_head.pt, at the token ids and marker positions that `rmjax.score --with-tokens` reports.
+The reference torch scores here are computed independently of rmjax.torch_scorer, the way the
+README tells a torch user to load an export: AutoModelForCausalLM (backbone/) or
+AutoPeftModelForCausalLM (lora_adapter/), one example at a time (no padding), the last hidden
+state at the marker positions, and an nn.Sequential loaded from mlp_head.pt; token ids and marker
+positions are those `rmjax.score --with-tokens` reports.
 """
 
 import json
@@ -57,26 +59,28 @@ def jax_scores(world, run: str) -> list[dict]:
   return [json.loads(line) for line in out.read_text().splitlines()]
 
 
-def torch_reference(export_dir: pathlib.Path, rows: list[dict], base: pathlib.Path) -> list[list[float]]:
-  from transformers import AutoModel
+def torch_reference(export_dir: pathlib.Path, rows: list[dict]) -> list[list[float]]:
+  """Scores of an export loaded exactly as the README's "Loading an export in PyTorch" says."""
+  from peft import AutoPeftModelForCausalLM
+  from transformers import AutoModelForCausalLM
   meta = json.loads((export_dir / "rmjax_export.json").read_text())
-  if meta["files"]["backbone"]:
-    model = AutoModel.from_pretrained(export_dir / "backbone", dtype=torch.float32)
+  if meta["files"]["lora_adapter"]:
+    model = AutoPeftModelForCausalLM.from_pretrained(export_dir / "lora_adapter", dtype=torch.float32)
   else:
-    from peft import PeftModel
-    base_dir = export_dir / "backbone_base" if meta["files"]["backbone_base"] else base
-    model = PeftModel.from_pretrained(AutoModel.from_pretrained(base_dir, dtype=torch.float32),
-                                      export_dir / "lora_adapter")
+    model = AutoModelForCausalLM.from_pretrained(export_dir / "backbone", dtype=torch.float32)
   model.eval()
-  nn = torch.nn
-  head = nn.Sequential(nn.Linear(64, 16), nn.GELU(), nn.Dropout(0.1), nn.Linear(16, 8), nn.GELU(),
-                       nn.Dropout(0.1), nn.Linear(8, 1)).eval()
+  dims = [meta["head"]["input_dim"], *meta["head"]["hidden_dims"]]
+  layers = []
+  for a, b in zip(dims, dims[1:]):
+    layers += [torch.nn.Linear(a, b), torch.nn.GELU(), torch.nn.Dropout(meta["head"]["dropout"])]
+  head = torch.nn.Sequential(*layers, torch.nn.Linear(dims[-1], 1))
   head.load_state_dict(torch.load(export_dir / "mlp_head.pt", weights_only=True))
+  head.eval()
   out = []
   with torch.no_grad():
     for r in rows:
-      hidden = model(input_ids=torch.tensor([r["input_ids"]])).last_hidden_state[0]
-      out.append(torch.sigmoid(head(hidden[r["marker_positions"]])[:, 0]).tolist())
+      hidden = model(input_ids=torch.tensor([r["input_ids"]]), output_hidden_states=True).hidden_states[-1][0]
+      out.append(torch.sigmoid(head(hidden[r["marker_positions"]]))[:, 0].tolist())
   return out
 
 
@@ -101,34 +105,6 @@ def test_load_run_model_restores_saved_params_and_resolves_best(world):
   assert resolve_checkpoint(tmp)[2] == 9  # no best.json: latest
   with pytest.raises(RunArtifactError, match="neither a run directory"):
     resolve_checkpoint(d / "base")
-
-
-def test_runs_written_before_execution_only_fields_existed_still_load(world):
-  """Fields that choose how the model runs (layer loop, attention layout) were added to the
-  configs over time; a run written without them loads with their defaults and the same weights,
-  while a missing field that changes the model is still refused."""
-  from rmjax.run_artifacts import EXECUTION_ONLY_FIELDS
-  d, _, _, _ = world
-  written = json.loads((d / "lora" / "model" / "rmjax_model.json").read_text())
-  for section, fields in EXECUTION_ONLY_FIELDS.items():
-    assert fields <= set(written[section]), (section, fields)  # what training writes today
-  old = d / "lora_old_format"
-  shutil.copytree(d / "lora", old)
-  meta = json.loads((old / "model" / "rmjax_model.json").read_text())
-  for section, fields in EXECUTION_ONLY_FIELDS.items():
-    for field in fields:
-      del meta[section][field]
-  (old / "model" / "rmjax_model.json").write_text(json.dumps(meta))
-  new_rm, old_rm = load_run_model(d / "lora"), load_run_model(old)
-  assert (old_rm.model_cfg.scan_unroll, old_rm.model_cfg.segment_attention, old_rm.render_cfg.max_segments) == (
-    1, "mask", 0)
-  assert old_rm.model_cfg.replace(attention_mask=new_rm.model_cfg.attention_mask) == new_rm.model_cfg
-  for k, v in traverse_util.flatten_dict(new_rm.params).items():
-    np.testing.assert_array_equal(traverse_util.flatten_dict(old_rm.params)[k], v)
-  del meta["model"]["hidden_size"]
-  (old / "model" / "rmjax_model.json").write_text(json.dumps(meta))
-  with pytest.raises(RunArtifactError, match="has no key 'model.hidden_size'"):
-    load_run_model(old)
 
 
 # -- file layout ----------------------------------------------------------------------------------
@@ -156,13 +132,14 @@ def test_export_layout_and_head_state_dict(world):
 
 
 def test_adapter_keys_match_what_peft_saves(world, tmp_path):
-  """Our key names / shapes equal those peft itself writes for the same config on AutoModel."""
+  """Our key names / shapes equal those peft itself writes for the same config on the class
+  most adapters are made for, AutoModelForCausalLM."""
   from peft import LoraConfig, get_peft_model
-  from transformers import AutoModel
+  from transformers import AutoModelForCausalLM
   d, base, _, _ = world
   cfg = json.loads((d / "ex_lora" / "lora_adapter" / "adapter_config.json").read_text())
-  ref = get_peft_model(AutoModel.from_pretrained(base), LoraConfig(
-    r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_modules=cfg["target_modules"],
+  ref = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
+    task_type=cfg["task_type"], r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_modules=cfg["target_modules"],
     trainable_token_indices=cfg["trainable_token_indices"]))
   ref.save_pretrained(tmp_path / "ref")
   want = {k: v.shape for k, v in load_file(str(tmp_path / "ref" / "adapter_model.safetensors")).items()}
@@ -179,7 +156,7 @@ def test_score_round_trip_torch_equals_jax(world, run, export_dir):
              for r, e in zip(rows, EXAMPLES))
   scores = [r["step_scores"] for r in rows]
   assert np.std(np.concatenate(scores)) > 1e-2  # not all ~0.5: the comparison means something
-  assert max_diff(torch_reference(d / export_dir, rows, base), scores) < TOL
+  assert max_diff(torch_reference(d / export_dir, rows), scores) < TOL
   # rmjax's own torch loader renders the text itself: same ids, same scores; loading it says
   # nothing of transformers' or peft's own deprecations to the user
   with warnings.catch_warnings(record=True) as caught:
@@ -214,10 +191,13 @@ def test_untied_base_whose_vocabulary_the_marker_grows(tmp_path, mode, merge, co
   ex = export.export(tmp_path / "run", tmp_path / "ex", merge_lora=merge)
   inp, out = tmp_path / "in.jsonl", tmp_path / "jax.jsonl"
   inp.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
-  assert score.main(["--checkpoint", str(tmp_path / "run"), "--input", str(inp), "--output", str(out)]) == 0
-  want = [json.loads(line)["step_scores"] for line in out.read_text().splitlines()]
+  assert score.main(["--checkpoint", str(tmp_path / "run"), "--input", str(inp), "--output", str(out),
+                     "--with-tokens"]) == 0
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  want = [r["step_scores"] for r in rows]
   got = TorchScorer.from_export(ex).score_many([(e["problem"], e["steps"]) for e in EXAMPLES])
   assert max_diff(got, want) < TOL
+  assert max_diff(torch_reference(ex, rows), want) < TOL  # as the README loads it (peft resizes)
   files = json.loads((ex / "rmjax_export.json").read_text())["files"]
   for folder in filter(None, (files["backbone"], files["backbone_base"])):
     model = AutoModelForCausalLM.from_pretrained(ex / folder)
@@ -235,8 +215,8 @@ def test_demo_lora_export_writes_base_backbone(world):
 def test_merge_lora_equals_unmerged(world):
   d, base, _, _ = world
   rows = jax_scores(world, "lora")
-  merged = torch_reference(d / "ex_merged", rows, base)
-  assert max_diff(merged, torch_reference(d / "ex_lora", rows, base)) < TOL
+  merged = torch_reference(d / "ex_merged", rows)
+  assert max_diff(merged, torch_reference(d / "ex_lora", rows)) < TOL
   assert max_diff(merged, [r["step_scores"] for r in rows]) < TOL
 
 
@@ -247,7 +227,7 @@ def test_marker_row_is_trained_and_carried(world, tmp_path):
   base_row = np.asarray(TensorFiles(base).get("model.embed_tokens.weight"))[marker_id]
   assert np.max(np.abs(trained - base_row)) > 0.05
   adapter = load_file(str(d / "ex_lora" / "lora_adapter" / "adapter_model.safetensors"))
-  np.testing.assert_array_equal(adapter["base_model.model.embed_tokens.token_adapter.trainable_tokens_delta"],
+  np.testing.assert_array_equal(adapter["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"],
                                 trained[None])
   full_rows = np.asarray(TensorFiles(d / "ex_full" / "backbone").get("model.embed_tokens.weight"))
   np.testing.assert_array_equal(full_rows[marker_id], np.asarray(runs["full"]["decoder"]["embed"]["marker"]))
@@ -257,17 +237,18 @@ def test_marker_row_is_trained_and_carried(world, tmp_path):
   cfg_path = broken / "lora_adapter" / "adapter_config.json"
   cfg_path.write_text(json.dumps(json.loads(cfg_path.read_text()) | {"trainable_token_indices": None}))
   rows = jax_scores(world, "lora")
-  assert max_diff(torch_reference(broken, rows, base), [r["step_scores"] for r in rows]) > 1e-3
+  assert max_diff(torch_reference(broken, rows), [r["step_scores"] for r in rows]) > 1e-3
 
 
 def test_broken_adapter_key_makes_comparison_fail(world, tmp_path):
-  """peft only warns about keys it cannot place; the output comparison must catch it."""
+  """peft only warns about keys it cannot place (here: keyed for the bare decoder, AutoModel);
+  the output comparison must catch it."""
   d, base, _, _ = world
   broken = _copy_export(d / "ex_lora", tmp_path / "badkey")
-  _edit_adapter(broken, lambda k: k.replace("base_model.model.layers.", "base_model.model.model.layers."))
+  _edit_adapter(broken, lambda k: k.replace("base_model.model.model.layers.", "base_model.model.layers."))
   rows = jax_scores(world, "lora")
   with pytest.warns(UserWarning):
-    got = torch_reference(broken, rows, base)
+    got = torch_reference(broken, rows)
   with pytest.raises(AssertionError):
     assert max_diff(got, [r["step_scores"] for r in rows]) < TOL
 
