@@ -147,7 +147,7 @@ def run(n_examples: int, vocab: int, max_length: int, batch: int) -> dict:
 
 
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__.splitlines()[0])
   p.add_argument("--examples", type=int, default=1000)
   p.add_argument("--vocab", type=int, default=8192)
   p.add_argument("--max-length", type=int, default=2048)
