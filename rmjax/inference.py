@@ -11,8 +11,9 @@ device, instead of each command keeping its own jitted forward pass.
 Every step of a solution is rendered (not only the run's max_steps_per_example); a step whose
 marker falls past `render_cfg.max_length` gets the score None, as does every step of a
 solution nothing of which fits. When the model attends within segments (the default), several
-solutions share a row (first-fit packing, as training packs), each in its own segment, so a
-batch of short solutions costs few rows.
+solutions share a row (first-fit packing, as training packs, longest first), each in its own
+segment, so a batch of short solutions costs few rows; rows are padded to the run's length
+buckets or a power of two.
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ class RunScorer:
     packs = rm.model_cfg.attention_mask == "segments"
     self.max_segments = (rm.model_cfg.max_segments or self.render_cfg.max_segments or 0) if packs else 1
     self._pad = pad_id(self.tokenizer)
+    # rows are padded to these lengths: the run's buckets and the powers of two up to max_length
+    # (a raised max_length would otherwise pad every long solution to it)
+    top = self.render_cfg.max_length
+    self.buckets = tuple(sorted({b for b in self.render_cfg.length_buckets if b <= top} | {top} | {
+      1 << e for e in range(6, top.bit_length()) if (1 << e) < top}))
     self.skips = SkipCounter()
     self._renderers: dict[int, Renderer] = {}
 
@@ -108,25 +114,23 @@ class RunScorer:
   def score(self, solutions: Sequence[tuple[str, Sequence[str]]]) -> list[Scored]:
     """Step scores of each (problem, steps), in order."""
     toks = [self.render(p, s, str(i)) for i, (p, s) in enumerate(solutions)]
-    kept = [t for t in toks if t is not None]
+    pending = sorted((t for t in toks if t is not None), key=len, reverse=True)
     found: dict[str, np.ndarray] = {}
-    if kept:
-      markers = _pow2(max(max(t.marker_positions.shape[0] for t in kept), self.render_cfg.markers))
+    if pending:
+      markers = _pow2(max(max(t.marker_positions.shape[0] for t in pending), self.render_cfg.markers))
       segments = min(self.max_segments or markers, markers)
       cfg = dataclasses.replace(self.render_cfg, max_steps_per_example=markers, max_markers=markers,
-                                max_segments=segments)
-      packer = Packer(self.render_cfg.max_length, markers, max_segments=segments)
-      for t in kept:
-        packer.add(t)
-      rows, bins = packer.rows(), packer.bins
-      for start in range(0, len(rows), self.rows):
-        probs = self.probs(batch_rows(rows[start:start + self.rows], cfg, self._pad, num_rows=self.rows))
-        for r, parts in enumerate(bins[start:start + self.rows]):
-          offset = 0
-          for t in parts:
-            k = t.marker_positions.shape[0]
-            found[t.id] = probs[r, offset:offset + k]
-            offset += k
+                                max_segments=segments, length_buckets=self.buckets)
+    while pending:  # longest first, each batch in rows of the bucket its longest solution needs
+      packer = Packer(cfg.bucket(len(pending[0])), markers, max_rows=self.rows, max_segments=segments)
+      pending = [t for t in pending if not packer.add(t)]
+      probs = self.probs(batch_rows(packer.rows(), cfg, self._pad, num_rows=self.rows))
+      for r, parts in enumerate(packer.bins):
+        offset = 0
+        for t in parts:
+          k = t.marker_positions.shape[0]
+          found[t.id] = probs[r, offset:offset + k]
+          offset += k
     out = []
     for (_, steps), t in zip(solutions, toks):
       got = [float(x) for x in found[t.id]] if t is not None else []

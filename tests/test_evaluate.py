@@ -144,11 +144,18 @@ def official_processbench(preds, threshold):
   return out, np.mean([m["f1"] for m in out.values()])
 
 
-def processbench_dir(root, shared_data, splits):
-  """The real ProcessBench records under the hub's file names (links, not copies)."""
+def processbench_dir(root, shared_data, splits, per_kind=None):
+  """The real ProcessBench records under the hub's file names (links; with `per_kind`, the first
+  that many records with an error and without one)."""
   root.mkdir()
   for split in splits:
-    (root / f"{split}.jsonl").symlink_to(shared_data / "processbench" / f"processbench_{split}.subset.jsonl")
+    src = shared_data / "processbench" / f"processbench_{split}.subset.jsonl"
+    if per_kind is None:
+      (root / f"{split}.jsonl").symlink_to(src)
+      continue
+    records = src.read_text().splitlines(keepends=True)
+    kinds = [[r for r in records if (json.loads(r)["label"] == -1) == ok][:per_kind] for ok in (True, False)]
+    (root / f"{split}.jsonl").write_text("".join(kinds[0] + kinds[1]))
   return root
 
 
@@ -168,17 +175,17 @@ def check_processbench_output(out, result, threshold):
 
 
 def test_processbench_matches_the_benchmark_definition_from_predictions(run, tmp_path, shared_data, capsys):
-  bench = processbench_dir(tmp_path / "pb", shared_data, ["gsm8k", "math"])
+  bench = processbench_dir(tmp_path / "pb", shared_data, ["gsm8k", "math"], per_kind=6)
   out = tmp_path / "out"
   assert evaluate.main(["--checkpoint", str(run), "--benchmark", "processbench", "--path", str(bench),
-                        "--output", str(out), "--threshold", "0.45", "--set", "data.max_length=2048"]) == 0
+                        "--output", str(out), "--threshold", "0.45", "--set", "data.max_length=1024"]) == 0
   result = json.loads((out / "processbench.json").read_text())
   assert result["threshold"] == 0.45 and sorted(result["splits"]) == ["gsm8k", "math"]
-  assert [result["splits"][s]["count"] for s in ("gsm8k", "math")] == [53, 57]
+  assert [result["splits"][s]["count"] for s in ("gsm8k", "math")] == [12, 12]
   preds = check_processbench_output(out, result, 0.45)
-  assert 0 < result["unscored"]["count"] < len(preds) // 2  # long math solutions do not fit 2048 tokens
+  assert 0 < result["unscored"]["count"] < len(preds)  # long solutions do not fit 1024 tokens
   printed = capsys.readouterr().out
-  assert "average_f1" in printed and "best threshold" in printed and "past max_length 2048" in printed
+  assert "average_f1" in printed and "best threshold" in printed and "past max_length 1024" in printed
 
 
 def test_processbench_bad_input_is_one_line(run, tmp_path, capsys):
