@@ -94,7 +94,8 @@ def test_optim_config_from_spec_and_validation():
   from ml_collections import ConfigDict
   spec = ConfigDict({"lr": 2e-5, "schedule": "linear", "warmup_steps": 5, "max_steps": 50,
                      "weight_decay": 0.01, "max_grad_norm": 1.0, "grad_accum_steps": 4, "loss": "bce",
-                     "mode": "lora", "nan_policy": "skip", "model": {"frozen_dtype": "bfloat16"}})
+                     "mode": "lora", "nan_policy": "skip", "opt_state_dtype": "float32",
+                     "model": {"frozen_dtype": "bfloat16"}})
   cfg = optim.OptimConfig.from_spec(spec)
   assert (cfg.lr, cfg.schedule, cfg.grad_accum_steps, cfg.loss, cfg.mode, cfg.nan_policy, cfg.frozen_dtype) == (
     2e-5, "linear", 4, "bce", "lora", "skip", "bfloat16")

@@ -3,8 +3,9 @@
 Why it exists: the decoder, the HF name table and the export code must agree on every
 architectural detail (biases, qk-norm, rope scaling, tied embeddings). Keeping them in one
 hashable value means a jitted function can close over it and a checkpoint can store it as
-json. `from_hf` reads config.json as transformers 5 writes it (and the older layout with a
-top-level `rope_theta` / `rope_scaling`), `to_hf` writes it back for export.
+json. `from_hf` reads config.json as transformers 5 writes it (and as transformers 4 did, with a
+top-level `rope_theta` / `rope_scaling`, as many hub models still have it), `to_hf` writes it
+back for export.
 """
 
 from __future__ import annotations
@@ -82,9 +83,9 @@ class ModelConfig:
   # How "segments" attends under cuDNN: "mask" passes the (B, 1, T, T) segment mask to
   # jax.nn.dot_product_attention (every implementation); "cudnn_packed" gives cuDNN the segments
   # as a packed layout instead (model/cudnn_attention.py: no mask, no score blocks between two
-  # examples; Hopper GPUs); "auto" the packed layout where it can run, else the mask. Other
-  # implementations (XLA on a CPU) use the mask either way.
-  segment_attention: str = "mask"
+  # examples; Hopper GPUs); "auto" the packed layout where it can run, else the mask (the spec's
+  # default too). Other implementations (XLA on a CPU) use the mask either way.
+  segment_attention: str = "auto"
   # Segment slots per row of that packed layout: 0 = the confidence model's marker slots (every
   # example has a marker); training sets data.max_segments_per_row, which the packer keeps to.
   max_segments: int = 0

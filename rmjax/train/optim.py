@@ -84,14 +84,12 @@ class OptimConfig:
   @classmethod
   def from_spec(cls, spec: Any) -> OptimConfig:
     """Read the top-level training keys (and model.frozen_dtype) of an rmjax spec."""
-    model = spec.get("model", {})
     return cls(
       lr=float(spec.lr), schedule=str(spec.schedule), warmup_steps=int(spec.warmup_steps),
       max_steps=int(spec.max_steps), weight_decay=float(spec.weight_decay),
       max_grad_norm=float(spec.max_grad_norm), grad_accum_steps=int(spec.grad_accum_steps),
-      loss=str(spec.loss), mode=str(spec.mode), nan_policy=str(spec.get("nan_policy", "stop")),
-      frozen_dtype=str(model.get("frozen_dtype", "float32")) if model else "float32",
-      opt_state_dtype=str(spec.get("opt_state_dtype", "float32")),
+      loss=str(spec.loss), mode=str(spec.mode), nan_policy=str(spec.nan_policy),
+      frozen_dtype=str(spec.model.frozen_dtype), opt_state_dtype=str(spec.opt_state_dtype),
     )
 
 
