@@ -179,9 +179,9 @@ def test_score_round_trip_torch_equals_jax(world, run, export_dir):
 def test_untied_base_whose_vocabulary_the_marker_grows(tmp_path, mode, merge, converted):
   """An untied base with no spare embedding row (Llama 3's layout), given as an HF folder or as
   its `rmjax.convert` folder: the exports load in transformers as what their config.json names
-  and score as rmjax does. Before: the torch loader refused the adapter (peft counted the resized
-  embedding as a missing adapter tensor), the backbone's lm_head kept the base's rows, and a
-  converted base had no lm_head to export at all."""
+  and score as rmjax does, loaded by rmjax's loader or as the README says: the resized embedding
+  is no adapter tensor, the backbone's lm_head grows with the vocabulary, and a converted base
+  gives its lm_head to the export."""
   from transformers import AutoModelForCausalLM
   base = R.make_base(tmp_path / "base", tied=False, spare_rows=False)
   base_name = str(convert.convert(str(base), tmp_path / "converted")) if converted else None

@@ -1,5 +1,7 @@
 """How long the device sat with no training step queued: measured, not inferred from host waits.
 
+Runs only with `spec.perf_metrics` (train/perf.py): it adds a watcher thread.
+
 Why it exists: the loop dispatches step N+1 while step N still runs, so time the host spends
 blocked on the next batch (`train/data_wait_frac`) costs the device nothing unless it outlasts
 the step in flight; the host wait is only an upper bound on what the device lost to data. This
@@ -11,9 +13,8 @@ A dispatch is a span, not an instant, and the two ends bound the device's idle t
   nothing queued for certain (a lower bound, 0 when the call began while the device was busy).
 - `idle_max_s`: to the call *returning*. On a GPU the call returns only after it has enqueued
   the step's kernels, and the driver's launch queue is bounded, so a call begun in time can
-  return well after the device started on it: this end is an upper bound. The H100 loop of
-  BUILD.md (session 9) read 28% on this end alone, while its tokens/s put it about 16% below the
-  bare packed step (an estimate across different synthetic rows); the two ends say which it was.
+  return well after the device started on it: this end is an upper bound. The two ends together
+  say whether a gap was the host's fault (BUILD.md has the GPU loop's readings).
 - `dispatch_s`: the call's own length (host time inside the step call).
 
 Only gaps between consecutive training steps count: `pause()` before evaluation or a checkpoint

@@ -8,10 +8,8 @@ frozen halves apart so only the trainable half is differentiated and has optimiz
 
 Frozen weights reach the device already in `frozen_dtype` (bf16 for LoRA on a GPU): random ones
 are drawn in that dtype, imported ones are cast on the host before placement. Casting on the
-device instead held a float32 copy of the whole base at once: for Qwen3-4B LoRA the random
-init's compiled peak was 18.0 GB (10.3 GB of float32 layer stacks from the layer scan's init,
-plus the 7.7 GB result), above the step's own 10.5 GB; that 18.0 GB was the "LoRA peak" the
-benchmark reported.
+device would hold a float32 copy of the whole base at once, raising the init's peak memory above
+the train step's own (BUILD.md).
 """
 
 from __future__ import annotations
@@ -92,8 +90,8 @@ def _born_frozen(model: nn.Module, frozen_dtype: str, labels: Any) -> nn.Module:
 
 def _param_init(model: nn.Module):
   """key -> params. The layer loop stays rolled here: unrolling it (model_cfg.scan_unroll) does
-  not change the weights, but an unrolled init compiles every layer's init and then stacks them
-  (the 4B LoRA init, compiled for an H100: 7.7 GB peak rolled, 10.2 GB unrolled)."""
+  not change the weights, but an unrolled init compiles every layer's init and then stacks them,
+  a higher peak memory (BUILD.md)."""
   cfg = model.model_cfg
   model = model.clone(model_cfg=cfg.replace(scan_unroll=1)) if cfg.scan_unroll != 1 else model
   return lambda key: model.init({"params": key}, *dummy_inputs(), deterministic=True)["params"]

@@ -94,10 +94,9 @@ def cast_layer_weights(trainable: dict, dtype: Any) -> dict:
   Why: the layers compute in `dtype` either way (each casts its kernels at use), so casting the
   stacked weights once, before the layer scan, gives the same values and the same float32
   gradients (the cast's transpose); but inside the scan every kernel is cast again wherever
-  remat recomputes it, and its gradient goes through a float32 stack. For full fine-tuning of
-  the Qwen3-4B shape compiled for an H100 the step moves 538 -> 516 GB at the same peak memory
-  (BUILD.md). Little changes for LoRA (its trainable layer weights are the small adapters) and
-  nothing for float32 compute.
+  remat recomputes it, and its gradient goes through a float32 stack. Full fine-tuning moves
+  fewer bytes at the same peak memory (BUILD.md). Little changes for LoRA (its trainable layer
+  weights are the small adapters) and nothing for float32 compute.
   """
   layers = trainable.get("decoder", {}).get("layers") if isinstance(trainable, dict) else None
   if layers is None or jnp.dtype(dtype) == jnp.float32:
