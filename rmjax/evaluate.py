@@ -8,8 +8,8 @@ evaluating a finished run on a new split, needs the full report on demand:
   python -m rmjax.evaluate --checkpoint runs/demo-full --benchmark processbench --path DIR
                            [--threshold 0.5] [--set data.max_length=N] [--output DIR]
 
-The second form scores a benchmark's files instead of the spec's sources (rmjax.processbench_eval
-says what it reports).
+The second form scores a benchmark's files instead of the spec's sources: ProcessBench
+(rmjax.processbench_eval) or PRMBench (rmjax.prmbench_eval) say what they report.
 
 Sources come from the run's own spec (<run_dir>/logs/config.json) unless --spec is given;
 `--set data.prm800k.path=/data/prm800k/data --set data.eqasc.use=true` changes keys of that
@@ -40,6 +40,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from rmjax import cli
+from rmjax.benchmarks import NAMES as BENCHMARKS
 from rmjax.data.example import describe_skips
 from rmjax.inference import with_max_length
 from rmjax.metrics import EvalAccumulator
@@ -104,7 +105,6 @@ def build_eval_sources(spec: Any, run_dir: pathlib.Path, skips: Any) -> dict[str
           for n in names}
 
 
-BENCHMARKS = ("processbench",)
 RENDER_KEYS = ("template", "max_length", "max_steps_per_example", "length_buckets")
 
 
@@ -234,15 +234,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _benchmark_command(args: argparse.Namespace) -> int:
-  from rmjax import processbench_eval
+  from rmjax import benchmarks
   if args.spec or args.max_eval_batches is not None:
     raise ValueError("--spec and --max-eval-batches do not apply to --benchmark")
-  out_dir, result = processbench_eval.evaluate_processbench(args.checkpoint, args.path, args.output,
-                                                            args.threshold, args.set)
-  print(processbench_eval.table(result))
+  out_dir, result, table = benchmarks.run(args.benchmark, args.checkpoint, args.path, args.output,
+                                          args.threshold, args.set)
+  print(table)
   if result["skipped_records"]:
     print(f"skipped records: {describe_skips(result['skipped_records'])}")
-  print(f"wrote {out_dir}/processbench.json, predictions.jsonl")
+  print(f"wrote {out_dir}/{args.benchmark}.json, predictions.jsonl")
   return 0
 
 

@@ -24,7 +24,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from rmjax.data.example import Example, SkipCounter
-from rmjax.data.render import Packer, RenderConfig, Renderer, Tokenized, batch_rows
+from rmjax.data.packing import Packer, batch_rows
+from rmjax.data.render import RenderConfig, Renderer, Tokenized
 from rmjax.tokenizer import pad_id
 
 
@@ -40,6 +41,9 @@ def with_max_length(cfg: RenderConfig, max_length: int) -> RenderConfig:
     raise ValueError(f"max_length must be >= 2, got {max_length}")
   buckets = tuple(b for b in cfg.length_buckets if b < max_length) + (max_length,)
   return dataclasses.replace(cfg, max_length=max_length, length_buckets=buckets)
+
+
+_PACK_WINDOW = 256  # solutions (sorted by length) packed together; bounds the packer's work
 
 
 def _pow2(n: int) -> int:
@@ -114,23 +118,25 @@ class RunScorer:
   def score(self, solutions: Sequence[tuple[str, Sequence[str]]]) -> list[Scored]:
     """Step scores of each (problem, steps), in order."""
     toks = [self.render(p, s, str(i)) for i, (p, s) in enumerate(solutions)]
-    pending = sorted((t for t in toks if t is not None), key=len, reverse=True)
+    order = sorted((t for t in toks if t is not None), key=len, reverse=True)
     found: dict[str, np.ndarray] = {}
-    if pending:
-      markers = _pow2(max(max(t.marker_positions.shape[0] for t in pending), self.render_cfg.markers))
+    if order:
+      markers = _pow2(max(max(t.marker_positions.shape[0] for t in order), self.render_cfg.markers))
       segments = min(self.max_segments or markers, markers)
       cfg = dataclasses.replace(self.render_cfg, max_steps_per_example=markers, max_markers=markers,
                                 max_segments=segments, length_buckets=self.buckets)
-    while pending:  # longest first, each batch in rows of the bucket its longest solution needs
-      packer = Packer(cfg.bucket(len(pending[0])), markers, max_rows=self.rows, max_segments=segments)
-      pending = [t for t in pending if not packer.add(t)]
-      probs = self.probs(batch_rows(packer.rows(), cfg, self._pad, num_rows=self.rows))
-      for r, parts in enumerate(packer.bins):
-        offset = 0
-        for t in parts:
-          k = t.marker_positions.shape[0]
-          found[t.id] = probs[r, offset:offset + k]
-          offset += k
+    for start in range(0, len(order), _PACK_WINDOW):
+      pending = order[start:start + _PACK_WINDOW]
+      while pending:  # longest first, each batch in rows of the bucket its longest solution needs
+        packer = Packer(cfg.bucket(len(pending[0])), markers, max_rows=self.rows, max_segments=segments)
+        pending = [t for t in pending if not packer.add(t)]
+        probs = self.probs(batch_rows(packer.rows(), cfg, self._pad, num_rows=self.rows))
+        for r, parts in enumerate(packer.bins):
+          offset = 0
+          for t in parts:
+            k = t.marker_positions.shape[0]
+            found[t.id] = probs[r, offset:offset + k]
+            offset += k
     out = []
     for (_, steps), t in zip(solutions, toks):
       got = [float(x) for x in found[t.id]] if t is not None else []

@@ -28,8 +28,6 @@ and predictions.jsonl (per sample: id, split, label, step_scores, predicted).
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
 from typing import Any, Optional, Sequence
 
@@ -39,7 +37,6 @@ from rmjax.metrics import first_below
 
 SPLITS = ("gsm8k", "math", "olympiadbench", "omnimath")
 TUNED_NOTE = "tuned on the samples it is reported on: an optimistic figure, not a held-out result"
-_CHUNK = 64  # samples handed to the scorer at once
 
 
 # -- the metric: pure functions of (label, step_scores) ------------------------------------------
@@ -146,51 +143,26 @@ def read_splits(path: str | pathlib.Path, skips: Any) -> dict[str, Any]:
   return {s: build_source("processbench", {"path": str(path)}, split=s, skips=skips) for s in found}
 
 
-def score_samples(scorer: Any, readers: dict[str, Any]) -> list[dict]:
-  samples = []
-  for split, reader in readers.items():
-    examples = [ex for ex in (reader[i] for i in range(len(reader))) if ex is not None]
-    for start in range(0, len(examples), _CHUNK):
-      chunk = examples[start:start + _CHUNK]
-      for ex, done in zip(chunk, scorer.score([(ex.problem, ex.steps) for ex in chunk])):
-        samples.append({"id": ex.id, "split": split, "label": int(ex.meta["label"]), "step_scores": done.scores})
-  return samples
-
-
-def evaluate_processbench(checkpoint: str | pathlib.Path, path: str | pathlib.Path, output: str | None = None,
-                          threshold: float = 0.5, overrides: Sequence[str] = (),
-                          rows: int = 8) -> tuple[pathlib.Path, dict[str, Any]]:
+def evaluate(checkpoint: str | pathlib.Path, path: str | pathlib.Path, output: str | None = None,
+             threshold: float = 0.5, overrides: Sequence[str] = ()) -> tuple[pathlib.Path, dict[str, Any]]:
+  from rmjax.benchmarks import check_threshold, load_scorer, write_results
   from rmjax.data.example import SkipCounter
-  from rmjax.evaluate import eval_render_config, load_eval_spec
-  from rmjax.inference import RunScorer
-  from rmjax.run_artifacts import load_run_model
-  if not 0.0 <= threshold <= 1.0:
-    raise ValueError(f"--threshold must be in [0, 1], got {threshold}")
+  check_threshold(threshold)
   skips = SkipCounter()
   readers = read_splits(path, skips)
-  rm = load_run_model(checkpoint)
-  render_cfg = rm.render_cfg
-  if overrides:
-    render_cfg = eval_render_config(rm.render_cfg, load_eval_spec(rm.run_dir, None, overrides).data, overrides)
-  samples = score_samples(RunScorer(rm, render_cfg, rows=rows), readers)
-  if not samples:
+  scorer = load_scorer(checkpoint, overrides)
+  examples = [(split, ex) for split, reader in readers.items()
+              for ex in (reader[i] for i in range(len(reader))) if ex is not None]
+  if not examples:
     raise ValueError(f"--path {path}: every record was skipped ({skips.as_dict()})")
-  for s in samples:
-    s["predicted"] = predicted_error(s["step_scores"], threshold)
+  done = scorer.score([(ex.problem, ex.steps) for _, ex in examples])
+  samples = [{"id": ex.id, "split": split, "label": int(ex.meta["label"]), "step_scores": d.scores,
+              "predicted": predicted_error(d.scores, threshold)} for (split, ex), d in zip(examples, done)]
   unscored = [s["id"] for s in samples if None in s["step_scores"]]
   result = report(samples, threshold)
   result |= {"best_threshold": best_threshold(samples), "unscored": {"count": len(unscored), "ids": unscored},
-             "skipped_records": skips.as_dict(), "checkpoint": str(rm.checkpoint_dir), "step": rm.step,
-             "max_length": render_cfg.max_length}
-  out_dir = pathlib.Path(output) if output else rm.run_dir / "eval" / f"step_{rm.step}"
-  out_dir.mkdir(parents=True, exist_ok=True)
-  partial = out_dir / "predictions.jsonl.partial"
-  with open(partial, "w", encoding="utf-8") as fh:
-    for s in samples:
-      fh.write(json.dumps(s) + "\n")
-  os.replace(partial, out_dir / "predictions.jsonl")
-  (out_dir / "processbench.json").write_text(json.dumps(result, indent=2) + "\n")
-  return out_dir, result
+             "skipped_records": skips.as_dict()}
+  return write_results(scorer, output, "processbench", result, samples), result
 
 
 def table(result: dict[str, Any]) -> str:

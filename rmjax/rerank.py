@@ -36,9 +36,6 @@ from rmjax import bon, cli
 from rmjax.solutions import AGGREGATIONS, DEFAULT_SEPARATOR, add_solution_args, aggregate, parse_separator, \
   solution_steps
 
-_SCORE_CHUNK = 64  # solutions handed to the scorer at once
-
-
 def _answer(value: Any) -> Optional[str]:
   return None if value is None else str(value).strip()
 
@@ -108,13 +105,9 @@ def score_candidates(scorer: Any, problems: list[dict]) -> int:
   """Sets every candidate's step_scores with `scorer` (rmjax.inference.RunScorer); returns how
   many steps did not fit (their score is null)."""
   cands = [(p["problem"], c) for p in problems for c in p["candidates"]]
-  unscored = 0
-  for start in range(0, len(cands), _SCORE_CHUNK):
-    chunk = cands[start:start + _SCORE_CHUNK]
-    for (_, c), done in zip(chunk, scorer.score([(prob, c["steps"]) for prob, c in chunk])):
-      c["step_scores"] = done.scores
-      unscored += sum(s is None for s in done.scores)
-  return unscored
+  for (_, c), done in zip(cands, scorer.score([(prob, c["steps"]) for prob, c in cands])):
+    c["step_scores"] = done.scores
+  return sum(s is None for _, c in cands for s in c["step_scores"])
 
 
 def bon_report(problems: list[dict]) -> dict[str, Any]:

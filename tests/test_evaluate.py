@@ -194,3 +194,22 @@ def test_processbench_bad_input_is_one_line(run, tmp_path, capsys):
     assert evaluate.main(["--checkpoint", str(run), "--benchmark", "processbench", *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rmjax.evaluate: error:") and err.count("\n") == 1, err
+
+
+def test_prmbench_command_writes_what_its_predictions_give(run, tmp_path, shared_data, capsys):
+  from test_prmbench_eval import independent_scores
+  lines = (shared_data / "prmbench" / "prmbench_classified.subset.jsonl").read_text().splitlines()
+  picked = [x for x in lines if json.loads(x)["classification"] in ("redundency", "circular")][:6]
+  (tmp_path / "pb").mkdir()
+  (tmp_path / "pb" / "part.jsonl").write_text("\n".join(picked) + "\n")
+  out = tmp_path / "out"
+  assert evaluate.main(["--checkpoint", str(run), "--benchmark", "prmbench", "--path", str(tmp_path / "pb"),
+                        "--output", str(out), "--set", "data.max_length=1024"]) == 0
+  result = json.loads((out / "prmbench.json").read_text())
+  preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+  assert len(preds) == 6 + sum('"redundency"' in x for x in picked)
+  assert sorted(result["classes"]) == sorted({p["classification"] for p in preds}) and "correct" in result["classes"]
+  for name, m in result["classes"].items():
+    assert (m["f1"], m["negative_f1"], m["prm_score"]) == pytest.approx(independent_scores(preds, 0.5, {name}), abs=1e-12)
+  assert result["unscored_ids"] == [p["id"] for p in preds if None in p["step_scores"]]
+  assert "PRMScore" in capsys.readouterr().out
