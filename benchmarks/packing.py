@@ -43,7 +43,9 @@ import jax
 import numpy as np
 
 from rmjax.bench import common, jax_impl
-from rmjax.data.render import DEFAULT_PACK_LOOKAHEAD, RenderConfig, Row, Tokenized, batch_rows, pack_batch
+from rmjax.data.defaults import PACK_LOOKAHEAD as DEFAULT_PACK_LOOKAHEAD
+from rmjax.data.packing import Row, batch_rows, pack_batch
+from rmjax.data.render import RenderConfig, Tokenized
 from rmjax.model.transformer import auto_attention_impl
 from rmjax.train.step import device_batch
 

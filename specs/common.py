@@ -8,9 +8,13 @@ resolves it relative to their own __file__.
 
 Every key of the spec contract is created here; a spec only changes values. Empty strings and
 0 stand for "unset" (ml-collections cannot set a field back to None from the command line).
+The data keys that RenderConfig and PipelineConfig default too take their value from
+`rmjax.data.defaults` (`D` below), so a dataclass built without a spec means the same.
 """
 
 import ml_collections
+
+from rmjax.data import defaults as D  # the data keys' defaults RenderConfig and PipelineConfig share
 
 
 def base_spec() -> ml_collections.ConfigDict:
@@ -36,7 +40,7 @@ def base_spec() -> ml_collections.ConfigDict:
   c.logging_steps = 10               # log train metrics every N steps
   c.eval_steps = 100                 # evaluate every N steps (and at the end); 0 = only at the end
   c.save_steps = 500                 # checkpoint every N steps (and at the end); 0 = only at the end
-  c.max_eval_batches = 0             # eval batches per source per evaluation; 0 = the whole split
+  c.max_eval_batches = D.MAX_EVAL_BATCHES  # eval batches per source per evaluation; 0 = the whole split
   c.init_from = ""                   # "" or a checkpoint dir: weights only, fresh optimizer and step 0
   c.nan_policy = "stop"              # non-finite loss: "stop" (raise, naming the step) | "skip" the update
   # Exit status after SIGTERM stopped the run (a checkpoint saved): 0, or non-zero (e.g. 143) so an
@@ -80,20 +84,18 @@ def base_spec() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.max_length = 2048           # tokens per example after truncation
-  c.data.max_steps_per_example = 32  # steps (markers) kept per example; later ones are dropped, so keep
-                                     # it above PRM800K's long trajectories (up to 29 steps in the real
-                                     # records; at 10, 3 of their 11 error steps were dropped)
+  c.data.max_steps_per_example = D.MAX_STEPS_PER_EXAMPLE  # steps (markers) kept per example; later ones
+                                     # are dropped (keep it above PRM800K's longest trajectories)
   c.data.length_buckets = (256, 512, 1024, 2048)  # rows pad to the smallest bucket that fits (few shapes, few compiles)
-  c.data.template = "default"        # prompt rendering: "default" (plain text) | "chat" (tokenizer's chat template)
+  c.data.template = D.TEMPLATE       # prompt rendering: "default" (plain text) | "chat" (tokenizer's chat template)
   c.data.neutral_target = 0.5        # target for neutral ratings (PRM800K rating 0)
-  c.data.pack = False                # pack several examples per row (segment ids keep them apart)
-  c.data.pack_lookahead = 16         # packing: read on past this many examples that fit no row
-  c.data.max_segments_per_row = 16   # packing: examples per row at most; 0 = as many as its marker slots
-                                     # (4 x max_steps_per_example). cuDNN's packed layout has this many slots,
-                                     # and each costs time even empty; the packing bench's PRM800K-like rows of 2048 hold <= 6
-  c.data.eval_batch_size = 16        # global rows per eval batch
-  c.data.num_workers = 2             # grain read threads per source; 0 = read inline
-  c.data.prefetch = 64               # examples buffered per source (grain ReadOptions.prefetch_buffer_size; <= 100000)
+  c.data.pack = D.PACK               # pack several examples per row (segment ids keep them apart)
+  c.data.pack_lookahead = D.PACK_LOOKAHEAD  # packing: read on past this many examples that fit no row
+  c.data.max_segments_per_row = D.MAX_SEGMENTS_PER_ROW  # packing: examples per row at most (cuDNN's packed
+                                     # layout has this many slots); 0 = as many as its marker slots (4 x max_steps_per_example)
+  c.data.eval_batch_size = D.EVAL_BATCH_SIZE  # global rows per eval batch
+  c.data.num_workers = D.NUM_WORKERS  # grain read threads per source; 0 = read inline
+  c.data.prefetch = D.PREFETCH       # examples buffered per source (grain ReadOptions.prefetch_buffer_size; <= 100000)
   c.data.allow_reveal_training = False  # REVEAL is eval-only unless set (its terms: test set only)
 
   c.data.synthetic = ml_collections.ConfigDict()  # SYNTHETIC PRM800K-format data, used when data.prm800k.path == ""

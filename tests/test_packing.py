@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from benchmarks.packing import pack_stream
-from rmjax.data.render import RenderConfig, Tokenized, batch_rows, pack_batch, pack_examples
+from rmjax.data.packing import batch_rows, pack_batch, pack_examples
+from rmjax.data.render import RenderConfig, Tokenized
 from rmjax.model.confidence import ConfidenceModel
 from rmjax.model.config import ModelConfig
 from rmjax.model.head import HeadConfig

@@ -5,7 +5,8 @@ Training, per enabled source:
   EpochShuffle(seed_for_source)                               endless, reshuffled every epoch
   .map(renderer)                                              Example -> Tokenized | None
   .to_iter_dataset(ReadOptions(...))                          threads; None (skipped) dropped here
-then IterDataset.mix(per_source, weights) and batching (padded to buckets, or packed).
+then IterDataset.mix(per_source, weights) and batching (padded to buckets, or packed: both
+`rmjax.data.packing`).
 
 Why this order: filtering skipped records happens per source BEFORE mixing, and grain's mix
 picks the source of the k-th element by a deterministic interleave of the integer-scaled
@@ -34,7 +35,9 @@ import grain
 import numpy as np
 
 from rmjax.data.example import BadRecord, SkipCounter
-from rmjax.data.render import DEFAULT_PACK_LOOKAHEAD, RenderConfig, Renderer, Tokenized, batch_rows, pack_batch
+from rmjax.data import defaults
+from rmjax.data.packing import PackedBatchDataset, batch_rows
+from rmjax.data.render import RenderConfig, Renderer, Tokenized
 from rmjax.tokenizer import pad_id
 
 
@@ -42,19 +45,19 @@ from rmjax.tokenizer import pad_id
 class PipelineConfig:
   """grain settings, from the spec's `data` section (and `max_eval_batches`)."""
 
-  eval_batch_size: int = 8  # GLOBAL rows per evaluation batch
-  num_threads: int = 2  # grain read threads per source (data.num_workers); 0 = read inline
-  prefetch: int = 64  # examples buffered per source (data.prefetch)
-  pack: bool = False  # pack several examples per training row
-  pack_lookahead: int = DEFAULT_PACK_LOOKAHEAD  # packing reads on past this many misfits (fills holes)
-  max_eval_batches: int = 0  # 0 = every evaluation example
+  eval_batch_size: int = defaults.EVAL_BATCH_SIZE  # GLOBAL rows per evaluation batch
+  num_threads: int = defaults.NUM_WORKERS  # grain read threads per source (data.num_workers); 0 = read inline
+  prefetch: int = defaults.PREFETCH  # examples buffered per source (data.prefetch)
+  pack: bool = defaults.PACK  # pack several examples per training row
+  pack_lookahead: int = defaults.PACK_LOOKAHEAD  # packing reads on past this many misfits (fills holes)
+  max_eval_batches: int = defaults.MAX_EVAL_BATCHES  # 0 = every evaluation example
 
   @classmethod
   def from_spec(cls, spec: Any) -> "PipelineConfig":
     d = spec.data
     return cls(eval_batch_size=int(d.eval_batch_size), num_threads=int(d.num_workers),
                prefetch=int(d.prefetch), pack=bool(d.pack), pack_lookahead=int(d.pack_lookahead),
-               max_eval_batches=int(spec.get("max_eval_batches", 0)))
+               max_eval_batches=int(spec.max_eval_batches))
 
   def read_options(self, examples_per_element: int = 1) -> grain.ReadOptions:
     """Buffers about `prefetch` examples; an element may hold several (an eval batch)."""
@@ -62,10 +65,9 @@ class PipelineConfig:
                              prefetch_buffer_size=max(1, self.prefetch // examples_per_element))
 
 
-def _per_process(global_rows: int, process_count: int, what: str) -> int:
-  if global_rows <= 0 or global_rows % process_count:
-    raise ValueError(f"{what} ({global_rows}) must be a positive multiple of the number of "
-                     f"processes ({process_count})")
+def _per_process(global_rows: int, process_count: int) -> int:
+  """Rows per process; spec validation has checked that they divide evenly."""
+  assert global_rows > 0 and global_rows % process_count == 0, (global_rows, process_count)
   return global_rows // process_count
 
 
@@ -75,10 +77,10 @@ def source_seed(seed: int, name: str) -> int:
 
 
 def normalized_weights(sources: Mapping[str, tuple[Any, float]]) -> dict[str, float]:
-  """Weights of the sources that take part (weight > 0), summing to 1."""
+  """Weights of the sources that take part (weight > 0), summing to 1 (spec validation has
+  checked that one does)."""
   ws = {n: float(w) for n, (_, w) in sources.items() if float(w) > 0}
-  if not ws:
-    raise ValueError("no training source has a positive weight")
+  assert ws, "no training source has a positive weight"
   total = sum(ws.values())
   return {n: w / total for n, w in ws.items()}
 
@@ -176,7 +178,7 @@ def train_dataset(sources: Mapping[str, tuple[Any, float]], render_cfg: RenderCo
   normalised, and sources with weight 0 are left out. `iter(ds)` gives a grain iterator whose
   `get_state()` / `set_state()` resume exactly.
   """
-  rows = _per_process(global_batch, process_count, "batch size")
+  rows = _per_process(global_batch, process_count)
   renderer = Renderer(tokenizer, render_cfg, skips, require_supervision=True)
   weights = normalized_weights(sources)
   streams = [_source_stream(n, sources[n][0], renderer, cfg, seed, process_index, process_count)
@@ -226,7 +228,7 @@ def eval_datasets(sources: Mapping[str, Any], render_cfg: RenderConfig, tokenize
   Batches carry `example_ids`, `example_index`, `step_index`; skipped records and the tail are
   all-padding rows (target_mask 0), so every batch has `eval_batch_size // process_count` rows.
   """
-  rows = _per_process(cfg.eval_batch_size, process_count, "data.eval_batch_size")
+  rows = _per_process(cfg.eval_batch_size, process_count)
   renderer = Renderer(tokenizer, render_cfg, skips)
   batch_fn = functools.partial(_eval_batch, render_cfg=render_cfg, pad=pad_id(tokenizer), rows=rows)
   out = {}
@@ -237,66 +239,3 @@ def eval_datasets(sources: Mapping[str, Any], render_cfg: RenderConfig, tokenize
       ds = ds[: cfg.max_eval_batches]
     out[name] = ds.to_iter_dataset(cfg.read_options(rows))
   return out
-
-
-class PackedBatchDataset(grain.IterDataset):
-  """Packs the mixed example stream into batches of `rows` rows (first-fit with lookahead,
-  see render.pack_batch)."""
-
-  def __init__(self, parent: grain.IterDataset, rows: int, row_length: int, max_markers: int,
-               batch_fn, lookahead: int = 0, *, max_segments: Optional[int] = None):
-    super().__init__(parent)
-    self._args = (rows, row_length, max_markers, batch_fn, lookahead)
-    self._max_segments = max_segments
-
-  def __iter__(self) -> grain.DatasetIterator:
-    return _PackedBatchIterator(self._parent.__iter__(), *self._args, max_segments=self._max_segments)
-
-
-class _PackedBatchIterator(grain.DatasetIterator):
-  """Batches of up to `rows` first-fit rows; examples that fit nowhere are held over for the
-  next batch, and reading goes on past them for `lookahead` more misses (render.pack_batch).
-
-  State: the parent's current state plus, for each held-over example, the parent's state from
-  just BEFORE it was read. A restore re-reads each held-over example from its own state, then
-  returns the parent to the current one, so resume is exact and the state stays a few small
-  dicts (at most lookahead + 1 held over). States written before lookahead existed (parent only,
-  positioned before the single held-over example) restore the same way.
-  """
-
-  def __init__(self, parent: grain.DatasetIterator, rows: int, row_length: int,
-               max_markers: int, batch_fn, lookahead: int = 0, *, max_segments: Optional[int] = None):
-    super().__init__(parent)
-    self._rows, self._row_length, self._max_markers = rows, row_length, max_markers
-    self._max_segments = max_segments
-    self._batch_fn, self._lookahead = batch_fn, lookahead
-    self._pending: list[tuple[Tokenized, Any]] = []
-    self._exhausted = False
-
-  def _read(self) -> Optional[tuple[Tokenized, Any]]:
-    if self._exhausted:
-      return None
-    state = self._parent.get_state()
-    try:
-      return next(self._parent), state
-    except StopIteration:
-      self._exhausted = True
-      return None
-
-  def __next__(self) -> dict:
-    rows, self._pending = pack_batch(self._pending, self._read, self._rows, self._row_length,
-                                     self._max_markers, self._lookahead, max_segments=self._max_segments)
-    if not rows:
-      raise StopIteration
-    return self._batch_fn(rows)
-
-  def get_state(self) -> dict:
-    return {"parent": self._parent.get_state(), "pending": [state for _, state in self._pending]}
-
-  def set_state(self, state: dict) -> None:
-    pending = []
-    for before in state.get("pending", []):
-      self._parent.set_state(before)
-      pending.append((next(self._parent), before))
-    self._parent.set_state(state["parent"])
-    self._pending, self._exhausted = pending, False

@@ -1,4 +1,4 @@
-"""Render an Example as text with one `<CONFIDENCE>` after each step, tokenize, truncate, batch.
+"""Render an Example as text with one `<CONFIDENCE>` after each step, tokenize, truncate.
 
 This is where a target gets tied to a token position, so it is where misalignment bugs would
 live. The rules kept here:
@@ -8,19 +8,18 @@ live. The rules kept here:
   `<CONFIDENCE>` strings inside problem or step text are defused before rendering);
 - truncation to `max_length` keeps only steps whose marker survived and cuts right after the
   last surviving marker, so no target ever points at a cut-off position; an example whose
-  first marker does not fit is skipped and counted ("first_marker_truncated");
-- batches are padded on the right to the smallest of a few bucket lengths, so jit sees a
-  bounded set of shapes.
+  first marker does not fit is skipped and counted ("first_marker_truncated").
+Rows and batches (packing, padding to buckets) are `rmjax.data.packing`'s.
 """
-
 from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
+from rmjax.data import defaults
 from rmjax.data.example import Example, SkipCounter
 from rmjax.tokenizer import MARKER, marker_id
 
@@ -29,24 +28,21 @@ _DEFUSED = "<CONFIDENCE_>"  # what a literal marker inside record text becomes
 
 @dataclasses.dataclass(frozen=True)
 class RenderConfig:
-  """How examples become token rows; built from the spec's `data` section."""
+  """How examples become token rows; built from the spec's `data` section (`from_spec`), whose
+  validation checks these values, so construction only asserts what would break rendering."""
 
-  template: str = "default"  # "default" | "chat"
-  max_length: int = 2048  # tokens per example after truncation
-  max_steps_per_example: int = 32  # later steps are dropped before rendering
-  length_buckets: tuple[int, ...] = (256, 512, 1024, 2048)  # rows padded to the smallest fit
+  max_length: int  # tokens per example after truncation
+  length_buckets: tuple[int, ...]  # rows padded to the smallest fit (sorted here)
+  template: str = defaults.TEMPLATE  # "default" | "chat"
+  max_steps_per_example: int = defaults.MAX_STEPS_PER_EXAMPLE  # later steps are dropped before rendering
   max_markers: int = 0  # marker slots M per row; 0 = max_steps_per_example (no packing)
-  max_segments: int = 0  # examples per packed row at most; 0 = as many as the marker slots allow
+  max_segments: int = defaults.MAX_SEGMENTS_PER_ROW  # examples per packed row at most; 0 = as many as the marker slots
 
   def __post_init__(self):
-    if self.template not in ("default", "chat"):
-      raise ValueError(f"data.template must be 'default' or 'chat', got {self.template!r}")
-    if self.max_length < 2 or self.max_steps_per_example < 1:
-      raise ValueError("data.max_length must be >= 2 and data.max_steps_per_example >= 1")
     buckets = tuple(sorted(int(b) for b in self.length_buckets))
-    if not buckets or buckets[-1] < self.max_length:
-      raise ValueError(f"data.length_buckets {self.length_buckets} must include a length >= "
-                       f"data.max_length ({self.max_length})")
+    assert self.template in ("default", "chat"), f"data.template {self.template!r}"
+    assert self.max_length >= 2 and self.max_steps_per_example >= 1, (self.max_length, self.max_steps_per_example)
+    assert buckets and buckets[-1] >= self.max_length, f"no data.length_buckets {buckets} >= {self.max_length}"
     object.__setattr__(self, "length_buckets", buckets)
 
   @property
@@ -60,13 +56,12 @@ class RenderConfig:
 
   @classmethod
   def from_spec(cls, data: Any) -> "RenderConfig":
-    """From the spec's `data` ConfigDict. Marker slots: `data.max_markers` if present, else
-    max_steps_per_example, or 4x that when `data.pack` (several examples share a row)."""
+    """From the spec's `data` ConfigDict. Marker slots: max_steps_per_example, or 4x that when
+    `data.pack` (several examples share a row)."""
     steps = int(data.max_steps_per_example)
-    markers = int(data.get("max_markers", 0)) or (4 * steps if data.get("pack", False) else 0)
-    return cls(template=data.template, max_length=int(data.max_length),
-               max_steps_per_example=steps, length_buckets=tuple(data.length_buckets),
-               max_markers=markers, max_segments=int(data.get("max_segments_per_row", 0)))
+    return cls(max_length=int(data.max_length), length_buckets=tuple(data.length_buckets),
+               template=str(data.template), max_steps_per_example=steps,
+               max_markers=4 * steps if data.pack else 0, max_segments=int(data.max_segments_per_row))
 
   def bucket(self, n: int) -> int:
     for b in self.length_buckets:
@@ -173,159 +168,3 @@ class Renderer:
     targets = np.asarray([0.0 if t is None else t for t in raw], np.float32)
     mask = np.asarray([0.0 if t is None else 1.0 for t in raw], np.float32)
     return Tokenized(ex.source, ex.id, ids, markers, targets, mask)
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-  """One batch row: a single Tokenized example, or several packed ones."""
-
-  input_ids: np.ndarray
-  positions: np.ndarray
-  segment_ids: np.ndarray
-  marker_positions: np.ndarray
-  targets: np.ndarray
-  target_mask: np.ndarray
-  step_index: np.ndarray
-  example_ids: tuple[str, ...]  # one per segment
-
-  @classmethod
-  def single(cls, t: Tokenized) -> "Row":
-    n, k = len(t), t.marker_positions.shape[0]
-    return cls(t.input_ids, np.arange(n, dtype=np.int32), np.ones(n, np.int32),
-               t.marker_positions, t.targets, t.target_mask, np.arange(k, dtype=np.int32), (t.id,))
-
-  def __len__(self) -> int:
-    return int(self.input_ids.shape[0])
-
-
-class Packer:
-  """First-fit bins of Tokenized examples: at most `row_length` tokens, `max_markers` markers
-  and `max_segments` examples per row (None = no limit but the markers), at most `max_rows`
-  rows (None = unbounded)."""
-
-  def __init__(self, row_length: int, max_markers: int, max_rows: Optional[int] = None, *,
-               max_segments: Optional[int] = None):
-    self.row_length, self.max_markers, self.max_rows = row_length, max_markers, max_rows
-    self.max_segments = max_segments or max_markers
-    self.bins: list[list[Tokenized]] = []
-    self._used: list[tuple[int, int]] = []  # (tokens, markers) per bin
-
-  def add(self, t: Tokenized) -> bool:
-    """Place `t` in the first row with room (opening a row if allowed); False if it fits nowhere."""
-    k = t.marker_positions.shape[0]
-    if len(t) > self.row_length or k > self.max_markers:
-      raise ValueError(f"example {t.id} ({len(t)} tokens, {k} markers) cannot fit a row of "
-                       f"{self.row_length} tokens / {self.max_markers} markers")
-    for i, (n, m) in enumerate(self._used):
-      if n + len(t) <= self.row_length and m + k <= self.max_markers and len(self.bins[i]) < self.max_segments:
-        self.bins[i].append(t)
-        self._used[i] = (n + len(t), m + k)
-        return True
-    if self.max_rows is not None and len(self.bins) >= self.max_rows:
-      return False
-    self.bins.append([t])
-    self._used.append((len(t), k))
-    return True
-
-  def rows(self) -> list["Row"]:
-    return [_concat(b) for b in self.bins]
-
-
-def pack_examples(examples: Sequence[Tokenized], row_length: int, max_markers: int) -> list[Row]:
-  """Greedy first-fit packing of examples into rows of at most `row_length` tokens and
-  `max_markers` markers. Segment ids are 1, 2, ... per row, positions restart at 0 in each
-  segment, and marker positions are offset to where their segment starts."""
-  packer = Packer(row_length, max_markers)
-  for t in examples:
-    packer.add(t)
-  return packer.rows()
-
-
-DEFAULT_PACK_LOOKAHEAD = 16  # data.pack_lookahead's default (rows ~97% full on PRM800K-like lengths)
-
-
-def pack_batch(pending: Sequence[tuple[Tokenized, Any]], read: Callable[[], Optional[tuple[Tokenized, Any]]],
-               rows: int, row_length: int, max_markers: int, lookahead: int = 0, *,
-               max_segments: Optional[int] = None) -> tuple[list[Row], list[tuple[Tokenized, Any]]]:
-  """One batch of at most `rows` first-fit rows from a stream; returns (rows, still pending).
-
-  The examples held over from earlier batches (`pending`, in order) are placed first, then
-  examples from `read()` (None once the stream ends). An example that fits no row is held over
-  (a miss); reading stops after `lookahead + 1` misses, so later short examples fill the holes
-  the first miss left (lookahead 0: stop at the first miss). Each item carries a tag (the
-  pipeline's iterator state before it was read) that is returned with it untouched. The number
-  held over stays bounded: at most `lookahead + 1` when anything was read, and it shrinks
-  otherwise (the first pending example always opens a row).
-  """
-  packer, held = Packer(row_length, max_markers, rows, max_segments=max_segments), []  # len(held): misses
-  for item in pending:
-    if not packer.add(item[0]):
-      held.append(item)
-  while len(held) <= lookahead and (item := read()) is not None:
-    if not packer.add(item[0]):
-      held.append(item)
-  return packer.rows(), held
-
-
-def _concat(parts: Sequence[Tokenized]) -> Row:
-  offsets = np.cumsum([0] + [len(p) for p in parts[:-1]])
-  cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)
-  return Row(
-    input_ids=cat([p.input_ids for p in parts]).astype(np.int32),
-    positions=cat([np.arange(len(p), dtype=np.int32) for p in parts]).astype(np.int32),
-    segment_ids=cat([np.full(len(p), s + 1, np.int32) for s, p in enumerate(parts)]).astype(np.int32),
-    marker_positions=cat([p.marker_positions + o for p, o in zip(parts, offsets)]).astype(np.int32),
-    targets=cat([p.targets for p in parts]).astype(np.float32),
-    target_mask=cat([p.target_mask for p in parts]).astype(np.float32),
-    step_index=cat([np.arange(p.marker_positions.shape[0], dtype=np.int32) for p in parts]).astype(np.int32),
-    example_ids=tuple(p.id for p in parts))
-
-
-def batch_rows(rows: Sequence[Optional[Tokenized | Row]], cfg: RenderConfig, pad_id: int, *,
-               num_rows: Optional[int] = None, with_meta: bool = False) -> dict[str, np.ndarray]:
-  """Pad rows on the right to the smallest bucket that fits the longest one (the BUILD.md batch).
-
-  `None` rows (and rows up to `num_rows`) become all-padding rows with no supervised slot, so
-  evaluation batches keep a fixed row count. `with_meta` adds `example_ids`, `example_index`,
-  `step_index` (unpacked rows only: one example per row).
-  """
-  rows = [r if r is None or isinstance(r, Row) else Row.single(r) for r in rows]
-  b = num_rows if num_rows is not None else len(rows)
-  if len(rows) > b:
-    raise ValueError(f"{len(rows)} rows for a batch of {b}")
-  t = cfg.bucket(max([len(r) for r in rows if r is not None], default=1))
-  m = cfg.markers
-  out = {
-    "input_ids": np.full((b, t), pad_id, np.int32),
-    "positions": np.zeros((b, t), np.int32),
-    "segment_ids": np.zeros((b, t), np.int32),
-    "marker_positions": np.zeros((b, m), np.int32),
-    "targets": np.zeros((b, m), np.float32),
-    "target_mask": np.zeros((b, m), np.float32),
-  }
-  step_index = np.zeros((b, m), np.int32)
-  example_ids = np.full((b,), "", dtype=object)
-  for i, r in enumerate(rows):
-    if r is None:
-      continue
-    n, k = len(r), r.marker_positions.shape[0]
-    if k > m:
-      raise ValueError(f"row with {k} markers exceeds max_markers={m}")
-    if len(r.example_ids) > cfg.segments:  # the model's packed attention has this many slots
-      raise ValueError(f"row with {len(r.example_ids)} examples exceeds {cfg.segments} per row")
-    out["input_ids"][i, :n] = r.input_ids
-    out["positions"][i, :n] = r.positions
-    out["segment_ids"][i, :n] = r.segment_ids
-    out["marker_positions"][i, :k] = r.marker_positions
-    out["targets"][i, :k] = r.targets
-    out["target_mask"][i, :k] = r.target_mask
-    step_index[i, :k] = r.step_index
-    if with_meta:
-      if len(r.example_ids) != 1:
-        raise ValueError("evaluation batches need one example per row (no packing)")
-      example_ids[i] = r.example_ids[0]
-  if with_meta:
-    out["example_ids"] = example_ids.astype(str)
-    out["example_index"] = np.repeat(np.arange(b, dtype=np.int32)[:, None], m, axis=1)
-    out["step_index"] = step_index
-  return out
