@@ -39,6 +39,7 @@ from rmjax.data.example import SkipCounter, describe_skips
 from rmjax.data.pipeline import PipelineConfig, eval_datasets, train_dataset
 from rmjax.model.confidence import ConfidenceModel
 from rmjax.progress import Progress
+from rmjax.run_artifacts import save_run_model
 from rmjax.run_logging import RunLogger
 from rmjax.runtime import quiet_library_logs
 from rmjax.train import build, evaluation, multiprocess
@@ -51,24 +52,12 @@ from rmjax.train.step import EVAL_KEYS, TRAIN_KEYS, Steps, device_batch, make_st
 from rmjax.train.stop import StopFlag
 from rmjax.tokenizer import pad_id
 
-log = logging.getLogger("rmjax.train")
-
-
 class NonFiniteLoss(RuntimeError):
   """Training stopped (nan_policy "stop") because a step's loss or gradient norm was NaN/Inf."""
 
 
 def run_dir_of(spec: Any) -> pathlib.Path:
   return pathlib.Path(spec.output_dir) / str(spec.experiment_name)
-
-
-def optim_config(spec: Any) -> OptimConfig:
-  """OptimConfig of the spec; warmup is capped at max_steps (spec validation only warns there)."""
-  if int(spec.warmup_steps) > int(spec.max_steps):
-    spec = spec.copy_and_resolve_references()
-    with spec.unlocked():
-      spec.warmup_steps = int(spec.max_steps)
-  return OptimConfig.from_spec(spec)
 
 
 class Trainer:
@@ -91,7 +80,7 @@ class Trainer:
       # Skips every process counts alike (readers that parse whole files when built), and skips of
       # this process's shard only (rendering; readers that parse on access), summed at the end.
       self.file_skips, self.shard_skips = SkipCounter(), SkipCounter()
-      self.optim_cfg = optim_config(spec)
+      self.optim_cfg = OptimConfig.from_spec(spec)
       self.mesh = shd.make_mesh(shd.MeshConfig.from_spec(spec))
       try:  # which block of each global batch this process reads (its rows' place on the mesh)
         self.batch_block = shd.process_batch_block(self.mesh)
@@ -130,11 +119,6 @@ class Trainer:
   def _save_run_model(self) -> None:
     """<run_dir>/model/ (tokenizer + model json) so export/score can rebuild from a run dir."""
     if not self.is_main:
-      return
-    try:
-      from rmjax.run_artifacts import save_run_model
-    except ImportError:
-      log.warning("rmjax.run_artifacts is not available: <run_dir>/model/ not written")
       return
     # A local base is recorded by absolute path: export and scoring may run from another
     # directory, where a relative "models/qwen3" would read as a hub id.

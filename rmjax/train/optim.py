@@ -83,9 +83,10 @@ class OptimConfig:
 
   @classmethod
   def from_spec(cls, spec: Any) -> OptimConfig:
-    """Read the top-level training keys (and model.frozen_dtype) of an rmjax spec."""
+    """Read the top-level training keys (and model.frozen_dtype) of an rmjax spec. Warmup is
+    capped at max_steps: spec validation only warns when it is longer."""
     return cls(
-      lr=float(spec.lr), schedule=str(spec.schedule), warmup_steps=int(spec.warmup_steps),
+      lr=float(spec.lr), schedule=str(spec.schedule), warmup_steps=min(int(spec.warmup_steps), int(spec.max_steps)),
       max_steps=int(spec.max_steps), weight_decay=float(spec.weight_decay),
       max_grad_norm=float(spec.max_grad_norm), grad_accum_steps=int(spec.grad_accum_steps),
       loss=str(spec.loss), mode=str(spec.mode), nan_policy=str(spec.nan_policy),
