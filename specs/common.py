@@ -8,13 +8,18 @@ resolves it relative to their own __file__.
 
 Every key of the spec contract is created here; a spec only changes values. Empty strings and
 0 stand for "unset" (ml-collections cannot set a field back to None from the command line).
-The data keys that RenderConfig and PipelineConfig default too take their value from
-`rmjax.data.defaults` (`D` below), so a dataclass built without a spec means the same.
+A key that a data module's dataclass defaults too takes its value from that module (the
+reader options, the synthetic generator) or from `rmjax.data.defaults` (`D` below, for
+RenderConfig and PipelineConfig), so a dataclass built without a spec means the same.
 """
 
 import ml_collections
 
 from rmjax.data import defaults as D  # the data keys' defaults RenderConfig and PipelineConfig share
+from rmjax.data import synthetic
+from rmjax.data.eqasc import EqascOptions
+from rmjax.data.prm800k import Prm800kOptions
+from rmjax.data.reveal import RevealOptions
 
 
 def base_spec() -> ml_collections.ConfigDict:
@@ -88,7 +93,7 @@ def base_spec() -> ml_collections.ConfigDict:
                                      # are dropped (keep it above PRM800K's longest trajectories)
   c.data.length_buckets = (256, 512, 1024, 2048)  # rows pad to the smallest bucket that fits (few shapes, few compiles)
   c.data.template = D.TEMPLATE       # prompt rendering: "default" (plain text) | "chat" (tokenizer's chat template)
-  c.data.neutral_target = 0.5        # target for neutral ratings (PRM800K rating 0)
+  c.data.neutral_target = Prm800kOptions.neutral_target  # target for neutral ratings (PRM800K rating 0)
   c.data.pack = D.PACK               # pack several examples per row (segment ids keep them apart)
   c.data.pack_lookahead = D.PACK_LOOKAHEAD  # packing: read on past this many examples that fit no row
   c.data.max_segments_per_row = D.MAX_SEGMENTS_PER_ROW  # packing: examples per row at most (cuDNN's packed
@@ -99,13 +104,14 @@ def base_spec() -> ml_collections.ConfigDict:
   c.data.allow_reveal_training = False  # REVEAL is eval-only unless set (its terms: test set only)
 
   c.data.synthetic = ml_collections.ConfigDict()  # SYNTHETIC PRM800K-format data, used when data.prm800k.path == ""
-  c.data.synthetic.train_records = 4000  # records in <run_dir>/data/phase2_train.jsonl (written once, from seed)
-  c.data.synthetic.test_records = 400    # records in <run_dir>/data/phase2_test.jsonl
-  c.data.synthetic.max_ops = 4           # arithmetic operations per problem (2 to 100)
-  c.data.synthetic.max_operand = 9       # operands drawn from 1..max_operand (at most max_value)
-  c.data.synthetic.max_value = 30        # running values stay in 0..max_value
-  c.data.synthetic.max_offset = 5        # a wrong step's result is off by 1..max_offset
-  c.data.synthetic.error_rate = 0.5      # fraction of records with a wrong step
+  generator = synthetic.SyntheticConfig()  # its defaults are the spec's
+  c.data.synthetic.train_records = synthetic.DEFAULT_TRAIN_RECORDS  # records in <run_dir>/data/phase2_train.jsonl (written once, from seed)
+  c.data.synthetic.test_records = synthetic.DEFAULT_TEST_RECORDS    # records in <run_dir>/data/phase2_test.jsonl
+  c.data.synthetic.max_ops = generator.max_ops          # arithmetic operations per problem (2 to 100)
+  c.data.synthetic.max_operand = generator.max_operand  # operands drawn from 1..max_operand (at most max_value)
+  c.data.synthetic.max_value = generator.max_value      # running values stay in 0..max_value
+  c.data.synthetic.max_offset = generator.max_offset    # a wrong step's result is off by 1..max_offset
+  c.data.synthetic.error_rate = generator.error_rate    # fraction of records with a wrong step
 
   c.data.prm800k = ml_collections.ConfigDict()
   c.data.prm800k.use = True          # train and evaluate on PRM800K
@@ -114,8 +120,8 @@ def base_spec() -> ml_collections.ConfigDict:
   c.data.prm800k.phase = 2           # PRM800K release phase: 1 or 2 (phase 2 holds most labels)
   c.data.prm800k.train_split = "train"  # file split used for training
   c.data.prm800k.eval_split = "test"    # file split used for evaluation
-  c.data.prm800k.drop_quality_control = False  # drop records with is_quality_control_question
-  c.data.prm800k.drop_screening = False        # drop records with is_initial_screening_question
+  c.data.prm800k.drop_quality_control = Prm800kOptions.drop_quality_control  # drop records with is_quality_control_question
+  c.data.prm800k.drop_screening = Prm800kOptions.drop_screening  # drop records with is_initial_screening_question
 
   c.data.eqasc = ml_collections.ConfigDict()
   c.data.eqasc.use = True            # train and evaluate on eQASC
@@ -123,14 +129,14 @@ def base_spec() -> ml_collections.ConfigDict:
   c.data.eqasc.path = ""             # dir with eqasc_{train,dev,test}_grc.json
   c.data.eqasc.train_split = "train" # file split used for training
   c.data.eqasc.eval_split = "dev"    # file split used for evaluation
-  c.data.eqasc.label_all_steps = False  # chain label (turk_label) on every step, not only the conclusion
+  c.data.eqasc.label_all_steps = EqascOptions.label_all_steps  # chain label (turk_label) on every step, not only the conclusion
 
   c.data.reveal = ml_collections.ConfigDict()
   c.data.reveal.use = True           # evaluate on REVEAL (train only with allow_reveal_training)
   c.data.reveal.weight = 0.25        # sampling weight, used only with allow_reveal_training
   c.data.reveal.path = ""            # dir with eval/reveal_eval.csv (gated dataset, not shipped)
   c.data.reveal.eval_split = "eval"  # "eval" | "open"
-  c.data.reveal.label = "correctness"  # which REVEAL column is the step target
+  c.data.reveal.label = RevealOptions.label  # which REVEAL column is the step target
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                   # data-parallel axis; -1 = all remaining devices

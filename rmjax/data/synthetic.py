@@ -45,7 +45,7 @@ class SyntheticConfig:
   step_padding: str = ""  # optional extra text appended to each step (benchmarks use it)
 
 
-DEFAULT_TRAIN_RECORDS = 4000  # written when data.prm800k.path == "" (demo and tests)
+DEFAULT_TRAIN_RECORDS = 4000  # data.synthetic.train_records' default (demo and tests)
 DEFAULT_TEST_RECORDS = 400
 MAX_OPS = 100  # beyond these, writing the files would take hours or never end
 MAX_RECORDS = 10_000_000
@@ -56,8 +56,7 @@ def settings(block: dict[str, Any]) -> tuple[SyntheticConfig, int, int, list[str
   block; `problems` lists the values that would make the data wrong or its writing endless (an
   operand range wider than the value range makes `_problem` redraw almost forever)."""
   block = dict(block)
-  n_train = int(block.pop("train_records", DEFAULT_TRAIN_RECORDS))
-  n_test = int(block.pop("test_records", DEFAULT_TEST_RECORDS))
+  n_train, n_test = int(block.pop("train_records")), int(block.pop("test_records"))
   cfg = SyntheticConfig(**block)
   problems = [f"{name} must be >= {low}, got {value}" for name, value, low in (
     ("train_records", n_train, 1), ("test_records", n_test, 1), ("max_ops", cfg.max_ops, cfg.min_ops),
