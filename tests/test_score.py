@@ -133,3 +133,21 @@ def test_rerank_scores_real_gsm8k_candidates_with_the_checkpoint(run, tmp_path, 
     want = np.mean([brute_oracle([r[k]["is_correct"] for k in ("6b_finetuning", "6b_verification", "175b_finetuning",
                                                                "175b_verification")], n) for r in originals])
     assert abs(report["oracle"][str(n)] - want) <= 1e-9
+
+
+def test_bench_score_times_both_paths_on_the_same_solutions(run, tmp_path, capsys):
+  from rmjax import export
+  from rmjax.bench import score as bench_score
+  assert export.main(["--checkpoint", str(run), "--output", str(tmp_path / "export")]) == 0
+  recs = [{"problem": f"Compute {a} * 3.", "steps": [f"{a} * 3 = {3 * a}", "So it is that."][: 1 + a % 2]}
+          for a in range(7)]
+  (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+  capsys.readouterr()
+  assert bench_score.main(["--checkpoint", str(run), "--export", str(tmp_path / "export"), "--input",
+                           str(tmp_path / "in.jsonl"), "--batch-size", "4", "--repeat", "1"]) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert result["solutions"] == 7 and result["scored_steps_compared"] == result["steps"] == 10
+  assert result["max_abs_score_diff"] < 1e-4  # the two paths give the same scores
+  for impl in ("rmjax", "torch"):
+    assert result[impl]["solutions_per_s"] > 0
+  assert result["ratio"] == pytest.approx(result["rmjax"]["solutions_per_s"] / result["torch"]["solutions_per_s"])
