@@ -87,10 +87,10 @@ def _check_meta(meta: dict[str, Any]) -> None:
     raise ValueError("head: input_dim / hidden_dims must be positive integers, torch_activation one of "
                      f"{', '.join(_ACTIVATIONS)}, dropout in [0, 1)")
   files = meta["files"]
-  names = [files.get(k) for k in _DIR_KEYS]
+  names = [files[k] for k in _DIR_KEYS]
   if not all(n is None or (isinstance(n, str) and n and pathlib.Path(n).name == n) for n in names):
     raise ValueError(f"files: {', '.join(_DIR_KEYS)} must be folder names inside the export or null")
-  if not files.get(BACKBONE) and not files.get(ADAPTER):
+  if not files[BACKBONE] and not files[ADAPTER]:
     raise ValueError(f"files names neither {BACKBONE!r} nor {ADAPTER!r}")
   if not _positive_ints([meta["vocab_size"], meta["marker_id"] + 1]) or not isinstance(meta["base_model"], str):
     raise ValueError("vocab_size and marker_id must be integers, base_model a string")
@@ -215,8 +215,8 @@ def build_backbone(meta: dict[str, Any], export_dir: pathlib.Path, dtype: Any = 
   dtype = dtype or torch.float32
   files = meta["files"]
   model_files = ("config.json", "model.safetensors")
-  if files.get("backbone"):
-    path = export_dir / files["backbone"]
+  if files[BACKBONE]:
+    path = export_dir / files[BACKBONE]
     _require_files(path, *model_files)
     _check_hf_config(meta, path, written_by_export=True)
     with _loading(path):
@@ -225,15 +225,15 @@ def build_backbone(meta: dict[str, Any], export_dir: pathlib.Path, dtype: Any = 
     from peft import PeftModel
   except ImportError as e:
     raise ImportError(f"LoRA exports need peft ({_INSTALL}): {e}") from None
-  base_path = str(export_dir / files["backbone_base"]) if files.get("backbone_base") else meta["base_model"]
-  if files.get("backbone_base") or pathlib.Path(base_path).is_dir():  # a hub id is not checked offline
+  base_path = str(export_dir / files[BASE_BACKBONE]) if files[BASE_BACKBONE] else meta["base_model"]
+  if files[BASE_BACKBONE] or pathlib.Path(base_path).is_dir():  # a hub id is not checked offline
     _require_files(pathlib.Path(base_path), *model_files)
-    _check_hf_config(meta, pathlib.Path(base_path), written_by_export=bool(files.get("backbone_base")))
+    _check_hf_config(meta, pathlib.Path(base_path), written_by_export=bool(files[BASE_BACKBONE]))
   with _loading(base_path):
     base = transformers.AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
   if base.get_input_embeddings().weight.shape[0] < meta["vocab_size"]:
     base.resize_token_embeddings(meta["vocab_size"])  # the marker row lies past the base's rows
-  adapter = export_dir / files["lora_adapter"]
+  adapter = export_dir / files[ADAPTER]
   _require_files(adapter, "adapter_config.json", "adapter_model.safetensors")
   _check_adapter_config(meta, adapter)
   with _loading(adapter):
@@ -256,7 +256,7 @@ class TorchScorer:
     export_dir = pathlib.Path(export_dir)
     meta = read_export_meta(export_dir)
     files = meta["files"]
-    tok_dir = export_dir / (files.get("backbone") or files.get("lora_adapter") or BACKBONE)
+    tok_dir = export_dir / (files[BACKBONE] or files[ADAPTER])
     tok = load_tokenizer_dir(tok_dir)
     if marker_id(tok) != meta["marker_id"]:
       raise ValueError(f"tokenizer in {tok_dir} gives marker id {marker_id(tok)}, export says {meta['marker_id']}")

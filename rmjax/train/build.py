@@ -159,8 +159,8 @@ def complete_params(model: Any, backbone: dict, rng: jax.Array) -> dict:
 
 
 def synthetic_config(spec: Any) -> tuple[SyntheticConfig, int, int]:
-  """(generator settings, train records, test records) from the optional `data.synthetic` block."""
-  cfg, n_train, n_test, problems = synthetic.settings(spec.data.synthetic.to_dict() if "synthetic" in spec.data else {})
+  """(generator settings, train records, test records) from the `data.synthetic` block."""
+  cfg, n_train, n_test, problems = synthetic.settings(spec.data.synthetic.to_dict())
   if problems:
     raise spec_lib.SpecError("invalid spec: data.synthetic: " + "; ".join(problems))
   return cfg, n_train, n_test
