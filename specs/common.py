@@ -18,7 +18,7 @@ import ml_collections
 from rmjax.data import defaults as D  # the data keys' defaults RenderConfig and PipelineConfig share
 from rmjax.data import synthetic
 from rmjax.data.eqasc import EqascOptions
-from rmjax.data.prm800k import Prm800kOptions
+from rmjax.data.prm800k import DEFAULT_PHASE, Prm800kOptions
 from rmjax.data.reveal import RevealOptions
 
 
@@ -117,7 +117,7 @@ def base_spec() -> ml_collections.ConfigDict:
   c.data.prm800k.use = True          # train and evaluate on PRM800K
   c.data.prm800k.weight = 0.5        # sampling weight in the training mix
   c.data.prm800k.path = ""           # dir with phase{1,2}_{train,test}.jsonl; "" = synthetic PRM800K-format data
-  c.data.prm800k.phase = 2           # PRM800K release phase: 1 or 2 (phase 2 holds most labels)
+  c.data.prm800k.phase = DEFAULT_PHASE  # PRM800K release phase: 1 or 2 (phase 2 holds most labels)
   c.data.prm800k.train_split = "train"  # file split used for training
   c.data.prm800k.eval_split = "test"    # file split used for evaluation
   c.data.prm800k.drop_quality_control = Prm800kOptions.drop_quality_control  # drop records with is_quality_control_question

@@ -34,6 +34,7 @@ from rmjax.data.record_files import parse_json_line as parse_line
 
 SPLITS = ("train", "test")
 PHASES = (1, 2)
+DEFAULT_PHASE = 2  # phase 2 holds most of the labels
 FINISH_REASONS = ("found_error", "solution", "bad_problem", "give_up")
 _RATINGS = (-1, 0, 1, None)
 

@@ -33,7 +33,7 @@ from rmjax.data.eqasc import EqascOptions, EqascReader
 from rmjax.data.math_shepherd import MathShepherdReader
 from rmjax.data.example import SkipCounter
 from rmjax.data.processbench import ProcessbenchReader
-from rmjax.data.prm800k import Prm800kOptions, Prm800kReader
+from rmjax.data.prm800k import DEFAULT_PHASE, Prm800kOptions, Prm800kReader
 from rmjax.data.reveal import RevealOptions, RevealReader
 from rmjax.data.rmjax_jsonl import RmjaxReader
 from rmjax.data.stepwise import StepwiseReader
@@ -97,7 +97,7 @@ def build_source(name: str, source_cfg: Any, split: Optional[str] = None,
   common = dict(skips=skips, strict=strict, source=name)
   options = _options(kind, cfg)
   if kind == "prm800k":
-    phase = cfg.get("phase", 2)
+    phase = cfg.get("phase", DEFAULT_PHASE)  # a reader block may leave it out
     try:
       phase = int(phase) if phase is not None else None
     except (TypeError, ValueError):
