@@ -179,8 +179,10 @@ def _check_numbers(spec: ConfigDict, problems: list[str], warnings: list[str]) -
     problems.append(f"head.dropout must be in [0, 1), got {spec.head.dropout}")
   if not _positive_ints(spec.head.hidden_dims):
     problems.append(f"head.hidden_dims must be positive integers, got {tuple(spec.head.hidden_dims)}")
-  if not 0 <= spec.data.neutral_target <= 1:
-    problems.append(f"data.neutral_target must be in [0, 1], got {spec.data.neutral_target}")
+  try:  # the reader's own check, named by its spec key
+    prm800k.Prm800kOptions(neutral_target=spec.data.neutral_target)
+  except ValueError as e:
+    problems.append(f"data.{e}")
   if spec.mode == "lora":
     if spec.lora.rank <= 0:
       problems.append(f"lora.rank must be > 0 in mode 'lora', got {spec.lora.rank}")

@@ -49,7 +49,7 @@ class Prm800kOptions:
 
   def __post_init__(self):
     if not 0.0 <= float(self.neutral_target) <= 1.0:
-      raise ValueError(f"prm800k neutral_target must be in [0, 1], got {self.neutral_target}")
+      raise ValueError(f"neutral_target must be in [0, 1], got {self.neutral_target}")
 
 
 def prm800k_candidates(phase: Optional[int]) -> Callable[[str], list[str]]:
