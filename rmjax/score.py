@@ -4,6 +4,7 @@ Why it exists: after training, users need confidences for solutions the model ne
 without writing code:
 
   python -m rmjax.score --checkpoint runs/demo --input in.jsonl --output out.jsonl [--batch-size 8] [--with-tokens]
+                        [--aggregate min|prod|mean|last] [--step-separator SEP]
 
 Each input line is an object with `problem` (string) and either `steps` (list of strings) or
 `text` (a whole solution, split into steps at --step-separator, default a blank line; the
@@ -14,7 +15,8 @@ when a step has no score) and, with --with-tokens, `input_ids` and `marker_posit
 Malformed lines are reported with their line number on stderr and skipped.
 
 --checkpoint is a run directory (its best checkpoint), a checkpoint_step_<N> directory (both
-scored in JAX with the run's own model), or an export directory (scored in PyTorch by
+scored in JAX by rmjax.inference, the evaluation step of training on every local device, with
+several solutions packed per row), or an export directory (scored in PyTorch by
 `rmjax.torch_scorer`, so it needs the [torch] extra (`pip install -e ".[torch]"`): this is the path that shows what a
 torch user will get). Every step is scored, not only the first `data.max_steps_per_example`.
 """
