@@ -31,21 +31,14 @@ def get_config(arg=None):
   c.batch_size = 16                # global; micro-batch 8 splits over 1, 2, 4 or 8 devices
   c.grad_accum_steps = 2           # keeps the accumulation path exercised
   c.warmup_steps = 60              # 10% of max_steps
-  c.logging_steps = 10
   c.eval_steps = 200               # three evaluations
   c.save_steps = 200               # three checkpoints
   c.max_eval_batches = 0           # the synthetic eval split is small: evaluate all of it
 
-  c.model.path = "demo"            # tiny random backbone, shape below, built in-process
+  c.model.path = "demo"            # tiny random backbone of common's model.demo shape, built in-process
   c.model.compute_dtype = "float32"  # CPU: no bf16 speed-up, and exact numbers for tests
   c.model.frozen_dtype = "float32"
   c.model.remat = "none"           # activations are tiny
-  c.model.demo.hidden_size = 64
-  c.model.demo.num_layers = 2
-  c.model.demo.num_heads = 4
-  c.model.demo.num_kv_heads = 2
-  c.model.demo.head_dim = 16
-  c.model.demo.intermediate_size = 128
   c.head.hidden_dims = (64, 32)    # small head for a 64-wide backbone
   c.head.dropout = 0.0             # short run: no regularisation needed
 
@@ -54,7 +47,6 @@ def get_config(arg=None):
 
   c.data.max_length = 128          # synthetic examples are short
   c.data.length_buckets = (64, 128)  # two shapes -> two compilations per step function
-  c.data.eval_batch_size = 16
   c.data.prm800k.path = ""         # "" = synthetic PRM800K-format records generated into the run dir
   # Small numbers keep the arithmetic table learnable by a 2-layer, 64-wide model in 600 steps
   # (with the default 1..9 operands and values up to 30 it stalls near AUROC 0.65).
