@@ -15,7 +15,8 @@ model (rmjax.inference); without it the candidates' own `step_scores` are used. 
 become a solution score by each of min, prod, mean and last (rmjax.solutions), and for n = 1, 2,
 4, ... up to N (the smallest N of the file, and N itself) DIR receives:
   bon.json        accuracy[<aggregation>][<n>], oracle[<n>] (pass@n), majority[<n>] (vote over
-                  `answer`, over the problems with an answer; null when none has one): each the
+                  `answer`, compared as strings with surrounding spaces stripped, over the
+                  problems with an answer; null when none has one): each the
                   EXACT mean over all n-subsets of each problem's candidates, averaged over
                   problems (ties and abstentions: rmjax.bon)
   candidates.jsonl  the problems with every candidate's step_scores and solution_scores
