@@ -130,7 +130,9 @@ class RunScorer:
       while pending:  # longest first, each batch in rows of the bucket its longest solution needs
         packer = Packer(cfg.bucket(len(pending[0])), markers, max_rows=self.rows, max_segments=segments)
         pending = [t for t in pending if not packer.add(t)]
-        probs = self.probs(batch_rows(packer.rows(), cfg, self._pad, num_rows=self.rows))
+        rows = _pow2(len(packer.bins))  # few shapes; a small call runs few rows
+        rows = min(self.rows, rows + (-rows % self.shards))
+        probs = self.probs(batch_rows(packer.rows(), cfg, self._pad, num_rows=rows))
         for r, parts in enumerate(packer.bins):
           offset = 0
           for t in parts:

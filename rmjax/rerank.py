@@ -152,7 +152,7 @@ def bon_plot(report: dict[str, Any], path: pathlib.Path, dpi: int = 110) -> path
   ax.set_xlabel("n (candidates per problem)")
   ax.set_ylabel("accuracy@n")
   ax.set_title(f"Best-of-n reranking ({report['problems']:,} problems)", fontsize=11)
-  ax.legend(fontsize=9, frameon=False)
+  ax.legend(fontsize=9, frameon=False, loc="best")
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, format="png")
   return path
