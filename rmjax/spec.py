@@ -21,7 +21,7 @@ import math
 import os
 from typing import Any, Iterable, Mapping
 
-from rmjax.data import eqasc, prm800k, reveal, synthetic
+from rmjax.data import defaults as data_defaults, eqasc, prm800k, reveal, synthetic
 from rmjax.model.config import DTYPES, LORA_TARGETS, REMAT_POLICIES, SEGMENT_ATTENTION
 from rmjax.spec_io import (ConfigDict, SpecError, apply_overrides, check_overrides, closest_keys,  # noqa: F401
                            describe_type, dotted_items, dotted_keys, find_flag_value, get_dotted,
@@ -194,7 +194,7 @@ def _check_numbers(spec: ConfigDict, problems: list[str], warnings: list[str]) -
     warnings.append(f"warmup_steps ({spec.warmup_steps}) >= max_steps ({spec.max_steps}): "
                     "the learning rate never reaches its peak")
   if spec.data.pack and spec.model.segment_attention != "mask" and not spec.data.max_segments_per_row:
-    slots = 4 * int(spec.data.max_steps_per_example) + 1
+    slots = data_defaults.PACKED_MARKER_FACTOR * int(spec.data.max_steps_per_example) + 1
     where = " on a Hopper GPU" if spec.model.segment_attention == "auto" else ""
     warnings.append(f"model.segment_attention='{spec.model.segment_attention}' with data.max_segments_per_row=0 "
                     f"gives cuDNN{where} {slots} segment slots per row (one softmax statistic each, mostly empty); "

@@ -15,6 +15,8 @@ PACK_LOOKAHEAD = 16  # data.pack_lookahead: rows ~97% full on PRM800K-like lengt
 # data.max_segments_per_row: cuDNN's packed layout has this many slots, each costing time even
 # empty; the packing bench's PRM800K-like rows of 2048 tokens hold at most 6 examples
 MAX_SEGMENTS_PER_ROW = 16
+# A packed row's marker slots: this many times data.max_steps_per_example (not a spec key)
+PACKED_MARKER_FACTOR = 4
 EVAL_BATCH_SIZE = 16  # data.eval_batch_size, global rows
 NUM_WORKERS = 2  # data.num_workers: grain read threads per source
 PREFETCH = 64  # data.prefetch: examples buffered per source

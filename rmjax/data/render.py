@@ -11,6 +11,7 @@ live. The rules kept here:
   first marker does not fit is skipped and counted ("first_marker_truncated").
 Rows and batches (packing, padding to buckets) are `rmjax.data.packing`'s.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,12 +57,13 @@ class RenderConfig:
 
   @classmethod
   def from_spec(cls, data: Any) -> "RenderConfig":
-    """From the spec's `data` ConfigDict. Marker slots: max_steps_per_example, or 4x that when
-    `data.pack` (several examples share a row)."""
+    """From the spec's `data` ConfigDict. Marker slots: max_steps_per_example, or
+    PACKED_MARKER_FACTOR times that when `data.pack` (several examples share a row)."""
     steps = int(data.max_steps_per_example)
     return cls(max_length=int(data.max_length), length_buckets=tuple(data.length_buckets),
                template=str(data.template), max_steps_per_example=steps,
-               max_markers=4 * steps if data.pack else 0, max_segments=int(data.max_segments_per_row))
+               max_markers=defaults.PACKED_MARKER_FACTOR * steps if data.pack else 0,
+               max_segments=int(data.max_segments_per_row))
 
   def bucket(self, n: int) -> int:
     for b in self.length_buckets:
