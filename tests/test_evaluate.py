@@ -213,3 +213,28 @@ def test_prmbench_command_writes_what_its_predictions_give(run, tmp_path, shared
     assert (m["f1"], m["negative_f1"], m["prm_score"]) == pytest.approx(independent_scores(preds, 0.5, {name}), abs=1e-12)
   assert result["unscored_ids"] == [p["id"] for p in preds if None in p["step_scores"]]
   assert "PRMScore" in capsys.readouterr().out
+
+
+def test_processbench_metric_at_ties_unscored_steps_and_the_best_threshold():
+  from rmjax import processbench_eval as pe
+  assert pe.predicted_error([0.9, 0.5, 0.2], 0.5) == 2  # a score AT the threshold is no error
+  assert pe.predicted_error([0.9, 0.4, None], 0.5) == 1  # decided before the unscored step
+  assert pe.predicted_error([0.9, None, 0.1], 0.5) is None and pe.predicted_error([0.7, 0.8], 0.5) == -1
+  rng = np.random.default_rng(0)
+  grid = [0.1, 0.3, 0.5, 0.7, 0.9]  # coarse: many ties, thresholds landing on scores
+  samples = []
+  for i in range(60):
+    n = int(rng.integers(1, 6))
+    scores = [float(rng.choice(grid)) for _ in range(n)]
+    if rng.random() < 0.1:
+      scores[int(rng.integers(n))] = None
+    samples.append({"id": str(i), "split": ["gsm8k", "math"][i % 2], "label": int(rng.integers(-1, n)),
+                    "step_scores": scores})
+  for t in (0.3, 0.5, 0.55):
+    got = pe.report(samples, t)
+    want, average = official_processbench(samples, t)
+    assert got["splits"] == want and got["average_f1"] == pytest.approx(average, abs=1e-15)
+  best = pe.best_threshold(samples)
+  fine = np.linspace(0.0, 1.0, 2001)  # every gap between grid scores holds several of these
+  assert max(official_processbench(samples, t)[1] for t in fine) == pytest.approx(best["average_f1"], abs=1e-12)
+  assert official_processbench(samples, best["threshold"])[1] == pytest.approx(best["average_f1"], abs=1e-12)
