@@ -273,3 +273,4 @@ def test_pipeline_config_from_the_real_spec():
   cfg = PipelineConfig.from_spec(spec)
   assert (cfg.num_threads, cfg.prefetch, cfg.pack) == (spec.data.num_workers, spec.data.prefetch, spec.data.pack)
   assert cfg.eval_batch_size == spec.data.eval_batch_size
+  assert PipelineConfig() == cfg  # built without a spec, it means what the spec means

@@ -189,3 +189,4 @@ def test_render_config_from_the_real_spec():
   cfg = RenderConfig.from_spec(data)
   assert cfg.max_length == data.max_length and cfg.markers == data.max_steps_per_example
   assert cfg.length_buckets == tuple(sorted(data.length_buckets))
+  assert RenderConfig(max_length=cfg.max_length, length_buckets=cfg.length_buckets) == cfg  # same defaults
