@@ -8,12 +8,14 @@ import sys
 
 import pytest
 
+from _xla_env import subprocess_flags
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_demo_spec_trains_and_learns(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as for a user
+  env = dict(os.environ, XLA_FLAGS=subprocess_flags(None))  # one CPU device, as for a user
   env["JAX_PLATFORMS"] = "cpu"
   proc = subprocess.run([sys.executable, "-m", "rmjax.launch", "--spec", "specs/demo.py",
                          f"--spec.output_dir={tmp_path}"],

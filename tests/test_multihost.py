@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import _run_helpers as R
+from _xla_env import subprocess_flags
 from test_loop import _env, _launch_cmd, checkpoint_steps
 
 STEPS = 4
@@ -22,7 +23,7 @@ EXTRA = ("--spec.eval_steps=0", f"--spec.save_steps={STEPS}", "--spec.batch_size
 def _start_two_processes(out, env_style: bool, extra=EXTRA):
   port = R.free_port()
   cmd = _launch_cmd(out, STEPS, *extra)
-  env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(_env(), XLA_FLAGS=subprocess_flags(1))
   procs = []
   for i in range(2):
     if env_style:  # what launch/local.sh, SLURM-less clusters and the k8s Job set
@@ -101,7 +102,7 @@ def test_two_processes_equal_one_process_with_two_devices_and_restore_in_one(tmp
 
 @pytest.mark.slow
 def test_launch_local_sh_runs_two_processes(tmp_path):
-  env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHON=sys.executable)
+  env = dict(_env(), XLA_FLAGS=subprocess_flags(1), PYTHON=sys.executable)
   cmd = ["bash", str(R.ROOT / "launch" / "local.sh"), "2"] + _launch_cmd(tmp_path, 2, *EXTRA)[3:]
   proc = subprocess.run(cmd, cwd=R.ROOT, env=env, capture_output=True, text=True, timeout=240)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -1,0 +1,50 @@
+"""XLA_FLAGS for the test process and the subprocesses tests start.
+
+Why it exists: conftest.py gives the suite 8 fake CPU devices, compiles without LLVM's
+optimisations and, with RMJAX_TEST_MAX_ISA, caps the CPU instruction set XLA compiles for (so an
+AVX-512 machine runs the suite as an AVX2-only CPU would), on top of any XLA_FLAGS the caller set.
+Tests that start `python -m rmjax.launch` with another device count must keep the rest of those
+flags, so they build their XLA_FLAGS here.
+
+The tests' models are tiny: compiling their programs, not running them, is where the suite's time
+goes, and LLVM's code generation is most of a compile (a tiny train step on 2 busy cores: 31 s at
+the default level 3, 12 s at level 0). The level is LLVM's alone: XLA's HLO passes, fusions and
+library kernels are the same, and values differ at most by fp32 rounding (FMA contraction), as
+between CPU kinds. XLA_FLAGS=--xla_backend_optimization_level=3 runs the suite at the default.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+DEVICE_FLAG = "--xla_force_host_platform_device_count"
+ISA_FLAG = "--xla_cpu_max_isa"
+ISA_ENV = "RMJAX_TEST_MAX_ISA"  # XLA's names: AVX2, AVX, SSE4_2, AVX512, ...
+OPT_FLAG = "--xla_backend_optimization_level"
+
+
+def _name(flag: str) -> str:
+  return flag.split("=", 1)[0]
+
+
+def with_flags(existing: str, *flags: str) -> str:
+  """`existing` plus each of `flags` whose name it does not set already (what it sets wins)."""
+  have = {_name(f) for f in existing.split()}
+  return " ".join([existing.strip(), *(f for f in flags if _name(f) not in have)]).strip()
+
+
+def suite_flags(env: Mapping[str, str] = os.environ, devices: int = 8) -> str:
+  """The test process's XLA_FLAGS: the caller's, then (each unless the caller set it) `devices`
+  fake CPU devices, LLVM optimisation level 0 and the instruction-set cap named by
+  RMJAX_TEST_MAX_ISA."""
+  isa = env.get(ISA_ENV, "").strip()
+  return with_flags(env.get("XLA_FLAGS", ""), f"{DEVICE_FLAG}={devices}", f"{OPT_FLAG}=0",
+                    *([f"{ISA_FLAG}={isa}"] if isa else []))
+
+
+def subprocess_flags(device_count: int | None, env: Mapping[str, str] = os.environ) -> str:
+  """This process's XLA_FLAGS with `device_count` fake CPU devices instead of its count (None:
+  jax's one CPU device, as for a user); every other flag (the instruction-set cap) is kept."""
+  kept = " ".join(f for f in env.get("XLA_FLAGS", "").split() if _name(f) != DEVICE_FLAG)
+  return with_flags(kept, *([f"{DEVICE_FLAG}={device_count}"] if device_count is not None else []))
