@@ -1,6 +1,8 @@
 """XLA attention in query blocks (model/blocked_attention.py): the plain call's values and
 gradients, with fewer FLOPs."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,21 +28,31 @@ def _segments():
   return jnp.asarray(np.stack([row0, np.ones(T)]), jnp.int32)
 
 
+@functools.cache
+def _attend(block: int, masked: bool):
+  """(attention output, (loss, (dq, dk, dv))) of blocked_causal_attention, one compiled call
+  per (block, masked); block 0 is the plain call."""
+  q, k, v = _inputs()
+  mask = attention_mask(_segments()) if masked else None
+
+  def loss(q, k, v):
+    out = blocked_causal_attention(q, k, v, mask, SCALE, block)
+    return jnp.sum(jnp.sin(out)), out
+  (value, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  return np.asarray(out), jax.tree.map(np.asarray, (value, grads))
+
+
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("block", [16, 35, 69])
 def test_blocks_give_the_plain_calls_values_and_gradients(masked, block):
-  q, k, v = _inputs()
-  mask = attention_mask(_segments()) if masked else None
-  def loss(block):
-    return lambda q, k, v: jnp.sum(jnp.sin(blocked_causal_attention(q, k, v, mask, SCALE, block)))
-  plain = jax.value_and_grad(loss(0), argnums=(0, 1, 2))(q, k, v)
-  blocked = jax.value_and_grad(loss(block), argnums=(0, 1, 2))(q, k, v)
-  for want, got in zip(jax.tree.leaves(plain), jax.tree.leaves(blocked)):
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
-  out = blocked_causal_attention(q, k, v, mask, SCALE, block)
+  out, blocked = _attend(block, masked)
+  for want, got in zip(jax.tree.leaves(_attend(0, masked)[1]), jax.tree.leaves(blocked), strict=True):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
   # and the plain call is the reference: causal, within segments
-  reference = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=SCALE, is_causal=True, implementation="xla")
-  np.testing.assert_allclose(np.asarray(out), np.asarray(reference), atol=1e-5, rtol=1e-5)
+  mask = attention_mask(_segments()) if masked else None
+  reference = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+    q, k, v, mask=mask, scale=SCALE, is_causal=True, implementation="xla"))(*_inputs())
+  np.testing.assert_allclose(out, np.asarray(reference), atol=1e-5, rtol=1e-5)
 
 
 def test_blocks_above_the_diagonal_are_not_computed():
