@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import pathlib
 from typing import Any
 
@@ -47,6 +46,7 @@ from rmjax.train.evaluation import fmt, selection_loss
 from rmjax.train.optim import OptimConfig, param_counts
 from rmjax.train.perf import LoopMeter
 from rmjax.train.prefetch import DevicePrefetcher
+from rmjax.train.record import RunRecord
 from rmjax.train.state import create_train_state
 from rmjax.train.step import EVAL_KEYS, TRAIN_KEYS, Steps, device_batch, make_steps
 from rmjax.train.stop import StopFlag
@@ -91,10 +91,7 @@ class Trainer:
     except BaseException:
       self.close()
       raise
-    self.best_val_loss, self.best_step = math.inf, None
-    self.last_eval: dict[str, Any] = {}
-    self.train_shapes: set[tuple[int, ...]] = set()
-    self.nonfinite_skipped = 0
+    self.record = RunRecord()
 
   # ---- building --------------------------------------------------------------------------
 
@@ -158,7 +155,7 @@ class Trainer:
         self.resume_step = restored.step
         self.logger.rewind_to(restored.step)  # the logs as they were at that step
       self.state = restored.state
-      self._restore_run_counters(restored.metadata)
+      self.record.restore(restored.metadata)
       self.logger.log(f"Resumed from {self.checkpointer.step_path(restored.step)} (step {restored.step})")
       return restored.step
     if self.spec.init_from:
@@ -168,19 +165,6 @@ class Trainer:
       self.state = self.state.replace(params=weights["params"], frozen=weights["frozen"])
       self.logger.log(f"Initialised weights from {self.spec.init_from} (fresh optimizer, step 0)")
     return 0
-
-  def _run_counters(self) -> dict[str, Any]:
-    """What the loop has counted so far and a resume must continue from (checkpoint metadata)."""
-    finite = math.isfinite(self.best_val_loss)
-    return {"best_val_loss": self.best_val_loss if finite else None, "best_step": self.best_step,
-            "nonfinite_steps_skipped": self.nonfinite_skipped}
-
-  def _restore_run_counters(self, metadata: dict[str, Any]) -> None:
-    """The counters as saved with the restored step (`_run_counters`)."""
-    loss = metadata["best_val_loss"]
-    self.best_val_loss = math.inf if loss is None else float(loss)
-    self.best_step = metadata["best_step"]
-    self.nonfinite_skipped = int(metadata["nonfinite_steps_skipped"])
 
   def _placed(self, batch: dict[str, np.ndarray], keys: tuple[str, ...] = TRAIN_KEYS) -> dict[str, jax.Array]:
     """A batch of this process's rows as global arrays (lengths agreed across processes)."""
@@ -199,11 +183,8 @@ class Trainer:
     if log_scalars:
       self.logger.log_scalars(step, metrics)
     self.logger.log(evaluation.describe(step, metrics, self.eval_ds, test_only))
-    loss = selection_loss(metrics)
-    if loss is not None and math.isfinite(loss) and loss < self.best_val_loss:
-      self.best_val_loss, self.best_step = loss, step
-      self.logger.best(loss, step)
-    self.last_eval = metrics
+    if self.record.note_eval(step, metrics):
+      self.logger.best(self.record.best_val_loss, step)
     return metrics
 
   # ---- saving -----------------------------------------------------------------------------
@@ -211,7 +192,7 @@ class Trainer:
   def save(self, step: int, val_loss: float | None) -> None:
     saved = self.checkpointer.save(step, self.state, iterator=self.train_iter, val_loss=val_loss,
                                    metadata={"config_hash": ckpt_lib.config_hash(spec_lib.spec_to_dict(self.spec)),
-                                             **self._run_counters()})
+                                             **self.record.checkpoint_metadata()})
     if saved:
       verb = "Saving checkpoint (asynchronously)" if self.checkpointer.config.async_save else "Saved checkpoint"
       self.logger.log(f"{verb} {self.checkpointer.step_path(step)}"
@@ -232,7 +213,7 @@ class Trainer:
         self.logger.log(message + ". Stopping (nan_policy='stop'); no checkpoint is written for this "
                         "or any later step", logging.ERROR)
         raise NonFiniteLoss(message)
-      self.nonfinite_skipped += 1
+      self.record.nonfinite_skipped += 1
       self.logger.log(message + " (nan_policy='skip')", logging.WARNING)
     if step % int(self.spec.logging_steps) == 0 or step == int(self.spec.max_steps):
       self.logger.log_scalars(step, {
@@ -244,9 +225,9 @@ class Trainer:
     """Evaluates when due, then saves when due or when keep_best has a new best."""
     val_loss = None
     if eval_due:
-      best_before = self.best_val_loss
+      best_before = self.record.best_val_loss
       val_loss = selection_loss(self.evaluate(step))
-      save_due = save_due or (self.checkpointer.config.keep_best and self.best_val_loss < best_before)
+      save_due = save_due or (self.checkpointer.config.keep_best and self.record.best_val_loss < best_before)
     if save_due:
       self.save(step, val_loss)
 
@@ -271,7 +252,7 @@ class Trainer:
         step += 1
         # Step N is queued: the host's bookkeeping, and reading step N-1, overlap its run.
         batch = item.host
-        self.train_shapes.add(tuple(batch["input_ids"].shape))
+        self.record.train_shapes.add(tuple(batch["input_ids"].shape))
         tokens = float(np.count_nonzero(batch["segment_ids"])) * self.process_count
         if pending is not None:
           bar.update(pending[0], loss=self._log_train(*pending, meter))
@@ -307,20 +288,15 @@ class Trainer:
   def _final_results(self, step: int, interrupted: bool) -> dict[str, Any]:
     self.checkpointer.wait_until_finished()
     results = {
-      "best_val_loss": self.best_val_loss if math.isfinite(self.best_val_loss) else None,
-      "best_step": self.best_step, "total_steps": step, "max_steps": int(self.spec.max_steps),
+      **self.record.final_results(), "total_steps": step, "max_steps": int(self.spec.max_steps),
       "interrupted": interrupted, "resumed_from_step": self.resume_step,
-      "final_metrics": self.last_eval,
       "skipped_records": multiprocess.skipped_records(self.file_skips, self.shard_skips, self.process_count),
-      "nonfinite_steps_skipped": self.nonfinite_skipped,
-      "train_step_traces": int(self.steps.traces["train"]),
-      "train_batch_shapes": sorted(list(s) for s in self.train_shapes),
-      "eval_step_traces": int(self.steps.traces["eval"]),
+      "train_step_traces": int(self.steps.traces["train"]), "eval_step_traces": int(self.steps.traces["eval"]),
       "checkpoints": self.checkpointer.all_steps(),
     }
     self.logger.write_final(results)
     self.logger.log(f"Done at step {step}: best val loss {fmt(results['best_val_loss'])} at step "
-                    f"{results['best_step']}; final val auroc {fmt(self.last_eval.get('val/auroc'))}")
+                    f"{results['best_step']}; final val auroc {fmt(self.record.last_eval.get('val/auroc'))}")
     if results["skipped_records"]:
       self.logger.log("Skipped records (training and evaluation; final_results.json): "
                       + describe_skips(results["skipped_records"]), logging.WARNING)
