@@ -60,6 +60,9 @@ def load_eval_spec(run_dir: pathlib.Path, spec_file: str | None, overrides: Sequ
     spec = ConfigDict(cli.read_json_object(path))
   spec = apply_overrides(spec, overrides)
   _check_eval_numbers(spec, overrides)
+  if overrides:
+    with spec_values(spec_file or run_dir / "logs" / "config.json"):
+      _validate_overridden(spec, overrides)
   return spec
 
 
@@ -81,6 +84,31 @@ def _check_eval_numbers(spec: Any, overrides: Sequence[str]) -> None:
       raise SpecError(f"--set {key}: must be >= {least}, got {get_dotted(spec, key)}")
 
 
+def _validate_overridden(spec: Any, overrides: Sequence[str]) -> None:
+  """The launcher's validation (rmjax.spec.validate) of a spec --set changed, every problem in one
+  line: a bad render key is refused here, not by RenderConfig's assertions. The keys evaluation
+  does not use are set to values that pass (mesh: evaluate uses every local device; source
+  weights: a source may be evaluated only), and a raised max_length alone gets the largest bucket
+  that eval_render_config gives it."""
+  from rmjax.spec import SpecError, validate
+  from rmjax.spec_sources import eval_sources
+  named = {item.partition("=")[0] for item in overrides}
+  copy = spec.copy_and_resolve_references()
+  copy.mesh.update(data=-1, fsdp=1, tensor=1)
+  copy.data.allow_reveal_training = True
+  for name in eval_sources(copy):
+    if copy.data[name].weight == 0:
+      copy.data[name].weight = 1.0
+  if "data.max_length" in named and "data.length_buckets" not in named:
+    top = copy.data.max_length
+    copy.data.length_buckets = (*[b for b in copy.data.length_buckets if b < top], top)
+  try:
+    validate(copy, num_devices=1, check_paths=False)
+  except SpecError as e:
+    head, *problems = str(e).splitlines()
+    raise SpecError(" ".join([f"--set: {head}", "; ".join(p.strip(" -") for p in problems)]).strip()) from None
+
+
 @contextlib.contextmanager
 def spec_values(origin: str | pathlib.Path) -> Iterator[None]:
   """A missing key or a value of the wrong type met while reading the spec (a hand-edited or
@@ -96,7 +124,7 @@ def spec_values(origin: str | pathlib.Path) -> Iterator[None]:
 def build_eval_sources(spec: Any, run_dir: pathlib.Path, skips: Any) -> dict[str, Any]:
   """{name: reader} for every enabled source on its eval split."""
   from rmjax.data.sources import build_source
-  from rmjax.spec import eval_sources
+  from rmjax.spec_sources import eval_sources
   from rmjax.train.build import source_config
   names = eval_sources(spec)
   if not names:

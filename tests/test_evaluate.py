@@ -115,11 +115,25 @@ def test_raising_max_length_alone_adds_it_as_the_largest_bucket():
                                          ("max_eval_batches=-1", "--set max_eval_batches: must be >= 0, got -1"),
                                          ("data.num_workers=-1", "--set data.num_workers: must be >= 0, got -1"),
                                          ("data.synthetic.test_records=5", "the synthetic records were written once"),
+                                         ("data.template=foo", "--set: invalid spec: data.template='foo'; choose from"),
+                                         ("data.length_buckets=(16, 32)", "the largest bucket is below data.max_length"),
                                          ("data", "KEY=VALUE")])
 def test_bad_set_is_a_one_line_error(run, tmp_path, capsys, item, words):
   assert evaluate.main(["--checkpoint", str(run), "--output", str(tmp_path / "x"), "--set", item]) == 2
   err = capsys.readouterr().err
   assert err.startswith("rmjax.evaluate: error:") and words in err and err.count("\n") == 1
+
+
+def test_set_is_validated_as_the_launcher_validates_but_not_for_training(run):
+  # the launcher's spec validation, every problem on one line; rmjax.evaluate --benchmark takes
+  # the same path (benchmarks.load_scorer)
+  with pytest.raises(ValueError) as e:
+    evaluate.load_eval_spec(run, None, ["data.template=foo", "data.length_buckets=(16, 32)"])
+  assert str(e.value).startswith("--set: invalid spec (2 problems): data.template='foo'") and "\n" not in str(e.value)
+  # what only training needs is not asked for: a source evaluated only, another mesh, max_length alone
+  for overrides in (["data.prm800k.use=false", "data.eqasc.use=false"], ["data.prm800k.weight=0"],
+                    ["mesh.fsdp=64"], ["data.max_length=1024"]):
+    evaluate.load_eval_spec(run, None, overrides)
 
 
 def official_processbench(preds, threshold):
