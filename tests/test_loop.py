@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import _run_helpers as R
+from _xla_env import subprocess_flags
 from rmjax import checkpoint as ckpt_lib
 from rmjax import spec as spec_lib
 from rmjax.run_logging import read_tensorboard_scalars
@@ -326,10 +327,9 @@ def _launch_cmd(out: pathlib.Path, max_steps: int, *extra: str) -> list[str]:
           "--spec.grad_accum_steps=1", *extra]
 
 
-def _env():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-  return env
+def _env(devices: int = 2):
+  """The subprocess's environment: `devices` fake CPU devices, the suite's other XLA flags."""
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=subprocess_flags(devices))
 
 
 def _run(cmd, timeout=240):
@@ -415,7 +415,7 @@ def test_two_processes_train_and_evaluate_every_row(tmp_path):
   cmd = _launch_cmd(tmp_path, 4, "--spec.eval_steps=2", "--spec.save_steps=2",
                     "--spec.data.eval_batch_size=16", f"--spec.distributed.coordinator_address=localhost:{port}",
                     "--spec.distributed.num_processes=2")
-  env = dict(_env(), XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = _env(devices=1)
   procs = [subprocess.Popen(cmd + [f"--spec.distributed.process_id={i}"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
   R.finish_all(procs)

@@ -266,7 +266,7 @@ class Checkpointer:
           target, n = aside / f"{source.name}.{n}", n + 1
         os.replace(source, target)
       best = read_best_file(self.directory)
-      if best is not None and int(best.get("step", -1)) in steps:
+      if best is not None and int(best["step"]) in steps:
         (self.directory / BEST_FILE).unlink()
     agreement.sync("rmjax_checkpoints_set_aside")
     self._mgr.reload()
