@@ -1,7 +1,7 @@
 """`python -m rmjax.bench.score`: solutions scored per second, rmjax's scoring path vs PyTorch.
 
   python -m rmjax.bench.score --checkpoint RUN --export EXPORT_DIR --input solutions.jsonl
-                              [--batch-size 8] [--repeat 3]
+                              [--batch-size 8] [--repeat 3] [--torch-threads N]
 
 Why it exists: a user choosing between scoring in JAX (`rmjax.score` on the run) and in PyTorch
 (`rmjax.torch_scorer` on its export) needs both measured on the same solutions. The input is
@@ -10,7 +10,10 @@ rmjax.inference.RunScorer (every local device, packed rows of --batch-size); PyT
 them --batch-size solutions at a time with TorchScorer.score_many. Each runs one warm-up pass
 (JAX compiles there) and then --repeat timed passes. One JSON object on stdout: solutions and
 steps, per implementation the warm-up seconds and the best pass's solutions/s, their ratio
-(rmjax / torch), and the largest difference between the two's step scores.
+(rmjax / torch), and the largest difference between the two's step scores. The warm-up is
+reported apart, so solutions/s is warm throughput. --torch-threads sets torch's intra-op threads
+(default: torch's own choice, one per core): on a small model and a loaded machine its threads
+wait on each other and one thread can be faster.
 """
 
 from __future__ import annotations
@@ -47,15 +50,19 @@ def read_solutions(path: str | pathlib.Path) -> list[tuple[str, tuple[str, ...]]
   return items
 
 
-def measure(checkpoint: str, export: str, input_path: str, batch_size: int = 8, repeat: int = 3) -> dict[str, Any]:
+def measure(checkpoint: str, export: str, input_path: str, batch_size: int = 8, repeat: int = 3,
+            torch_threads: int | None = None) -> dict[str, Any]:
   from rmjax.inference import RunScorer
   from rmjax.run_artifacts import load_run_model
   from rmjax.torch_scorer import TorchScorer
-  if batch_size < 1 or repeat < 1:
-    raise ValueError("--batch-size and --repeat must be >= 1")
+  if batch_size < 1 or repeat < 1 or (torch_threads is not None and torch_threads < 1):
+    raise ValueError("--batch-size, --repeat and --torch-threads must be >= 1")
   items = read_solutions(input_path)
   jax_scorer = RunScorer(load_run_model(checkpoint), rows=batch_size)
   torch_scorer = TorchScorer.from_export(export)
+  import torch
+  if torch_threads:
+    torch.set_num_threads(torch_threads)
   batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
   jax_first, jax_best, jax_out = timed(lambda: [d.scores for d in jax_scorer.score(items)], repeat)
   torch_first, torch_best, torch_out = timed(lambda: [s for b in batches for s in torch_scorer.score_many(b)], repeat)
@@ -64,7 +71,7 @@ def measure(checkpoint: str, export: str, input_path: str, batch_size: int = 8, 
   return {"solutions": len(items), "steps": sum(len(s) for _, s in items), "batch_size": batch_size,
           "repeat": repeat,
           "rmjax": {"warmup_s": jax_first, "solutions_per_s": per_s(jax_best)},
-          "torch": {"warmup_s": torch_first, "solutions_per_s": per_s(torch_best)},
+          "torch": {"warmup_s": torch_first, "solutions_per_s": per_s(torch_best), "threads": torch.get_num_threads()},
           "ratio": torch_best / jax_best, "max_abs_score_diff": max(diffs, default=None),
           "scored_steps_compared": len(diffs)}
 
@@ -76,9 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--input", required=True, help="JSONL of {problem, steps | text}, as for rmjax.score")
   parser.add_argument("--batch-size", type=int, default=8, help="rows (rmjax) / solutions (torch) per batch")
   parser.add_argument("--repeat", type=int, default=3, help="timed passes after the warm-up")
+  parser.add_argument("--torch-threads", type=int, default=None, help="torch's intra-op threads (default: torch's)")
   args = parser.parse_args(argv)
   return cli.run("bench.score", lambda: _print(measure(args.checkpoint, args.export, args.input, args.batch_size,
-                                                       args.repeat)))
+                                                       args.repeat, args.torch_threads)))
 
 
 def _print(result: dict[str, Any]) -> int:
