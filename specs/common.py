@@ -65,8 +65,8 @@ def base_spec() -> ml_collections.ConfigDict:
   c.model.attention_query_block = 128  # XLA attention (CPU; fp32 on a GPU): query rows per block, each
                                      # attending only the keys up to it (skips the upper half); 0 = one block
   c.model.segment_attention = "auto" # packed rows under cuDNN: "mask" (segment mask) | "cudnn_packed" (each
-                                     # example its own sequence, no work between examples; Hopper GPUs:
-                                     # same values to bf16 rounding, 1.09x the packed LoRA step on an H100)
+                                     # example its own sequence, no work between examples; Hopper GPUs;
+                                     # same values to bf16 rounding; speed: BUILD.md, Results)
                                      # | "auto" (cudnn_packed where it can run, else the mask)
   c.model.trust_remote_code = False  # passed to the HF tokenizer/config loaders
   c.model.demo = ml_collections.ConfigDict()  # backbone shape when model.path == "demo"

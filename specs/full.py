@@ -9,9 +9,9 @@ Every backbone weight, the marker embedding and the head train; lr 2e-5 (the see
 
 batch_size is GLOBAL (16 = the seed's 4 per device x 4 accumulation steps on one device), here
 in one pass (grad_accum_steps=1): the same rows and loss, and less memory than accumulating,
-which keeps a float32 gradient sum beside each micro-batch's gradients (compiled for an H100,
-Qwen3-4B, rows of 2048, full remat, float32 Adam moments: 68.3 GiB in one pass, 76.0 GiB as
-4 x 4, against the 71.2 GiB jax may use of an H100 80GB under rmjax's memory fraction of 0.9).
+which keeps a float32 gradient sum beside each micro-batch's gradients. In one pass it fits an
+80 GB GPU under rmjax's memory fraction of 0.9; 4 x 4 accumulated does not (compiled peaks:
+BUILD.md, Results).
 On 8 GPUs --spec.batch_size=128 keeps 16 rows per device.
 """
 
