@@ -54,8 +54,8 @@ TOKENS_PER_MARKER = 50
 
 def pack_stream(examples: Sequence[Tokenized], rows: int, row_length: int, max_markers: int,
                 lookahead: int = 0, *, max_segments: int | None = None) -> list[list[Row]]:
-  """The batches the training pipeline's packer (`render.pack_batch`) makes from `examples` in
-  this order; the pipeline itself reads a grain iterator (rmjax/data/pipeline.py)."""
+  """The batches the training pipeline's packer (`rmjax.data.packing.pack_batch`) makes from
+  `examples` in this order; the pipeline itself reads a grain iterator (rmjax/data/pipeline.py)."""
   stream = iter((t, None) for t in examples)
   batches, pending = [], []
   while True:
