@@ -358,44 +358,6 @@ def test_flax_train_state_with_frozen_branch_and_subtree_restore(tmp_path):
     ck.restore_subtree(tmp_path / "checkpoints", sub)
 
 
-def test_write_error_line_names_the_os_reason_when_tensorstore_only_gives_its_code():
-  from rmjax.checkpoint.errors import one_line
-  long_message = "OUT_OF_RANGE: Error writing \"opt_state/mu\" " + "{...}" * 200 + " [os_error_code='27']"
-  line = one_line(ValueError(long_message + "\nsecond line"))
-  assert line.startswith("ValueError: OUT_OF_RANGE") and len(line) < 500 and "\n" not in line
-  assert line.endswith("[os_error_code='27'] (File too large)")  # EFBIG on Linux
-  assert one_line(ValueError("File too large [os_error_code='27']")).count("File too large") == 1
-
-
-def test_background_error_filters_touch_only_orbax_and_tensorstore():
-  """rmjax/background_errors.py: orbax records lose their traceback, asyncio's abandoned-task
-  records from orbax/tensorstore code are dropped; records from anywhere else pass unchanged."""
-  import logging
-  import sys as _sys
-  from rmjax import background_errors as be
-
-  def exc_from(filename):
-    try:
-      exec(compile("raise ValueError('OUT_OF_RANGE: write failed')", filename, "exec"))
-    except ValueError:
-      return _sys.exc_info()
-
-  def record(name, pathname, msg, exc_info):
-    return logging.LogRecord(name, logging.ERROR, pathname, 1, msg, None, exc_info)
-
-  orbax_exc, user_exc = exc_from("/site-packages/orbax/checkpoint/x.py"), exc_from("/home/me/train.py")
-  kept = record("absl", "/site-packages/orbax/checkpoint/future.py", "raised an exception", orbax_exc)
-  assert be._OrbaxOneLine().filter(kept) and kept.exc_info is None
-  other = record("absl", "/home/me/train.py", "boom", user_exc)
-  assert be._OrbaxOneLine().filter(other) and other.exc_info is user_exc
-  abandoned = be._AbandonedWrites()
-  assert not abandoned.filter(record("asyncio", "base_events.py", "Task exception was never retrieved", orbax_exc))
-  assert not abandoned.filter(record("asyncio", "base_events.py", "Future exception was never retrieved",
-                                     (ValueError, ValueError("x"), None)))
-  assert abandoned.filter(record("asyncio", "base_events.py", "Task exception was never retrieved", user_exc))
-  assert abandoned.filter(record("asyncio", "base_events.py", "Executing <Task> took 0.2 seconds", None))
-
-
 def test_data_positions_of_another_process_count_are_a_layout_error_not_corruption(tmp_path):
   with ck.Checkpointer(tmp_path / "checkpoints") as c:
     c.save(5, _tiny(), iterator=_grain_iter())

@@ -1,12 +1,12 @@
-"""The training loop end to end on the demo spec with tiny settings: run directory, logs and
-TensorBoard, trace count, checkpoint retention, NaN stop, SIGTERM and exact resume after SIGKILL."""
+"""The training loop end to end, in this process, on the demo spec with tiny settings: run
+directory, logs and TensorBoard, trace count, checkpoint retention, NaN stop and skip, resume and
+init_from. The loop as a process (SIGKILL, SIGTERM, two processes): test_loop_processes.py; its
+parts without a run: test_train_parts.py. The launch helpers here are shared with those."""
 
 import json
 import os
 import pathlib
 import shutil
-import signal
-import subprocess
 import sys
 import time
 import types
@@ -14,12 +14,11 @@ import types
 import numpy as np
 import pytest
 
-import _run_helpers as R
 from _xla_env import subprocess_flags
 from rmjax import checkpoint as ckpt_lib
 from rmjax import spec as spec_lib
 from rmjax.run_logging import read_tensorboard_scalars
-from rmjax.train import evaluation, loop, multiprocess, perf, stop
+from rmjax.train import evaluation, loop, perf
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEMO = ROOT / "specs" / "demo.py"
@@ -56,39 +55,6 @@ def read_jsonl(path):
 def checkpoint_steps(run_dir):
   names = os.listdir(run_dir / "checkpoints")
   return sorted(int(n.rsplit("_", 1)[1]) for n in names if n.startswith("checkpoint_step_") and "tmp" not in n)
-
-
-def test_a_sigterm_during_start_up_stops_the_loop_at_its_first_step_boundary():
-  """jax.distributed's own SIGTERM catcher only notes the signal: rmjax's start-up handler keeps
-  it for the loop, which would otherwise train on after a preemption notice."""
-  import signal
-  from rmjax import runtime
-  previous = signal.getsignal(signal.SIGTERM)
-  try:
-    runtime.catch_sigterm_from_start()
-    assert not stop.StopFlag(1).should_stop()
-    os.kill(os.getpid(), signal.SIGTERM)
-    flag = stop.StopFlag(1)
-    assert flag.should_stop() and flag.signum == signal.SIGTERM
-  finally:
-    signal.signal(signal.SIGTERM, previous)
-    runtime._startup_sigterm.clear()
-
-
-def test_val_loss_is_the_training_loss_pooled_over_every_step():
-  """val/loss picks the best checkpoint: per source and pooled step by step (not a mean of the
-  sources), with the training loss's formula (hand-computed values)."""
-  per = {"a": (np.array([0.9, 0.2]), np.array([1.0, 0.0])), "b": (np.array([0.5]), np.array([1.0]))}
-  mse = evaluation.val_loss_of(per, "mse")
-  np.testing.assert_allclose([mse["a/loss"], mse["b/loss"], mse["loss"]], [0.025, 0.25, 0.1], rtol=1e-12)
-  bce = evaluation.val_loss_of(per, "bce")
-  a, b = (-np.log(0.9) - np.log(0.8)) / 2, np.log(2.0)
-  np.testing.assert_allclose([bce["a/loss"], bce["b/loss"], bce["loss"]], [a, b, (2 * a + b) / 3], rtol=1e-9)
-  import optax  # the train step's BCE on the same predictions, as logits
-  p, y = np.array([0.9, 0.2, 0.5]), np.array([1.0, 0.0, 1.0])
-  logits = np.log(p / (1 - p)).astype(np.float32)
-  np.testing.assert_allclose(bce["loss"], float(optax.sigmoid_binary_cross_entropy(logits, y.astype(np.float32)).mean()),
-                             rtol=1e-6)
 
 
 def test_throughput_window_leaves_out_evaluation_time_and_perf_metrics_log_where_time_goes(tmp_path, monkeypatch):
@@ -332,105 +298,6 @@ def _env(devices: int = 2):
   return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=subprocess_flags(devices))
 
 
-def _run(cmd, timeout=240):
-  proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc
-
-
-def _metric_rows(run_dir):
-  return {(r["step"], k): v for r in read_jsonl(run_dir / "logs" / "metrics.jsonl")
-          for k, v in r.items() if k != "timestamp"}
-
-
-@pytest.mark.slow
-def test_sigkill_then_relaunch_logs_exactly_the_uninterrupted_metrics(tmp_path):
-  steps, extra = 40, ("--spec.eval_steps=10", "--spec.save_steps=4")
-  _run(_launch_cmd(tmp_path / "a", steps, *extra))
-  reference = _metric_rows(tmp_path / "a" / "demo-full")
-
-  run_b = tmp_path / "b" / "demo-full"
-  proc = subprocess.Popen(_launch_cmd(tmp_path / "b", steps, *extra), cwd=ROOT, env=_env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  committed = lambda: (run_b / "checkpoints").is_dir() and any(s >= 8 for s in checkpoint_steps(run_b))
-  try:
-    assert R.wait_for(committed, proc), "no checkpoint before the run ended"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == -signal.SIGKILL
-  killed_at = max(checkpoint_steps(run_b))
-  assert killed_at < steps
-  _run(_launch_cmd(tmp_path / "b", steps, *extra))
-  final = json.loads((run_b / "logs" / "final_results.json").read_text())
-  assert final["resumed_from_step"] is not None and final["resumed_from_step"] < steps
-  resumed = _metric_rows(run_b)
-  assert resumed.keys() == reference.keys()
-  after = {k for k in reference if k[0] > final["resumed_from_step"] and k[1] not in TIMING_KEYS}
-  assert any(k[1] == "train/loss" for k in after)
-  assert {k: resumed[k] for k in after} == {k: reference[k] for k in after}  # exact, not approx
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("extra, code", [((), 0), (("--spec.stop_exit_code=143",), 143)])
-def test_sigterm_saves_a_checkpoint_and_exits_with_stop_exit_code(tmp_path, extra, code):
-  run_dir = tmp_path / "demo-full"
-  proc = subprocess.Popen(_launch_cmd(tmp_path, 100000, "--spec.eval_steps=0", "--spec.save_steps=0", *extra),
-                          cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  metrics = run_dir / "logs" / "metrics.jsonl"
-  try:
-    assert R.wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0, proc), "training never started"
-    proc.send_signal(signal.SIGTERM)
-    t0 = time.monotonic()
-    _, stderr = proc.communicate(timeout=60)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == code, stderr[-3000:]
-  assert time.monotonic() - t0 < 30
-  steps = checkpoint_steps(run_dir)
-  assert len(steps) == 1 and 0 < steps[0] < 100000
-  final = json.loads((run_dir / "logs" / "final_results.json").read_text())
-  assert final["interrupted"] is True and final["total_steps"] == steps[0]
-  assert "SIGTERM" in (run_dir / "logs" / "train.log").read_text()
-
-
-def _free_port() -> int:
-  import socket
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_two_processes_train_and_evaluate_every_row(tmp_path):
-  from rmjax.data.render import Renderer
-  from rmjax.data.sources import build_source
-  from rmjax.tokenizer import build_demo_tokenizer
-  from rmjax.train import build
-
-  port = _free_port()
-  cmd = _launch_cmd(tmp_path, 4, "--spec.eval_steps=2", "--spec.save_steps=2",
-                    "--spec.data.eval_batch_size=16", f"--spec.distributed.coordinator_address=localhost:{port}",
-                    "--spec.distributed.num_processes=2")
-  env = _env(devices=1)
-  procs = [subprocess.Popen(cmd + [f"--spec.distributed.process_id={i}"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  R.finish_all(procs)
-  run = tmp_path / "demo-full"
-  final = json.loads((run / "logs" / "final_results.json").read_text())
-  assert final["total_steps"] == 4 and checkpoint_steps(run)[-1] == 4
-  # 2 eval batches of 16 global rows: processes read rows 0,2,.. and 1,3,..; together the first
-  # 32 test examples, whose supervised steps are counted here straight from the reader.
-  spec = tiny_spec(tmp_path)
-  reader = build_source("prm800k", build.source_config(spec, "prm800k", run), split="test")
-  renderer = Renderer(build_demo_tokenizer(), build.render_config(spec))
-  expected = sum(int(t.target_mask.sum()) for t in (renderer(reader[i]) for i in range(32)) if t is not None)
-  assert final["final_metrics"]["val/count"] == expected
-
-
 def test_hf_backbone_in_lora_mode(tmp_path, monkeypatch):
   import jax
   import _tiny_run
@@ -458,59 +325,6 @@ def test_hf_backbone_in_lora_mode(tmp_path, monkeypatch):
   assert np.array_equal(frozen["decoder"]["layers"]["attn"]["q_proj"]["kernel"],
                         hf["layers"]["attn"]["q_proj"]["kernel"])
   assert "lora_a" in jax.device_get(trainer.state.params)["decoder"]["layers"]["attn"]["q_proj"]
-
-
-def test_skipped_records_sum_every_process_shard_skips_and_count_whole_file_skips_once(monkeypatch):
-  """Readers that parse whole files count the same skips on every process; rendering and readers
-  that parse on access (PRM800K) count only their own shard. The run's count is the first kind
-  once plus the second kind of every process (gathered as JSON: any source, any reason)."""
-  from rmjax.data.example import SkipCounter
-  whole_file, mine, theirs = SkipCounter(), SkipCounter(), SkipCounter()
-  whole_file.add("eqasc", "no_correct_choice", 2)
-  mine.add("prm800k", "first_marker_truncated", 3)
-  theirs.add("prm800k", "first_marker_truncated", 4)
-  theirs.add("prm800k", "bad_json")
-  other = np.frombuffer(json.dumps(theirs.as_dict()).encode(), np.uint8)
-
-  def allgather(x):  # process 0 is this one, process 1 the other
-    x = np.asarray(x)
-    if x.dtype == np.int32:
-      return np.stack([x, np.asarray([other.size], np.int32)])
-    return np.stack([x, np.pad(other, (0, x.size - other.size))])
-  monkeypatch.setattr(multiprocess.multihost_utils, "process_allgather", allgather)
-  assert multiprocess.skipped_records(whole_file, mine, 2) == {
-    "eqasc": {"no_correct_choice": 2}, "prm800k": {"bad_json": 1, "first_marker_truncated": 7}}
-  assert multiprocess.skipped_records(whole_file, mine, 1) == {
-    "eqasc": {"no_correct_choice": 2}, "prm800k": {"first_marker_truncated": 3}}
-
-
-def test_only_readers_that_parse_on_access_count_per_shard(tmp_path):
-  from rmjax.data.example import SkipCounter
-  from rmjax.data.sources import SKIPS_COUNTED_ON_ACCESS
-  from rmjax.train import build
-  assert "prm800k" in SKIPS_COUNTED_ON_ACCESS and not {"eqasc", "reveal"} & SKIPS_COUNTED_ON_ACCESS
-  spec = tiny_spec(tmp_path)
-  whole_file, shard = SkipCounter(), SkipCounter()
-  train, evals = build.build_sources(spec, tmp_path, whole_file, shard)
-  reader = train["prm800k"][0]
-  assert reader.skips is shard and evals["prm800k"].skips is shard
-
-
-def test_a_source_path_that_is_one_file_warns_that_evaluation_reads_the_training_data(tmp_path, caplog, shared_data):
-  """A file path serves every split (a documented form), so training and evaluation read the
-  same records; that is said once, at start-up. A directory of split files says nothing."""
-  from rmjax.data.example import SkipCounter
-  from rmjax.train import build
-  single = shared_data / "prm800k" / "prm800k_unique_records.jsonl"
-  for path, warned in ((single, True), ("", False)):  # "": the synthetic phase2_{train,test} files
-    spec = tiny_spec(tmp_path, **{"data.prm800k.path": str(path)})
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="rmjax.train.build"):
-      build.build_sources(spec, tmp_path, SkipCounter(), SkipCounter())
-    said = [r.getMessage() for r in caplog.records if "not held out" in r.getMessage()]
-    assert said == ([f"data.prm800k.path is the file {single}: a file serves every split, so training and "
-                     f"evaluation both read it and its val numbers are not held out; give the directory "
-                     f"holding its split files instead"] if warned else []), said
 
 
 def test_skipped_records_are_said_in_train_log_not_only_in_final_results(tmp_path, shared_data):

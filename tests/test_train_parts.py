@@ -1,0 +1,96 @@
+"""The training loop's parts, without a training run: the SIGTERM flag, the validation loss,
+the multi-process skip counts, and the sources a spec builds."""
+
+import json
+import os
+
+import numpy as np
+
+from rmjax.train import evaluation, multiprocess, stop
+from test_loop import tiny_spec
+
+
+def test_a_sigterm_during_start_up_stops_the_loop_at_its_first_step_boundary():
+  """jax.distributed's own SIGTERM catcher only notes the signal: rmjax's start-up handler keeps
+  it for the loop, which would otherwise train on after a preemption notice."""
+  import signal
+  from rmjax import runtime
+  previous = signal.getsignal(signal.SIGTERM)
+  try:
+    runtime.catch_sigterm_from_start()
+    assert not stop.StopFlag(1).should_stop()
+    os.kill(os.getpid(), signal.SIGTERM)
+    flag = stop.StopFlag(1)
+    assert flag.should_stop() and flag.signum == signal.SIGTERM
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    runtime._startup_sigterm.clear()
+
+
+def test_val_loss_is_the_training_loss_pooled_over_every_step():
+  """val/loss picks the best checkpoint: per source and pooled step by step (not a mean of the
+  sources), with the training loss's formula (hand-computed values)."""
+  per = {"a": (np.array([0.9, 0.2]), np.array([1.0, 0.0])), "b": (np.array([0.5]), np.array([1.0]))}
+  mse = evaluation.val_loss_of(per, "mse")
+  np.testing.assert_allclose([mse["a/loss"], mse["b/loss"], mse["loss"]], [0.025, 0.25, 0.1], rtol=1e-12)
+  bce = evaluation.val_loss_of(per, "bce")
+  a, b = (-np.log(0.9) - np.log(0.8)) / 2, np.log(2.0)
+  np.testing.assert_allclose([bce["a/loss"], bce["b/loss"], bce["loss"]], [a, b, (2 * a + b) / 3], rtol=1e-9)
+  import optax  # the train step's BCE on the same predictions, as logits
+  p, y = np.array([0.9, 0.2, 0.5]), np.array([1.0, 0.0, 1.0])
+  logits = np.log(p / (1 - p)).astype(np.float32)
+  np.testing.assert_allclose(bce["loss"], float(optax.sigmoid_binary_cross_entropy(logits, y.astype(np.float32)).mean()),
+                             rtol=1e-6)
+
+
+def test_skipped_records_sum_every_process_shard_skips_and_count_whole_file_skips_once(monkeypatch):
+  """Readers that parse whole files count the same skips on every process; rendering and readers
+  that parse on access (PRM800K) count only their own shard. The run's count is the first kind
+  once plus the second kind of every process (gathered as JSON: any source, any reason)."""
+  from rmjax.data.example import SkipCounter
+  whole_file, mine, theirs = SkipCounter(), SkipCounter(), SkipCounter()
+  whole_file.add("eqasc", "no_correct_choice", 2)
+  mine.add("prm800k", "first_marker_truncated", 3)
+  theirs.add("prm800k", "first_marker_truncated", 4)
+  theirs.add("prm800k", "bad_json")
+  other = np.frombuffer(json.dumps(theirs.as_dict()).encode(), np.uint8)
+
+  def allgather(x):  # process 0 is this one, process 1 the other
+    x = np.asarray(x)
+    if x.dtype == np.int32:
+      return np.stack([x, np.asarray([other.size], np.int32)])
+    return np.stack([x, np.pad(other, (0, x.size - other.size))])
+  monkeypatch.setattr(multiprocess.multihost_utils, "process_allgather", allgather)
+  assert multiprocess.skipped_records(whole_file, mine, 2) == {
+    "eqasc": {"no_correct_choice": 2}, "prm800k": {"bad_json": 1, "first_marker_truncated": 7}}
+  assert multiprocess.skipped_records(whole_file, mine, 1) == {
+    "eqasc": {"no_correct_choice": 2}, "prm800k": {"first_marker_truncated": 3}}
+
+
+def test_only_readers_that_parse_on_access_count_per_shard(tmp_path):
+  from rmjax.data.example import SkipCounter
+  from rmjax.data.sources import SKIPS_COUNTED_ON_ACCESS
+  from rmjax.train import build
+  assert "prm800k" in SKIPS_COUNTED_ON_ACCESS and not {"eqasc", "reveal"} & SKIPS_COUNTED_ON_ACCESS
+  spec = tiny_spec(tmp_path)
+  whole_file, shard = SkipCounter(), SkipCounter()
+  train, evals = build.build_sources(spec, tmp_path, whole_file, shard)
+  reader = train["prm800k"][0]
+  assert reader.skips is shard and evals["prm800k"].skips is shard
+
+
+def test_a_source_path_that_is_one_file_warns_that_evaluation_reads_the_training_data(tmp_path, caplog, shared_data):
+  """A file path serves every split (a documented form), so training and evaluation read the
+  same records; that is said once, at start-up. A directory of split files says nothing."""
+  from rmjax.data.example import SkipCounter
+  from rmjax.train import build
+  single = shared_data / "prm800k" / "prm800k_unique_records.jsonl"
+  for path, warned in ((single, True), ("", False)):  # "": the synthetic phase2_{train,test} files
+    spec = tiny_spec(tmp_path, **{"data.prm800k.path": str(path)})
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rmjax.train.build"):
+      build.build_sources(spec, tmp_path, SkipCounter(), SkipCounter())
+    said = [r.getMessage() for r in caplog.records if "not held out" in r.getMessage()]
+    assert said == ([f"data.prm800k.path is the file {single}: a file serves every split, so training and "
+                     f"evaluation both read it and its val numbers are not held out; give the directory "
+                     f"holding its split files instead"] if warned else []), said
