@@ -180,7 +180,7 @@ def rerank(input_path: str | pathlib.Path, output: str | pathlib.Path, checkpoin
     from rmjax.inference import RunScorer, with_max_length
     from rmjax.run_artifacts import load_run_model
     rm = load_run_model(checkpoint)
-    cfg = with_max_length(rm.render_cfg, max_length) if max_length else None
+    cfg = with_max_length(rm.render_cfg, max_length) if max_length is not None else None
     unscored = score_candidates(RunScorer(rm, cfg, rows=batch_size), problems)
     if unscored:
       warn(f"{unscored} steps do not fit in max_length (their candidates have no solution score and rank "
@@ -211,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if args.batch_size < 1:
     parser.error("--batch-size must be >= 1")
+  if args.max_length is not None and args.max_length < 2:
+    parser.error("--max-length must be >= 2 (a marker and the text before it)")
   return cli.run("rerank", lambda: _rerank_command(args))
 
 
