@@ -43,8 +43,12 @@ def suite_flags(env: Mapping[str, str] = os.environ, devices: int = 8) -> str:
                     *([f"{ISA_FLAG}={isa}"] if isa else []))
 
 
-def subprocess_flags(device_count: int | None, env: Mapping[str, str] = os.environ) -> str:
+def subprocess_flags(device_count: int | None, env: Mapping[str, str] = os.environ,
+                     optimised: bool = False) -> str:
   """This process's XLA_FLAGS with `device_count` fake CPU devices instead of its count (None:
-  jax's one CPU device, as for a user); every other flag (the instruction-set cap) is kept."""
-  kept = " ".join(f for f in env.get("XLA_FLAGS", "").split() if _name(f) != DEVICE_FLAG)
+  jax's one CPU device, as for a user); every other flag (the instruction-set cap) is kept, but
+  `optimised` drops the LLVM level, so XLA's default applies: for runs of hundreds of steps,
+  whose running outweighs their compiling (the demo: 69 CPU seconds at level 3, 98 at 0)."""
+  dropped = {DEVICE_FLAG, OPT_FLAG} if optimised else {DEVICE_FLAG}
+  kept = " ".join(f for f in env.get("XLA_FLAGS", "").split() if _name(f) not in dropped)
   return with_flags(kept, *([f"{DEVICE_FLAG}={device_count}"] if device_count is not None else []))

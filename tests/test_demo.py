@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_demo_spec_trains_and_learns(tmp_path):
-  env = dict(os.environ, XLA_FLAGS=subprocess_flags(None))  # one CPU device, as for a user
+  env = dict(os.environ, XLA_FLAGS=subprocess_flags(None, optimised=True))  # one CPU device, as for a user
   env["JAX_PLATFORMS"] = "cpu"
   proc = subprocess.run([sys.executable, "-m", "rmjax.launch", "--spec", "specs/demo.py",
                          f"--spec.output_dir={tmp_path}"],
