@@ -196,22 +196,23 @@ import jax.numpy as jnp
 sys.path.insert(0, {tests!r})
 from test_reliability import _read_only, _tree_digest
 from rmjax import checkpoint as ck, runtime
+from rmjax.checkpoint import manager
 d = pathlib.Path({directory!r})
 c = ck.Checkpointer(d, ck.CheckpointConfig())
 save = lambda step: (c.save(step, {{"w": jnp.arange(3.0) + step}}), c.wait_until_finished())
 save(1)
 before = _tree_digest(d / "checkpoint_step_1")
-probe, error = c._check_writable, None
+probe, error = manager.probe_writable, None
 with contextlib.ExitStack() as frozen:
-  def probe_then_freeze(step):
-    probe(step)
+  def probe_then_freeze(directory, step):
+    probe(directory, step)
     frozen.enter_context(_read_only(d))
-  c._check_writable = probe_then_freeze
+  manager.probe_writable = probe_then_freeze
   try:
     save(2)
   except ck.CheckpointWriteError as e:
     error = str(e)
-c._check_writable = probe
+manager.probe_writable = probe
 after_failure = (c.all_steps(), _tree_digest(d / "checkpoint_step_1") == before)
 save(3)
 print(json.dumps({{"error": error, "after_failure": after_failure, "finally": c.all_steps()}}), flush=True)
