@@ -249,6 +249,9 @@ class TorchScorer:
   head: Any
   tokenizer: Any
   meta: dict[str, Any]
+  # One Renderer per step count: building one copies the Rust tokenizer, which would otherwise
+  # dominate scoring on a CPU.
+  _renderers: dict[int, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
   @classmethod
   def from_export(cls, export_dir: str | pathlib.Path, dtype: Any = None) -> "TorchScorer":
@@ -264,9 +267,11 @@ class TorchScorer:
 
   def tokenize(self, problem: str, steps: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
     """(input_ids, marker_positions) exactly as rmjax renders them, or None if nothing fits."""
-    cfg = render_config(self.meta, len(steps))
+    renderer = self._renderers.get(len(steps))
+    if renderer is None:
+      renderer = self._renderers[len(steps)] = Renderer(self.tokenizer, render_config(self.meta, len(steps)))
     ex = Example(source="score", id="0", problem=problem, steps=tuple(steps), targets=(None,) * len(steps))
-    t = Renderer(self.tokenizer, cfg)(ex)
+    t = renderer(ex)
     return None if t is None else (t.input_ids, t.marker_positions)
 
   def score_ids(self, rows: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[list[float]]:
