@@ -7,8 +7,7 @@ Tests that start `python -m rmjax.launch` with another device count must keep th
 flags, so they build their XLA_FLAGS here.
 
 The tests' models are tiny: compiling their programs, not running them, is where the suite's time
-goes, and LLVM's code generation is much of a compile (a tiny train step: 5.3 s at the default
-level 3, 2.9 s at level 0 on a quiet core; test_train_step.py 167 -> 107 CPU seconds, cold). The
+goes, and LLVM's code generation is much of a compile (about half of a tiny train step's). The
 level is LLVM's alone: XLA's HLO passes, fusions and library kernels are the same, and values
 differ at most by fp32 rounding (FMA contraction), as between CPU kinds.
 XLA_FLAGS=--xla_backend_optimization_level=3 runs the suite at the default.
@@ -49,7 +48,7 @@ def subprocess_flags(device_count: int | None, env: Mapping[str, str] = os.envir
   """This process's XLA_FLAGS with `device_count` fake CPU devices instead of its count (None:
   jax's one CPU device, as for a user); every other flag (the instruction-set cap) is kept, but
   `optimised` drops the LLVM level, so XLA's default applies: for runs of hundreds of steps,
-  whose running outweighs their compiling (the demo: 69 CPU seconds at level 3, 98 at 0)."""
+  whose running outweighs their compiling (the demo)."""
   dropped = {DEVICE_FLAG, OPT_FLAG} if optimised else {DEVICE_FLAG}
   kept = " ".join(f for f in env.get("XLA_FLAGS", "").split() if _name(f) not in dropped)
   return with_flags(kept, *([f"{DEVICE_FLAG}={device_count}"] if device_count is not None else []))

@@ -290,7 +290,7 @@ def test_config_from_spec_and_validation():
 
 
 _KILL_MID_SAVE = """
-import os, signal, sys
+import os, signal, sys, time
 import jax.numpy as jnp
 from rmjax import checkpoint as ck
 from rmjax.checkpoint import agreement
@@ -298,6 +298,11 @@ c = ck.Checkpointer(sys.argv[1])
 c.save(1, {"x": jnp.zeros((4096, 4096), jnp.float32)})
 c.wait_until_finished()
 c.save(2, {"x": jnp.ones((4096, 4096), jnp.float32)})  # async: returns before the write ends
+# The temporary folder may appear only after save returns (orbax creates it in the background):
+# kill as soon as it exists, so the kill always lands mid-write.
+tmp = os.path.join(sys.argv[1], "checkpoint_step_2.orbax-checkpoint-tmp")
+while not os.path.exists(tmp) and not os.path.exists(os.path.join(sys.argv[1], "checkpoint_step_2")):
+  time.sleep(0.001)
 os.kill(os.getpid(), signal.SIGKILL)
 """
 

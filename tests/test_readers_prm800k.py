@@ -243,8 +243,9 @@ def test_line_index_edge_cases(tmp_path):
   assert len(LineFile(str(empty))) == 0
 
 
-def test_scan_is_fast_and_memory_bounded(raw, tmp_path):
-  """Scales to the 456 MB phase-2 file: a ~24 MB file, 1 MB chunks, peak memory well under the file."""
+def test_scan_is_memory_bounded(raw, tmp_path):
+  """Scales to the 456 MB phase-2 file: a ~24 MB file, 1 MB chunks, peak memory well under the file
+  (its speed is printed, not asserted: timings belong to benchmarks)."""
   line = (json.dumps(raw[12]) + "\n").encode()
   n = 24_000_000 // len(line) + 1
   path = tmp_path / "big.jsonl"
@@ -263,6 +264,5 @@ def test_scan_is_fast_and_memory_bounded(raw, tmp_path):
   assert total == size and len(starts) == n
   assert np.array_equal(starts[:3], np.arange(3) * len(line))
   assert peak < 8e6  # 1 MB chunk + its compare mask + 8 bytes per line; the file is 24 MB
-  assert seconds < 10  # ~0.05 s on an idle core; generous for a shared machine
   r = Prm800kReader(str(path), chunk_bytes=1 << 20)
   assert r[n - 1].targets == r[0].targets and r[n - 1].id == f"big:{n}"
