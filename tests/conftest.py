@@ -51,3 +51,13 @@ def shared_data() -> pathlib.Path:
       pytest.fail(f"{why} ({REQUIRE_ENV} is set)")
     pytest.skip(why)
   return SHARED_DATA
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  """Captured output is sent from an xdist worker as UTF-8, which a lone surrogate cannot be
+  (the fuzz tests feed tools random bytes, and libraries log what they decoded from them): escape
+  such characters so a passing test cannot crash its worker."""
+  report = (yield).get_result()
+  report.sections = [(name, text.encode("utf-8", "backslashreplace").decode("utf-8"))
+                     for name, text in report.sections]
