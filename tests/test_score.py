@@ -147,6 +147,7 @@ def test_bench_score_times_both_paths_on_the_same_solutions(run, tmp_path, capsy
                            str(tmp_path / "in.jsonl"), "--batch-size", "4", "--repeat", "1"]) == 0
   result = json.loads(capsys.readouterr().out)
   assert result["solutions"] == 7 and result["scored_steps_compared"] == result["steps"] == 10
+  assert result["scored_by_one_path_only"] == 0
   assert result["max_abs_score_diff"] < 1e-4  # the two paths give the same scores
   for impl in ("rmjax", "torch"):
     assert result[impl]["solutions_per_s"] > 0

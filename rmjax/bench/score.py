@@ -66,14 +66,16 @@ def measure(checkpoint: str, export: str, input_path: str, batch_size: int = 8, 
   batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
   jax_first, jax_best, jax_out = timed(lambda: [d.scores for d in jax_scorer.score(items)], repeat)
   torch_first, torch_best, torch_out = timed(lambda: [s for b in batches for s in torch_scorer.score_many(b)], repeat)
-  diffs = [abs(a - b) for x, y in zip(jax_out, torch_out) for a, b in zip(x, y) if a is not None and b is not None]
+  pairs = [(a, b) for x, y in zip(jax_out, torch_out) for a, b in zip(x, y)]
+  diffs = [abs(a - b) for a, b in pairs if a is not None and b is not None]
+  one_path_only = sum((a is None) != (b is None) for a, b in pairs)  # steps past max_length must agree too
   per_s = lambda seconds: len(items) / seconds
   return {"solutions": len(items), "steps": sum(len(s) for _, s in items), "batch_size": batch_size,
           "repeat": repeat,
           "rmjax": {"warmup_s": jax_first, "solutions_per_s": per_s(jax_best)},
           "torch": {"warmup_s": torch_first, "solutions_per_s": per_s(torch_best), "threads": torch.get_num_threads()},
           "ratio": torch_best / jax_best, "max_abs_score_diff": max(diffs, default=None),
-          "scored_steps_compared": len(diffs)}
+          "scored_steps_compared": len(diffs), "scored_by_one_path_only": one_path_only}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
