@@ -15,6 +15,8 @@ Examples:
   python -m rmjax.bench --preset 75m --impl rmjax --mode full --profile /tmp/rmjax-trace
   python -m rmjax.bench --preset qwen3-4b --seq-len 2048 --mode lora --remat --target h100
   python -m rmjax.bench --preset qwen3-4b --seq-len 2048 --batch 4 --grad-accum 4 --mode full --remat --target h100
+  python -m rmjax.bench --loop                  # the training loop against its bare step (bench/loop.py)
+  python -m rmjax.bench --loop --help           # its own options
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--no-isolate", dest="isolate", action="store_false",
                  help="run every (impl, mode) in this process instead of a subprocess each")
   p.add_argument("--no-ratios", dest="ratios", action="store_false", help=argparse.SUPPRESS)
+  p.add_argument("--loop", action="store_true",
+                 help="time the training loop against its bare step instead (one JSON line; options: --loop --help)")
   return p.parse_args(argv)
 
 
@@ -145,6 +149,10 @@ def run_one(impl: str, settings: common.BenchSettings, mode: str, isolate: bool)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if "--loop" in argv:  # its own options and defaults
+    from rmjax.bench import loop
+    return loop.main(argv)
   args = parse_args(argv)
   try:
     settings = settings_from(args)

@@ -1,0 +1,39 @@
+"""`python -m rmjax.bench --loop` on a tiny shape: one JSON line whose ratio is its two figures'.
+
+Figures are timings, so nothing here asserts a speed: only the record's fields and arithmetic."""
+
+import json
+
+from rmjax.bench import __main__ as bench_main
+from rmjax.bench import loop as bench_loop
+
+
+def test_loop_bench_prints_one_record_with_both_figures_and_their_ratio(tmp_path, capsys):
+  argv = ["--loop", "--preset", "tiny", "--seq-len", "64", "--batch", "8", "--grad-accum", "1",
+          "--windows", "1", "--set", "logging_steps=2", "--set", "data.synthetic.train_records=64",
+          "--set", "data.synthetic.test_records=8", "--keep", str(tmp_path)]
+  assert bench_main.main(argv) == 0
+  lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+  assert len(lines) == 1
+  r = json.loads(lines[0])
+  assert r["loop_tokens_per_s"] > 0 and r["step_tokens_per_s"] > 0
+  assert abs(r["loop_over_step"] - r["loop_tokens_per_s"] / r["step_tokens_per_s"]) < 1e-9
+  assert r["step_tokens_per_s"] == sum(r["step_tokens_per_s_before_after"]) / 2
+  assert (r["timed_steps"], r["warmup_steps"]) == (2, 2)
+  assert r["batch_shape"] == [[8, 64]] and r["step_retraced"] is False and r["train_step_traces"] == 1
+  assert r["spec"]["logging_steps"] == 2 and r["model_demo"]["num_layers"] == 2
+
+
+def test_loop_rate_sums_the_logged_windows_after_the_warm_up(tmp_path):
+  """Windows of 2 steps: [1-2] is warm-up; [3-4] 40 tokens at 10/s = 4 s, [5-6] 60 at 20/s = 3 s."""
+  path = tmp_path / "metrics.jsonl"
+  rows = [{"step": 2, "train/tokens_per_s": 1.0}, {"step": 4, "train/tokens_per_s": 10.0},
+          {"step": 5, "val/loss": 0.1}, {"step": 6, "train/tokens_per_s": 20.0}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  assert bench_loop.loop_rate(path, [5, 5, 20, 20, 30, 30], first_step=2) == (100 / 7, 4)
+
+
+def test_bad_loop_option_is_one_line(capsys):
+  assert bench_main.main(["--loop", "--preset", "tiny", "--set", "no_such_key=1"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: ") and "no_such_key" in err and len(err.splitlines()) == 1
