@@ -10,7 +10,8 @@ baseline, for the same model shape, batches and head as the rmjax side (see `com
   the head always fully trained;
 - the confidence head: `nn.Sequential(Linear, GELU, Dropout, ..., Linear -> 1)` on the hidden
   state gathered at the marker positions, sigmoid, masked MSE;
-- `torch.optim.AdamW` (`fused=True` on CUDA), gradient clipping at 1.0;
+- `torch.optim.AdamW(fused=True)` (CUDA and CPU: one pass over each weight, as XLA fuses the
+  rmjax side's update; torch's CPU default is the slower per-op loop), gradient clipping at 1.0;
 - bf16 autocast when `--dtype bfloat16`; trained parameters stay float32, as on the rmjax side;
 - in LoRA mode the frozen base is created in `--frozen-dtype` (bf16 on a GPU by default, as
   rmjax's frozen base is), as a peft user loads it (`from_pretrained(dtype=torch.bfloat16)`),
@@ -135,8 +136,7 @@ def make_step(model: ConfidenceModel, params, settings: common.BenchSettings, mo
   """One optimizer step on a device batch; blocks until the device has finished it."""
   torch = _torch()
   cuda = device.startswith("cuda")
-  opt = torch.optim.AdamW(params, lr=settings.lr(mode), weight_decay=settings.weight_decay,
-                          fused=cuda or None)
+  opt = torch.optim.AdamW(params, lr=settings.lr(mode), weight_decay=settings.weight_decay, fused=True)
   amp = settings.dtype == "bfloat16"
   autocast = functools.partial(torch.autocast, device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16,
                                enabled=amp)
