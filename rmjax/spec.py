@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any, Iterable, Mapping
 
 from rmjax.data import defaults as data_defaults, eqasc, prm800k, reveal, synthetic
 from rmjax.model.config import DTYPES, LORA_TARGETS, REMAT_POLICIES, SEGMENT_ATTENTION
-from rmjax.spec_io import (ConfigDict, SpecError, apply_overrides, check_overrides, closest_keys,  # noqa: F401
+from rmjax.spec_io import (AUTO, AUTO_OR_INT_KEYS, ConfigDict, SpecError, apply_overrides, check_overrides, closest_keys,  # noqa: F401
                            describe_type, dotted_items, dotted_keys, find_flag_value, get_dotted,
                            load_sibling, load_spec_file, override_keys, parse_set_item, spec_to_dict)
 from rmjax.spec_sources import (SOURCES, check_sources, eval_sources, is_synthetic, source_names,  # noqa: F401
@@ -39,7 +40,7 @@ ENUMS: Mapping[str, tuple[Any, ...]] = {
   "model.param_dtype": DTYPES,
   "model.compute_dtype": DTYPES,
   "model.frozen_dtype": ("float32", "bfloat16"),
-  "model.remat": REMAT_POLICIES,
+  "model.remat": (AUTO, *REMAT_POLICIES),
   "model.attention_impl": ("", "xla", "cudnn"),
   "data.prm800k.phase": prm800k.PHASES,
   "data.prm800k.train_split": prm800k.SPLITS,
@@ -53,6 +54,9 @@ ENUMS: Mapping[str, tuple[Any, ...]] = {
   "data.reveal.label": ("correctness",),
 }
 DEMO_MODEL = "demo"
+# The keys "auto" resolves per run (rmjax.train.auto_settings), as ModelConfig fields, and the
+# value each takes where nothing resolved it: the old defaults, the last candidate auto tries.
+AUTO_FALLBACK: Mapping[str, Any] = {"remat": "full", "scan_unroll": 1}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,6 +88,22 @@ def data_parallel_size(spec: ConfigDict, num_devices: int) -> int:
   """Devices a batch is split across: the data and fsdp mesh axes together."""
   sizes = resolve_mesh(spec.mesh, num_devices)
   return sizes["data"] * sizes["fsdp"]
+
+
+def scan_unroll_setting(value: Any) -> int | str:
+  """model.scan_unroll as the model takes it: "auto", or the whole number >= 0 that an int or
+  its text gives (the key is a str field: rmjax.spec_io.AUTO_OR_INT_KEYS). SpecError otherwise."""
+  if value == AUTO:
+    return AUTO
+  text = str(value).strip()
+  if isinstance(value, bool) or not isinstance(value, (int, str)) or not re.fullmatch(r"[0-9]+", text):
+    raise SpecError(f"model.scan_unroll must be 'auto' or an integer >= 0, got {value}")
+  return int(text)
+
+
+def performance_settings(spec: ConfigDict) -> dict[str, Any]:
+  """{"remat": ..., "scan_unroll": ...} as the spec says them ("auto" kept; ints as ints)."""
+  return {"remat": str(spec.model.remat), "scan_unroll": scan_unroll_setting(spec.model.scan_unroll)}
 
 
 def micro_batch_size(spec: ConfigDict) -> int:
@@ -158,13 +178,17 @@ def _check_numbers(spec: ConfigDict, problems: list[str], warnings: list[str]) -
               "data.max_length", "data.max_steps_per_example", "data.eval_batch_size", "checkpoint.max_to_keep"]
   non_negative = ["warmup_steps", "weight_decay", "max_grad_norm", "eval_steps", "save_steps",
                   "max_eval_batches", "data.num_workers", "data.prefetch", "data.pack_lookahead",
-                  "data.max_segments_per_row", "model.scan_unroll", "model.attention_query_block"]
+                  "data.max_segments_per_row", "model.attention_query_block"]
   for key in positive:
     if not get_dotted(spec, key) > 0:
       problems.append(f"{key} must be > 0, got {get_dotted(spec, key)}")
   for key in non_negative:
     if not get_dotted(spec, key) >= 0:
       problems.append(f"{key} must be >= 0, got {get_dotted(spec, key)}")
+  try:
+    scan_unroll_setting(spec.model.scan_unroll)
+  except SpecError as e:
+    problems.append(str(e))
   if spec.data.max_length == 1:
     problems.append("data.max_length must be >= 2 (a marker and the text before it), got 1")
   dist = spec.distributed

@@ -30,6 +30,13 @@ class SpecError(ValueError):
   """A spec problem the user must fix; the message is meant to be printed as is."""
 
 
+AUTO = "auto"
+# Keys that hold "auto" or a whole number. ml-collections types a field by its default and
+# config_flags parses a str field's value as text, so they are str fields ("auto", "0", "2");
+# an int set through `apply_overrides` (`--set model.scan_unroll=0`) is stored as its text.
+AUTO_OR_INT_KEYS = ("model.scan_unroll",)
+
+
 # ---------------------------------------------------------------------------------------------
 # Keys, loading, overrides.
 
@@ -174,6 +181,8 @@ def apply_overrides(spec: ConfigDict, items: Sequence[str], flag: str = "--set")
     node = get_dotted(spec, parent) if parent else spec
     if isinstance(getattr(node, leaf), tuple) and isinstance(value, list):
       value = tuple(value)
+    if key in AUTO_OR_INT_KEYS and isinstance(value, int) and not isinstance(value, bool):
+      value = str(value)
     try:
       setattr(node, leaf, value)
     except TypeError:

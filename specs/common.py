@@ -58,10 +58,15 @@ def base_spec() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"    # dtype of trained weights and optimizer moments
   c.model.compute_dtype = "bfloat16" # matmul/activation dtype ("float32" for CPU tests)
   c.model.frozen_dtype = "bfloat16"  # LoRA only: dtype the frozen base weights are stored in
-  c.model.remat = "full"             # rematerialisation per layer: "none" | "full" | "dots_saveable" | ...
+  # remat and scan_unroll change speed and memory, never the numbers. "auto": before the first
+  # step rmjax compiles the step under a few settings, fastest first, and takes the first that
+  # fits the device (rmjax/train/auto_settings.py); logs/config.json records the choice.
+  c.model.remat = "auto"             # rematerialisation per layer: "auto" | "none" | "full" | "dots_saveable" | ...
+  c.model.scan_unroll = "auto"       # layers per iteration of the layer loop, as text: "auto" | "1" | ...;
+                                     # "0" = no loop (on a GPU each layer's GEMMs read its weights in
+                                     # place, not copies; longer compile)
+  c.model.auto_time = False          # "auto": time one step of each candidate that fits and take the fastest
   c.model.attention_impl = ""        # "" = let XLA choose | "xla" | "cudnn" (GPU flash attention)
-  c.model.scan_unroll = 1            # layers per iteration of the layer loop; 0 = no loop (on a GPU each
-                                     # layer's GEMMs read its weights in place, not copies; longer compile)
   c.model.attention_query_block = 128  # XLA attention (CPU; fp32 on a GPU): query rows per block, each
                                      # attending only the keys up to it (skips the upper half); 0 = one block
   c.model.segment_attention = "auto" # packed rows under cuDNN: "mask" (segment mask) | "cudnn_packed" (each

@@ -20,7 +20,7 @@ LAYOUT_LEAVES = """
 experiment_name output_dir seed mode lr max_steps batch_size grad_accum_steps warmup_steps schedule
 weight_decay max_grad_norm opt_state_dtype loss logging_steps eval_steps save_steps max_eval_batches init_from nan_policy
 stop_exit_code perf_metrics
-model.path model.param_dtype model.compute_dtype model.frozen_dtype model.remat model.attention_impl
+model.path model.param_dtype model.compute_dtype model.frozen_dtype model.remat model.auto_time model.attention_impl
 model.scan_unroll model.attention_query_block model.segment_attention model.trust_remote_code model.demo.hidden_size model.demo.num_layers model.demo.num_heads
 model.demo.num_kv_heads model.demo.head_dim model.demo.intermediate_size
 head.hidden_dims head.activation head.dropout lora.rank lora.alpha lora.targets
@@ -214,9 +214,9 @@ def test_an_infinite_max_grad_norm_means_no_clipping_and_is_accepted():
 
 def test_scan_unroll_reaches_the_model_and_is_checked():
   from rmjax.train.build import model_overrides
-  assert model_overrides(demo_spec(model__scan_unroll=0))["scan_unroll"] == 0
-  with pytest.raises(spec_lib.SpecError, match=r"model.scan_unroll must be >= 0, got -2"):
-    spec_lib.validate(demo_spec(model__scan_unroll=-2), 1)
+  assert model_overrides(demo_spec(model__scan_unroll="0"))["scan_unroll"] == 0
+  with pytest.raises(spec_lib.SpecError, match=r"model.scan_unroll must be 'auto' or an integer >= 0, got -2"):
+    spec_lib.validate(demo_spec(model__scan_unroll="-2"), 1)
 
 
 def test_stop_exit_code_is_an_exit_status():

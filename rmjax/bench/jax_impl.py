@@ -46,6 +46,8 @@ from rmjax.model.confidence import ConfidenceModel
 from rmjax.model.head import HeadConfig
 from rmjax.model.transformer import auto_attention_impl
 from rmjax.train import optim
+from rmjax.train.auto_settings import (abstract_batch, compile_step, compiled_peak, memory_analysis,  # noqa: F401
+                                       cost_flops as _cost_flops, mb as _mb)
 from rmjax.train.state import abstract_train_state, create_train_state, param_layout, random_init
 from rmjax.train.step import TRAIN_KEYS, device_batch, make_steps
 
@@ -83,34 +85,6 @@ def build_abstract(settings: common.BenchSettings, mode: str, device: jax.Device
   return make_steps(model, opt_cfg, mesh, shardings), abstract
 
 
-def abstract_batch(host_batch: dict[str, np.ndarray]) -> dict[str, jax.ShapeDtypeStruct]:
-  return {k: jax.ShapeDtypeStruct(np.shape(host_batch[k]), np.asarray(host_batch[k]).dtype) for k in TRAIN_KEYS}
-
-
-def compile_step(steps, state, batch):
-  with jax.set_mesh(steps.mesh):
-    return steps._train.lower(state, {k: batch[k] for k in TRAIN_KEYS}).compile()
-
-
-def _cost_flops(compiled) -> float | None:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older jax returned one dict per program
-    cost = cost[0] if cost else {}
-  flops = (cost or {}).get("flops")
-  return None if flops is None else float(flops)
-
-
-def memory_analysis(compiled) -> dict[str, Any]:
-  mem = compiled.memory_analysis()
-  mb = lambda name: None if mem is None else _mb(getattr(mem, name))
-  return {"compiled_temp_mb": mb("temp_size_in_bytes"), "compiled_arg_mb": mb("argument_size_in_bytes"),
-          "compiled_out_mb": mb("output_size_in_bytes"), "compiled_alias_mb": mb("alias_size_in_bytes")}
-
-
-def _mb(nbytes: int) -> float:
-  return round(nbytes / 2**20, 1)
-
-
 def init_memory(settings: common.BenchSettings, mode: str, device: jax.Device) -> dict[str, Any]:
   """compiled_init_mb: the jitted random init's temp + result bytes on `device` (nothing runs)."""
   model = _model(settings, settings.model_config(mode))
@@ -121,15 +95,6 @@ def init_memory(settings: common.BenchSettings, mode: str, device: jax.Device) -
   with jax.set_mesh(mesh):
     mem = init.lower(key).compile().memory_analysis()
   return {} if mem is None else {"compiled_init_mb": _mb(mem.temp_size_in_bytes + mem.output_size_in_bytes)}
-
-
-def compiled_peak(analysis: dict[str, Any]) -> dict[str, Any]:
-  """compiled_peak_mb = max(init, step arguments + temp + outputs not aliased to arguments)."""
-  keys = ("compiled_arg_mb", "compiled_temp_mb", "compiled_out_mb", "compiled_alias_mb")
-  if any(analysis.get(k) is None for k in keys):
-    return {}
-  arg, temp, out, alias = (analysis[k] for k in keys)
-  return {"compiled_peak_mb": round(max(arg + temp + out - alias, analysis.get("compiled_init_mb") or 0.0), 1)}
 
 
 def layer_extrapolated_flops(settings: common.BenchSettings, mode: str, device: jax.Device,

@@ -56,14 +56,20 @@ def head_config(spec: Any) -> HeadConfig:
 
 
 def model_overrides(spec: Any) -> dict[str, Any]:
-  """ModelConfig fields the spec controls on top of the backbone's own architecture."""
+  """ModelConfig fields the spec controls on top of the backbone's own architecture.
+
+  An "auto" remat or scan_unroll becomes its fallback (spec.AUTO_FALLBACK) here: the training
+  loop replaces it with what rmjax.train.auto_settings chose; "auto" never reaches ModelConfig.
+  """
   m = spec.model
   lora = spec.mode == "lora"
+  performance = {k: spec_lib.AUTO_FALLBACK[k] if v == spec_lib.AUTO else v
+                 for k, v in spec_lib.performance_settings(spec).items()}
   # Unpacked rows hold one example from position 0, padded at the end: causal attention alone is
   # exact there and runs cuDNN's plain causal kernel (faster: BUILD.md).
   # Packed rows need the segment mask. Scoring and evaluation rows are unpacked either way.
-  return dict(param_dtype=str(m.param_dtype), compute_dtype=str(m.compute_dtype), remat=str(m.remat),
-              scan_unroll=int(m.scan_unroll), attention_query_block=int(m.attention_query_block),
+  return dict(param_dtype=str(m.param_dtype), compute_dtype=str(m.compute_dtype), **performance,
+              attention_query_block=int(m.attention_query_block),
               attention_impl=str(m.attention_impl) or None,
               attention_mask="segments" if bool(spec.data.pack) else "causal",
               segment_attention=str(m.segment_attention), max_segments=int(spec.data.max_segments_per_row),

@@ -41,7 +41,7 @@ from rmjax.progress import Progress
 from rmjax.run_artifacts import save_run_model
 from rmjax.run_logging import RunLogger
 from rmjax.runtime import quiet_library_logs
-from rmjax.train import build, evaluation, multiprocess
+from rmjax.train import auto_settings, build, evaluation, multiprocess
 from rmjax.train.evaluation import fmt, selection_loss
 from rmjax.train.optim import OptimConfig, param_counts
 from rmjax.train.perf import LoopMeter
@@ -76,6 +76,12 @@ class Trainer:
       # Said now, written once the run restores and trains: a relaunch that fails to restore, or
       # finds the run complete, leaves the run's config.json and model/ as they were.
       self.config = spec_lib.spec_to_dict(spec)
+      # remat / scan_unroll as the model runs them: explicit, or "auto"'s choice recorded by the
+      # run being resumed; None = "auto" resolves in _build_model. config.json holds them.
+      self.performance = auto_settings.explicit_or_recorded(
+        spec, self.run_dir if self.resume_step is not None else None)
+      if self.performance is not None:
+        self.config = auto_settings.in_config(self.config, self.performance)
       self.logger.warn_of_changes(self.config)
       # Skips every process counts alike (readers that parse whole files when built), and skips of
       # this process's shard only (rendering; readers that parse on access), summed at the end.
@@ -99,6 +105,15 @@ class Trainer:
     parts = build.build_model_parts(self.spec)
     self.tokenizer, self.model_cfg, self.head_cfg = parts.tokenizer, parts.model_cfg, parts.head_cfg
     self.render_cfg = build.render_config(self.spec)
+    if self.performance is None:
+      choice = auto_settings.resolve(self.spec, self.model_cfg, self.head_cfg, self.optim_cfg, self.mesh,
+                                     self.render_cfg)
+      self.logger.log(choice.describe(), logging.INFO if choice.fitted else logging.WARNING)
+      self.performance = choice.candidate.as_dict()
+      self.config = auto_settings.in_config(self.config, self.performance)
+    elif spec_lib.AUTO in spec_lib.performance_settings(self.spec).values():
+      self.logger.log(f"Auto settings: {self.performance} as this run chose them (logs/config.json)")
+    self.model_cfg = self.model_cfg.replace(**self.performance)
     self.model = ConfidenceModel(self.model_cfg, self.head_cfg)
     key = jax.random.key(int(self.spec.seed))
     init_params = None
