@@ -251,7 +251,8 @@ class Trainer:
     max_steps = int(self.spec.max_steps)
     eval_every, save_every = int(self.spec.eval_steps), int(self.spec.save_steps)
     stop = StopFlag(self.process_count)
-    pending: tuple[int, Any, float, dict] | None = None  # step, device metrics, tokens, timings
+    pending: list[tuple[int, Any, float, dict]] = []  # dispatched, not read: step, device metrics, tokens, timings
+    log_every = int(self.spec.logging_steps)
     step = start
     if start < max_steps:
       self.logger.write_config(self.config)
@@ -259,30 +260,36 @@ class Trainer:
       self.logger.log(f"Training steps {start + 1}..{max_steps} in {self.run_dir}")
     with (stop.installed(), Progress(max_steps, initial=start, is_main_process=self.is_main) as bar,
           LoopMeter(bool(self.spec.perf_metrics)) as meter):
+
+      def read_pending() -> None:
+        host = jax.device_get([p[1] for p in pending])
+        loss = None
+        for (s, _, tok, times), h in zip(pending, host):
+          loss = self._log_train(s, h, tok, times, meter)
+        bar.update(pending[-1][0], loss=loss)
+        pending.clear()
+
       interrupted = False
       while step < max_steps and not (interrupted := stop.should_stop()):
         item = meter.next_batch(self.train_iter)
         placed = item.device if item.device is not None else self._placed(item.host)
         self.state, metrics = meter.dispatch(self.steps.train_step, self.state, placed)
         step += 1
-        # Step N is queued: the host's bookkeeping, and reading step N-1, overlap its run.
         batch = item.host
         self.record.train_shapes.add(tuple(batch["input_ids"].shape))
         tokens = float(np.count_nonzero(batch["segment_ids"])) * self.process_count
-        if pending is not None:
-          bar.update(pending[0], loss=self._log_train(*pending, meter))
-        pending = (step, metrics, tokens, meter.step_times())
+        if pending and (pending[-1][0] % log_every == 0 or len(pending) >= 64):
+          read_pending()
+        pending.append((step, metrics, tokens, meter.step_times()))
         is_last = step == max_steps
         eval_due = is_last or (eval_every > 0 and step % eval_every == 0)
         save_due = is_last or (save_every > 0 and step % save_every == 0)
         if eval_due or save_due:
-          # Read this step now: a checkpoint or eval must never follow an unseen non-finite step.
-          bar.update(step, loss=self._log_train(*pending, meter))
-          pending = None
+          read_pending()
           with meter.paused():
             self._evaluate_and_save(step, eval_due, save_due)
-      if pending is not None:
-        self._log_train(*pending, meter)
+      if pending:
+        read_pending()
     if interrupted and step == start:  # stopped during start-up: nothing trained since the last save
       self.logger.log(f"Received signal {stop.signum} (SIGTERM) before step {start + 1}: stopped; "
                       "relaunch the same command to go on")
