@@ -81,6 +81,8 @@ def base_spec() -> ml_collections.ConfigDict:
   c.model.demo.num_kv_heads = 2      # key/value heads (grouped-query attention)
   c.model.demo.head_dim = 16         # per-head width
   c.model.demo.intermediate_size = 128  # MLP width
+  c.model.demo.vocab_size = 0         # embedding rows; 0 = the demo tokenizer's; larger gives a real
+                                     # model's embedding memory (e.g. 151936, Qwen3: benchmarks)
 
   c.head = ml_collections.ConfigDict()
   c.head.hidden_dims = (1024, 256)   # MLP hidden widths on the marker's hidden state

@@ -94,3 +94,23 @@ def test_a_source_path_that_is_one_file_warns_that_evaluation_reads_the_training
     assert said == ([f"data.prm800k.path is the file {single}: a file serves every split, so training and "
                      f"evaluation both read it and its val numbers are not held out; give the directory "
                      f"holding its split files instead"] if warned else []), said
+
+
+def test_demo_vocab_size_pads_the_embedding_and_refuses_fewer_rows_than_the_tokenizer(tmp_path):
+  """model.demo.vocab_size gives the demo backbone a real model's embedding rows (benchmarks);
+  0 keeps the tokenizer's size, fewer rows than tokens is one line, a negative value invalid."""
+  import pytest
+  from rmjax import spec as spec_lib
+  from rmjax.tokenizer import build_demo_tokenizer
+  from rmjax.train import build
+  tokenizer = build_demo_tokenizer()
+  spec = tiny_spec(tmp_path)
+  assert build.demo_model_config(spec, tokenizer).vocab_size == len(tokenizer)
+  spec.model.demo.vocab_size = 4096
+  assert len(tokenizer) < 4096 and build.demo_model_config(spec, tokenizer).vocab_size == 4096
+  spec.model.demo.vocab_size = len(tokenizer) - 1
+  with pytest.raises(spec_lib.SpecError, match=f"below the demo tokenizer's {len(tokenizer)} tokens"):
+    build.demo_model_config(spec, tokenizer)
+  spec.model.demo.vocab_size = -1
+  with pytest.raises(spec_lib.SpecError, match="model.demo.vocab_size must be >= 0"):
+    spec_lib.validate(spec, num_devices=1)

@@ -80,9 +80,12 @@ def model_overrides(spec: Any) -> dict[str, Any]:
 def demo_model_config(spec: Any, tokenizer: Any) -> ModelConfig:
   """The tiny random backbone of `model.path == "demo"`: Qwen3 layout, spec.model.demo shape."""
   d = spec.model.demo
+  if 0 < int(d.vocab_size) < len(tokenizer):
+    raise spec_lib.SpecError(f"invalid spec: model.demo.vocab_size={d.vocab_size} is below the demo "
+                             f"tokenizer's {len(tokenizer)} tokens; use 0 or at least {len(tokenizer)}")
   try:
     return ModelConfig.tiny(
-      "qwen3", vocab_size=len(tokenizer), hidden_size=int(d.hidden_size), num_layers=int(d.num_layers),
+      "qwen3", vocab_size=int(d.vocab_size) or len(tokenizer), hidden_size=int(d.hidden_size), num_layers=int(d.num_layers),
       num_heads=int(d.num_heads), num_kv_heads=int(d.num_kv_heads), head_dim=int(d.head_dim),
       intermediate_size=int(d.intermediate_size), max_position_embeddings=int(spec.data.max_length),
       marker_id=marker_id(tokenizer), **model_overrides(spec))
