@@ -28,12 +28,17 @@
 #   torch_full       the torch reference, full fine-tuning with gradient checkpointing
 #   packing          packed vs padded rows on the 4B shape, the packed rows with the segment mask
 #                    and with cuDNN's packed layout (--max-segments 16)
+#   full_spec_loop   specs/full.py as a user runs it (its "auto" settings, float32 moments, 16 rows in one
+#                    pass) on a Qwen3-4B-shaped random backbone and the demo's synthetic data, packed rows
+#                    of 2048: the loop's tokens/s and MFU against its bare step's (`bench --loop --spec`)
+#   lora_spec_loop   the same for specs/lora.py (16 rows as 4 micro-batches)
+#   full_spec_loop_bf16  full_spec_loop with bfloat16 Adam moments, the opt-in that frees memory for "auto"
 #   loop             the training loop on a Qwen3-4B-shaped random backbone (the demo's synthetic
 #                    PRM800K data, packed rows of 2048): host wait, device idle and the prefetch
 #                    thread's times per window, into data_wait.json
 # The rmjax bench rows hold one example each, so they run causal attention alone (the bench's
 # default --attention-mask, as training does for unpacked rows).
-# Groups: bench = full_dots lora_dots_attn full_remat full_unrolled lora_unrolled attention
+# Groups: specs = full_spec_loop lora_spec_loop full_spec_loop_bf16; bench = full_dots lora_dots_attn full_remat full_unrolled lora_unrolled attention
 # lora_proj_attn lora_remat full_dots_cublas; data = packing loop; all = loop full_spec, then
 # full_unrolled lora_unrolled packing full_remat torch_full lora_remat, then full_dots
 # lora_dots_attn attention lora_proj_attn full_dots_cublas.
@@ -67,9 +72,11 @@ export PYTHONUNBUFFERED=1
 if [ "${SMOKE:-0}" = 1 ]; then
   PRESET=tiny SEQ=64 EXAMPLES=16 LOOP_STEPS=6 LOOP_SHAPE=() LOOP_LEN=128 LOOP_BUCKETS="(64, 128)"
   ATTN_SHAPE=(--seq-len 64 --heads 4 --kv-heads 2 --head-dim 16 --median 20 --steps 2)
+  SPEC_LOOP=(--preset tiny --seq-len 128 --batch 8 --dtype float32 --set data.synthetic.train_records=256)
 else
   PRESET=qwen3-4b SEQ=2048 EXAMPLES=96 LOOP_STEPS=40 LOOP_LEN=2048 LOOP_BUCKETS="(1024, 2048)"
   ATTN_SHAPE=()
+  SPEC_LOOP=(--preset qwen3-4b --layers 0)
   LOOP_SHAPE=(--spec.model.demo.hidden_size=2560 --spec.model.demo.num_layers=36 --spec.model.demo.num_heads=32
               --spec.model.demo.num_kv_heads=8 --spec.model.demo.head_dim=128 --spec.model.demo.intermediate_size=9728)
 fi
@@ -138,6 +145,12 @@ check() {
       data_packages
       run packing 280 python -m benchmarks.packing --preset "$PRESET" --row "$SEQ" --examples "$EXAMPLES" \
         --batch 4 --mode lora --segment-attention both --max-segments 16 ;;
+    full_spec_loop | lora_spec_loop | full_spec_loop_bf16)
+      data_packages  # the launcher's memory fraction; examples of up to 100 steps fill packed rows
+      local extra=(); [ "$1" = full_spec_loop_bf16 ] && extra=(--set opt_state_dtype=bfloat16)
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 run "$1" 300 python -m rmjax.bench --loop --spec "specs/${1%%_*}.py" \
+        "${SPEC_LOOP[@]}" --windows 2 --set logging_steps=4 --set data.pack=true --set data.synthetic.max_ops=100 \
+        "${extra[@]}" ;;
     loop)
       data_packages
       rm -rf "$WORK/run"  # the loop would resume an earlier run found there and append to its metrics
@@ -160,6 +173,7 @@ for arg in "$@"; do
     bench) names="full_dots lora_dots_attn full_remat full_unrolled lora_unrolled attention lora_proj_attn lora_remat
                   full_dots_cublas" ;;
     data) names="packing loop" ;;
+    specs) names="full_spec_loop lora_spec_loop full_spec_loop_bf16" ;;
     all) names="loop full_spec full_unrolled lora_unrolled packing full_remat torch_full lora_remat full_dots
                 lora_dots_attn attention lora_proj_attn full_dots_cublas" ;;
     *) names=$arg ;;

@@ -18,19 +18,24 @@ def test_loop_bench_prints_one_record_with_both_figures_and_their_ratio(tmp_path
   r = json.loads(lines[0])
   assert r["loop_tokens_per_s"] > 0 and r["step_tokens_per_s"] > 0
   assert abs(r["loop_over_step"] - r["loop_tokens_per_s"] / r["step_tokens_per_s"]) < 1e-9
-  assert r["step_tokens_per_s"] == sum(r["step_tokens_per_s_before_after"]) / 2
+  assert r["step_tokens_per_s"] == max(r["step_tokens_per_s_back_to_back"], r["step_tokens_per_s_paced"])
+  assert 0 < r["fill"] <= 1 and r["chosen"]["remat"] == "none"  # the demo spec sets remat; scan_unroll is auto
   assert (r["timed_steps"], r["warmup_steps"]) == (2, 2)
+  medians = r["seconds_per_step_median"]
+  assert sorted(medians) == ["back_to_back", "loop", "paced"] and all(v > 0 for v in medians.values())
   assert r["batch_shape"] == [[8, 64]] and r["step_retraced"] is False and r["train_step_traces"] == 1
   assert r["spec"]["logging_steps"] == 2 and r["model_demo"]["num_layers"] == 2
 
 
 def test_loop_rate_sums_the_logged_windows_after_the_warm_up(tmp_path):
-  """Windows of 2 steps: [1-2] is warm-up; [3-4] 40 tokens at 10/s = 4 s, [5-6] 60 at 20/s = 3 s."""
+  """Windows of 2 steps: [1-2] is warm-up; [3-4] 40 tokens at 10/s = 4 s, [5-6] 60 at 20/s = 3 s;
+  a last step before [5-6] leaves that window out."""
   path = tmp_path / "metrics.jsonl"
   rows = [{"step": 2, "train/tokens_per_s": 1.0}, {"step": 4, "train/tokens_per_s": 10.0},
           {"step": 5, "val/loss": 0.1}, {"step": 6, "train/tokens_per_s": 20.0}]
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  assert bench_loop.loop_rate(path, [5, 5, 20, 20, 30, 30], first_step=2) == (100 / 7, 4)
+  assert bench_loop.loop_rate(path, [5, 5, 20, 20, 30, 30], first_step=2, last_step=6) == (100 / 7, 4)
+  assert bench_loop.loop_rate(path, [5, 5, 20, 20, 30, 30], first_step=2, last_step=4) == (10.0, 2)
 
 
 def test_bad_loop_option_is_one_line(capsys):

@@ -9,18 +9,32 @@ How: a real run is built through `rmjax.train.loop.Trainer` from `specs/demo.py`
 preset's model shape in `model.demo.*` (the demo's random backbone and tokenizer, synthetic
 PRM800K-format data, the spec's defaults for packing, workers, prefetch and logging_steps) and
 one length bucket (`data.max_length`), so every step has one shape and compiles once.
-- loop: `Trainer.run()` for `warmup + windows * logging_steps` steps, warmup a multiple of
-  logging_steps. Its figure is the loop's own logged `train/tokens_per_s` (metrics.jsonl), over
-  the logging windows after the warm-up: each window runs from reading one logged step's
-  metrics to reading the next's, so the windows together cover the timed steps exactly, and
-  the final evaluation and checkpoint fall outside them.
+- loop: `Trainer.run()` for `(warmup + windows + 1) * logging_steps` steps. Its figure is the
+  loop's own logged `train/tokens_per_s` (metrics.jsonl) over the `windows` logging windows
+  after the warm-up: each window runs from reading one logged step's metrics to reading the
+  next's, so the windows together cover the timed steps exactly. The loop reads a window's
+  metrics once the next step is queued; the run's last window has no step queued behind it,
+  so its end is seen sooner than the others' (by the time a dispatch holds the host: on a GPU
+  up to most of a second), and it is left out of the timing.
 - step: the same batches, read beforehand from a fresh iterator of the run's own training
   dataset (its first batches are the loop's), placed on the devices beforehand, then the same
-  jitted `steps.train_step` dispatched back to back: warm-up steps, a block, the timed steps, a
-  block; once before the loop and once after it (from the run's final state), averaged, so a
-  drift of the machine's speed (~5% over a minute on a shared 2-core VM) biases neither side.
-  No retrace after the first pass (`step_retraced` says so).
-Tokens are counted alike on both sides: real tokens, the nonzero `segment_ids`.
+  jitted `steps.train_step`: warm-up steps, a block, the timed steps, a block. Two ways: back
+  to back (every step queued at once) and paced as the loop paces it (one step in flight, its
+  metrics read once the next is queued); the faster is the step's figure. Each runs once before
+  the loop and once after it (from the run's final state), averaged, so a drift of the
+  machine's speed (~5% over a minute on a shared 2-core VM) biases neither side. No retrace
+  after the first pass (`step_retraced` says so).
+Tokens are counted alike on both sides: real tokens, the nonzero `segment_ids`. `mfu` counts
+the model FLOPs of those tokens (each packed example's attention over its own length; GPUs
+with a known peak only); `fill` is real tokens over the rows' slots.
+
+`--spec specs/full.py` (or lora.py) measures a shipped spec as a user runs it: every key of
+that spec (batch, micro-batches, mode, "auto" remat and layer loop, optimizer dtype, head,
+rows) on the demo's random backbone at the preset's shape, the preset's vocabulary included
+(embedding and optimizer memory as the real model's, so "auto" meets the same limit), and the
+demo's synthetic data; flags and `--set` apply on top. Evaluation and checkpoints are skipped
+(they would fall after the timed windows; a 4B-shaped full run would write ~48 GB), and GPU
+memory is left as the launcher leaves it (rmjax.runtime.default_gpu_memory_fraction).
 
 Defaults: the 75m preset's width (768, 12 heads, MLP 2048) at 2 layers, the demo's rows
 (16 of 128 tokens, 2 micro-batches) in full fine-tuning: a step of about a second on 2 CPU
@@ -35,10 +49,12 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import queue
 import sys
 import tempfile
+import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -47,15 +63,18 @@ from rmjax.bench import common
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEMO_SPEC = ROOT / "specs" / "demo.py"
 # The model.demo keys a preset's shape fills.
+PACING = {False: "back_to_back", True: "paced"}  # step_rate(paced=...) by name
 SHAPE_KEYS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m rmjax.bench --loop", description=__doc__.split("\n\n")[0])
   p.add_argument("--loop", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--spec", default="", metavar="FILE",
+                 help="a shipped spec's settings (e.g. specs/full.py) on the demo backbone and data")
   p.add_argument("--preset", default="75m", choices=sorted(common.PRESETS), help="model shape (model.demo.*)")
   p.add_argument("--layers", type=int, default=2, help="decoder layers (0 = the preset's)")
-  p.add_argument("--mode", default="full", choices=common.MODES)
+  p.add_argument("--mode", default="", choices=("", *common.MODES), help="default: the --spec's mode, else full")
   p.add_argument("--seq-len", type=int, default=0, help="tokens per row: data.max_length, one bucket (0 = the demo's)")
   p.add_argument("--batch", type=int, default=0, help="global rows per step: batch_size (0 = the demo's)")
   p.add_argument("--grad-accum", type=int, default=0, help="micro-batches per step (0 = the demo's)")
@@ -72,31 +91,50 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
-def make_spec(args: argparse.Namespace, output_dir: str, on_accelerator: bool) -> Any:
-  """specs/demo.py with the preset's shape and the flags; the run's steps and windows."""
+def base_spec(args: argparse.Namespace) -> Any:
+  """specs/demo.py in the mode asked for, or the --spec file on the demo's backbone and data."""
   from rmjax import spec as spec_lib
-  spec = spec_lib.load_spec_file(f"{DEMO_SPEC}:{args.mode}")
+  if not args.spec:
+    return spec_lib.load_spec_file(f"{DEMO_SPEC}:{args.mode or 'full'}")
+  spec = spec_lib.load_spec_file(args.spec)
+  if args.mode:
+    spec.mode = args.mode
+  demo = spec_lib.load_spec_file(f"{DEMO_SPEC}:{spec.mode}")
+  spec.model.path = demo.model.path
+  spec.data.synthetic = demo.data.synthetic
+  for source in ("prm800k", "eqasc", "reveal"):
+    spec.data[source] = demo.data[source]
+  return spec
+
+
+def make_spec(args: argparse.Namespace, output_dir: str, on_accelerator: bool) -> Any:
+  """The base spec with the preset's shape and the flags; the run's steps and windows."""
+  from rmjax import spec as spec_lib
+  spec = base_spec(args)
   shape = common.PRESETS[args.preset]()
   for key in SHAPE_KEYS:
     setattr(spec.model.demo, key, int(getattr(shape, key)))
+  if args.spec:
+    spec.model.demo.vocab_size = int(shape.vocab_size)
   if args.layers:
     spec.model.demo.num_layers = args.layers
-  dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if on_accelerator else "float32")
-  spec.model.compute_dtype = dtype
-  spec.model.frozen_dtype = dtype
+  if args.dtype != "auto" or not args.spec:  # a --spec keeps its own dtypes unless asked
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if on_accelerator else "float32")
+    spec.model.compute_dtype = dtype
+    spec.model.frozen_dtype = dtype
   if args.seq_len:
     spec.data.max_length = args.seq_len
   if args.batch:
     spec.batch_size = args.batch
   if args.grad_accum:
     spec.grad_accum_steps = args.grad_accum
-  spec.output_dir, spec.experiment_name = output_dir, f"bench-loop-{args.mode}"
+  spec.output_dir, spec.experiment_name = output_dir, f"bench-loop-{spec.mode}"
   spec.eval_steps, spec.save_steps = 0, 0  # evaluated and saved once, after the last (timed) step
   spec.max_eval_batches = 1
   spec_lib.apply_overrides(spec, args.overrides)
   spec.data.length_buckets = (int(spec.data.max_length),)  # one shape: compiled during the warm-up
   every = int(spec.logging_steps)
-  spec.max_steps = every * (args.warmup_windows + args.windows)
+  spec.max_steps = every * (args.warmup_windows + args.windows + 1)  # + the untimed last window
   spec.warmup_steps = min(int(spec.warmup_steps), every)
   spec_lib.validate(spec, num_devices=_device_count())
   return spec
@@ -111,15 +149,16 @@ def _tokens(batch: dict[str, np.ndarray]) -> float:
   return float(np.count_nonzero(batch["segment_ids"]))
 
 
-def loop_rate(metrics_jsonl: pathlib.Path, tokens_per_step: Sequence[float], first_step: int) -> tuple[float, int]:
-  """The loop's own tokens/s over its logged windows ending after `first_step`, and the steps
-  they cover: each window's seconds are its tokens over its logged rate."""
+def loop_rate(metrics_jsonl: pathlib.Path, tokens_per_step: Sequence[float], first_step: int,
+              last_step: int) -> tuple[float, int]:
+  """The loop's own tokens/s over its logged windows after `first_step` up to `last_step`, and
+  the steps they cover: each window's seconds are its tokens over its logged rate."""
   rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines()]
   rows = sorted((r["step"], r["train/tokens_per_s"]) for r in rows if "train/tokens_per_s" in r)
   tokens = seconds = 0.0
   previous, covered = first_step, 0
   for step, rate in rows:
-    if step <= first_step:
+    if step <= first_step or step > last_step:
       continue
     window = sum(tokens_per_step[previous:step])  # steps previous+1 .. step (0-based batches)
     tokens, seconds, covered, previous = tokens + window, seconds + window / rate, covered + step - previous, step
@@ -128,21 +167,72 @@ def loop_rate(metrics_jsonl: pathlib.Path, tokens_per_step: Sequence[float], fir
   return tokens / seconds, covered
 
 
-def step_rate(trainer: Any, placed: Sequence[Any], tokens_per_step: Sequence[float], warmup: int) -> float:
-  """The run's jitted train_step over the pre-placed batches, back to back: tokens/s of all but
-  the first `warmup`."""
+def model_flops(cfg: Any, batch: dict[str, np.ndarray], mode: str, head_dims: Sequence[int]) -> float:
+  """Model FLOPs of one batch's real tokens: each packed example (segment) attends over its own
+  length only (common.analytic_model_flops per segment), plus the head at supervised markers."""
+  segments = np.asarray(batch["segment_ids"])
+  lengths = [int(n) for row in segments for n in np.bincount(row[row > 0])[1:] if n]
+  flops = sum(common.analytic_model_flops(cfg, n, n, mode) for n in lengths)
+  markers = int(np.asarray(batch["target_mask"]).sum())
+  return flops + 6.0 * common.head_matmul_params(cfg.hidden_size, head_dims) * markers
+
+
+class CompletionClock:
+  """When each dispatched step's metrics become ready, seen by a thread that waits on them in
+  dispatch order: the seconds between consecutive completions are the device's time per step,
+  however the host queued the steps (a check on the two rates, which time from the host)."""
+
+  def __init__(self):
+    self._queue: queue.SimpleQueue = queue.SimpleQueue()
+    self.times: list[float] = []
+    self._thread = threading.Thread(target=self._watch, name="bench-completion-clock", daemon=True)
+    self._thread.start()
+
+  def _watch(self) -> None:
+    import jax
+    while (metrics := self._queue.get()) is not None:
+      jax.block_until_ready(metrics)
+      self.times.append(time.perf_counter())
+
+  def wrap(self, step: Callable[[Any, Any], tuple[Any, Any]]) -> Callable[[Any, Any], tuple[Any, Any]]:
+    def watched(state: Any, batch: Any) -> tuple[Any, Any]:
+      state, metrics = step(state, batch)
+      self._queue.put(metrics)
+      return state, metrics
+    return watched
+
+  def intervals(self, first: int, last: int) -> list[float]:
+    """Seconds of steps first+1 .. last (1-based, in dispatch order); stops the thread first."""
+    self._queue.put(None)
+    self._thread.join()
+    return [float(t) for t in np.diff(self.times[max(first - 1, 0):last])]
+
+
+def step_rate(trainer: Any, placed: Sequence[Any], tokens_per_step: Sequence[float], warmup: int,
+              paced: bool = False, seconds: list[float] | None = None) -> float:
+  """The run's jitted train_step over the pre-placed batches: tokens/s of all but the first
+  `warmup`. Back to back (every step queued at once), or `paced` as the loop paces it: each
+  step's metrics read once the next step is queued, one step in flight. The timed steps'
+  seconds between completions are added to `seconds`."""
   import jax
-  state, step = trainer.state, trainer.steps.train_step
+  clock = CompletionClock()
+  state, step = trainer.state, clock.wrap(trainer.steps.train_step)
   for batch in placed[:warmup]:
     state, metrics = step(state, batch)
   jax.block_until_ready((state, metrics))
   t0 = time.perf_counter()
   for batch in placed[warmup:]:
-    state, metrics = step(state, batch)
+    state, next_metrics = step(state, batch)
+    if paced:
+      jax.device_get(metrics)
+    metrics = next_metrics
   jax.block_until_ready((state, metrics))
-  seconds = time.perf_counter() - t0
+  elapsed = time.perf_counter() - t0
   trainer.state = state
-  return sum(tokens_per_step[warmup:]) / seconds
+  between = clock.intervals(warmup, len(placed))
+  if seconds is not None:
+    seconds.extend(between)
+  return sum(tokens_per_step[warmup:]) / elapsed
 
 
 def run(args: argparse.Namespace, output_dir: str) -> dict[str, Any]:
@@ -155,9 +245,13 @@ def run(args: argparse.Namespace, output_dir: str) -> dict[str, Any]:
   device = jax.devices()[0]
   spec = make_spec(args, output_dir, device.platform != "cpu")
   trainer = train_loop.Trainer(spec)
+  # Training is timed, nothing else: evaluation and checkpoints (due only at the last step, after
+  # the timed windows) are skipped.
+  trainer._evaluate_and_save = lambda step, eval_due, save_due: None
   try:
     steps, every = int(spec.max_steps), int(spec.logging_steps)
     first_timed = every * args.warmup_windows
+    last_timed = first_timed + every * args.windows
     # The loop's batches, from a fresh iterator of its own dataset, read before the loop starts.
     batches = []
     for batch in iter(trainer.train_ds):
@@ -165,26 +259,52 @@ def run(args: argparse.Namespace, output_dir: str) -> dict[str, Any]:
       if len(batches) == steps:
         break
     tokens = [_tokens(b) * trainer.process_count for b in batches]
+    head_dims = tuple(int(d) for d in spec.head.hidden_dims)
+    flops = [model_flops(trainer.model_cfg, b, str(spec.mode), head_dims) * trainer.process_count for b in batches]
     placed = [device_batch(b, trainer.mesh) for b in batches]
     jax.block_until_ready(placed)
     # The bare step runs before and after the loop (the mean of the two), so a drift of the
     # machine's speed during the run biases neither side. The loop continues from its state.
     warm = min(2, first_timed)
-    before = step_rate(trainer, placed[first_timed - warm:], tokens[first_timed - warm:], warm)
+    timed = (placed[first_timed - warm:last_timed], tokens[first_timed - warm:last_timed], warm)
+    between: dict[str, list[float]] = {"back_to_back": [], "paced": []}
+    before = {paced: step_rate(trainer, *timed, paced=paced, seconds=between[PACING[paced]])
+              for paced in (False, True)}
     traces = int(trainer.steps.traces["train"])
+    clock = CompletionClock()
+    unwatched, trainer.steps.train_step = trainer.steps.train_step, clock.wrap(trainer.steps.train_step)
     results = trainer.run()
+    trainer.steps.train_step = unwatched
+    between["loop"] = clock.intervals(first_timed, last_timed)
     trainer.train_iter.close()  # its thread and the pipeline stay quiet while the bare step runs
-    loop_tps, covered = loop_rate(trainer.run_dir / "logs" / "metrics.jsonl", tokens, first_timed)
-    after = step_rate(trainer, placed[first_timed - warm:], tokens[first_timed - warm:], warm)
-    step_tps = (before + after) / 2
+    loop_tps, covered = loop_rate(trainer.run_dir / "logs" / "metrics.jsonl", tokens, first_timed, last_timed)
+    after = {paced: step_rate(trainer, *timed, paced=paced, seconds=between[PACING[paced]])
+             for paced in (True, False)}
+    # The step's figure is the faster way of queuing it.
+    rates = {paced: (before[paced] + after[paced]) / 2 for paced in (False, True)}
+    step_tps = max(rates.values())
     retraced = int(trainer.steps.traces["train"]) != traces
   finally:
     trainer.close()
-  shape = {k: int(spec.model.demo[k]) for k in SHAPE_KEYS}
+  shape = {k: int(spec.model.demo[k]) for k in (*SHAPE_KEYS, "vocab_size")}
+  flops_per_token = sum(flops[first_timed:last_timed]) / sum(tokens[first_timed:last_timed])
+  peak = common.peak_flops(device.device_kind)
+  mfu = (lambda tps, per_token=flops_per_token: None if peak is None else
+         tps * per_token / (peak * jax.device_count()))
+  # The step benchmark's convention (BUILD.md's MFU rows): every slot of a row counts, causal over the row.
+  rows_flops = [common.analytic_model_flops(trainer.model_cfg, b["input_ids"].size, b["input_ids"].shape[1],
+                                            str(spec.mode)) for b in batches[first_timed:last_timed]]
+  slots = [b["input_ids"].size * trainer.process_count for b in batches[first_timed:last_timed]]
   return {
     "bench": "loop", "loop_tokens_per_s": loop_tps, "step_tokens_per_s": step_tps,
-    "loop_over_step": loop_tps / step_tps, "step_tokens_per_s_before_after": [before, after],
-    "timed_steps": covered, "warmup_steps": first_timed, "tokens_per_step": float(np.mean(tokens[first_timed:])),
+    "loop_over_step": loop_tps / step_tps, "step_tokens_per_s_before_after": [max(before.values()), max(after.values())],
+    "step_tokens_per_s_back_to_back": rates[False], "step_tokens_per_s_paced": rates[True],
+    "seconds_per_step_median": {k: float(np.median(v)) for k, v in between.items()},
+    "loop_mfu": mfu(loop_tps), "step_mfu": mfu(step_tps), "model_flops_per_token": flops_per_token,
+    "fill": sum(tokens[first_timed:last_timed]) / sum(slots),
+    "loop_mfu_rows": mfu(loop_tps, sum(rows_flops) * trainer.process_count / sum(tokens[first_timed:last_timed])),
+    "timed_steps": covered, "warmup_steps": first_timed, "tokens_per_step": float(np.mean(tokens[first_timed:last_timed])),
+    "chosen": dict(trainer.performance), "spec_file": args.spec or str(DEMO_SPEC),
     "batch_shape": sorted(list(s) for s in {tuple(b["input_ids"].shape) for b in batches}),
     "preset": args.preset, "mode": str(spec.mode), "model_demo": shape, "device": device.device_kind,
     "platform": device.platform, "device_count": jax.device_count(), "step_retraced": retraced,
@@ -193,12 +313,15 @@ def run(args: argparse.Namespace, output_dir: str) -> dict[str, Any]:
              "data.max_length": int(spec.data.max_length), "data.pack": bool(spec.data.pack),
              "data.num_workers": int(spec.data.num_workers), "logging_steps": every,
              "model.compute_dtype": str(spec.model.compute_dtype), "model.remat": str(spec.model.remat),
+             "model.scan_unroll": str(spec.model.scan_unroll), "opt_state_dtype": str(spec.opt_state_dtype),
              "perf_metrics": bool(spec.perf_metrics), "overrides": list(args.overrides)},
   }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
+  from rmjax.runtime import default_gpu_memory_fraction
+  default_gpu_memory_fraction()  # as the launcher does: before jax starts its GPU backend
   from rmjax import spec as spec_lib
   try:
     if args.keep:
