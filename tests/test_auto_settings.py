@@ -138,3 +138,28 @@ def test_auto_resolves_records_its_choice_trains_and_a_resume_reuses_it(tmp_path
   assert len(changes) == 1 and "max_steps" in changes[0] and "model." not in changes[0]
   assert "Auto settings: {'remat'" in log
   assert json.loads((run_dir / "logs" / "config.json").read_text())["model"] == model
+
+
+def test_the_runs_step_is_the_program_auto_compiled_for_its_choice(tmp_path):
+  """Under the launcher's compilation cache the run loads auto's compile of its choice rather
+  than compiling again: the run's own step, lowered from its real state and a placed batch of
+  the largest shape, must be the very program auto lowered from abstract state."""
+  import jax
+  import numpy as np
+  from rmjax.train.step import device_batch
+  spec = tiny_spec(tmp_path, **{"model.remat": "auto", "model.scan_unroll": "auto"})
+  trainer = loop.Trainer(spec)
+  try:
+    shapes = auto.run_shapes(spec, trainer.render_cfg)
+    chosen = Candidate(**trainer.performance)
+    base_cfg = trainer.model_cfg.replace(**auto.FALLBACK.as_dict())  # auto swaps the candidate in itself
+    lowered = auto.step_lowerer(base_cfg, trainer.head_cfg, trainer.optim_cfg, trainer.mesh, shapes)(chosen)
+    batch = device_batch({k: np.zeros(s.shape, s.dtype) for k, s in shapes.items()}, trainer.mesh)
+    run_text = auto.lower_step(trainer.steps, trainer.state, batch).as_text()
+    assert run_text == lowered.as_text()
+    other = next(c for c in auto.candidates(str(spec.mode), jax.devices()[0].platform) if c != chosen)
+    assert run_text != auto.step_lowerer(base_cfg, trainer.head_cfg, trainer.optim_cfg, trainer.mesh,
+                                         shapes)(other).as_text()  # the check tells programs apart
+  finally:
+    trainer.train_iter.close()
+    trainer.close()

@@ -111,10 +111,16 @@ def batch_shapes(rows: int, length: int, markers: int) -> dict[str, jax.ShapeDty
           "targets": jax.ShapeDtypeStruct(slots, f32), "target_mask": jax.ShapeDtypeStruct(slots, f32)}
 
 
+def lower_step(steps, state, batch):
+  """The jitted train step of `steps`, lowered for these (abstract or real) inputs."""
+  with jax.set_mesh(steps.mesh):
+    return steps._train.lower(state, {k: batch[k] for k in TRAIN_KEYS})
+
+
 def compile_step(steps, state, batch):
   """The jitted train step of `steps`, lowered and compiled for these (abstract or real) inputs."""
   with jax.set_mesh(steps.mesh):
-    return steps._train.lower(state, {k: batch[k] for k in TRAIN_KEYS}).compile()
+    return lower_step(steps, state, batch).compile()
 
 
 def cost_analysis(compiled) -> dict[str, Any]:
@@ -288,17 +294,30 @@ def run_shapes(spec: Any, render_cfg: Any) -> dict[str, jax.ShapeDtypeStruct]:
   return batch_shapes(int(spec.batch_size), render_cfg.bucket(render_cfg.max_length), render_cfg.markers)
 
 
-def step_compiler(model_cfg: Any, head_cfg: Any, optim_cfg: Any, mesh: Any,
-                  shapes: Mapping[str, jax.ShapeDtypeStruct]) -> Callable[[Candidate], Any]:
-  """candidate -> the run's train step compiled for `shapes` from abstract state (nothing allocated)."""
+def step_lowerer(model_cfg: Any, head_cfg: Any, optim_cfg: Any, mesh: Any,
+                 shapes: Mapping[str, jax.ShapeDtypeStruct]) -> Callable[[Candidate], Any]:
+  """candidate -> the run's train step lowered for `shapes` from abstract state (nothing
+  allocated). The run's own step lowers to the same program for the chosen candidate, so under
+  the launcher's compilation cache it loads this compile instead of compiling again."""
   from rmjax.model.confidence import ConfidenceModel
   from rmjax.train.state import abstract_train_state
   from rmjax.train.step import make_steps
 
-  def compile_fn(c: Candidate):
+  def lower_fn(c: Candidate):
     model = ConfidenceModel(model_cfg.replace(**c.as_dict()), head_cfg)
     abstract, shardings = abstract_train_state(model, optim_cfg, mesh)
-    return compile_step(make_steps(model, optim_cfg, mesh, shardings), abstract, shapes)
+    return lower_step(make_steps(model, optim_cfg, mesh, shardings), abstract, shapes)
+  return lower_fn
+
+
+def step_compiler(model_cfg: Any, head_cfg: Any, optim_cfg: Any, mesh: Any,
+                  shapes: Mapping[str, jax.ShapeDtypeStruct]) -> Callable[[Candidate], Any]:
+  """candidate -> the run's train step compiled for `shapes` from abstract state."""
+  lower_fn = step_lowerer(model_cfg, head_cfg, optim_cfg, mesh, shapes)
+
+  def compile_fn(c: Candidate):
+    with jax.set_mesh(mesh):
+      return lower_fn(c).compile()
   return compile_fn
 
 
