@@ -33,8 +33,8 @@ that spec (batch, micro-batches, mode, "auto" remat and layer loop, optimizer dt
 rows) on the demo's random backbone at the preset's shape, the preset's vocabulary included
 (embedding and optimizer memory as the real model's, so "auto" meets the same limit), and the
 demo's synthetic data; flags and `--set` apply on top. Evaluation and checkpoints are skipped
-(they would fall after the timed windows; a 4B-shaped full run would write ~48 GB), and GPU
-memory is left as the launcher leaves it (rmjax.runtime.default_gpu_memory_fraction).
+(they would fall after the timed windows; a 4B-shaped full run would write ~48 GB); GPU
+memory and the compilation cache are set up as the launcher sets them up.
 
 Defaults: the 75m preset's width (768, 12 heads, MLP 2048) at 2 layers, the demo's rows
 (16 of 128 tokens, 2 micro-batches) in full fine-tuning: a step of about a second on 2 CPU
@@ -320,8 +320,9 @@ def run(args: argparse.Namespace, output_dir: str) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
-  from rmjax.runtime import default_gpu_memory_fraction
+  from rmjax.runtime import default_gpu_memory_fraction, enable_compilation_cache
   default_gpu_memory_fraction()  # as the launcher does: before jax starts its GPU backend
+  enable_compilation_cache()  # as the launcher does: the run loads auto's compile of its choice
   from rmjax import spec as spec_lib
   try:
     if args.keep:
