@@ -42,3 +42,25 @@ def test_bad_loop_option_is_one_line(capsys):
   assert bench_main.main(["--loop", "--preset", "tiny", "--set", "no_such_key=1"]) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: ") and "no_such_key" in err and len(err.splitlines()) == 1
+
+
+def test_model_flops_count_each_packed_example_over_its_own_length_and_mfu_divides_by_the_peak():
+  """One row of 4 slots: examples of 2 and 1 tokens, one pad. Per token 6N (full fine-tuning)
+  plus 6 * L * H * d_head * (its example's length): 2 (6N + 12 LHd) + (6N + 6 LHd)."""
+  import jax
+  import numpy as np
+  from rmjax.model.config import ModelConfig
+  cfg = ModelConfig.tiny("qwen3", vocab_size=64)
+  D, H, K, d, I, L = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.num_layers
+  n = L * (D * H * d + 2 * D * K * d + H * d * D + 3 * D * I)
+  batch = {"input_ids": np.zeros((1, 4), np.int32), "segment_ids": np.array([[1, 1, 2, 0]], np.int32),
+           "target_mask": np.zeros((1, 2), np.float32)}
+  expected = 18 * n + 30 * L * H * d
+  assert bench_loop.model_flops(cfg, batch, "full", ()) == expected
+  u = bench_loop.utilisation(cfg, "full", [batch], [3.0], [expected], 1, "NVIDIA H100 80GB HBM3", 30.0, 60.0)
+  peak = 989.5e12 * jax.device_count()
+  assert u["fill"] == 0.75 and u["model_flops_per_token"] == expected / 3
+  assert np.isclose(u["loop_mfu"], 30.0 * expected / 3 / peak) and np.isclose(u["step_mfu"], 2 * u["loop_mfu"])
+  rows = 4 * (6 * n + 6 * L * H * d * 4)  # the step bench's way: 4 slots, each causal over the row of 4
+  assert np.isclose(u["loop_mfu_rows"], 30.0 * rows / 3 / peak)
+  assert bench_loop.utilisation(cfg, "full", [batch], [3.0], [expected], 1, "cpu", 30.0, 60.0)["loop_mfu"] is None

@@ -208,6 +208,24 @@ class CompletionClock:
     return [float(t) for t in np.diff(self.times[max(first - 1, 0):last])]
 
 
+def utilisation(model_cfg: Any, mode: str, batches: Sequence[dict[str, np.ndarray]], tokens: Sequence[float],
+                flops: Sequence[float], process_count: int, device_kind: str, loop_tps: float,
+                step_tps: float) -> dict[str, Any]:
+  """MFU of both rates over the timed batches (None where the device's peak is unknown), the
+  rows' fill, and the loop's MFU counted the step benchmark's way (BUILD.md's MFU rows: every
+  slot of a row a token, attending causally over the whole row)."""
+  import jax
+  peak = common.peak_flops(device_kind)
+  per_token = sum(flops) / sum(tokens)
+  rows_per_token = process_count * sum(common.analytic_model_flops(model_cfg, b["input_ids"].size,
+                                                                   b["input_ids"].shape[1], mode)
+                                       for b in batches) / sum(tokens)
+  mfu = lambda tps, per: None if peak is None else tps * per / (peak * jax.device_count())
+  return {"loop_mfu": mfu(loop_tps, per_token), "step_mfu": mfu(step_tps, per_token),
+          "model_flops_per_token": per_token, "loop_mfu_rows": mfu(loop_tps, rows_per_token),
+          "fill": sum(tokens) / (process_count * sum(b["input_ids"].size for b in batches))}
+
+
 def step_rate(trainer: Any, placed: Sequence[Any], tokens_per_step: Sequence[float], warmup: int,
               paced: bool = False, seconds: list[float] | None = None) -> float:
   """The run's jitted train_step over the pre-placed batches: tokens/s of all but the first
@@ -287,23 +305,15 @@ def run(args: argparse.Namespace, output_dir: str) -> dict[str, Any]:
   finally:
     trainer.close()
   shape = {k: int(spec.model.demo[k]) for k in (*SHAPE_KEYS, "vocab_size")}
-  flops_per_token = sum(flops[first_timed:last_timed]) / sum(tokens[first_timed:last_timed])
-  peak = common.peak_flops(device.device_kind)
-  mfu = (lambda tps, per_token=flops_per_token: None if peak is None else
-         tps * per_token / (peak * jax.device_count()))
-  # The step benchmark's convention (BUILD.md's MFU rows): every slot of a row counts, causal over the row.
-  rows_flops = [common.analytic_model_flops(trainer.model_cfg, b["input_ids"].size, b["input_ids"].shape[1],
-                                            str(spec.mode)) for b in batches[first_timed:last_timed]]
-  slots = [b["input_ids"].size * trainer.process_count for b in batches[first_timed:last_timed]]
+  window = slice(first_timed, last_timed)
   return {
     "bench": "loop", "loop_tokens_per_s": loop_tps, "step_tokens_per_s": step_tps,
     "loop_over_step": loop_tps / step_tps, "step_tokens_per_s_before_after": [max(before.values()), max(after.values())],
     "step_tokens_per_s_back_to_back": rates[False], "step_tokens_per_s_paced": rates[True],
     "seconds_per_step_median": {k: float(np.median(v)) for k, v in between.items()},
-    "loop_mfu": mfu(loop_tps), "step_mfu": mfu(step_tps), "model_flops_per_token": flops_per_token,
-    "fill": sum(tokens[first_timed:last_timed]) / sum(slots),
-    "loop_mfu_rows": mfu(loop_tps, sum(rows_flops) * trainer.process_count / sum(tokens[first_timed:last_timed])),
-    "timed_steps": covered, "warmup_steps": first_timed, "tokens_per_step": float(np.mean(tokens[first_timed:last_timed])),
+    **utilisation(trainer.model_cfg, str(spec.mode), batches[window], tokens[window], flops[window],
+                  trainer.process_count, device.device_kind, loop_tps, step_tps),
+    "timed_steps": covered, "warmup_steps": first_timed, "tokens_per_step": float(np.mean(tokens[window])),
     "chosen": dict(trainer.performance), "spec_file": args.spec or str(DEMO_SPEC),
     "batch_shape": sorted(list(s) for s in {tuple(b["input_ids"].shape) for b in batches}),
     "preset": args.preset, "mode": str(spec.mode), "model_demo": shape, "device": device.device_kind,
