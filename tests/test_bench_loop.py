@@ -64,3 +64,17 @@ def test_model_flops_count_each_packed_example_over_its_own_length_and_mfu_divid
   rows = 4 * (6 * n + 6 * L * H * d * 4)  # the step bench's way: 4 slots, each causal over the row of 4
   assert np.isclose(u["loop_mfu_rows"], 30.0 * rows / 3 / peak)
   assert bench_loop.utilisation(cfg, "full", [batch], [3.0], [expected], 1, "cpu", 30.0, 60.0)["loop_mfu"] is None
+
+
+def test_a_shipped_spec_runs_on_the_demo_backbone_with_the_presets_vocabulary(capsys):
+  """--spec keeps the spec's own keys (specs/lora.py: LoRA, 4 micro-batches, auto) and swaps in
+  the demo backbone at the preset's shape and vocabulary and the demo's synthetic data."""
+  argv = ["--loop", "--spec", "specs/lora.py", "--preset", "tiny", "--seq-len", "64", "--batch", "32", "--dtype", "float32",
+          "--windows", "1", "--set", "logging_steps=2", "--set", "data.synthetic.train_records=64",
+          "--set", "data.synthetic.test_records=8"]
+  assert bench_main.main(argv) == 0
+  r = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][0])
+  assert r["mode"] == "lora" and r["spec_file"] == "specs/lora.py"
+  assert (r["spec"]["batch_size"], r["spec"]["grad_accum_steps"]) == (32, 4)  # lora.py's 4 micro-batches, 8 rows each
+  assert r["spec"]["model.remat"] == "auto" and set(r["chosen"]) == {"remat", "scan_unroll"}
+  assert r["model_demo"]["vocab_size"] == 512 and r["batch_shape"] == [[32, 64]]  # the tiny preset's vocabulary
