@@ -51,7 +51,8 @@ def test_model_flops_count_each_packed_example_over_its_own_length_and_mfu_divid
   import numpy as np
   from rmjax.model.config import ModelConfig
   cfg = ModelConfig.tiny("qwen3", vocab_size=64)
-  D, H, K, d, I, L = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.num_layers
+  D, H, K, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  I, L = cfg.intermediate_size, cfg.num_layers
   n = L * (D * H * d + 2 * D * K * d + H * d * D + 3 * D * I)
   batch = {"input_ids": np.zeros((1, 4), np.int32), "segment_ids": np.array([[1, 1, 2, 0]], np.int32),
            "target_mask": np.zeros((1, 2), np.float32)}
@@ -69,8 +70,8 @@ def test_model_flops_count_each_packed_example_over_its_own_length_and_mfu_divid
 def test_a_shipped_spec_runs_on_the_demo_backbone_with_the_presets_vocabulary(capsys):
   """--spec keeps the spec's own keys (specs/lora.py: LoRA, 4 micro-batches, auto) and swaps in
   the demo backbone at the preset's shape and vocabulary and the demo's synthetic data."""
-  argv = ["--loop", "--spec", "specs/lora.py", "--preset", "tiny", "--seq-len", "64", "--batch", "32", "--dtype", "float32",
-          "--windows", "1", "--set", "logging_steps=2", "--set", "data.synthetic.train_records=64",
+  argv = ["--loop", "--spec", "specs/lora.py", "--preset", "tiny", "--seq-len", "64", "--batch", "32",
+          "--dtype", "float32", "--windows", "1", "--set", "logging_steps=2", "--set", "data.synthetic.train_records=64",
           "--set", "data.synthetic.test_records=8"]
   assert bench_main.main(argv) == 0
   r = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][0])

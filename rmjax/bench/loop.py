@@ -308,7 +308,8 @@ def run(args: argparse.Namespace, output_dir: str) -> dict[str, Any]:
   window = slice(first_timed, last_timed)
   return {
     "bench": "loop", "loop_tokens_per_s": loop_tps, "step_tokens_per_s": step_tps,
-    "loop_over_step": loop_tps / step_tps, "step_tokens_per_s_before_after": [max(before.values()), max(after.values())],
+    "loop_over_step": loop_tps / step_tps,
+    "step_tokens_per_s_before_after": [max(before.values()), max(after.values())],
     "step_tokens_per_s_back_to_back": rates[False], "step_tokens_per_s_paced": rates[True],
     "seconds_per_step_median": {k: float(np.median(v)) for k, v in between.items()},
     **utilisation(trainer.model_cfg, str(spec.mode), batches[window], tokens[window], flops[window],
