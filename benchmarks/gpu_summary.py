@@ -22,6 +22,11 @@ checks it needs are missing or failed). Figures:
   device_idle          the loop's device idle for any reason (train/device_idle.py), certain
                        (train/device_idle_frac) and at most (train/device_idle_max_frac) < 0.05
   packed_attention     cuDNN's packed layout against the masked call: max abs differences, ms
+  spec_full_mfu        specs/full.py as a user runs it (full_spec_loop: bench --loop --spec): its
+                       bare step's MFU on real tokens >= 0.45
+  spec_lora_over_full  lora_spec_loop's bare step tokens/s over full_spec_loop's >= 1.4
+  spec_loop:CHECK      each spec loop's loop_over_step within 3% of 1 (0.97 to 1.03), with the
+                       median seconds between step completions of the loop and the bare step
 and, not a target: full_fastest_over_torch, the best full step (bf16 moments, lighter remat)
 over the same torch run, which is not like for like.
 The targets are an H100 SXM's: on any other device (H100 PCIe or NVL included) every row's
@@ -126,6 +131,30 @@ def _best(records: dict[str, Any], checks: Sequence[str]) -> tuple[str | None, d
   return max(found, key=lambda cr: cr[1]["tokens_per_s"]) if found else (None, None)
 
 
+def _loop_record(records: dict[str, Any], check: str) -> dict[str, Any] | None:
+  """The check's `bench --loop` record, if it ran without error."""
+  rows = [r for r in records.get(check, []) if "loop_over_step" in r and "error" not in r]
+  return rows[-1] if rows else None
+
+
+def _spec_rows(records: dict[str, Any]) -> list[dict[str, Any]]:
+  """The shipped specs' figures from the spec loop checks (bench --loop --spec)."""
+  full, lora = _loop_record(records, "full_spec_loop"), _loop_record(records, "lora_spec_loop")
+  mfu = full and full.get("step_mfu")
+  rows = [_target("spec_full_mfu", mfu, ">= 0.45", None if mfu is None else mfu >= 0.45, check="full_spec_loop",
+                  chosen=full and full.get("chosen"))]
+  ratio = lora["step_tokens_per_s"] / full["step_tokens_per_s"] if full and lora else None
+  rows.append(_target("spec_lora_over_full", ratio, ">= 1.4", None if ratio is None else ratio >= 1.4,
+                      checks=["lora_spec_loop", "full_spec_loop"]))
+  for check in ("full_spec_loop", "lora_spec_loop", "full_spec_loop_bf16"):
+    r = _loop_record(records, check)
+    value = r and r["loop_over_step"]
+    rows.append(_target(f"spec_loop:{check}", value, "0.97 to 1.03",
+                        None if value is None else 0.97 <= value <= 1.03, check=check,
+                        seconds_per_step_median=r and r.get("seconds_per_step_median")))
+  return rows
+
+
 def _target(name: str, value: Any, target: str, held: bool | None, **source: Any) -> dict[str, Any]:
   return {"target": name, "value": value, "wanted": target, "held": held, **source}
 
@@ -190,6 +219,7 @@ def summarise(records: dict[str, Any]) -> list[dict[str, Any]]:
   rows.append(_target("device_idle", idle, "< 0.05", held, check="loop", max=idle_max,
                       dispatch_ms=_mean_of(loop.get("dispatch_ms")),
                       windows=len(_present(loop.get("device_idle_frac")))))
+  rows += _spec_rows(records)
   attention = {r.get("variant"): r for r in records.get("attention", []) if "variant" in r}
   for variant in ("segments_cudnn_packed", "segments_cudnn_packed_tight"):
     r = attention.get(variant)

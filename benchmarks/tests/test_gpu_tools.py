@@ -217,3 +217,25 @@ def test_data_wait_skips_lines_that_are_not_json(tmp_path):
   waits = gpu_summary.data_wait(path)
   assert waits["steps"] == [4, 6] and waits["data_wait_frac"] == [0.04, 0.06] and waits["skipped_lines"] == 1
   assert gpu_summary.data_wait(tmp_path / "missing.jsonl")["steps"] == []
+
+
+def test_gpu_summary_reads_the_shipped_specs_loops(tmp_path):
+  """The spec loop checks give the shipped specs' figures: full's bare-step MFU, LoRA over full
+  on the bare steps, and each loop's ratio to its bare step judged within 3% either way."""
+  from benchmarks import gpu_summary
+  device = "NVIDIA H100 80GB HBM3"
+  medians = {"loop": 1.0, "back_to_back": 1.0, "paced": 1.0}
+  loop = lambda step, ratio, mfu: {"bench": "loop", "device": device, "step_tokens_per_s": step,
+                                   "loop_over_step": ratio, "step_mfu": mfu, "chosen": {"remat": "full"},
+                                   "seconds_per_step_median": medians}
+  files = {"full_spec_loop.jsonl": json.dumps(loop(16000.0, 0.99, 0.44)),
+           "lora_spec_loop.jsonl": json.dumps(loop(24000.0, 1.05, 0.41)),
+           "full_spec_loop_bf16.jsonl": json.dumps({"bench": "loop", "error": "SpecError: x"})}
+  rows = {r["target"]: r for r in gpu_summary.summarise(gpu_summary.read_tarball(
+    _write_tarball(tmp_path / "gpu_checks.tgz", files)))}
+  assert (rows["spec_full_mfu"]["value"], rows["spec_full_mfu"]["held"]) == (0.44, False)
+  assert rows["spec_full_mfu"]["chosen"] == {"remat": "full"}
+  assert (rows["spec_lora_over_full"]["value"], rows["spec_lora_over_full"]["held"]) == (1.5, True)
+  assert (rows["spec_loop:full_spec_loop"]["held"], rows["spec_loop:lora_spec_loop"]["held"]) == (True, False)
+  assert rows["spec_loop:lora_spec_loop"]["seconds_per_step_median"] == medians
+  assert (rows["spec_loop:full_spec_loop_bf16"]["value"], rows["spec_loop:full_spec_loop_bf16"]["held"]) == (None, None)
