@@ -14,8 +14,9 @@ one length bucket (`data.max_length`), so every step has one shape and compiles 
   after the warm-up: each window runs from reading one logged step's metrics to reading the
   next's, so the windows together cover the timed steps exactly. The loop reads a window's
   metrics once the next step is queued; the run's last window has no step queued behind it,
-  so its end is seen sooner than the others' (by the time a dispatch holds the host: on a GPU
-  up to most of a second), and it is left out of the timing.
+  so where a dispatch holds the host its end would be seen sooner than the others': it is
+  left out of the timing. `seconds_per_step_median` (between step completions, seen by a
+  watcher thread) checks both rates without relying on when the host reads.
 - step: the same batches, read beforehand from a fresh iterator of the run's own training
   dataset (its first batches are the loop's), placed on the devices beforehand, then the same
   jitted `steps.train_step`: warm-up steps, a block, the timed steps, a block. Two ways: back
