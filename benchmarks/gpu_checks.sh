@@ -38,8 +38,8 @@
 #                    thread's times per window, into data_wait.json
 # The rmjax bench rows hold one example each, so they run causal attention alone (the bench's
 # default --attention-mask, as training does for unpacked rows).
-# Groups: specs = full_spec_loop lora_spec_loop full_spec_loop_bf16; bench = full_dots lora_dots_attn full_remat full_unrolled lora_unrolled attention
-# lora_proj_attn lora_remat full_dots_cublas; data = packing loop; all = loop full_spec, then
+# Groups: specs = full_spec_loop lora_spec_loop full_spec_loop_bf16; bench = full_dots
+# lora_dots_attn full_remat full_unrolled lora_unrolled attention lora_proj_attn lora_remat full_dots_cublas; data = packing loop; all = loop full_spec, then
 # full_unrolled lora_unrolled packing full_remat torch_full lora_remat, then full_dots
 # lora_dots_attn attention lora_proj_attn full_dots_cublas.
 # Usage (repository root, jax with CUDA + the project installed or on PYTHONPATH):

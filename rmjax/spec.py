@@ -228,7 +228,8 @@ def _check_numbers(spec: ConfigDict, problems: list[str], warnings: list[str]) -
       if not spec.model.demo[key] > 0:
         problems.append(f"model.demo.{key} must be > 0, got {spec.model.demo[key]}")
     if spec.model.demo.vocab_size < 0:
-      problems.append(f"model.demo.vocab_size must be >= 0 (0 = the demo tokenizer's), got {spec.model.demo.vocab_size}")
+      problems.append("model.demo.vocab_size must be >= 0 (0 = the demo tokenizer's), "
+                      f"got {spec.model.demo.vocab_size}")
     if spec.model.demo.num_kv_heads > 0 and spec.model.demo.num_heads % spec.model.demo.num_kv_heads:
       problems.append(f"model.demo.num_heads ({spec.model.demo.num_heads}) must be a multiple of "
                       f"model.demo.num_kv_heads ({spec.model.demo.num_kv_heads})")

@@ -63,7 +63,7 @@ def test_model_flops_count_each_packed_example_over_its_own_length_and_mfu_divid
   assert u["fill"] == 0.75 and u["model_flops_per_token"] == expected / 3
   assert np.isclose(u["loop_mfu"], 30.0 * expected / 3 / peak) and np.isclose(u["step_mfu"], 2 * u["loop_mfu"])
   rows = 4 * (6 * n + 6 * L * H * d * 4)  # the step bench's way: 4 slots, each causal over the row of 4
-  assert np.isclose(u["loop_mfu_rows"], 30.0 * rows / 3 / peak)
+  assert np.isclose(u["loop_mfu_rows"], 30.0 * rows / 3 / peak) and np.isclose(u["step_mfu_rows"], 60.0 * rows / 3 / peak)
   assert bench_loop.utilisation(cfg, "full", [batch], [3.0], [expected], 1, "cpu", 30.0, 60.0)["loop_mfu"] is None
 
 

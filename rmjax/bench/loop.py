@@ -224,6 +224,7 @@ def utilisation(model_cfg: Any, mode: str, batches: Sequence[dict[str, np.ndarra
   mfu = lambda tps, per: None if peak is None else tps * per / (peak * jax.device_count())
   return {"loop_mfu": mfu(loop_tps, per_token), "step_mfu": mfu(step_tps, per_token),
           "model_flops_per_token": per_token, "loop_mfu_rows": mfu(loop_tps, rows_per_token),
+          "step_mfu_rows": mfu(step_tps, rows_per_token),
           "fill": sum(tokens) / (process_count * sum(b["input_ids"].size for b in batches))}
 
 

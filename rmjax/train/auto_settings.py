@@ -119,8 +119,7 @@ def lower_step(steps, state, batch):
 
 def compile_step(steps, state, batch):
   """The jitted train step of `steps`, lowered and compiled for these (abstract or real) inputs."""
-  with jax.set_mesh(steps.mesh):
-    return lower_step(steps, state, batch).compile()
+  return lower_step(steps, state, batch).compile()
 
 
 def cost_analysis(compiled) -> dict[str, Any]:
@@ -314,11 +313,7 @@ def step_compiler(model_cfg: Any, head_cfg: Any, optim_cfg: Any, mesh: Any,
                   shapes: Mapping[str, jax.ShapeDtypeStruct]) -> Callable[[Candidate], Any]:
   """candidate -> the run's train step compiled for `shapes` from abstract state."""
   lower_fn = step_lowerer(model_cfg, head_cfg, optim_cfg, mesh, shapes)
-
-  def compile_fn(c: Candidate):
-    with jax.set_mesh(mesh):
-      return lower_fn(c).compile()
-  return compile_fn
+  return lambda c: lower_fn(c).compile()
 
 
 def resolve(spec: Any, model_cfg: Any, head_cfg: Any, optim_cfg: Any, mesh: Any, render_cfg: Any) -> Choice:

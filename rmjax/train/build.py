@@ -85,8 +85,8 @@ def demo_model_config(spec: Any, tokenizer: Any) -> ModelConfig:
                              f"tokenizer's {len(tokenizer)} tokens; use 0 or at least {len(tokenizer)}")
   try:
     return ModelConfig.tiny(
-      "qwen3", vocab_size=int(d.vocab_size) or len(tokenizer), hidden_size=int(d.hidden_size), num_layers=int(d.num_layers),
-      num_heads=int(d.num_heads), num_kv_heads=int(d.num_kv_heads), head_dim=int(d.head_dim),
+      "qwen3", vocab_size=int(d.vocab_size) or len(tokenizer), hidden_size=int(d.hidden_size),
+      num_layers=int(d.num_layers), num_heads=int(d.num_heads), num_kv_heads=int(d.num_kv_heads), head_dim=int(d.head_dim),
       intermediate_size=int(d.intermediate_size), max_position_embeddings=int(spec.data.max_length),
       marker_id=marker_id(tokenizer), **model_overrides(spec))
   except ValueError as e:  # a shape the config refuses (e.g. an odd head_dim): the user's spec
