@@ -48,11 +48,23 @@ def test_blocks_give_the_plain_calls_values_and_gradients(masked, block):
   out, blocked = _attend(block, masked)
   for want, got in zip(jax.tree.leaves(_attend(0, masked)[1]), jax.tree.leaves(blocked), strict=True):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-  # and the plain call is the reference: causal, within segments
+  # and jax's XLA attention is the reference: causal, within segments, values and gradients
+  want_out, want = _reference(masked)
+  np.testing.assert_allclose(out, want_out, atol=1e-5, rtol=1e-5)
+  for want_leaf, got in zip(jax.tree.leaves(want), jax.tree.leaves(blocked), strict=True):
+    np.testing.assert_allclose(got, want_leaf, atol=1e-5, rtol=1e-5)
+
+
+@functools.cache
+def _reference(masked: bool):
+  """_attend's results from jax.nn.dot_product_attention(implementation="xla")."""
   mask = attention_mask(_segments()) if masked else None
-  reference = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
-    q, k, v, mask=mask, scale=SCALE, is_causal=True, implementation="xla"))(*_inputs())
-  np.testing.assert_allclose(out, np.asarray(reference), atol=1e-5, rtol=1e-5)
+
+  def loss(q, k, v):
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=SCALE, is_causal=True, implementation="xla")
+    return jnp.sum(jnp.sin(out)), out
+  (value, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(*_inputs())
+  return np.asarray(out), jax.tree.map(np.asarray, (value, grads))
 
 
 def test_blocks_above_the_diagonal_are_not_computed():

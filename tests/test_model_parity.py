@@ -120,14 +120,16 @@ def test_padding_does_not_change_real_tokens():
 
 def test_attention_is_declared_causal_besides_the_segment_mask(monkeypatch):
   """cuDNN skips the blocks above the diagonal only when told is_causal; the mask alone selects
-  its NO_MASK kernel (all T x T scores). Values are covered by the parity tests above."""
+  its NO_MASK kernel (all T x T scores). The call is recorded, then run by XLA (this is a CPU).
+  Values are covered by the parity tests above."""
   from rmjax.model import transformer
   calls, real = [], jax.nn.dot_product_attention
   monkeypatch.setattr(transformer.jax.nn, "dot_product_attention",
-                      lambda *a, **kw: calls.append(kw) or real(*a, **kw))
-  cfg, params = _tiny()
+                      lambda *a, **kw: calls.append(kw) or real(*a, **(kw | {"implementation": "xla"})))
+  cfg, params = _tiny(attention_impl="cudnn", segment_attention="mask")
   _apply(cfg, params, *H.padded_batch([5, 3], 5, left=False, vocab=64))
-  assert calls and all(kw["is_causal"] and kw["mask"] is not None for kw in calls)
+  assert calls and all(kw["is_causal"] and kw["mask"] is not None and kw["implementation"] == "cudnn"
+                       for kw in calls)
 
 
 def test_dots_and_attention_policy_saves_cudnn_attention_and_dots_only():
