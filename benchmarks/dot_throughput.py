@@ -1,0 +1,71 @@
+"""`python -m benchmarks.dot_throughput`: fp32 GEMM GFLOP/s of XLA's CPU dot and of torch.matmul.
+
+Why it exists: on a CPU the training step is mostly dots, so rmjax's speed against torch starts
+with whose GEMM is faster on that CPU: XLA's CPU dots run in YNNPACK, torch's in MKL, and each
+picks kernels by the instruction set (under `python -m benchmarks.as_avx2` both are capped to
+AVX2). For each M,K,N this times one jitted `a @ b` and `torch.matmul(a, b)` on the same
+random matrices, in one process, alternating, and prints one JSON line with both medians'
+GFLOP/s, their ratio `xla_over_torch` and the products' largest difference.
+
+  python -m benchmarks.dot_throughput --shapes 2048,2048,2048 2048,768,2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+  dims = tuple(int(x) for x in text.split(","))
+  if len(dims) != 3 or min(dims) < 1:
+    raise argparse.ArgumentTypeError(f"{text!r}: want M,K,N (positive)")
+  return dims
+
+
+def _seconds(run: Callable[[], object]) -> float:
+  start = time.perf_counter()
+  run()
+  return time.perf_counter() - start
+
+
+def measure(m: int, k: int, n: int, repeats: int) -> dict[str, object]:
+  import jax
+  import torch
+  rng = np.random.default_rng(0)
+  a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+  xla_dot = jax.jit(lambda x, y: x @ y)
+  xa, xb = jax.device_put(a), jax.device_put(b)
+  ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+  runs = {"xla": lambda: xla_dot(xa, xb).block_until_ready(), "torch": lambda: torch.matmul(ta, tb)}
+  diff = float(np.max(np.abs(np.asarray(runs["xla"]()) - runs["torch"]().numpy())))  # and compiles
+  times: dict[str, list[float]] = {name: [] for name in runs}
+  for _ in range(repeats):
+    for name, run in runs.items():
+      times[name].append(_seconds(run))
+  flop = 2.0 * m * k * n
+  gflops = {name: flop / statistics.median(ts) / 1e9 for name, ts in times.items()}
+  return {"M": m, "K": k, "N": n, "xla_gflops": round(gflops["xla"], 1), "torch_gflops": round(gflops["torch"], 1),
+          "xla_over_torch": round(gflops["xla"] / gflops["torch"], 3), "max_abs_diff": diff,
+          "torch_threads": torch.get_num_threads()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--shapes", nargs="+", type=_shape, default=[(2048, 2048, 2048), (2048, 768, 2048)],
+                 metavar="M,K,N")
+  p.add_argument("--repeats", type=int, default=10)
+  args = p.parse_args(argv)
+  for m, k, n in args.shapes:
+    print(json.dumps(measure(m, k, n, args.repeats)), flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

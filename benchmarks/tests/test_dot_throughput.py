@@ -1,0 +1,21 @@
+"""Tests of `python -m benchmarks.dot_throughput`."""
+
+import argparse
+
+import pytest
+
+from benchmarks import dot_throughput
+
+
+def test_both_libraries_compute_the_same_product_and_are_timed():
+  record = dot_throughput.measure(16, 24, 8, repeats=2)
+  assert (record["M"], record["K"], record["N"]) == (16, 24, 8)
+  assert record["max_abs_diff"] < 1e-4  # entries are sums of 24 products of unit normals
+  assert record["xla_gflops"] > 0 and record["torch_gflops"] > 0 and record["xla_over_torch"] > 0
+
+
+def test_shapes_are_three_positive_ints():
+  assert dot_throughput._shape("4,5,6") == (4, 5, 6)
+  for bad in ("4,5", "4,0,6"):
+    with pytest.raises(argparse.ArgumentTypeError):
+      dot_throughput._shape(bad)
