@@ -51,8 +51,9 @@ def measure(m: int, k: int, n: int, repeats: int) -> dict[str, object]:
       times[name].append(_seconds(run))
   flop = 2.0 * m * k * n
   gflops = {name: flop / statistics.median(ts) / 1e9 for name, ts in times.items()}
-  return {"M": m, "K": k, "N": n, "xla_gflops": round(gflops["xla"], 1), "torch_gflops": round(gflops["torch"], 1),
-          "xla_over_torch": round(gflops["xla"] / gflops["torch"], 3), "max_abs_diff": diff,
+  sig = lambda x: float(f"{x:.4g}")  # four significant digits: never 0 for a positive rate
+  return {"M": m, "K": k, "N": n, "xla_gflops": sig(gflops["xla"]), "torch_gflops": sig(gflops["torch"]),
+          "xla_over_torch": sig(gflops["xla"] / gflops["torch"]), "max_abs_diff": diff,
           "torch_threads": torch.get_num_threads()}
 
 
