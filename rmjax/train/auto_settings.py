@@ -16,14 +16,10 @@ Cost order (`COST_ORDER`), fastest first:
   rows (BUILD.md, Results: 49.5% MFU, 45.5%, and about 39% for full remat in the loop).
 * GPU, LoRA: unrolled + no remat, then the loop with dots_and_attention_saveable, then full
   remat in the loop (measured H100 rows: 29,678, 26,033 and 22,214 tokens/s).
-* CPU (fp32), LoRA: no remat unrolled, then no remat in the loop, then the old default. On the
-  75m preset at 4 x 512 rows (BUILD.md, Results) no remat unrolled takes 10% less time a step
-  than the old default, 14% with an AVX2-only CPU's kernels.
-* CPU (fp32), full fine-tuning: the old default first, then no remat unrolled, then no remat
-  in the loop. On the same shape full remat unrolled is the slowest by far and the other three
-  lie within a few percent of each other, their order changing from run to run (recomputing
-  costs about what storing activations costs in memory traffic here); so the old default
-  leads, which is never slower than itself.
+* CPU (fp32), both modes: no remat unrolled, then no remat in the loop, then the old default.
+  On the 75m preset at 4 x 512 rows (BUILD.md, Results) no remat unrolled takes 10% less time a
+  LoRA step than the old default (14% with an AVX2-only CPU's kernels) and 1-6% less a full
+  fine-tuning step (13% with AVX2 kernels); full remat unrolled is the slowest by far.
 The old default (`spec.AUTO_FALLBACK`: full remat in the loop) is always a candidate, last
 where it is the slowest, so where the order holds auto is never slower than the old default.
 A key set explicitly keeps its value in every candidate; only the "auto" keys vary.
@@ -76,7 +72,7 @@ COST_ORDER: Mapping[tuple[str, str], tuple[Candidate, ...]] = {
   ("gpu", "full"): (Candidate("dots_and_attention_saveable", 0),
                     Candidate("dots_with_no_batch_dims_saveable", 1), FALLBACK),
   ("gpu", "lora"): (Candidate("none", 0), Candidate("dots_and_attention_saveable", 1), FALLBACK),
-  ("cpu", "full"): (FALLBACK, Candidate("none", 0), Candidate("none", 1)),
+  ("cpu", "full"): (Candidate("none", 0), Candidate("none", 1), FALLBACK),
   ("cpu", "lora"): (Candidate("none", 0), Candidate("none", 1), FALLBACK),
 }
 
