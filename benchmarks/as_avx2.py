@@ -31,6 +31,7 @@ import runpy
 import shutil
 import subprocess
 import sys
+from typing import MutableMapping
 
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 XLA_ISA_FLAG = "--xla_cpu_max_isa=AVX2"
@@ -43,7 +44,7 @@ class EmulationUnavailable(RuntimeError):
   """This machine or jaxlib cannot be capped (the message says why, in one line)."""
 
 
-def set_environment(env: dict[str, str]) -> None:
+def set_environment(env: MutableMapping[str, str]) -> None:
   """The switches read at import or start-up: XLA's code generation and torch's libraries."""
   for name, value in AVX2_ENV.items():
     env[name] = value
@@ -101,10 +102,10 @@ def main(argv: list[str]) -> int:
   if not argv or argv[0].startswith("-"):
     print("usage: python -m benchmarks.as_avx2 MODULE [ARGS]", file=sys.stderr)
     return 2
-  set_environment(os.environ)
   if "torch" in sys.modules or "jax" in sys.modules:
     print("error: benchmarks.as_avx2 must run before torch or jax is imported", file=sys.stderr)
     return 2
+  set_environment(os.environ)
   try:
     before, after = cap_ynnpack()
   except EmulationUnavailable as e:

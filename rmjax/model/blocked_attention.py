@@ -30,11 +30,9 @@ Array = jax.Array
 def blocked_causal_attention(q_BTNH: Array, k_BTKH: Array, v_BTKH: Array, mask_B1TT: Array | None,
                              scale: float, block: int) -> Array:
   """Causal XLA attention (restricted by `mask_B1TT` when given), `block` query rows at a time;
-  block 0, or a row no longer than one block, is the plain call."""
+  block 0, or a row no longer than one block, is one block: the plain call."""
   t = q_BTNH.shape[1]
-  if block <= 0 or t <= block:
-    causal_11TT = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]
-    return grouped_attention(q_BTNH, k_BTKH, v_BTKH, causal_11TT if mask_B1TT is None else mask_B1TT, scale)
+  block = t if block <= 0 else min(block, t)
   outs = []
   for lo in range(0, t, block):
     hi = min(lo + block, t)
@@ -43,7 +41,7 @@ def blocked_causal_attention(q_BTNH: Array, k_BTKH: Array, v_BTKH: Array, mask_B
     else:
       mask = mask_B1TT[:, :, lo:hi, :hi]
     outs.append(grouped_attention(q_BTNH[:, lo:hi], k_BTKH[:, :hi], v_BTKH[:, :hi], mask, scale))
-  return jnp.concatenate(outs, axis=1)
+  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
 def grouped_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS: Array, scale: float) -> Array:
