@@ -7,7 +7,8 @@ and compile fast for deep models. Hence:
     optional `nn.remat` per layer with a named checkpoint policy; `scan_unroll=0` unrolls the
     loop (same params), so a GPU's GEMMs read each layer's weights in place: inside the loop
     XLA copies every layer's weights and saved activations out of their stacks;
-  * attention through `jax.nn.dot_product_attention` (cuDNN by default on a GPU), causal and restricted to equal nonzero
+  * attention through `jax.nn.dot_product_attention` (cuDNN by default on a GPU) or, for XLA,
+    model/blocked_attention.py's own, causal and restricted to equal nonzero
     segment ids (0 = padding), which also makes sequence packing correct; or, for packed rows
     under cuDNN with `segment_attention="cudnn_packed"`, cuDNN's packed layout, each example a
     sequence of its own (model/cudnn_attention.py);
