@@ -5,7 +5,9 @@ queries into blocks that skip the scores above the diagonal; how large a block s
 trade between skipped work (small blocks) and per-block overhead (many small ops). This times the
 forward and backward pass of one layer's attention (the segment mask of rows holding four
 examples) for each sequence length and block size, median of `--repeats` after one compile, and
-prints one JSON line per length: {"T": t, "<block>": seconds, ...}; block 0 is the plain call.
+prints one JSON line per length: {"T": t, "<block>": seconds, ..., "jax": seconds}; block 0 is one
+block (all T x T scores), "jax" jax's own XLA attention (`jax.nn.dot_product_attention`), what
+rmjax's replaces.
 Defaults are the 75m preset's attention shape (12 query heads, 4 key/value heads, head_dim 64).
 
   python -m benchmarks.blocked_attention --seq-lens 512,680,2048 --blocks 0,64,128,192,256,512
@@ -37,19 +39,20 @@ def time_blocks(t: int, blocks: Sequence[int], batch: int, heads: int, kv_heads:
   k, v = (jax.random.normal(key, (batch, t, kv_heads, head_dim)) for key in keys[1:])
   segments = jnp.asarray([[1 + (4 * i) // t for i in range(t)]] * batch, jnp.int32)
   mask, scale = attention_mask(segments), head_dim ** -0.5
+  attend = {str(block): (lambda q, k, v, block=block: blocked_causal_attention(q, k, v, mask, scale, block))
+            for block in blocks if block < t}
+  attend["jax"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
+                                                               implementation="xla")
   row: dict[str, float] = {}
-  for block in blocks:
-    if block >= t:
-      continue
-    loss = lambda q, k, v, block=block: jnp.sum(jnp.sin(blocked_causal_attention(q, k, v, mask, scale, block)))
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  for name, fn in attend.items():
+    grad = jax.jit(jax.grad(lambda q, k, v, fn=fn: jnp.sum(jnp.sin(fn(q, k, v))), argnums=(0, 1, 2)))
     jax.block_until_ready(grad(q, k, v))
     times = []
     for _ in range(repeats):
       start = time.perf_counter()
       jax.block_until_ready(grad(q, k, v))
       times.append(time.perf_counter() - start)
-    row[str(block)] = round(sorted(times)[len(times) // 2], 4)
+    row[name] = round(sorted(times)[len(times) // 2], 4)
   return row
 
 

@@ -83,5 +83,5 @@ def test_block_size_benchmark_prints_one_timing_per_block(capsys):
                                  "--kv-heads", "1", "--head-dim", "8", "--repeats", "1"]) == 0
   rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert [r["T"] for r in rows] == [16, 24]
-  assert set(rows[0]) == {"T", "device", "0", "8"} and set(rows[1]) == {"T", "device", "0", "8", "16"}
+  assert set(rows[0]) == {"T", "device", "0", "8", "jax"} and set(rows[1]) == {"T", "device", "0", "8", "16", "jax"}
   assert all(r[b] > 0 for r in rows for b in r if b not in ("T", "device"))

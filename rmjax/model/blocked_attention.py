@@ -1,4 +1,4 @@
-"""Causal attention for XLA in query blocks: the score blocks above the diagonal are never computed.
+"""Causal attention for XLA in query blocks, with its own backward pass laid out for XLA's dots.
 
 Why it exists: jax's XLA attention (`jax.nn.dot_product_attention(implementation="xla")`, what runs
 on a CPU and for fp32 on a GPU) computes all T x T scores of a row and then masks the upper
@@ -7,12 +7,20 @@ pass keeps. cuDNN skips those blocks itself; XLA does not. Here the queries are 
 of `block` rows and each block attends only the keys up to its own last row, so n blocks compute
 (n + 1) / 2n of the scores. Packed rows are always full-length, so they gain the most.
 
-Each block runs `grouped_attention`, not jax's XLA attention: the same softmax attention (logits
-and softmax in fp32), with the query heads grouped over their key/value heads in the score product
-and the weights normalised after the value product, so the division and its broadcast touch the
-(T, H) output instead of the (T, S) weights. XLA's CPU dots take materialised operands, so jax's
-order costs a broadcast, a division and a copy of the weights per layer in each direction; full
-fine-tuning steps faster for it on a CPU (BUILD.md). The values are jax's up to float rounding,
+Layout. XLA's CPU dots take materialised operands in (batch, rows, contraction) x (batch,
+contraction, columns) order and transpose any operand that is not. Under autodiff of an einsum,
+the key and value gradients contract the (T, S) score gradients and weights over their rows, so
+XLA transposed those, the largest arrays of a layer, in every block of both passes. Here q, k and
+v are put in (B, K, T, G, H) and (B, K, S, H) order once a layer (the N query heads grouped over
+their K key/value heads, G = N / K, share each key in the score product), and `_attend`'s backward
+pass is written out (a `jax.custom_vjp`) so that the (T, S) arrays only ever enter a dot in the
+order it reads: the key and value gradients come out transposed, (B, K, H, S), by multiplying the
+small (T, H) arrays' transposes into them. The weights are normalised after the value product,
+and the backward pass folds the softmax's 1 / sum into the (T, H) output gradient, so no
+normalised (T, S) probabilities are ever built. One layer's forward and backward pass against
+jax's XLA attention: BUILD.md, Results (`python -m benchmarks.blocked_attention`).
+
+The values and gradients are jax's XLA attention's up to float rounding (tests/test_blocked_attention.py),
 and the blocks' the unblocked call's: a masked score contributes an exact zero to its softmax
 either way, only the order of the sums differs. Rows restricted by the segment mask take their
 blocks of it; rows without one (causal only) get a causal mask per block.
@@ -21,18 +29,24 @@ blocks of it; rows without one (causal only) get a causal mask per block.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+_F32 = jnp.float32
 
 
 def blocked_causal_attention(q_BTNH: Array, k_BTKH: Array, v_BTKH: Array, mask_B1TT: Array | None,
                              scale: float, block: int) -> Array:
   """Causal XLA attention (restricted by `mask_B1TT` when given), `block` query rows at a time;
   block 0, or a row no longer than one block, is one block: the plain call."""
-  t = q_BTNH.shape[1]
+  b, t, n, h = q_BTNH.shape
+  kv = k_BTKH.shape[2]
   block = t if block <= 0 else min(block, t)
+  q_BKTGH = q_BTNH.reshape(b, t, kv, n // kv, h).transpose(0, 2, 1, 3, 4)
+  k_BKSH, v_BKSH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
   outs = []
   for lo in range(0, t, block):
     hi = min(lo + block, t)
@@ -40,21 +54,58 @@ def blocked_causal_attention(q_BTNH: Array, k_BTKH: Array, v_BTKH: Array, mask_B
       mask = (jnp.arange(hi)[None, :] <= jnp.arange(lo, hi)[:, None])[None, None]
     else:
       mask = mask_B1TT[:, :, lo:hi, :hi]
-    outs.append(grouped_attention(q_BTNH[:, lo:hi], k_BTKH[:, :hi], v_BTKH[:, :hi], mask, scale))
-  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    outs.append(_attend(q_BKTGH[:, :, lo:hi], k_BKSH[:, :, :hi], v_BKSH[:, :, :hi], mask, scale))
+  out_BKTGH = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+  return out_BKTGH.transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
 
 
-def grouped_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_B1TS: Array, scale: float) -> Array:
-  """Softmax attention of T queries over S keys where `mask_B1TS` allows (every query row must
-  allow one key); N query heads share each of the K key/value heads in groups of N / K."""
-  b, t, n, h = q_BTNH.shape
-  kv = k_BSKH.shape[2]
-  q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
-  logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * scale
-  logits_BKGTS = jnp.where(mask_B1TS[:, :, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
-  # exp(logit - row max): the softmax's numerator; the max is a constant to its value and gradient
-  weights_BKGTS = jnp.exp(logits_BKGTS - jax.lax.stop_gradient(logits_BKGTS.max(axis=-1, keepdims=True)))
-  out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", weights_BKGTS.astype(v_BSKH.dtype), v_BSKH,
-                         preferred_element_type=jnp.float32)
-  total_BTKG1 = jnp.moveaxis(weights_BKGTS.sum(axis=-1), 3, 1)[..., None]
-  return (out_BTKGH / total_BTKG1).reshape(b, t, n, h).astype(q_BTNH.dtype)
+def _dot(x: Array, y: Array, contract: tuple[int, int]) -> Array:
+  """Batched (over the leading B, K) product of x and y over x's axis contract[0] and y's
+  contract[1], in float32: (B, K, x's free axis, y's free axis)."""
+  dims = (((contract[0],), (contract[1],)), ((0, 1), (0, 1)))
+  return jax.lax.dot_general(x, y, dims, preferred_element_type=_F32)
+
+
+def _forward(q_BKTGH: Array, k_BKSH: Array, v_BKSH: Array, mask_B1TS: Array, scale: float):
+  """(output (B, K, T, G, H) in q's dtype, and what the backward pass reads)."""
+  b, kv, t, g, h = q_BKTGH.shape
+  q_BKMH = q_BKTGH.reshape(b, kv, t * g, h)  # M = T x G query rows per key/value head
+  logits_BKTGS = _dot(q_BKMH, k_BKSH, (3, 3)).reshape(b, kv, t, g, -1) * scale
+  logits_BKTGS = jnp.where(mask_B1TS[:, :, :, None], logits_BKTGS, jnp.finfo(_F32).min)
+  # exp(logit - row max): the softmax's numerator (every row allows a key: the max is a real logit)
+  weights_BKMS = jnp.exp(logits_BKTGS - logits_BKTGS.max(axis=-1, keepdims=True)).reshape(b, kv, t * g, -1)
+  total_BKM1 = weights_BKMS.sum(axis=-1, keepdims=True)
+  out_BKMH = _dot(weights_BKMS.astype(v_BKSH.dtype), v_BKSH, (3, 2)) / total_BKM1
+  return out_BKMH.astype(q_BKTGH.dtype).reshape(q_BKTGH.shape), (q_BKMH, k_BKSH, v_BKSH, weights_BKMS,
+                                                                 total_BKM1, out_BKMH)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attend(q_BKTGH: Array, k_BKSH: Array, v_BKSH: Array, mask_B1TS: Array, scale: float) -> Array:
+  """Softmax attention of T x G query rows (G heads per key/value head) over S keys where
+  `mask_B1TS` allows (every query row must allow one key), logits and softmax in float32."""
+  return _forward(q_BKTGH, k_BKSH, v_BKSH, mask_B1TS, scale)[0]
+
+
+def _attend_fwd(q_BKTGH, k_BKSH, v_BKSH, mask_B1TS, scale):
+  return _forward(q_BKTGH, k_BKSH, v_BKSH, mask_B1TS, scale)
+
+
+def _attend_bwd(scale, residuals, dout_BKTGH):
+  q_BKMH, k_BKSH, v_BKSH, weights_BKMS, total_BKM1, out_BKMH = residuals
+  dout_BKMH = dout_BKTGH.reshape(out_BKMH.shape).astype(_F32)
+  # softmax backward with p = weights / total: dlogits = p * (dp - sum(p * dp)), where dp = dout v^T
+  # and sum(p * dp) = sum(dout * out) over H; 1 / total moves onto the (M, H) side of each product.
+  delta_BKM1 = jnp.sum(dout_BKMH * out_BKMH, axis=-1, keepdims=True)
+  dp_BKMS = _dot(dout_BKMH.astype(v_BKSH.dtype), v_BKSH, (3, 3))
+  dlogits_BKMS = weights_BKMS * ((dp_BKMS - delta_BKM1) * (scale / total_BKM1))
+  dlogits_BKMS = dlogits_BKMS.astype(q_BKMH.dtype)
+  dq_BKMH = _dot(dlogits_BKMS, k_BKSH, (3, 2))
+  dk_BKHS = _dot(q_BKMH, dlogits_BKMS, (2, 2))  # contracts the M rows of both: no (M, S) transpose
+  dv_BKHS = _dot((dout_BKMH / total_BKM1).astype(weights_BKMS.dtype), weights_BKMS, (2, 2))
+  return (dq_BKMH.reshape(q_BKMH.shape[:2] + dout_BKTGH.shape[2:]).astype(q_BKMH.dtype),
+          jnp.swapaxes(dk_BKHS, 2, 3).astype(k_BKSH.dtype), jnp.swapaxes(dv_BKHS, 2, 3).astype(v_BKSH.dtype),
+          None)
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
