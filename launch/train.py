@@ -247,6 +247,8 @@ def read_config(path: str | None) -> dict[str, Any]:
 def main(mode: str, argv: Sequence[str] | None = None) -> Any:
   args = build_parser(mode).parse_args(argv)
   from rmjax import launch, runtime  # absl/jax only once the arguments are known good
+  if argv is None:  # the program itself, not a call: as rmjax.launch does
+    runtime.restart_with_huge_page_malloc()
   prog = f"launch/{'train_lora' if mode == 'lora' else 'train'}.py"
   try:
     config = read_config(args.config)

@@ -74,6 +74,7 @@ def run(spec: Any, dry_run: bool = False) -> Any:
   except ValueError as e:  # a malformed JAX_NUM_PROCESSES / JAX_PROCESS_ID / SLURM_NTASKS
     _fail(str(e), code=1)
   import jax  # after jax.distributed: the device count must see every process
+  runtime.reuse_host_memory(jax.default_backend())
   try:
     warnings = spec_lib.validate(spec, jax.device_count(), jax.process_count())
   except spec_lib.SpecError as e:
@@ -135,4 +136,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  runtime.restart_with_huge_page_malloc()
   app.run(main, flags_parser=parse_flags)

@@ -1,11 +1,12 @@
-"""Process-level set-up and exit: the persistent compilation cache, jax.distributed, leaving.
+"""Process-level set-up and exit: the compilation cache, jax.distributed, host memory, leaving.
 
 Why it exists: the cache and jax.distributed must happen once, before the first computation,
 in every entry point (rmjax.launch and the seed-compatible launchers), and both read the
 environment; keeping them here keeps the launchers thin and lets tests call them with a fake
 environment. jax is imported inside the functions so importing this module stays cheap. The
 entry points also leave through `exit_process`, so a run that has reported its error is not
-held open by library threads that wait for nothing.
+held open by library threads that wait for nothing. On a CPU, how the process's malloc serves
+XLA's buffers (huge pages, pages kept between steps) is set here too.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pathlib
 import signal
 import sys
 import threading
-from typing import Any, Mapping, MutableMapping, NoReturn
+from typing import Any, Mapping, MutableMapping, NoReturn, Sequence
 
 CACHE_ENV = "RMJAX_COMPILATION_CACHE"
 DEFAULT_CACHE = pathlib.Path("~/.cache/rmjax/jax-cache")
@@ -36,6 +37,81 @@ def quiet_library_logs() -> None:
   lines, so an error stays one line."""
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+HUGE_PAGES_ENV = "RMJAX_HUGE_PAGES"
+HUGETLB_TUNABLE = "glibc.malloc.hugetlb"
+THP_SETTING = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def reuse_host_memory(platform: str, libc: Any = None) -> bool:
+  """On a CPU backend, keeps memory that malloc freed in the process for the next step.
+
+  Why: XLA's CPU client allocates each execution's temporary buffer afresh (gigabytes for a
+  training step) and frees it at the end. Above glibc's mmap threshold (32 MB at most) malloc
+  maps every such request anew and unmaps it on free, so each step faults in, and the kernel
+  zeroes, every page of its temporaries again. With mmap off and the heap never trimmed, a step
+  reuses the pages of the step before; the process keeps its peak, which a training process
+  reaches every step anyway. A GPU backend's temporaries live on the device: nothing changes
+  there. Returns whether it applied (glibc only).
+  """
+  if platform != "cpu":
+    return False
+  if libc is None:
+    import ctypes
+    import platform as platform_lib
+    if platform_lib.libc_ver()[0] != "glibc":
+      return False
+    libc = ctypes.CDLL(None)
+  # -1 is SIZE_MAX to glibc: never trim (mallopt takes an int, too small for a many-GB heap top)
+  return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
+
+
+def huge_page_malloc_env(env: Mapping[str, str], glibc: bool, thp_setting: str,
+                         gpu_plugins: Sequence[str]) -> dict[str, str] | None:
+  """The environment to restart this process in so that malloc backs its large blocks with
+  transparent huge pages (glibc's `glibc.malloc.hugetlb=1` tunable), or None when it needs no
+  restart: not glibc, the kernel's THP setting "never", the tunable already set (either way),
+  $RMJAX_HUGE_PAGES=0, or a jax GPU plugin installed (the host's memory is not where a GPU
+  run's steps work) unless JAX_PLATFORMS is "cpu".
+
+  Why: a CPU training step streams through gigabytes of XLA's buffers; in 4 KB pages its GEMMs
+  and copies miss the TLB far more than in 2 MB ones. glibc reads the tunable only when a
+  process starts, hence the restart. Step times with and without: BUILD.md, Results.
+  """
+  tunables = env.get("GLIBC_TUNABLES", "")
+  if (not glibc or "[never]" in thp_setting or HUGETLB_TUNABLE in tunables
+      or env.get(HUGE_PAGES_ENV, "").strip().lower() in ("0", "off", "false", "no")
+      or (gpu_plugins and env.get("JAX_PLATFORMS", "").strip().lower() != "cpu")):
+    return None
+  return {**env, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, f"{HUGETLB_TUNABLE}=1"]))}
+
+
+def _read_thp_setting() -> str:
+  try:
+    return THP_SETTING.read_text()
+  except OSError:
+    return "[never]"  # no THP in this kernel
+
+
+def restart_with_huge_page_malloc() -> None:
+  """Re-runs this process's command (same pid, same arguments) with huge-page malloc when
+  `huge_page_malloc_env` asks for it; returns only when it does not. Call it first thing in a
+  program's `__main__`, never from a library call."""
+  import platform as platform_lib
+  import pkgutil
+  try:
+    import jax_plugins  # namespace package of jax's PJRT plugins (CUDA, ROCm)
+    plugins = [m.name for m in pkgutil.iter_modules(jax_plugins.__path__)]
+  except ImportError:
+    plugins = []
+  env = huge_page_malloc_env(os.environ, platform_lib.libc_ver()[0] == "glibc", _read_thp_setting(), plugins)
+  if env is not None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 MEMORY_FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"

@@ -257,12 +257,13 @@ def step_rate(trainer: Any, placed: Sequence[Any], tokens_per_step: Sequence[flo
 
 def run(args: argparse.Namespace, output_dir: str) -> dict[str, Any]:
   import jax
-  from rmjax.runtime import quiet_library_logs
+  from rmjax.runtime import quiet_library_logs, reuse_host_memory
   from rmjax.train import loop as train_loop
   from rmjax.train.step import device_batch
 
   quiet_library_logs()
   device = jax.devices()[0]
+  reuse_host_memory(device.platform)  # as the launcher does
   spec = make_spec(args, output_dir, device.platform != "cpu")
   trainer = train_loop.Trainer(spec)
   # Training is timed, nothing else: evaluation and checkpoints (due only at the last step, after
