@@ -126,7 +126,7 @@ check() {
       run attention 90 python -m benchmarks.attention "${ATTN_SHAPE[@]}" ;;
     lora_proj_attn)
       run lora_proj_attn 120 python -m rmjax.bench "${BASE[@]}" --impl rmjax --mode lora \
-        --remat-policy projections_and_attention_saveable ;;
+        --remat-policy projections_and_attention_saveable --scan-unroll 1 ;;
     lora_dots_attn_dsf)
       XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true" run lora_dots_attn_dsf 120 \
         python -m rmjax.bench "${BASE[@]}" --impl rmjax --mode lora --remat-policy dots_and_attention_saveable ;;

@@ -53,6 +53,7 @@ def test_tiny_both_impls_both_modes(capsys):
     assert by["rmjax", mode]["trainable_params"] - by["torch", mode]["trainable_params"] == hidden
     assert by["rmjax", mode]["model_flops"] == by["torch", mode]["model_flops"]
     assert by["rmjax", mode]["traces"] == 1
+    assert by["rmjax", mode]["scan_unroll"] == 0  # "auto" on a CPU without remat: unrolled, recorded as the number
   # peft trains exactly the adapters our FLOP count assumes, plus the head (weights + biases).
   tiny = common.BenchSettings(preset="tiny").model_config("lora")
   head = common.head_matmul_params(hidden, (1024, 256)) + 1024 + 256 + 1
@@ -82,6 +83,36 @@ def test_bad_option_is_one_line_error(capsys):
     assert bench_main.main(["--preset", "tiny", "--impl", "torch", *flag]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: --analysis-only and --target compile rmjax's step only; use --impl rmjax"
+
+
+def test_scan_unroll_auto_is_trainings_first_pick_and_a_number_is_kept():
+  """--scan-unroll auto (the default) resolves on the device to the head of training's auto cost
+  order with the bench's remat held; a number stays as given (its text made an int)."""
+  import dataclasses
+  from rmjax.bench import jax_impl
+  auto = bench_main.settings_from(bench_main.parse_args(["--preset", "tiny"]))
+  assert auto.scan_unroll == "auto" and auto.remat_policy == "none"
+  for mode in common.MODES:
+    assert jax_impl.resolve_scan_unroll(auto, mode, "cpu").scan_unroll == 0
+  full_remat = dataclasses.replace(auto, remat_name="full")
+  assert jax_impl.resolve_scan_unroll(full_remat, "full", "gpu").scan_unroll == 1
+  assert jax_impl.resolve_scan_unroll(auto, "lora", "gpu").scan_unroll == 0
+  given = bench_main.settings_from(bench_main.parse_args(["--preset", "tiny", "--scan-unroll", "2"]))
+  assert given.scan_unroll == 2
+  for platform in ("cpu", "gpu"):
+    assert jax_impl.resolve_scan_unroll(given, "full", platform) == given
+  assert common.BenchSettings(scan_unroll=3).model_config("full").scan_unroll == 3
+
+
+def test_bad_scan_unroll_is_one_line_error(capsys):
+  for value in ("-1", "x", "1.5"):
+    assert bench_main.main(["--preset", "tiny", "--scan-unroll", value, "--no-isolate"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip() == f"error: scan_unroll='{value}' must be 'auto' or an integer >= 0"
+  for value in (-1, True, None):
+    with pytest.raises(ValueError, match="scan_unroll"):
+      common.BenchSettings(scan_unroll=value)
 
 
 def test_grad_accum_steps_batch_times_n_rows_through_the_training_step(capsys):
@@ -239,6 +270,7 @@ def test_analysis_only_reports_init_and_peak_memory(capsys):
   record = _lines(capsys.readouterr().out)[0]
   assert rc == 0 and record["analysis_only"] and record["target"] is None
   assert record["frozen_dtype"] == "bfloat16" and record["compiled_init_mb"] > 0
+  assert record["scan_unroll"] == 0  # "auto" resolved for the CPU, no remat
   step = (record["compiled_arg_mb"] + record["compiled_temp_mb"] + record["compiled_out_mb"]
           - record["compiled_alias_mb"])
   assert record["compiled_peak_mb"] == pytest.approx(max(step, record["compiled_init_mb"]), abs=0.11)
@@ -263,6 +295,7 @@ def test_gpu_target_compiles_for_an_h100_or_says_why_not_in_one_line():
     record = _lines(proc.stdout)[0]
     assert record["device"] == "NVIDIA H100 80GB HBM3" and record["target"] == "h100"
     assert (record["dtype"], record["frozen_dtype"], record["attention"]) == ("bfloat16", "bfloat16", "cudnn")
+    assert record["scan_unroll"] == 1  # auto for a GPU's LoRA step under full remat: the layer loop
     assert record["compiled_peak_mb"] >= record["compiled_init_mb"] > 0
 
 

@@ -6,6 +6,11 @@ Each (implementation, mode) pair runs by default in its own subprocess, so peak 
 disturb the other; `--no-isolate` runs everything in this process (faster start-up, used by
 the tests; CPU peak memory is then the process's cumulative peak).
 
+The rmjax side's layer loop (`--scan-unroll`) defaults to "auto": what the training loop's
+`model.scan_unroll: auto` tries first for the device and mode with the bench's remat held (the
+head of rmjax/train/auto_settings.py's cost order), so the figure is what a user gets. Unlike
+training it checks no memory: the shapes are the user's choice.
+
 Output: one JSON object per run on stdout, then a last line
 `{"ratios": {"<mode>": rmjax tokens/s / torch tokens/s, ...}}`. Progress goes to stderr.
 
@@ -28,6 +33,7 @@ import subprocess
 import sys
 from typing import Any, Sequence
 
+from rmjax import runtime
 from rmjax.bench import common, gpu_target
 from rmjax.model.config import REMAT_POLICIES, ModelConfig
 
@@ -62,9 +68,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help="rmjax Adam moment (mu, nu) dtype")
   p.add_argument("--remat-policy", default="", choices=("", *REMAT_POLICIES),
                  help="rmjax remat policy by name (overrides --remat on the rmjax side; torch: full if not none)")
-  p.add_argument("--scan-unroll", type=int, default=1,
+  p.add_argument("--scan-unroll", default="auto", metavar="auto|N",
                  help="rmjax layers per iteration of the layer loop; 0 unrolls every layer (no loop: a "
-                      "GPU's GEMMs read each layer's weights in place, for a longer compile)")
+                      "GPU's GEMMs read each layer's weights in place, for a longer compile); auto (default): "
+                      "what training's auto tries first on the device for the mode and remat, with no memory "
+                      "check (the shapes are yours); the record holds the number")
   p.add_argument("--attention-query-block", type=int, default=ModelConfig.attention_query_block,
                  help="rmjax, XLA attention: query rows per block, each attending only the keys up to it "
                       "(0 = one block: all T x T scores)")
@@ -190,5 +198,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   return 1 if any("error" in r for r in records) else 0
 
 
+def runs_rmjax_alone(argv: Sequence[str]) -> bool:
+  """Whether this process times rmjax's step and nothing else (the loop, or --impl rmjax in this
+  process): such a process takes the launcher's huge-page malloc, a torch run keeps its own."""
+  if "--loop" in argv:
+    return True
+  args = parse_args(argv)
+  return args.impl == "rmjax" and not args.isolate and not (args.analysis_only or args.target)
+
+
 if __name__ == "__main__":
+  if runs_rmjax_alone(sys.argv[1:]):
+    runtime.restart_with_huge_page_malloc()  # as the launcher does
   sys.exit(main())

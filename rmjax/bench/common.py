@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from rmjax import spec as spec_lib
 from rmjax.cli import first_line
 from rmjax.model.config import ModelConfig
 
@@ -88,7 +89,9 @@ class BenchSettings:
   attention: str = ""  # rmjax attention: "" (auto: cuDNN on a GPU when it applies, else XLA), "xla", "cudnn"
   opt_state_dtype: str = "float32"  # rmjax Adam moments (mu and nu) dtype
   remat_name: str = ""  # rmjax remat policy by name ("" = "full" if remat else "none")
-  scan_unroll: int = 1  # rmjax ModelConfig.scan_unroll: layers per loop iteration, 0 = no loop
+  # rmjax ModelConfig.scan_unroll: layers per loop iteration, 0 = no loop; "auto": what training's
+  # "auto" tries first on the run's device (jax_impl.resolve_scan_unroll), an int or its text otherwise
+  scan_unroll: int | str = spec_lib.AUTO
   attention_query_block: int = ModelConfig.attention_query_block  # rmjax XLA attention's query block (0 = one)
   flops: bool = True  # compute compiled_flops from the unrolled 1- and 2-layer analysis compiles
   analysis_only: bool = False  # rmjax: compile from shapes and report the analysis, no steps
@@ -118,6 +121,10 @@ class BenchSettings:
       raise ValueError(f"opt_state_dtype={self.opt_state_dtype!r}; choose float32 or bfloat16")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+    try:  # "auto" or an int (the command line's text made one)
+      object.__setattr__(self, "scan_unroll", spec_lib.scan_unroll_setting(self.scan_unroll))
+    except spec_lib.SpecError:
+      raise ValueError(f"scan_unroll={self.scan_unroll!r} must be 'auto' or an integer >= 0") from None
 
   def on_device(self, accelerator: bool) -> "BenchSettings":
     """These settings with dtype "auto" resolved for the device the run found."""
@@ -126,14 +133,17 @@ class BenchSettings:
                                frozen_dtype=auto if self.frozen_dtype == "auto" else self.frozen_dtype)
 
   def model_config(self, mode: str) -> ModelConfig:
-    """The preset's decoder with this run's numerics (marker = last vocabulary row)."""
+    """The preset's decoder with this run's numerics (marker = last vocabulary row). scan_unroll
+    "auto" still unresolved (the torch side, which has no layer loop, and the option check) leaves
+    ModelConfig's own; the rmjax side resolves it for its device first (jax_impl.resolve_scan_unroll)."""
     if self.dtype == "auto":
       raise ValueError("resolve dtype 'auto' with on_device() before building the model")
     cfg = PRESETS[self.preset]()
     if self.seq_len > cfg.max_position_embeddings:
       raise ValueError(f"seq_len={self.seq_len} exceeds the {self.preset} preset's "
                        f"max_position_embeddings={cfg.max_position_embeddings}")
-    return cfg.replace(compute_dtype=self.dtype, remat=self.remat_policy, scan_unroll=self.scan_unroll,
+    loop = {} if self.scan_unroll == spec_lib.AUTO else {"scan_unroll": self.scan_unroll}
+    return cfg.replace(compute_dtype=self.dtype, remat=self.remat_policy, **loop,
                        attention_query_block=self.attention_query_block,
                        attention_impl=self.attention or None, attention_mask=self.attention_mask,
                        segment_attention=self.segment_attention,

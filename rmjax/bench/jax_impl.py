@@ -29,6 +29,9 @@ per trained weight and micro-batch, next to ~6 FLOPs per weight and token).
 
 `--target h100` compiles for a described GPU without one (gpu_target.py): the step and the init
 compile for it, `compiled_flops` still comes from the local device (the count is the same).
+
+`--scan-unroll auto` (the default) takes what the training loop's `model.scan_unroll: auto` tries
+first (`resolve_scan_unroll`), so the figure is what a user gets; the record holds the number.
 """
 
 from __future__ import annotations
@@ -40,16 +43,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rmjax import runtime
 from rmjax import sharding as shd
 from rmjax.bench import common, gpu_target
 from rmjax.model.confidence import ConfidenceModel
 from rmjax.model.head import HeadConfig
 from rmjax.model.transformer import auto_attention_impl
 from rmjax.train import optim
-from rmjax.train.auto_settings import (abstract_batch, compile_step, compiled_peak, memory_analysis,  # noqa: F401
-                                       cost_flops as _cost_flops, mb as _mb)
+from rmjax.train.auto_settings import (AUTO, abstract_batch, candidates, compile_step, compiled_peak,  # noqa: F401
+                                       memory_analysis, cost_flops as _cost_flops, mb as _mb)
 from rmjax.train.state import abstract_train_state, create_train_state, param_layout, random_init
 from rmjax.train.step import TRAIN_KEYS, device_batch, make_steps
+
+
+def resolve_scan_unroll(settings: common.BenchSettings, mode: str, platform: str) -> common.BenchSettings:
+  """These settings with scan_unroll "auto" resolved: the first of the training loop's auto cost
+  order (auto_settings.candidates) for `platform` and `mode` with the bench's remat held. Unlike
+  training it checks no memory: the bench's shapes are the user's choice (a step that does not
+  fit is that run's error)."""
+  if settings.scan_unroll != AUTO:
+    return settings
+  first = candidates(mode, platform, remat=settings.remat_policy)[0]
+  return dataclasses.replace(settings, scan_unroll=first.scan_unroll)
 
 
 def optim_config(settings: common.BenchSettings, mode: str) -> optim.OptimConfig:
@@ -144,7 +159,7 @@ def _run(settings: common.BenchSettings, mode: str) -> dict[str, Any]:
   local = jax.devices()[0]
   device = gpu_target.target_device(settings.target) if settings.target else local
   accelerator = device.platform != "cpu"
-  settings = settings.on_device(accelerator)
+  settings = resolve_scan_unroll(settings.on_device(accelerator), mode, "gpu" if settings.target else device.platform)
   if settings.target and not settings.attention:  # "auto" would ask this machine's backend
     cfg = settings.model_config(mode)
     settings = dataclasses.replace(settings, attention=auto_attention_impl(cfg, cfg.compute_dtype, "gpu"))
@@ -167,6 +182,7 @@ def _run(settings: common.BenchSettings, mode: str) -> dict[str, Any]:
             "model_flops": common.mean_model_flops(cfg, settings, host_batches[:1], mode),
             **analysis, **compiled_peak(analysis)}
     return with_ratio(record)
+  runtime.reuse_host_memory(device.platform)  # as the launcher does (under --no-isolate, for torch too)
   steps, state, mesh = build(settings, mode, device)
   batches = [device_batch(b, mesh) for b in host_batches]
   memory, hlo_text = compiled_analysis(steps, state, batches[0])
