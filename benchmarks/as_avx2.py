@@ -16,17 +16,19 @@ way, so capping the instruction set takes one switch per library:
 What remains different from an AVX2-only CPU is the core itself: its clock, caches and number
 of FMA units. Use it for ratios between implementations, not for absolute speeds.
 
-The module runs in this process, so a tool that starts children must be told not to
-(`rmjax.bench`: `--no-isolate`):
+The module runs in this process. Python processes it starts run capped too: they inherit the
+switches, and a sitecustomize put on their PYTHONPATH (`benchmarks/as_avx2_site/`) caps their
+YNNPACK as they start. So `rmjax.bench` can keep each run in a process of its own:
 
   python -m benchmarks.as_avx2 rmjax.bench --preset 75m --seq-len 512 --batch 4 --mode both \\
-      --impl both --steps 5 --warmup 1 --no-flops --no-isolate
+      --impl both --steps 5 --warmup 1 --no-flops
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import pathlib
 import runpy
 import shutil
 import subprocess
@@ -38,6 +40,7 @@ XLA_ISA_FLAG = "--xla_cpu_max_isa=AVX2"
 YNN_FLAGS_GETTER = "_ZN3ynn24get_supported_arch_flagsEv"
 YNN_FLAGS_STATIC = "_ZZN3ynn24get_supported_arch_flagsEvE5flags"
 YNN_UP_TO_FMA3 = (1 << 7) - 1  # sse2, ssse3, sse41, avx, f16c, avx2, fma3
+SITE_DIR = pathlib.Path(__file__).resolve().parent / "as_avx2_site"
 
 
 class EmulationUnavailable(RuntimeError):
@@ -80,8 +83,8 @@ def load_address(library: str, maps: str = "/proc/self/maps") -> int:
   raise EmulationUnavailable(f"{library} is not loaded in this process")
 
 
-def cap_ynnpack() -> tuple[int, int]:
-  """Leave YNNPACK's CPU features at AVX2 + FMA3; returns (features before, after)."""
+def _ynnpack_flags() -> tuple[ctypes.c_uint64, "ctypes._CFuncPtr"]:
+  """YNNPACK's CPU-features static in this process and its getter."""
   import jaxlib
   import jax  # noqa: F401  (loads jaxlib's shared library; starts no backend)
 
@@ -89,13 +92,31 @@ def cap_ynnpack() -> tuple[int, int]:
   offsets = symbol_offsets(library, (YNN_FLAGS_GETTER, YNN_FLAGS_STATIC))
   base = load_address(library)
   getter = ctypes.CFUNCTYPE(ctypes.c_uint64)(base + offsets[YNN_FLAGS_GETTER])
+  return ctypes.c_uint64.from_address(base + offsets[YNN_FLAGS_STATIC]), getter
+
+
+def ynnpack_features() -> int:
+  """The CPU features YNNPACK picks its kernels from in this process."""
+  return _ynnpack_flags()[1]()
+
+
+def cap_ynnpack() -> tuple[int, int]:
+  """Leave YNNPACK's CPU features at AVX2 + FMA3; returns (features before, after)."""
+  static, getter = _ynnpack_flags()
   before = getter()  # fills the static (and its guard) the first time
-  ctypes.c_uint64.from_address(base + offsets[YNN_FLAGS_STATIC]).value = before & YNN_UP_TO_FMA3
+  static.value = before & YNN_UP_TO_FMA3
   after = getter()
   if after != before & YNN_UP_TO_FMA3:
     raise EmulationUnavailable(f"YNNPACK's CPU features read {after:#x} after capping, not "
                                f"{before & YNN_UP_TO_FMA3:#x}")
   return before, after
+
+
+def cap_children(env: MutableMapping[str, str]) -> None:
+  """Child Pythons started with `env` cap their YNNPACK too, on start-up (`as_avx2_site`'s
+  sitecustomize); the other switches they inherit with the environment."""
+  paths = [str(SITE_DIR), str(SITE_DIR.parents[1]), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+  env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
 
 
 def main(argv: list[str]) -> int:
@@ -106,6 +127,7 @@ def main(argv: list[str]) -> int:
     print("error: benchmarks.as_avx2 must run before torch or jax is imported", file=sys.stderr)
     return 2
   set_environment(os.environ)
+  cap_children(os.environ)
   try:
     before, after = cap_ynnpack()
   except EmulationUnavailable as e:

@@ -1,5 +1,6 @@
 """Tests of `python -m benchmarks.as_avx2`: the switches it sets and the YNNPACK cap it applies."""
 
+import os
 import pathlib
 import shutil
 import subprocess
@@ -34,18 +35,29 @@ def test_load_address_is_the_mapping_at_file_offset_zero(tmp_path):
     as_avx2.load_address(str(tmp_path / "libabsent.so"), str(maps))
 
 
+_PROBE = """
+import subprocess, sys
+from benchmarks import as_avx2
+child = "from benchmarks import as_avx2; print(hex(as_avx2.ynnpack_features()))"
+print(sys.argv[1:], hex(as_avx2.ynnpack_features()),
+      subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout.strip())
+"""
+
+
 @pytest.mark.skipif(shutil.which("nm") is None, reason="binutils' nm is not installed")
-def test_caps_this_jaxlibs_ynnpack_and_runs_the_module():
+def test_caps_this_jaxlibs_ynnpack_and_its_childrens_and_runs_the_module(tmp_path):
   """The whole tool on this jaxlib, in a child (the cap would outlive the test in this process):
-  YNNPACK's features must read back as the machine's with every bit above FMA3 cleared, and
-  the module then runs with its arguments."""
-  proc = subprocess.run([sys.executable, "-m", "benchmarks.as_avx2", "json.tool", "--compact"], cwd=ROOT,
-                        input='{"a": [1, 2]}', capture_output=True, text=True, timeout=120)
+  YNNPACK's features must read back as the machine's with every bit above FMA3 cleared, in the
+  module, run with its arguments, and in a Python process the module starts."""
+  (tmp_path / "avx2_probe.py").write_text(_PROBE)
+  env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.as_avx2", "avx2_probe", "--flag"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=180)
   assert proc.returncode == 0, proc.stderr
-  assert proc.stdout.strip() == '{"a":[1,2]}'
   line = next(l for l in proc.stderr.splitlines() if l.startswith("[as_avx2]"))
   before, after = (int(word, 16) for word in line.split("features ")[1].split(";")[0].split(" -> "))
   assert after == before & 0x7F and before & 0x60 == 0x60  # the machine has AVX2 and FMA3
+  assert proc.stdout.split() == ["['--flag']", hex(after), hex(after)]
 
 
 def test_refuses_a_call_without_a_module():
