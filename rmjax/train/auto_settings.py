@@ -17,9 +17,8 @@ Cost order (`COST_ORDER`), fastest first:
 * GPU, LoRA: unrolled + no remat, then the loop with dots_and_attention_saveable, then full
   remat in the loop (measured H100 rows: 29,678, 26,033 and 22,214 tokens/s).
 * CPU (fp32), both modes: no remat unrolled, then no remat in the loop, then the old default.
-  On the 75m preset at 4 x 512 rows (BUILD.md, Results) no remat unrolled takes 10% less time a
-  LoRA step than the old default (14% with an AVX2-only CPU's kernels) and 1-6% less a full
-  fine-tuning step (13% with AVX2 kernels); full remat unrolled is the slowest by far.
+  On the 75m preset at 4 x 512 rows no remat unrolled takes less time a step than the old
+  default in both modes on the CPUs measured (BUILD.md, Results, "auto's CPU candidates").
 The old default (`spec.AUTO_FALLBACK`: full remat in the loop) is always a candidate, last
 where it is the slowest, so where the order holds auto is never slower than the old default.
 A key set explicitly keeps its value in every candidate; only the "auto" keys vary.
