@@ -87,10 +87,6 @@ def _attend(q_BKTGH: Array, k_BKSH: Array, v_BKSH: Array, mask_B1TS: Array, scal
   return _forward(q_BKTGH, k_BKSH, v_BKSH, mask_B1TS, scale)[0]
 
 
-def _attend_fwd(q_BKTGH, k_BKSH, v_BKSH, mask_B1TS, scale):
-  return _forward(q_BKTGH, k_BKSH, v_BKSH, mask_B1TS, scale)
-
-
 def _attend_bwd(scale, residuals, dout_BKTGH):
   q_BKMH, k_BKSH, v_BKSH, weights_BKMS, total_BKM1, out_BKMH = residuals
   dout_BKMH = dout_BKTGH.reshape(out_BKMH.shape).astype(_F32)
@@ -108,4 +104,4 @@ def _attend_bwd(scale, residuals, dout_BKTGH):
           None)
 
 
-_attend.defvjp(_attend_fwd, _attend_bwd)
+_attend.defvjp(_forward, _attend_bwd)  # _forward already returns (output, residuals)
