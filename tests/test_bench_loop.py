@@ -10,32 +10,25 @@ from rmjax.bench import loop as bench_loop
 
 def test_loop_bench_prints_one_record_with_both_figures_and_their_ratio(tmp_path, capsys):
   argv = ["--loop", "--preset", "tiny", "--seq-len", "64", "--batch", "8", "--grad-accum", "1",
-          "--windows", "1", "--set", "logging_steps=2", "--set", "data.synthetic.train_records=64",
-          "--set", "data.synthetic.test_records=8", "--keep", str(tmp_path)]
+          "--windows", "3", "--segment", "5", "--block", "2", "--set", "logging_steps=2",
+          "--set", "data.synthetic.train_records=64", "--set", "data.synthetic.test_records=8", "--keep", str(tmp_path)]
   assert bench_main.main(argv) == 0
   lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
   assert len(lines) == 1
   r = json.loads(lines[0])
   assert r["loop_tokens_per_s"] > 0 and r["step_tokens_per_s"] > 0
   assert abs(r["loop_over_step"] - r["loop_tokens_per_s"] / r["step_tokens_per_s"]) < 1e-9
-  assert r["step_tokens_per_s"] == max(r["step_tokens_per_s_back_to_back"], r["step_tokens_per_s_paced"])
+  # 6 timed loop steps hold one segment of 5 (steps 3-7): a bare block of 2 before it, its first
+  # 3 intervals untimed (the block, the prefetcher's refill), 2 timed; the rates are its sums' ratios.
+  (w,) = r["segments"]
+  assert (r["timed_steps"], r["bare_steps"], r["warmup_steps"]) == (2, 2, 2)
+  assert r["loop_tokens_per_s"] == w["loop_tokens"] / w["loop_seconds"]
+  assert r["step_tokens_per_s"] == w["step_tokens"] / w["step_seconds"]
+  assert w["loop_tokens"] == r["tokens_per_step"] * 2 and w["step_tokens"] > 0
   assert 0 < r["fill"] <= 1 and r["chosen"]["remat"] == "none"  # the demo spec sets remat; scan_unroll is auto
-  assert (r["timed_steps"], r["warmup_steps"]) == (2, 2)
-  medians = r["seconds_per_step_median"]
-  assert sorted(medians) == ["back_to_back", "loop", "paced"] and all(v > 0 for v in medians.values())
+  assert w["loop_seconds_per_step_median"] > 0 and w["step_seconds_per_step_median"] > 0
   assert r["batch_shape"] == [[8, 64]] and r["step_retraced"] is False and r["train_step_traces"] == 1
   assert r["spec"]["logging_steps"] == 2 and r["model_demo"]["num_layers"] == 2
-
-
-def test_loop_rate_sums_the_logged_windows_after_the_warm_up(tmp_path):
-  """Windows of 2 steps: [1-2] is warm-up; [3-4] 40 tokens at 10/s = 4 s, [5-6] 60 at 20/s = 3 s;
-  a last step before [5-6] leaves that window out."""
-  path = tmp_path / "metrics.jsonl"
-  rows = [{"step": 2, "train/tokens_per_s": 1.0}, {"step": 4, "train/tokens_per_s": 10.0},
-          {"step": 5, "val/loss": 0.1}, {"step": 6, "train/tokens_per_s": 20.0}]
-  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  assert bench_loop.loop_rate(path, [5, 5, 20, 20, 30, 30], first_step=2, last_step=6) == (100 / 7, 4)
-  assert bench_loop.loop_rate(path, [5, 5, 20, 20, 30, 30], first_step=2, last_step=4) == (10.0, 2)
 
 
 def test_bad_loop_option_is_one_line(capsys):
@@ -71,7 +64,7 @@ def test_a_shipped_spec_runs_on_the_demo_backbone_with_the_presets_vocabulary(ca
   """--spec keeps the spec's own keys (specs/lora.py: LoRA, 4 micro-batches, auto) and swaps in
   the demo backbone at the preset's shape and vocabulary and the demo's synthetic data."""
   argv = ["--loop", "--spec", "specs/lora.py", "--preset", "tiny", "--seq-len", "64", "--batch", "32",
-          "--dtype", "float32", "--windows", "1", "--set", "logging_steps=2", "--set", "data.synthetic.train_records=64",
+          "--dtype", "float32", "--windows", "3", "--segment", "5", "--block", "2", "--set", "logging_steps=2", "--set", "data.synthetic.train_records=64",
           "--set", "data.synthetic.test_records=8"]
   assert bench_main.main(argv) == 0
   r = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][0])

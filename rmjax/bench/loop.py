@@ -9,22 +9,20 @@ How: a real run is built through `rmjax.train.loop.Trainer` from `specs/demo.py`
 preset's model shape in `model.demo.*` (the demo's random backbone and tokenizer, synthetic
 PRM800K-format data, the spec's defaults for packing, workers, prefetch and logging_steps) and
 one length bucket (`data.max_length`), so every step has one shape and compiles once.
-- loop: `Trainer.run()` for `(warmup + windows + 1) * logging_steps` steps. Its figure is the
-  loop's own logged `train/tokens_per_s` (metrics.jsonl) over the `windows` logging windows
-  after the warm-up: each window runs from reading one logged step's metrics to reading the
-  next's, so the windows together cover the timed steps exactly. The loop reads a window's
-  metrics once the next step is queued; the run's last window has no step queued behind it,
-  so where a dispatch holds the host its end would be seen sooner than the others': it is
-  left out of the timing. `seconds_per_step_median` (between step completions, seen by a
-  watcher thread) checks both rates without relying on when the host reads.
-- step: the same batches, read beforehand from a fresh iterator of the run's own training
-  dataset (its first batches are the loop's), placed on the devices beforehand, then the same
-  jitted `steps.train_step`: warm-up steps, a block, the timed steps, a block. Two ways: back
-  to back (every step queued at once) and paced as the loop paces it (one step in flight, its
-  metrics read once the next is queued); the faster is the step's figure. Each runs once before
-  the loop and once after it (from the run's final state), averaged, so a drift of the
-  machine's speed (~5% over a minute on a shared 2-core VM) biases neither side. No retrace
-  after the first pass (`step_retraced` says so).
+- loop: `Trainer.run()` for `(warmup + windows + 1) * logging_steps` steps, its prefetch
+  thread, metric reads, logging and progress bar as a user runs them. A watcher thread sees
+  each step's metrics become ready; the loop's seconds are the intervals between completions,
+  which include any time the host kept the device waiting.
+- step: the same jitted `steps.train_step` on the same batches (read beforehand from a fresh
+  iterator of the run's own dataset, placed on the devices beforehand), dispatched back to
+  back. It runs inside the loop (`Interleaved`): the timed windows are cut into segments of
+  `--segment` loop steps, and before each a block of `--block` bare steps runs on the
+  segment's batches, from the loop's state, with the loop waiting. The two figures alternate
+  every few seconds, so a drift of the machine's speed (more than half within a minute on
+  some shared 2-core VMs) falls on both alike. Each segment's first 3 loop intervals are left
+  out: the first spans the bare block, and the prefetcher refilled its 2 batches meanwhile.
+  `segments` lists each segment's tokens and seconds on both sides; the rates are their sums'
+  ratios. No retrace after the first pass (`step_retraced` says so).
 Tokens are counted alike on both sides: real tokens, the nonzero `segment_ids`. `mfu` counts
 the model FLOPs of those tokens (each packed example's attention over its own length; GPUs
 with a known peak only); `fill` is real tokens over the rows' slots.
@@ -48,7 +46,6 @@ loop. About 1-2 minutes on 2 CPU cores, compilation included.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import queue
 import sys
@@ -60,11 +57,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from rmjax.bench import common
+from rmjax.train import prefetch
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEMO_SPEC = ROOT / "specs" / "demo.py"
 # The model.demo keys a preset's shape fills.
-PACING = {False: "back_to_back", True: "paced"}  # step_rate(paced=...) by name
 SHAPE_KEYS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size")
 
 
@@ -82,6 +79,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                  help="compute dtype; auto = bfloat16 on a GPU, float32 on CPU")
   p.add_argument("--windows", type=int, default=3, help="timed logging windows (logging_steps steps each)")
+  p.add_argument("--segment", type=int, default=6, help="loop steps between bare blocks (the first 3 untimed)")
+  p.add_argument("--block", type=int, default=3, help="bare steps per block")
   p.add_argument("--warmup-windows", type=int, default=1, help="logging windows before timing (compilation)")
   p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                  help="any other spec key, e.g. --set data.pack=true --set model.remat=full")
@@ -89,6 +88,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if args.windows < 1 or args.warmup_windows < 1 or args.layers < 0:
     p.error("need --windows >= 1, --warmup-windows >= 1, --layers >= 0")
+  if args.segment <= Interleaved.SETTLE or args.block < 1:
+    p.error(f"need --segment > {Interleaved.SETTLE} (its first {Interleaved.SETTLE} loop steps are untimed) and --block >= 1")
   return args
 
 
@@ -150,24 +151,6 @@ def _tokens(batch: dict[str, np.ndarray]) -> float:
   return float(np.count_nonzero(batch["segment_ids"]))
 
 
-def loop_rate(metrics_jsonl: pathlib.Path, tokens_per_step: Sequence[float], first_step: int,
-              last_step: int) -> tuple[float, int]:
-  """The loop's own tokens/s over its logged windows after `first_step` up to `last_step`, and
-  the steps they cover: each window's seconds are its tokens over its logged rate."""
-  rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines()]
-  rows = sorted((r["step"], r["train/tokens_per_s"]) for r in rows if "train/tokens_per_s" in r)
-  tokens = seconds = 0.0
-  previous, covered = first_step, 0
-  for step, rate in rows:
-    if step <= first_step or step > last_step:
-      continue
-    window = sum(tokens_per_step[previous:step])  # steps previous+1 .. step (0-based batches)
-    tokens, seconds, covered, previous = tokens + window, seconds + window / rate, covered + step - previous, step
-  if not covered:
-    raise RuntimeError(f"no logged window after step {first_step} in {metrics_jsonl}")
-  return tokens / seconds, covered
-
-
 def model_flops(cfg: Any, batch: dict[str, np.ndarray], mode: str, head_dims: Sequence[int]) -> float:
   """Model FLOPs of one batch's real tokens: each packed example (segment) attends over its own
   length only (common.analytic_model_flops per segment), plus the head at supervised markers."""
@@ -202,11 +185,11 @@ class CompletionClock:
       return state, metrics
     return watched
 
-  def intervals(self, first: int, last: int) -> list[float]:
-    """Seconds of steps first+1 .. last (1-based, in dispatch order); stops the thread first."""
+  def stop(self) -> list[float]:
+    """Each watched step's completion time (perf_counter seconds), in dispatch order."""
     self._queue.put(None)
     self._thread.join()
-    return [float(t) for t in np.diff(self.times[max(first - 1, 0):last])]
+    return list(self.times)
 
 
 def utilisation(model_cfg: Any, mode: str, batches: Sequence[dict[str, np.ndarray]], tokens: Sequence[float],
@@ -228,31 +211,63 @@ def utilisation(model_cfg: Any, mode: str, batches: Sequence[dict[str, np.ndarra
           "fill": sum(tokens) / (process_count * sum(b["input_ids"].size for b in batches))}
 
 
-def step_rate(trainer: Any, placed: Sequence[Any], tokens_per_step: Sequence[float], warmup: int,
-              paced: bool = False, seconds: list[float] | None = None) -> float:
-  """The run's jitted train_step over the pre-placed batches: tokens/s of all but the first
-  `warmup`. Back to back (every step queued at once), or `paced` as the loop paces it: each
-  step's metrics read once the next step is queued, one step in flight. The timed steps'
-  seconds between completions are added to `seconds`."""
-  import jax
-  clock = CompletionClock()
-  state, step = trainer.state, clock.wrap(trainer.steps.train_step)
-  for batch in placed[:warmup]:
-    state, metrics = step(state, batch)
-  jax.block_until_ready((state, metrics))
-  t0 = time.perf_counter()
-  for batch in placed[warmup:]:
-    state, next_metrics = step(state, batch)
-    if paced:
-      jax.device_get(metrics)
-    metrics = next_metrics
-  jax.block_until_ready((state, metrics))
-  elapsed = time.perf_counter() - t0
-  trainer.state = state
-  between = clock.intervals(warmup, len(placed))
-  if seconds is not None:
-    seconds.extend(between)
-  return sum(tokens_per_step[warmup:]) / elapsed
+class Interleaved:
+  """The loop's train_step, with blocks of bare steps between segments of the loop's steps.
+
+  Called by the loop as its `train_step`. Before the loop dispatches the first step of a
+  segment, it waits for the loop's state, runs `block` of the segment's batches (pre-placed)
+  through the same jitted step back to back, waits for them, and hands the resulting state to
+  the loop's step. The two figures alternate every few seconds, so a drift of the machine's
+  speed falls on both alike. The loop's seconds are the intervals between its steps'
+  completions, less each segment's first `SETTLE`: the first spans the bare block, and during
+  the block the prefetcher refilled (`prefetch.DEPTH` batches), which would hide a pipeline
+  slower than the step. The bare step's seconds are each block's wall time."""
+
+  SETTLE = 1 + prefetch.DEPTH
+
+  def __init__(self, step: Callable[[Any, Any], tuple[Any, Any]], placed: Sequence[Any],
+               tokens: Sequence[float], starts: Sequence[int], segment: int, block: int):
+    if segment <= self.SETTLE or block < 1:
+      raise ValueError(f"need a segment of more than {self.SETTLE} loop steps and a block of at least 1 bare step")
+    if not starts:
+      raise ValueError(f"no segment of {segment} loop steps fits the timed windows")
+    self._step, self._placed, self._tokens = step, placed, tokens
+    self.starts, self.segment, self.block = tuple(starts), segment, block  # starts: 1-based loop steps
+    self.loop_clock, self.bare_clock = CompletionClock(), CompletionClock()
+    self._loop_step, self._bare_step = self.loop_clock.wrap(step), self.bare_clock.wrap(step)
+    self.dispatched = 0
+    self.blocks: list[tuple[float, float]] = []  # (tokens, seconds) per bare block
+
+  def __call__(self, state: Any, batch: Any) -> tuple[Any, Any]:
+    import jax
+    self.dispatched += 1
+    if self.dispatched in self.starts:
+      first = self.dispatched - 1  # 0-based index of the segment's first batch
+      jax.block_until_ready(state)
+      t0 = time.perf_counter()
+      for placed in self._placed[first:first + self.block]:
+        state, metrics = self._bare_step(state, placed)
+      jax.block_until_ready((state, metrics))
+      self.blocks.append((sum(self._tokens[first:first + self.block]), time.perf_counter() - t0))
+    return self._loop_step(state, batch)
+
+  def timed_loop_steps(self) -> list[int]:
+    """The 1-based loop steps whose intervals count."""
+    return [k for start in self.starts for k in range(start + self.SETTLE, start + self.segment)]
+
+  def segments(self) -> list[dict[str, float]]:
+    """Per segment: both sides' tokens and seconds, and their median seconds per step."""
+    loop_times, bare_times = self.loop_clock.stop(), self.bare_clock.stop()
+    out = []
+    for i, (start, (bare_tokens, bare_seconds)) in enumerate(zip(self.starts, self.blocks)):
+      steps = range(start + self.SETTLE, start + self.segment)
+      seconds = [loop_times[k - 1] - loop_times[k - 2] for k in steps]
+      out.append({"loop_tokens": sum(self._tokens[k - 1] for k in steps), "loop_seconds": sum(seconds),
+                  "step_tokens": bare_tokens, "step_seconds": bare_seconds,
+                  "loop_seconds_per_step_median": float(np.median(seconds)),
+                  "step_seconds_per_step_median":
+                    float(np.median(np.diff(bare_times[i * self.block:(i + 1) * self.block])))})
+    return out
 
 
 def run(args: argparse.Namespace, output_dir: str) -> dict[str, Any]:
@@ -272,7 +287,6 @@ def run(args: argparse.Namespace, output_dir: str) -> dict[str, Any]:
   try:
     steps, every = int(spec.max_steps), int(spec.logging_steps)
     first_timed = every * args.warmup_windows
-    last_timed = first_timed + every * args.windows
     # The loop's batches, from a fresh iterator of its own dataset, read before the loop starts.
     batches = []
     for batch in iter(trainer.train_ds):
@@ -284,40 +298,26 @@ def run(args: argparse.Namespace, output_dir: str) -> dict[str, Any]:
     flops = [model_flops(trainer.model_cfg, b, str(spec.mode), head_dims) * trainer.process_count for b in batches]
     placed = [device_batch(b, trainer.mesh) for b in batches]
     jax.block_until_ready(placed)
-    # The bare step runs before and after the loop (the mean of the two), so a drift of the
-    # machine's speed during the run biases neither side. The loop continues from its state.
-    warm = min(2, first_timed)
-    timed = (placed[first_timed - warm:last_timed], tokens[first_timed - warm:last_timed], warm)
-    between: dict[str, list[float]] = {"back_to_back": [], "paced": []}
-    before = {paced: step_rate(trainer, *timed, paced=paced, seconds=between[PACING[paced]])
-              for paced in (False, True)}
-    traces = int(trainer.steps.traces["train"])
-    clock = CompletionClock()
-    unwatched, trainer.steps.train_step = trainer.steps.train_step, clock.wrap(trainer.steps.train_step)
+    starts = list(range(first_timed + 1, first_timed + every * args.windows - args.segment + 2, args.segment))
+    interleaved = Interleaved(trainer.steps.train_step, placed, tokens, starts, args.segment, args.block)
+    unwatched, trainer.steps.train_step = trainer.steps.train_step, interleaved
     results = trainer.run()
     trainer.steps.train_step = unwatched
-    between["loop"] = clock.intervals(first_timed, last_timed)
-    trainer.train_iter.close()  # its thread and the pipeline stay quiet while the bare step runs
-    loop_tps, covered = loop_rate(trainer.run_dir / "logs" / "metrics.jsonl", tokens, first_timed, last_timed)
-    after = {paced: step_rate(trainer, *timed, paced=paced, seconds=between[PACING[paced]])
-             for paced in (True, False)}
-    # The step's figure is the faster way of queuing it.
-    rates = {paced: (before[paced] + after[paced]) / 2 for paced in (False, True)}
-    step_tps = max(rates.values())
-    retraced = int(trainer.steps.traces["train"]) != traces
+    segments, timed = interleaved.segments(), [k - 1 for k in interleaved.timed_loop_steps()]
+    retraced = int(trainer.steps.traces["train"]) > 1  # one shape: one trace serves both sides
   finally:
     trainer.close()
+  rate = lambda side: sum(w[f"{side}_tokens"] for w in segments) / sum(w[f"{side}_seconds"] for w in segments)
+  loop_tps, step_tps = rate("loop"), rate("step")
   shape = {k: int(spec.model.demo[k]) for k in (*SHAPE_KEYS, "vocab_size")}
-  window = slice(first_timed, last_timed)
   return {
     "bench": "loop", "loop_tokens_per_s": loop_tps, "step_tokens_per_s": step_tps,
     "loop_over_step": loop_tps / step_tps,
-    "step_tokens_per_s_before_after": [max(before.values()), max(after.values())],
-    "step_tokens_per_s_back_to_back": rates[False], "step_tokens_per_s_paced": rates[True],
-    "seconds_per_step_median": {k: float(np.median(v)) for k, v in between.items()},
-    **utilisation(trainer.model_cfg, str(spec.mode), batches[window], tokens[window], flops[window],
-                  trainer.process_count, device.device_kind, loop_tps, step_tps),
-    "timed_steps": covered, "warmup_steps": first_timed, "tokens_per_step": float(np.mean(tokens[window])),
+    "segments": segments, "bare_steps": len(segments) * args.block,
+    **utilisation(trainer.model_cfg, str(spec.mode), [batches[i] for i in timed], [tokens[i] for i in timed],
+                  [flops[i] for i in timed], trainer.process_count, device.device_kind, loop_tps, step_tps),
+    "timed_steps": len(timed), "warmup_steps": first_timed,
+    "tokens_per_step": float(np.mean([tokens[i] for i in timed])),
     "chosen": dict(trainer.performance), "spec_file": args.spec or str(DEMO_SPEC),
     "batch_shape": sorted(list(s) for s in {tuple(b["input_ids"].shape) for b in batches}),
     "preset": args.preset, "mode": str(spec.mode), "model_demo": shape, "device": device.device_kind,

@@ -151,7 +151,7 @@ class Trainer:
     # One process: batches are also placed on the mesh there. Several: the length agreement
     # (multiprocess.pad_to_longest) is a collective, so it and the placement stay on this thread.
     place = (lambda b: device_batch(b, self.mesh)) if self.process_count == 1 else (lambda b: None)
-    self.train_iter = DevicePrefetcher(iter(self.train_ds), place, depth=2)
+    self.train_iter = DevicePrefetcher(iter(self.train_ds), place)
     sizes = ", ".join(f"{n}: {len(r)} train records (weight {w:g})" for n, (r, w) in train_sources.items())
     self.logger.log(f"Data: {sizes}; evaluating on {', '.join(f'{n} ({len(r)})' for n, r in eval_sources.items())}")
 

@@ -4,7 +4,7 @@ Why it exists: the train step is dispatched asynchronously, so the host is free 
 device computes; without prefetch it still waits for the data pipeline and the host-to-device
 copy of each batch before dispatching the next step. `DevicePrefetcher` runs the pipeline and
 `place` (e.g. `step.device_batch` with the mesh's batch sharding) in a background thread,
-`depth` batches ahead (default 2).
+`depth` batches ahead (default DEPTH).
 
 Checkpoints stay exact: the wrapped iterator runs ahead of training, so saving its own state
 would skip the prefetched batches on resume. The prefetcher remembers the pipeline state
@@ -22,6 +22,9 @@ import time
 from typing import Any, Callable, Iterator, NamedTuple
 
 
+DEPTH = 2  # batches read ahead by default
+
+
 class Prefetched(NamedTuple):
   host: dict[str, Any]  # the numpy batch (shapes, token counts, eval metadata)
   device: dict[str, Any]  # `place(host)`: jax arrays with their shardings
@@ -36,7 +39,7 @@ class _End(NamedTuple):
 class DevicePrefetcher:
   """Iterator of `Prefetched(host, device)` over `iterator`, `depth` batches ahead."""
 
-  def __init__(self, iterator: Iterator[dict[str, Any]], place: Callable[[dict[str, Any]], Any], depth: int = 2):
+  def __init__(self, iterator: Iterator[dict[str, Any]], place: Callable[[dict[str, Any]], Any], depth: int = DEPTH):
     if depth < 1:
       raise ValueError(f"prefetch depth must be >= 1, got {depth}")
     self._it, self._place, self._depth = iterator, place, depth
