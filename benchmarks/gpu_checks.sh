@@ -46,6 +46,8 @@
 #   OUT=/tmp/gpu-out DEADLINE_S=540 bash benchmarks/gpu_checks.sh all
 #   python -m benchmarks.gpu_summary /tmp/gpu-out/gpu_checks.tgz   # one JSON line per figure
 #   SMOKE=1 OUT=/tmp/smoke bash benchmarks/gpu_checks.sh all   # tiny shapes, any CPU: checks the script
+# (SMOKE runs each bench in the bench's own process, --no-isolate: what the run in a child
+# process adds is the same for every check, and tests/test_bench.py covers it.)
 # The compilation cache (JAX_COMPILATION_CACHE_DIR, default $OUT/../jax-cache-gpu-checks) lets
 # the checks share compiles of the same init. "loop" and "packing" need grain, ml-collections
 # and tensorboardX; a GPU machine without PyPI gets them from a git-ignored .wheels/ folder
@@ -70,17 +72,17 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$(dirname "$OUT")/jax-cache-gpu-checks}
 export PYTHONUNBUFFERED=1
 if [ "${SMOKE:-0}" = 1 ]; then
-  PRESET=tiny SEQ=64 EXAMPLES=16 LOOP_STEPS=6 LOOP_SHAPE=() LOOP_LEN=128 LOOP_BUCKETS="(64, 128)"
+  PRESET=tiny SEQ=64 EXAMPLES=16 LOOP_STEPS=6 LOOP_SHAPE=() LOOP_LEN=128 LOOP_BUCKETS="(64, 128)" ISOLATE=(--no-isolate)
   ATTN_SHAPE=(--seq-len 64 --heads 4 --kv-heads 2 --head-dim 16 --median 20 --steps 2)
   SPEC_LOOP=(--preset tiny --seq-len 128 --batch 8 --dtype float32 --set data.synthetic.train_records=256)
 else
-  PRESET=qwen3-4b SEQ=2048 EXAMPLES=96 LOOP_STEPS=40 LOOP_LEN=2048 LOOP_BUCKETS="(1024, 2048)"
+  PRESET=qwen3-4b SEQ=2048 EXAMPLES=96 LOOP_STEPS=40 LOOP_LEN=2048 LOOP_BUCKETS="(1024, 2048)" ISOLATE=()
   ATTN_SHAPE=()
   SPEC_LOOP=(--preset qwen3-4b --layers 0)
   LOOP_SHAPE=(--spec.model.demo.hidden_size=2560 --spec.model.demo.num_layers=36 --spec.model.demo.num_heads=32
               --spec.model.demo.num_kv_heads=8 --spec.model.demo.head_dim=128 --spec.model.demo.intermediate_size=9728)
 fi
-BASE=(--preset "$PRESET" --seq-len "$SEQ" --batch 4 --steps 5 --warmup 2 --no-flops)
+BASE=(--preset "$PRESET" --seq-len "$SEQ" --batch 4 --steps 5 --warmup 2 --no-flops "${ISOLATE[@]}")
 FULL_BEST=(--mode full --opt-state-dtype bfloat16 --remat-policy dots_with_no_batch_dims_saveable)
 
 run() {  # run NAME SECONDS COMMAND...: stdout to $WORK/NAME.jsonl, stderr to $WORK/NAME.err
