@@ -1,6 +1,6 @@
 """Multi-host training on one machine: 2 JAX processes (jax.distributed, local coordinator, one
-CPU device each) against one process with 2 devices, and the multi-process checkpoint restored in
-a single process."""
+CPU device each, started by launch/local.sh) against one process with 2 devices, every eval row
+scored once, and the multi-process checkpoint restored in a single process."""
 
 import json
 import os
@@ -12,7 +12,7 @@ import pytest
 
 import _run_helpers as R
 from _xla_env import subprocess_flags
-from test_loop import _env, _launch_cmd, checkpoint_steps
+from test_loop import _env, _launch_cmd, checkpoint_steps, tiny_spec
 
 STEPS = 4
 # Default demo buckets (64, 128): processes may pad to different lengths on the same step.
@@ -20,34 +20,34 @@ EXTRA = ("--spec.eval_steps=0", f"--spec.save_steps={STEPS}", "--spec.batch_size
          "--spec.grad_accum_steps=2", "--spec.data.eval_batch_size=16")
 
 
-def _start_two_processes(out, env_style: bool, extra=EXTRA):
+def _start_two_processes(out, extra=EXTRA):
+  """Two processes, the coordinator given as spec keys (launch/local.sh gives it in JAX_* variables)."""
   port = R.free_port()
   cmd = _launch_cmd(out, STEPS, *extra)
   env = dict(_env(), XLA_FLAGS=subprocess_flags(1))
-  procs = []
-  for i in range(2):
-    if env_style:  # what launch/local.sh, SLURM-less clusters and the k8s Job set
-      penv = dict(env, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
-      pcmd = cmd
-    else:
-      penv = env
-      pcmd = cmd + [f"--spec.distributed.coordinator_address=localhost:{port}",
-                    "--spec.distributed.num_processes=2", f"--spec.distributed.process_id={i}"]
-    procs.append(subprocess.Popen(pcmd, cwd=R.ROOT, env=penv, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True))
-  return procs
+  return [subprocess.Popen(cmd + [f"--spec.distributed.coordinator_address=localhost:{port}",
+                                  "--spec.distributed.num_processes=2", f"--spec.distributed.process_id={i}"],
+                           cwd=R.ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+          for i in range(2)]
 
 
-def _run_two_processes(out, env_style: bool):
-  R.finish_all(_start_two_processes(out, env_style))
-  return out / "demo-full"
+def _eval_targets(out, records: int) -> int:
+  """Supervised steps in the first `records` test examples of the demo data, straight from the reader."""
+  from rmjax.data.render import Renderer
+  from rmjax.data.sources import build_source
+  from rmjax.tokenizer import build_demo_tokenizer
+  from rmjax.train import build
+  spec = tiny_spec(out)
+  reader = build_source("prm800k", build.source_config(spec, "prm800k", out / "demo-full"), split="test")
+  renderer = Renderer(build_demo_tokenizer(), build.render_config(spec))
+  return sum(int(t.target_mask.sum()) for t in (renderer(reader[i]) for i in range(records)) if t is not None)
 
 
 @pytest.mark.slow
 def test_a_tensor_axis_across_processes_is_refused_in_one_line(tmp_path):
   # Each process reads rows of its own; with tensor=2 over 2 one-device processes both would hold
   # every row of the batch. Before the check this trained on mismatched rows and then crashed.
-  procs = _start_two_processes(tmp_path, env_style=False, extra=(*EXTRA, "--spec.mesh.data=1", "--spec.mesh.tensor=2"))
+  procs = _start_two_processes(tmp_path, extra=(*EXTRA, "--spec.mesh.data=1", "--spec.mesh.tensor=2"))
   try:
     errs = [p.communicate(timeout=240)[1] for p in procs]
   finally:
@@ -63,7 +63,12 @@ def test_a_tensor_axis_across_processes_is_refused_in_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_two_devices_and_restore_in_one(tmp_path):
-  multi = _run_two_processes(tmp_path / "multi", env_style=True)
+  env = dict(_env(), XLA_FLAGS=subprocess_flags(1), PYTHON=sys.executable)
+  cmd = ["bash", str(R.ROOT / "launch" / "local.sh"), "2"] + _launch_cmd(tmp_path / "multi", STEPS, *EXTRA)[3:]
+  proc = subprocess.run(cmd, cwd=R.ROOT, env=env, capture_output=True, text=True, timeout=240)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  multi = tmp_path / "multi" / "demo-full"
+  assert "2 process(es)" in (multi / "logs" / "train.log").read_text()
   # The reference: one process, 2 devices, fed the same global batches (process 0's rows then
   # process 1's: each process reads only its own shard, so the data order depends on the
   # process count by design; the numerics of the distributed step must not).
@@ -84,6 +89,9 @@ def test_two_processes_equal_one_process_with_two_devices_and_restore_in_one(tmp
   # every metric agrees only if each process's probabilities stay with its own targets.
   final = {run: json.loads((run / "logs" / "final_results.json").read_text())["final_metrics"] for run in (multi, single)}
   assert final[multi].keys() == final[single].keys() and "val/auroc" in final[multi]
+  # 2 eval batches of 16 global rows: process 0 reads rows 0, 2, .., process 1 rows 1, 3, ..:
+  # together the first 32 test examples, each scored once.
+  assert final[multi]["val/count"] == _eval_targets(tmp_path / "multi", 32)
   for key, value in final[single].items():
     np.testing.assert_allclose(final[multi][key], value, rtol=1e-5, atol=1e-5, err_msg=key)
   # The two shards picked different buckets on some step, so agreeing on T is exercised.
@@ -98,19 +106,6 @@ def test_two_processes_equal_one_process_with_two_devices_and_restore_in_one(tmp
   assert a.keys() == b.keys() and len(a) > 5
   for k in a:
     np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-5, err_msg=k)
-
-
-@pytest.mark.slow
-def test_launch_local_sh_runs_two_processes(tmp_path):
-  env = dict(_env(), XLA_FLAGS=subprocess_flags(1), PYTHON=sys.executable)
-  cmd = ["bash", str(R.ROOT / "launch" / "local.sh"), "2"] + _launch_cmd(tmp_path, 2, *EXTRA)[3:]
-  proc = subprocess.run(cmd, cwd=R.ROOT, env=env, capture_output=True, text=True, timeout=240)
-  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-  run = tmp_path / "demo-full"
-  log = (run / "logs" / "train.log").read_text()
-  assert "2 process(es)" in log
-  assert checkpoint_steps(run) == [2]
-  assert os.path.isfile(run / "logs" / "final_results.json")
 
 
 def test_launch_local_sh_exits_with_the_failed_process_status_and_stops_the_others(tmp_path):

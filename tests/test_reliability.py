@@ -1,6 +1,6 @@
-"""Faults at the launch level: SIGKILL at three moments (one during an asynchronous save) with a
-bit-identical result, a checkpoint write that fails mid-run (full disk, read-only directory), a
-corrupt latest checkpoint (error by path, or fallback when the spec allows). SIGTERM and NaN injection are in tests/test_loop.py
+"""Faults at the launch level: SIGKILL at three moments (one during an asynchronous save), then a
+relaunch with bit-identical weights and exactly the uninterrupted run's metrics; a checkpoint
+write that fails mid-run (full disk, read-only directory); a corrupt latest checkpoint (error by path, or fallback when the spec allows). SIGTERM and NaN injection are in tests/test_loop.py
 (test_sigterm_saves_a_checkpoint_and_exits_zero, test_nan_loss_stops_with_clear_message_and_no_bad_checkpoint,
 test_nan_policy_skip_keeps_training)."""
 
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import _run_helpers as R
-from test_loop import _env, _launch_cmd, checkpoint_steps, read_jsonl
+from test_loop import TIMING_KEYS, _env, _launch_cmd, checkpoint_steps, read_jsonl
 
 STEPS = 12
 EXTRA = ("--spec.eval_steps=0", "--spec.save_steps=3", "--spec.checkpoint.async_save=True")
@@ -49,6 +49,11 @@ def _kill_when(out, predicate, what):
   finally:
     if proc.poll() is None:
       proc.kill()
+
+
+def _metric_rows(run_dir):
+  return {(r["step"], k): v for r in read_jsonl(run_dir / "logs" / "metrics.jsonl")
+          for k, v in r.items() if k != "timestamp"}
 
 
 def _logged_steps(run):
@@ -92,6 +97,12 @@ def test_three_sigkills_then_relaunch_give_bit_identical_params(tmp_path):
   final = json.loads((run / "logs" / "final_results.json").read_text())
   assert final["total_steps"] == STEPS and 0 < final["resumed_from_step"] < STEPS
   assert not [p for p in ckpts.iterdir() if "tmp" in p.name]  # leftovers cleaned on reopen
+  # The relaunch logs exactly the uninterrupted run's metrics after the step it resumed from.
+  resumed, reference = _metric_rows(run), _metric_rows(ref)
+  assert resumed.keys() == reference.keys()
+  after = {k for k in reference if k[0] > final["resumed_from_step"] and k[1] not in TIMING_KEYS}
+  assert any(k[1] == "train/loss" for k in after) and any(k[1].startswith("val/") for k in after)
+  assert {k: resumed[k] for k in after} == {k: reference[k] for k in after}  # exact, not approx
   got = R.flat(R.checkpoint_params(ckpts / f"checkpoint_step_{STEPS}"))
   want = R.flat(R.checkpoint_params(ref / "checkpoints" / f"checkpoint_step_{STEPS}"))
   assert got.keys() == want.keys() and len(got) > 5
