@@ -88,8 +88,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if args.windows < 1 or args.warmup_windows < 1 or args.layers < 0:
     p.error("need --windows >= 1, --warmup-windows >= 1, --layers >= 0")
-  if args.segment <= Interleaved.SETTLE or args.block < 1:
-    p.error(f"need --segment > {Interleaved.SETTLE} (its first {Interleaved.SETTLE} loop steps are untimed) and --block >= 1")
+  if args.segment <= Interleaved.SETTLE or args.block < 2:
+    p.error(f"need --segment > {Interleaved.SETTLE} (its first {Interleaved.SETTLE} loop steps are untimed) and "
+            "--block >= 2 (a block's median interval needs two steps)")
   return args
 
 
@@ -227,8 +228,6 @@ class Interleaved:
 
   def __init__(self, step: Callable[[Any, Any], tuple[Any, Any]], placed: Sequence[Any],
                tokens: Sequence[float], starts: Sequence[int], segment: int, block: int):
-    if segment <= self.SETTLE or block < 1:
-      raise ValueError(f"need a segment of more than {self.SETTLE} loop steps and a block of at least 1 bare step")
     if not starts:
       raise ValueError(f"no segment of {segment} loop steps fits the timed windows")
     self._step, self._placed, self._tokens = step, placed, tokens
@@ -251,16 +250,19 @@ class Interleaved:
       self.blocks.append((sum(self._tokens[first:first + self.block]), time.perf_counter() - t0))
     return self._loop_step(state, batch)
 
+  def _timed(self, start: int) -> range:
+    """The 1-based loop steps of the segment opened at `start` whose intervals count."""
+    return range(start + self.SETTLE, start + self.segment)
+
   def timed_loop_steps(self) -> list[int]:
-    """The 1-based loop steps whose intervals count."""
-    return [k for start in self.starts for k in range(start + self.SETTLE, start + self.segment)]
+    return [k for start in self.starts for k in self._timed(start)]
 
   def segments(self) -> list[dict[str, float]]:
     """Per segment: both sides' tokens and seconds, and their median seconds per step."""
     loop_times, bare_times = self.loop_clock.stop(), self.bare_clock.stop()
     out = []
     for i, (start, (bare_tokens, bare_seconds)) in enumerate(zip(self.starts, self.blocks)):
-      steps = range(start + self.SETTLE, start + self.segment)
+      steps = self._timed(start)
       seconds = [loop_times[k - 1] - loop_times[k - 2] for k in steps]
       out.append({"loop_tokens": sum(self._tokens[k - 1] for k in steps), "loop_seconds": sum(seconds),
                   "step_tokens": bare_tokens, "step_seconds": bare_seconds,
