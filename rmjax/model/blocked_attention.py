@@ -13,8 +13,9 @@ the key and value gradients contract the (T, S) score gradients and weights over
 XLA transposed those, the largest arrays of a layer, in every block of both passes. Here q, k and
 v are put in (B, K, T, G, H) and (B, K, S, H) order once a layer (the N query heads grouped over
 their K key/value heads, G = N / K, share each key in the score product), and `_attend`'s backward
-pass is written out (a `jax.custom_vjp`) so that the (T, S) arrays only ever enter a dot in the
-order it reads: the key and value gradients come out transposed, (B, K, H, S), by multiplying the
+pass is written out (a `jax.custom_vjp` around all the blocks, so that no block's slice of q, k
+or v is transposed into a pad of the full length) so that the (T, S) arrays only ever enter a dot
+in the order it reads: the key and value gradients come out transposed, (B, K, H, S), by multiplying the
 small (T, H) arrays' transposes into them. The weights are normalised after the value product,
 and the backward pass folds the softmax's 1 / sum into the (T, H) output gradient, so no
 normalised (T, S) probabilities are ever built. One layer's forward and backward pass against
@@ -44,19 +45,21 @@ def blocked_causal_attention(q_BTNH: Array, k_BTKH: Array, v_BTKH: Array, mask_B
   block 0, or a row no longer than one block, is one block: the plain call."""
   b, t, n, h = q_BTNH.shape
   kv = k_BTKH.shape[2]
-  block = t if block <= 0 else min(block, t)
   q_BKTGH = q_BTNH.reshape(b, t, kv, n // kv, h).transpose(0, 2, 1, 3, 4)
   k_BKSH, v_BKSH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
-  outs = []
-  for lo in range(0, t, block):
-    hi = min(lo + block, t)
-    if mask_B1TT is None:
-      mask = (jnp.arange(hi)[None, :] <= jnp.arange(lo, hi)[:, None])[None, None]
-    else:
-      mask = mask_B1TT[:, :, lo:hi, :hi]
-    outs.append(_attend(q_BKTGH[:, :, lo:hi], k_BKSH[:, :, :hi], v_BKSH[:, :, :hi], mask, scale))
-  out_BKTGH = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+  out_BKTGH = _attend(q_BKTGH, k_BKSH, v_BKSH, mask_B1TT, scale, t if block <= 0 else min(block, t))
   return out_BKTGH.transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
+
+
+def _bounds(t: int, block: int) -> list[tuple[int, int]]:
+  """(first, end) query rows of each block; block i attends keys [0, end)."""
+  return [(lo, min(lo + block, t)) for lo in range(0, t, block)]
+
+
+def _block_mask(mask_B1TT: Array | None, lo: int, hi: int) -> Array:
+  if mask_B1TT is None:
+    return (jnp.arange(hi)[None, :] <= jnp.arange(lo, hi)[:, None])[None, None]
+  return mask_B1TT[:, :, lo:hi, :hi]
 
 
 def _dot(x: Array, y: Array, contract: tuple[int, int]) -> Array:
@@ -67,7 +70,8 @@ def _dot(x: Array, y: Array, contract: tuple[int, int]) -> Array:
 
 
 def _forward(q_BKTGH: Array, k_BKSH: Array, v_BKSH: Array, mask_B1TS: Array, scale: float):
-  """(output (B, K, T, G, H) in q's dtype, and what the backward pass reads)."""
+  """One block's (output (B, K, T, G, H) in q's dtype, and what its backward pass reads besides
+  q, k and v: the softmax's numerator (B, K, M, S), its row sums and the float32 output)."""
   b, kv, t, g, h = q_BKTGH.shape
   q_BKMH = q_BKTGH.reshape(b, kv, t * g, h)  # M = T x G query rows per key/value head
   logits_BKTGS = _dot(q_BKMH, k_BKSH, (3, 3)).reshape(b, kv, t, g, -1) * scale
@@ -76,19 +80,57 @@ def _forward(q_BKTGH: Array, k_BKSH: Array, v_BKSH: Array, mask_B1TS: Array, sca
   weights_BKMS = jnp.exp(logits_BKTGS - logits_BKTGS.max(axis=-1, keepdims=True)).reshape(b, kv, t * g, -1)
   total_BKM1 = weights_BKMS.sum(axis=-1, keepdims=True)
   out_BKMH = _dot(weights_BKMS.astype(v_BKSH.dtype), v_BKSH, (3, 2)) / total_BKM1
-  return out_BKMH.astype(q_BKTGH.dtype).reshape(q_BKTGH.shape), (q_BKMH, k_BKSH, v_BKSH, weights_BKMS,
-                                                                 total_BKM1, out_BKMH)
+  return out_BKMH.astype(q_BKTGH.dtype).reshape(q_BKTGH.shape), (weights_BKMS, total_BKM1, out_BKMH)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attend(q_BKTGH: Array, k_BKSH: Array, v_BKSH: Array, mask_B1TS: Array, scale: float) -> Array:
-  """Softmax attention of T x G query rows (G heads per key/value head) over S keys where
-  `mask_B1TS` allows (every query row must allow one key), logits and softmax in float32."""
-  return _forward(q_BKTGH, k_BKSH, v_BKSH, mask_B1TS, scale)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attend(q_BKTGH: Array, k_BKSH: Array, v_BKSH: Array, mask_B1TT: Array | None, scale: float,
+            block: int) -> Array:
+  """Softmax attention of T x G query rows (G heads per key/value head) over the keys up to each
+  query block's last row where `mask_B1TT` allows (every query row must allow one key), logits
+  and softmax in float32. The blocks are cut inside the custom_vjp so that the backward pass
+  writes each gradient once: under autodiff each block's slice of q, k and v transposes to a pad
+  of the full length and an add."""
+  return _attend_fwd(q_BKTGH, k_BKSH, v_BKSH, mask_B1TT, scale, block)[0]
 
 
-def _attend_bwd(scale, residuals, dout_BKTGH):
-  q_BKMH, k_BKSH, v_BKSH, weights_BKMS, total_BKM1, out_BKMH = residuals
+def _attend_fwd(q_BKTGH, k_BKSH, v_BKSH, mask_B1TT, scale, block):
+  outs, per_block = [], []
+  for lo, hi in _bounds(q_BKTGH.shape[2], block):
+    out, (weights_BKMS, total_BKM1, out_BKMH) = _forward(
+        q_BKTGH[:, :, lo:hi], k_BKSH[:, :, :hi], v_BKSH[:, :, :hi], _block_mask(mask_B1TT, lo, hi), scale)
+    outs.append(out)
+    per_block.append((weights_BKMS, total_BKM1, out_BKMH))
+  out_BKTGH = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+  return out_BKTGH, (q_BKTGH, k_BKSH, v_BKSH, per_block)
+
+
+def _attend_bwd(scale, block, residuals, dout_BKTGH):
+  q_BKTGH, k_BKSH, v_BKSH, per_block = residuals
+  bounds = _bounds(q_BKTGH.shape[2], block)
+  dqs, dks, dvs = [], [], []
+  for (lo, hi), saved in zip(bounds, per_block, strict=True):
+    dq, dk_BKHS, dv_BKHS = _block_bwd(scale, q_BKTGH[:, :, lo:hi], k_BKSH[:, :, :hi], v_BKSH[:, :, :hi],
+                                      *saved, dout_BKTGH[:, :, lo:hi])
+    dqs.append(dq)
+    dks.append(dk_BKHS)
+    dvs.append(dv_BKHS)
+  # block i's key gradients cover keys [0, end_i): key block j sums blocks j.. over its own columns
+  dk_BKHS = _concat_key_blocks(dks, bounds)
+  dv_BKHS = _concat_key_blocks(dvs, bounds)
+  dq_BKTGH = dqs[0] if len(dqs) == 1 else jnp.concatenate(dqs, axis=2)
+  return (dq_BKTGH.astype(q_BKTGH.dtype), jnp.swapaxes(dk_BKHS, 2, 3).astype(k_BKSH.dtype),
+          jnp.swapaxes(dv_BKHS, 2, 3).astype(v_BKSH.dtype), None)
+
+
+def _concat_key_blocks(grads_BKHS: list[Array], bounds: list[tuple[int, int]]) -> Array:
+  cols = [functools.reduce(jnp.add, [g[..., lo:hi] for g in grads_BKHS[j:]]) for j, (lo, hi) in enumerate(bounds)]
+  return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+
+
+def _block_bwd(scale, q_BKTGH, k_BKSH, v_BKSH, weights_BKMS, total_BKM1, out_BKMH, dout_BKTGH):
+  """One query block's (dq (B, K, T, G, H), dk (B, K, H, S), dv (B, K, H, S)) in float32."""
+  q_BKMH = q_BKTGH.reshape(out_BKMH.shape)
   dout_BKMH = dout_BKTGH.reshape(out_BKMH.shape).astype(_F32)
   # softmax backward with p = weights / total: dlogits = p * (dp - sum(p * dp)), where dp = dout v^T
   # and sum(p * dp) = sum(dout * out) over H; 1 / total moves onto the (M, H) side of each product.
@@ -99,9 +141,7 @@ def _attend_bwd(scale, residuals, dout_BKTGH):
   dq_BKMH = _dot(dlogits_BKMS, k_BKSH, (3, 2))
   dk_BKHS = _dot(q_BKMH, dlogits_BKMS, (2, 2))  # contracts the M rows of both: no (M, S) transpose
   dv_BKHS = _dot((dout_BKMH / total_BKM1).astype(weights_BKMS.dtype), weights_BKMS, (2, 2))
-  return (dq_BKMH.reshape(q_BKMH.shape[:2] + dout_BKTGH.shape[2:]).astype(q_BKMH.dtype),
-          jnp.swapaxes(dk_BKHS, 2, 3).astype(k_BKSH.dtype), jnp.swapaxes(dv_BKHS, 2, 3).astype(v_BKSH.dtype),
-          None)
+  return dq_BKMH.reshape(dout_BKTGH.shape), dk_BKHS, dv_BKHS
 
 
-_attend.defvjp(_forward, _attend_bwd)  # _forward already returns (output, residuals)
+_attend.defvjp(_attend_fwd, _attend_bwd)
