@@ -1,6 +1,7 @@
 """Multi-host training on one machine: 2 JAX processes (jax.distributed, local coordinator, one
-CPU device each, started by launch/local.sh) against one process with 2 devices, every eval row
-scored once, and the multi-process checkpoint restored in a single process."""
+CPU device each; launch/local.sh starts them for the equality test) against one process with 2
+devices, every eval row scored once, and the multi-process checkpoint restored in a single
+process."""
 
 import json
 import os

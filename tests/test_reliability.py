@@ -1,6 +1,7 @@
 """Faults at the launch level: SIGKILL at three moments (one during an asynchronous save), then a
 relaunch with bit-identical weights and exactly the uninterrupted run's metrics; a checkpoint
-write that fails mid-run (full disk, read-only directory); a corrupt latest checkpoint (error by path, or fallback when the spec allows). SIGTERM and NaN injection are in tests/test_loop.py
+write that fails mid-run (full disk, read-only directory); a corrupt latest checkpoint (error by
+path, or fallback when the spec allows). SIGTERM and NaN injection are in tests/test_loop.py
 (test_sigterm_saves_a_checkpoint_and_exits_zero, test_nan_loss_stops_with_clear_message_and_no_bad_checkpoint,
 test_nan_policy_skip_keeps_training)."""
 

@@ -38,8 +38,8 @@ def test_prepared_gpu_checks_run_end_to_end_on_tiny_shapes(tmp_path):
   shapes: one of each kind of command (the bench with a profile, with a memory fraction,
   unrolled, like torch's settings; torch; packing; attention; the loop; the other checks differ
   from these only in bench flags or XLA_FLAGS). Each must leave its JSON records (the loop its
-  data_wait.json) in the one tarball, and nothing of an earlier run in its work folder (a stale record, a loop run to
-  resume) may reach it."""
+  data_wait.json) in the one tarball, and nothing of an earlier run in its work folder (a stale
+  record, a loop run to resume) may reach it."""
   import tarfile
   env = _gpu_checks_env(tmp_path)
   work = tmp_path / "work"
