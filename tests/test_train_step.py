@@ -385,6 +385,36 @@ def test_a_non_finite_gradient_under_a_finite_loss_is_skipped_too(monkeypatch):
   assert_trees_equal(before, snapshot(state))
 
 
+@pytest.mark.parametrize("finite", [True, False])
+def test_both_forms_of_the_guard_agree(finite):
+  """The CPU runs the guard as a conditional, other platforms as a select; the suite only runs
+  on a CPU, so the select form is checked here against the conditional, leaf for leaf."""
+  tx = optim.make_optimizer(optim.OptimConfig(lr=0.1, warmup_steps=0, schedule="constant"))
+  params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+  grads = jax.tree.map(lambda x: 0.5 * x + 1.0, params)
+  opt_state = tx.init(params)
+  forms = [jax.jit(lambda p, o, f=f: f(tx, grads, jnp.asarray(finite), p, o))(params, opt_state)
+           for f in (sp._update_by_branch, sp._update_by_select)]
+  assert_trees_equal(*forms)
+  if not finite:
+    assert_trees_equal(forms[0], (params, opt_state))
+  else:
+    assert not np.array_equal(forms[0][0]["w"], params["w"])
+
+
+def test_clipping_by_a_scale_matches_optax_and_leaves_small_or_zero_gradients_alone():
+  grads = {"a": jnp.asarray([3.0, -4.0]), "b": {"c": jnp.asarray([[12.0]])}}  # global norm 13
+  clip = optim.clip_by_global_norm(1.0)
+  clipped, _ = clip.update(grads, clip.init(grads))
+  expected, _ = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+  for got, want in zip(jax.tree.leaves(clipped), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(float(optax.tree.norm(clipped)), 1.0, rtol=1e-6)
+  for small in (grads, jax.tree.map(jnp.zeros_like, grads)):
+    unchanged, _ = optim.clip_by_global_norm(100.0).update(small, clip.init(small))
+    assert_trees_equal(unchanged, small)  # a factor of exactly 1: no NaN from a zero norm
+
+
 def _adam_state(opt_state):
   return next(x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
               if isinstance(x, optax.ScaleByAdamState))
