@@ -33,8 +33,8 @@ from rmjax.bench import common, jax_impl
 from rmjax.train import optim
 from rmjax.train import step as train_step
 
-FORMS = {"select": train_step._update_by_select, "branch": train_step._update_by_branch,
-         "none": lambda tx, grads, finite, params, opt_state: train_step._apply_update(tx, grads, params, opt_state)}
+FORMS = {"select": train_step.update_by_select, "branch": train_step.update_by_branch,
+         "none": lambda tx, grads, finite, params, opt_state: train_step.apply_update(tx, grads, params, opt_state)}
 
 
 def trainable_arrays(preset: str, mode: str, seed: int = 0) -> dict:

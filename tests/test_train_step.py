@@ -394,7 +394,7 @@ def test_both_forms_of_the_guard_agree(finite):
   grads = jax.tree.map(lambda x: 0.5 * x + 1.0, params)
   opt_state = tx.init(params)
   forms = [jax.jit(lambda p, o, f=f: f(tx, grads, jnp.asarray(finite), p, o))(params, opt_state)
-           for f in (sp._update_by_branch, sp._update_by_select)]
+           for f in (sp.update_by_branch, sp.update_by_select)]
   assert_trees_equal(*forms)
   if not finite:
     assert_trees_equal(forms[0], (params, opt_state))
