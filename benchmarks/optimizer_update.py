@@ -34,7 +34,8 @@ from rmjax.train import optim
 from rmjax.train import step as train_step
 
 FORMS = {"select": train_step.update_by_select, "branch": train_step.update_by_branch,
-         "none": lambda tx, grads, finite, params, opt_state: train_step.apply_update(tx, grads, params, opt_state)}
+         "none": lambda tx, grads, norm, finite, params, opt_state: train_step.apply_update(
+           tx, grads, norm, params, opt_state)}
 
 
 def trainable_arrays(preset: str, mode: str, seed: int = 0) -> dict:
@@ -52,8 +53,8 @@ def time_form(form: str, params: dict, grads: dict, cfg: optim.OptimConfig, repe
   guarded = FORMS[form]
 
   def update(params, opt_state, grads):
-    finite = jnp.isfinite(optax.tree.norm(grads))
-    return guarded(tx, grads, finite, params, opt_state)
+    norm = optax.tree.norm(grads)
+    return guarded(tx, grads, norm, jnp.isfinite(norm), params, opt_state)
 
   run = jax.jit(update, donate_argnums=(0, 1))
   state = jax.device_put((params, tx.init(params)))

@@ -393,7 +393,8 @@ def test_both_forms_of_the_guard_agree(finite):
   params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
   grads = jax.tree.map(lambda x: 0.5 * x + 1.0, params)
   opt_state = tx.init(params)
-  forms = [jax.jit(lambda p, o, f=f: f(tx, grads, jnp.asarray(finite), p, o))(params, opt_state)
+  norm = optax.tree.norm(grads)
+  forms = [jax.jit(lambda p, o, f=f: f(tx, grads, norm, jnp.asarray(finite), p, o))(params, opt_state)
            for f in (sp.update_by_branch, sp.update_by_select)]
   assert_trees_equal(*forms)
   if not finite:
@@ -413,6 +414,19 @@ def test_clipping_by_a_scale_matches_optax_and_leaves_small_or_zero_gradients_al
   for small in (grads, jax.tree.map(jnp.zeros_like, grads)):
     unchanged, _ = optim.clip_by_global_norm(100.0).update(small, clip.init(small))
     assert_trees_equal(unchanged, small)  # a factor of exactly 1: no NaN from a zero norm
+
+
+def test_clipping_uses_a_global_norm_passed_to_it_through_the_chain():
+  """The train step hands the clipping the norm it already computed; a different norm passed in
+  must change the factor (13 / 26 = 0.5), so the argument is really read and not recomputed."""
+  grads = {"a": jnp.asarray([3.0, -4.0]), "b": {"c": jnp.asarray([[12.0]])}}  # global norm 13
+  tx = optax.chain(optim.clip_by_global_norm(13.0), optax.identity())
+  state = tx.init(grads)
+  same, _ = tx.update(grads, state, global_norm=optax.tree.norm(grads))
+  assert_trees_equal(same, tx.update(grads, state)[0])
+  halved, _ = tx.update(grads, state, global_norm=jnp.asarray(26.0))
+  for got, want in zip(jax.tree.leaves(halved), jax.tree.leaves(grads), strict=True):
+    np.testing.assert_allclose(got, 0.5 * want, rtol=1e-6)
 
 
 def _adam_state(opt_state):

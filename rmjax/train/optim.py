@@ -160,7 +160,7 @@ def scale_by_adam_in(dtype: str, b1: float, b2: float, eps: float) -> optax.Grad
   return optax.GradientTransformation(init, update)
 
 
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
   """Scale the updates by min(1, max_norm / global norm): optax's clipping by one multiply.
 
   optax selects between each gradient and its divided copy; XLA will not duplicate a division
@@ -168,14 +168,19 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   that copy out: a pass over every gradient and its write-back for nothing (BUILD.md, optimizer
   row). A multiply by a scalar fuses into each reader. Below the threshold the factor is 1.0 and
   the updates are unchanged bit for bit; above it they differ from optax's by rounding. A
-  non-finite norm gives non-finite updates, which the train step's guard never applies."""
+  non-finite norm gives non-finite updates, which the train step's guard never applies.
 
-  def update(updates, state, params=None):
-    del params
-    factor = jnp.minimum(1.0, max_norm / optax.tree.norm(updates))
+  A caller that already holds the updates' global norm passes it as the extra argument
+  `global_norm` (an optax chain forwards it): the train step does, because inside its CPU
+  conditional XLA cannot reuse the norm computed outside, and would read every gradient again."""
+
+  def update(updates, state, params=None, *, global_norm=None, **extra_args):
+    del params, extra_args
+    norm = optax.tree.norm(updates) if global_norm is None else global_norm
+    factor = jnp.minimum(1.0, max_norm / norm)
     return jax.tree.map(lambda t: t * factor.astype(t.dtype), updates), state
 
-  return optax.GradientTransformation(optax.init_empty_state, update)
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:

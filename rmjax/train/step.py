@@ -106,22 +106,26 @@ def cast_layer_weights(trainable: dict, dtype: Any) -> dict:
   return {**trainable, "decoder": {**trainable["decoder"], "layers": cast}}
 
 
-def apply_update(tx: optax.GradientTransformation, grads: Any, params: Any, opt_state: Any) -> tuple[Any, Any]:
-  updates, new_opt_state = tx.update(grads, opt_state, params)
+def apply_update(tx: optax.GradientTransformation, grads: Any, grad_norm: jax.Array, params: Any,
+                 opt_state: Any) -> tuple[Any, Any]:
+  """One optimizer update; `grad_norm` (the norm of `grads`) reaches the clipping, which would
+  otherwise compute it again (optim.clip_by_global_norm)."""
+  updates, new_opt_state = optax.with_extra_args_support(tx).update(
+    grads, opt_state, params, global_norm=grad_norm)
   return optax.apply_updates(params, updates), new_opt_state
 
 
-def update_by_branch(tx, grads, finite, params, opt_state):
+def update_by_branch(tx, grads, grad_norm, finite, params, opt_state):
   """The non-finite guard as a conditional: the update runs only when `finite`. On a CPU this is
   the cheaper form: XLA's CPU backend has no multi-output fusion, so selecting between new and
   old state would re-read every moment and copy the donated ones (BUILD.md, optimizer row)."""
-  return lax.cond(finite, functools.partial(apply_update, tx, grads), lambda p, o: (p, o), params, opt_state)
+  return lax.cond(finite, functools.partial(apply_update, tx, grads, grad_norm), lambda p, o: (p, o), params, opt_state)
 
 
-def update_by_select(tx, grads, finite, params, opt_state):
+def update_by_select(tx, grads, grad_norm, finite, params, opt_state):
   """The non-finite guard as a select: on a GPU the selects fuse into the update's kernels, and
   a conditional would make the device wait for its predicate before the update launches."""
-  new_params, new_opt_state = apply_update(tx, grads, params, opt_state)
+  new_params, new_opt_state = apply_update(tx, grads, grad_norm, params, opt_state)
   keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   return keep_if_bad(new_params, params), keep_if_bad(new_opt_state, opt_state)
 
@@ -152,8 +156,8 @@ def _train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Mod
   # so checking the new params themselves would only cost a pass over memory.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new_params, new_opt_state = lax.platform_dependent(
-    state.params, state.opt_state, cpu=functools.partial(update_by_branch, tx, grads, finite),
-    default=functools.partial(update_by_select, tx, grads, finite))
+    state.params, state.opt_state, cpu=functools.partial(update_by_branch, tx, grads, grad_norm, finite),
+    default=functools.partial(update_by_select, tx, grads, grad_norm, finite))
   new_state = state.replace(step=state.step + finite.astype(state.step.dtype),
                             params=new_params, opt_state=new_opt_state)
   metrics = {"loss": loss, "grad_norm": grad_norm,
