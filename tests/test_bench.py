@@ -219,6 +219,33 @@ def test_peak_table_and_ratios():
   assert common.ratios(records) == {"full": 1.5, "lora": None}
 
 
+def test_rounds_alternate_the_order_and_report_the_median_ratio(monkeypatch, capsys):
+  """Each round reverses which implementation runs first; the ratios line is the median of the
+  rounds' ratios, with each round's beside it. The speeds are scripted: round r's rmjax run is
+  (10, 30, 20)[r] tokens/s against torch's 10, so the rounds' ratios are 1, 3 and 2."""
+  calls = []
+
+  def fake_run(impl, settings, mode, isolate):
+    calls.append((impl, mode))
+    index = sum(1 for c in calls if c == (impl, mode)) - 1
+    return {"impl": impl, "mode": mode, "tokens_per_s": (10.0, 30.0, 20.0)[index] if impl == "rmjax" else 10.0}
+
+  monkeypatch.setattr(bench_main, "run_one", fake_run)
+  assert bench_main.main(["--mode", "full", "--rounds", "3"]) == 0
+  assert calls == [("rmjax", "full"), ("torch", "full"), ("torch", "full"), ("rmjax", "full"),
+                   ("rmjax", "full"), ("torch", "full")]
+  lines = _lines(capsys.readouterr().out)
+  assert [line["round"] for line in lines[:-1]] == [0, 0, 1, 1, 2, 2]
+  assert lines[-1] == {"ratios": {"full": 2.0}, "round_ratios": {"full": [1.0, 3.0, 2.0]}}
+  assert common.median_ratios([{"lora": None}, {"lora": None}]) == {"lora": None}
+
+
+def test_rounds_below_one_is_a_one_line_error(capsys):
+  assert bench_main.main(["--rounds", "0"]) == 2
+  err = capsys.readouterr().err
+  assert err.strip() == "error: --rounds must be at least 1, got 0"
+
+
 def test_layer_extrapolated_flops_equal_a_fully_unrolled_compile():
   """compiled_flops comes from 1- and 2-layer unrolled compiles; check it against an honest
   3-layer compile with the whole layer scan unrolled (XLA then counts every layer). One mode:

@@ -13,6 +13,10 @@ training it checks no memory: the shapes are the user's choice.
 
 Output: one JSON object per run on stdout, then a last line
 `{"ratios": {"<mode>": rmjax tokens/s / torch tokens/s, ...}}`. Progress goes to stderr.
+`--rounds N` repeats every run N times, the two implementations' order reversed each round so
+that neither always runs first: on a shared machine whose speed drifts by several percent
+within minutes one pair of runs can fall either side of 1.0. The last line then holds the
+median of the rounds' ratios and, under "round_ratios", each round's.
 
 Examples:
   python -m rmjax.bench --preset 75m --seq-len 512 --batch 4 --mode both --impl both
@@ -88,6 +92,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       "direction and model component) to the record")
   p.add_argument("--dropout", type=float, default=0.0, help="head dropout (same on both sides)")
   p.add_argument("--seed", type=int, default=0, help="numpy seed of the batches and init seed")
+  p.add_argument("--rounds", type=int, default=1, metavar="N",
+                 help="repeat the runs N times, the implementations' order reversed each round; the "
+                      "ratios line gives the median of the rounds' ratios and each round's")
   p.add_argument("--no-isolate", dest="isolate", action="store_false",
                  help="run every (impl, mode) in this process instead of a subprocess each")
   p.add_argument("--no-ratios", dest="ratios", action="store_false", help=argparse.SUPPRESS)
@@ -168,6 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if args.rounds < 1:
+    print(f"error: --rounds must be at least 1, got {args.rounds}", file=sys.stderr)
+    return 2
   if settings.analysis_only and args.impl == "torch":
     print("error: --analysis-only and --target compile rmjax's step only; use --impl rmjax", file=sys.stderr)
     return 2
@@ -187,15 +197,23 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not args.isolate and len(impls) > 1:
     # Sharing one GPU with torch: jax must not grab 75% of its memory up front.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-  records = []
-  for mode in modes:
-    for impl in impls:
-      record = run_one(impl, settings, mode, args.isolate)
-      common.emit(record)
-      records.append(record)
+  rounds = []
+  for index in range(args.rounds):
+    order = impls if index % 2 == 0 else impls[::-1]
+    records = []
+    for mode in modes:
+      for impl in order:
+        record = run_one(impl, settings, mode, args.isolate)
+        common.emit(record if args.rounds == 1 else {**record, "round": index})
+        records.append(record)
+    rounds.append(records)
   if args.ratios:
-    common.emit({"ratios": common.ratios(records)})
-  return 1 if any("error" in r for r in records) else 0
+    per_round = [common.ratios(records) for records in rounds]
+    summary = {"ratios": common.median_ratios(per_round)}
+    if args.rounds > 1:
+      summary["round_ratios"] = {mode: [r[mode] for r in per_round] for mode in per_round[0]}
+    common.emit(summary)
+  return 1 if any("error" in r for records in rounds for r in records) else 0
 
 
 def runs_rmjax_alone(argv: Sequence[str]) -> bool:

@@ -16,7 +16,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -330,6 +330,15 @@ def ratios(records: Iterable[Mapping[str, Any]]) -> dict[str, float | None]:
   for mode in modes:
     jx, pt = tps.get(("rmjax", mode)), tps.get(("torch", mode))
     out[mode] = jx / pt if jx and pt else None
+  return out
+
+
+def median_ratios(rounds: Sequence[Mapping[str, float | None]]) -> dict[str, float | None]:
+  """Per mode, the median of the rounds' ratios (None where no round measured both sides)."""
+  out = {}
+  for mode in rounds[0] if rounds else ():
+    measured = [r[mode] for r in rounds if r.get(mode) is not None]
+    out[mode] = statistics.median(measured) if measured else None
   return out
 
 
