@@ -427,6 +427,14 @@ def test_clipping_uses_a_global_norm_passed_to_it_through_the_chain():
   halved, _ = tx.update(grads, state, global_norm=jnp.asarray(26.0))
   for got, want in zip(jax.tree.leaves(halved), jax.tree.leaves(grads), strict=True):
     np.testing.assert_allclose(got, 0.5 * want, rtol=1e-6)
+  # and the train step's update hands it on through make_optimizer's whole chain: Adam's first
+  # moment holds (1 - b1) times the clipped gradient, half as large under a norm twice as large
+  tx = optim.make_optimizer(optim.OptimConfig(max_grad_norm=1.0, warmup_steps=0, schedule="constant"))
+  moments = [_adam_state(sp.apply_update(tx, grads, norm, grads, tx.init(grads))[1]).mu
+             for norm in (jnp.asarray(13.0), jnp.asarray(26.0))]
+  for full, half, g in zip(*map(jax.tree.leaves, moments), jax.tree.leaves(grads), strict=True):
+    np.testing.assert_allclose(full, 0.1 * g / 13.0, rtol=1e-5)
+    np.testing.assert_allclose(half, 0.5 * full, rtol=1e-6)
 
 
 def _adam_state(opt_state):
