@@ -13,13 +13,20 @@ and a dot timed in that while shares the cores with them (alternating calls meas
 0.75 to 0.87x torch on a 2-core Xeon where each library timed alone gives 0.80 to 0.97x). A
 pause of `--settle` seconds before each block lets the other library's threads go to sleep.
 
-  python -m benchmarks.dot_throughput --shapes 2048,2048,2048 2048,768,2048
+`--eigen` also times XLA's dot compiled with YNNPACK off (`xla_cpu_experimental_ynn_fusion_type`
+empty, as a compile option): Eigen's GEMM, which XLA runs for the dots YNNPACK does not take,
+such as the training step's weight gradients (both operands contracted on their first axis).
+The record then adds `xla_eigen_gflops` and `eigen_over_ynn`: whether, on that CPU, handing every
+dot to Eigen would be faster.
+
+  python -m benchmarks.dot_throughput --shapes 2048,2048,2048 2048,768,2048 [--eigen]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import time
@@ -41,18 +48,37 @@ def _seconds(run: Callable[[], object]) -> float:
   return time.perf_counter() - start
 
 
-def measure(m: int, k: int, n: int, repeats: int, rounds: int = 2, settle: float = 0.5) -> dict[str, object]:
+YNN_OFF = {"xla_cpu_experimental_ynn_fusion_type": ""}  # XLA compile option: no dot goes to YNNPACK
+# A YNNPACK fusion instruction in compiled HLO text (the text's stack-frame table also holds the
+# caller's function names, so a bare "ynn" could match a name there)
+YNN_INSTRUCTION = re.compile(r"%ynn_fusion[.\d]* = ")
+
+
+def compiled_dot(xa, xb, options: dict | None = None):
+  """`xa @ xb` compiled by XLA (with `options` as compile options) and the compiled HLO text."""
+  import jax
+  lowered = jax.jit(lambda x, y: x @ y).lower(xa, xb)
+  compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
+  return compiled, compiled.as_text()
+
+
+def measure(m: int, k: int, n: int, repeats: int, rounds: int = 2, settle: float = 0.5,
+            eigen: bool = False) -> dict[str, object]:
   import jax
   import torch
   rng = np.random.default_rng(0)
   a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
-  xla_dot = jax.jit(lambda x, y: x @ y)
   xa, xb = jax.device_put(a), jax.device_put(b)
   ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-  runs = {"xla": lambda: xla_dot(xa, xb).block_until_ready(), "torch": lambda: torch.matmul(ta, tb)}
+  xla_dot, _ = compiled_dot(xa, xb)
+  runs = {"xla": lambda: xla_dot(xa, xb).block_until_ready()}
+  if eigen:
+    eigen_dot, eigen_hlo = compiled_dot(xa, xb, YNN_OFF)
+    runs["xla_eigen"] = lambda: eigen_dot(xa, xb).block_until_ready()
+  runs["torch"] = lambda: torch.matmul(ta, tb)
   times: dict[str, list[float]] = {name: [] for name in runs}
   for _ in range(rounds):
-    for name, run in runs.items():  # xla first: its first block runs before torch's threads exist
+    for name, run in runs.items():  # xla's first: they run before torch's threads exist
       time.sleep(settle)
       run()  # compiles, or wakes the library's threads
       times[name].extend(_seconds(run) for _ in range(repeats))
@@ -60,9 +86,14 @@ def measure(m: int, k: int, n: int, repeats: int, rounds: int = 2, settle: float
   flop = 2.0 * m * k * n
   gflops = {name: flop / statistics.median(ts) / 1e9 for name, ts in times.items()}
   sig = lambda x: float(f"{x:.4g}")  # four significant digits: never 0 for a positive rate
-  return {"M": m, "K": k, "N": n, "xla_gflops": sig(gflops["xla"]), "torch_gflops": sig(gflops["torch"]),
-          "xla_over_torch": sig(gflops["xla"] / gflops["torch"]), "max_abs_diff": diff,
-          "torch_threads": torch.get_num_threads()}
+  record = {"M": m, "K": k, "N": n, "xla_gflops": sig(gflops["xla"]), "torch_gflops": sig(gflops["torch"]),
+            "xla_over_torch": sig(gflops["xla"] / gflops["torch"]), "max_abs_diff": diff,
+            "torch_threads": torch.get_num_threads()}
+  if eigen:
+    record |= {"xla_eigen_gflops": sig(gflops["xla_eigen"]), "eigen_over_ynn": sig(gflops["xla_eigen"] / gflops["xla"]),
+               "eigen_max_abs_diff": float(np.max(np.abs(np.asarray(runs["xla_eigen"]()) - runs["torch"]().numpy()))),
+               "eigen_uses_ynn": bool(YNN_INSTRUCTION.search(eigen_hlo))}
+  return record
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,9 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--repeats", type=int, default=10, help="timed calls in each block")
   p.add_argument("--rounds", type=int, default=2, help="blocks of each library, taking turns")
   p.add_argument("--settle", type=float, default=0.5, help="seconds of pause before each block")
+  p.add_argument("--eigen", action="store_true", help="also time XLA's dot with YNNPACK off (Eigen's GEMM)")
   args = p.parse_args(argv)
   for m, k, n in args.shapes:
-    print(json.dumps(measure(m, k, n, args.repeats, args.rounds, args.settle)), flush=True)
+    print(json.dumps(measure(m, k, n, args.repeats, args.rounds, args.settle, args.eigen)), flush=True)
   return 0
 
 

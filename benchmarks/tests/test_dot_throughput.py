@@ -2,6 +2,7 @@
 
 import argparse
 
+import numpy as np
 import pytest
 
 from benchmarks import dot_throughput
@@ -12,6 +13,15 @@ def test_both_libraries_compute_the_same_product_and_are_timed():
   assert (record["M"], record["K"], record["N"]) == (128, 64, 96)
   assert record["max_abs_diff"] < 1e-4  # entries are sums of 64 products of unit normals
   assert record["xla_gflops"] > 0 and record["torch_gflops"] > 0 and record["xla_over_torch"] > 0
+
+
+def test_eigen_side_compiles_without_ynnpack_and_computes_the_same_product():
+  record = dot_throughput.measure(128, 64, 96, repeats=2, settle=0.0, eigen=True)
+  assert record["eigen_uses_ynn"] is False and record["eigen_max_abs_diff"] < 1e-4
+  assert record["xla_eigen_gflops"] > 0
+  assert record["eigen_over_ynn"] == pytest.approx(record["xla_eigen_gflops"] / record["xla_gflops"], rel=1e-3)
+  _, default_hlo = dot_throughput.compiled_dot(np.ones((128, 64), np.float32), np.ones((64, 96), np.float32))
+  assert dot_throughput.YNN_INSTRUCTION.search(default_hlo)  # so the option above took YNNPACK away
 
 
 def test_shapes_are_three_positive_ints():

@@ -1,0 +1,119 @@
+"""`python -m benchmarks.step_options`: rmjax's train step under XLA compile options, A/B in one process.
+
+Why it exists: an XLA flag that might speed up the CPU step (which library runs the dots, how
+the step is scheduled) can only be judged on the whole step, and separate processes on a shared
+CPU differ by more than such a flag gains. This compiles the bench's train step (the preset,
+mode and auto settings of `python -m rmjax.bench`) once as XLA compiles it by default and once
+with `--option NAME=VALUE` pairs as per-compile options, checks that the options changed the
+compiled program, then times the two executables in alternating blocks of `--block` steps on
+the same state and batches (the order reversed each round) and prints one JSON line: each
+variant's median step seconds and `default_over_options` (above 1: the options are faster).
+
+  python -m benchmarks.step_options --preset 75m --mode full --option xla_cpu_experimental_ynn_fusion_type=
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+
+from rmjax import runtime
+from rmjax.bench import common, jax_impl
+from rmjax.train import optim
+from rmjax.train.step import TRAIN_KEYS, device_batch
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+  """NAME=VALUE, VALUE read as a bool, an int or else kept as text (empty allowed)."""
+  name, sep, value = text.partition("=")
+  if not sep or not name:
+    raise argparse.ArgumentTypeError(f"{text!r}: want NAME=VALUE")
+  lowered = value.strip().lower()
+  if lowered in ("true", "false"):
+    return name, lowered == "true"
+  try:
+    return name, int(value)
+  except ValueError:
+    return name, value
+
+
+_METADATA = re.compile(r", metadata=\{[^}]*\}")
+
+
+def program(hlo_text: str) -> list[str]:
+  """The instructions of compiled HLO text without their metadata: the text also names source
+  lines and the Python stack that traced it, which differ between a program loaded from the
+  compilation cache and one compiled here, where the program does not."""
+  return [_METADATA.sub("", line) for line in hlo_text.splitlines() if " = " in line]
+
+
+def compiled_variants(preset: str, mode: str, seq_len: int, batch: int, options: dict[str, Any]):
+  """The step's state, two batches and {"default": executable, "options": executable}."""
+  settings = common.BenchSettings(preset=preset, seq_len=seq_len, batch=batch, flops=False)
+  device = jax.devices()[0]
+  settings = jax_impl.resolve_scan_unroll(settings.on_device(device.platform != "cpu"), mode, device.platform)
+  host_batches = common.make_batches(settings.model_config(mode), settings, 2)
+  steps, state, mesh = jax_impl.build(settings, mode, device)
+  batches = [{k: v for k, v in device_batch(b, mesh).items() if k in TRAIN_KEYS} for b in host_batches]
+  with jax.set_mesh(mesh):
+    lowered = steps._train.lower(state, batches[0])
+    variants = {"default": lowered.compile(), "options": lowered.compile(compiler_options=options)}
+  if program(variants["default"].as_text()) == program(variants["options"].as_text()):
+    raise ValueError(f"the options {options} leave the compiled step unchanged")
+  return state, batches, variants
+
+
+def time_variants(state, batches, variants: dict, rounds: int, block: int) -> dict[str, float]:
+  """Median seconds a step of each variant, blocks alternating, state carried through all."""
+  holder = {"state": state}
+
+  def step(name: str, batch) -> float:
+    start = time.perf_counter()
+    new_state, metrics = variants[name](holder["state"], batch)
+    jax.block_until_ready((new_state, metrics))
+    holder["state"] = new_state
+    return time.perf_counter() - start
+
+  for name in variants:  # warm: first runs allocate
+    step(name, batches[0])
+  times: dict[str, list[float]] = {name: [] for name in variants}
+  for index in range(rounds):
+    for name in (list(variants) if index % 2 == 0 else list(variants)[::-1]):
+      times[name].extend(step(name, batches[i % len(batches)]) for i in range(block))
+  return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--preset", default="75m", choices=sorted(common.PRESETS))
+  p.add_argument("--mode", default="full", choices=optim.MODES)
+  p.add_argument("--seq-len", type=int, default=512)
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--option", dest="options", action="append", type=parse_option, required=True,
+                 metavar="NAME=VALUE", help="an XLA compile option (repeatable), e.g. xla_cpu_experimental_ynn_fusion_type=")
+  p.add_argument("--rounds", type=int, default=4, help="blocks of each variant, taking turns")
+  p.add_argument("--block", type=int, default=3, help="steps in each block")
+  args = p.parse_args(argv)
+  options = dict(args.options)
+  runtime.reuse_host_memory(jax.devices()[0].platform)  # as the launcher and the bench do
+  try:
+    state, batches, variants = compiled_variants(args.preset, args.mode, args.seq_len, args.batch, options)
+  except (ValueError, jax.errors.JaxRuntimeError) as e:  # no-op options; an option XLA does not know
+    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+    return 2
+  seconds = time_variants(state, batches, variants, args.rounds, args.block)
+  print(json.dumps({"preset": args.preset, "mode": args.mode, "seq_len": args.seq_len, "batch": args.batch,
+                    "options": options, "default_s": seconds["default"], "options_s": seconds["options"],
+                    "default_over_options": seconds["default"] / seconds["options"]}), flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

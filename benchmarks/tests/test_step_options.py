@@ -1,0 +1,39 @@
+"""Tests of `python -m benchmarks.step_options` on the tiny preset."""
+
+import argparse
+import json
+
+import pytest
+
+from benchmarks import step_options
+
+TINY = ["--preset", "tiny", "--seq-len", "64", "--batch", "2"]
+
+
+def test_options_are_name_value_pairs_read_as_bool_int_or_text():
+  assert step_options.parse_option("a=true") == ("a", True)
+  assert step_options.parse_option("a=False") == ("a", False)
+  assert step_options.parse_option("a=3") == ("a", 3)
+  assert step_options.parse_option("a=") == ("a", "")
+  for bad in ("a", "=1"):
+    with pytest.raises(argparse.ArgumentTypeError):
+      step_options.parse_option(bad)
+
+
+def test_the_step_without_ynnpack_is_timed_against_the_default(capsys):
+  assert step_options.main([*TINY, "--rounds", "2", "--block", "1",
+                            "--option", "xla_cpu_experimental_ynn_fusion_type="]) == 0
+  record = json.loads(capsys.readouterr().out)
+  assert record["options"] == {"xla_cpu_experimental_ynn_fusion_type": ""}
+  assert record["default_s"] > 0 and record["options_s"] > 0
+  assert record["default_over_options"] == pytest.approx(record["default_s"] / record["options_s"])
+
+
+@pytest.mark.parametrize("option, says", [("xla_cpu_no_such_option=1", "No such compile option"),
+                                          ("xla_backend_optimization_level=0", "leave the compiled step unchanged")])
+def test_an_unknown_or_ineffective_option_is_one_line(option, says, capsys):
+  """The suite's XLA_FLAGS already set the optimization level to 0 (tests/_xla_env.py): asking
+  for it again changes nothing, which the tool must say rather than time two equal programs."""
+  assert step_options.main([*TINY, "--option", option]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("error: ") and says in err
