@@ -26,7 +26,7 @@ import jax
 
 from rmjax import runtime
 from rmjax.bench import common, jax_impl
-from rmjax.train import optim
+from rmjax.train import auto_settings, optim
 from rmjax.train.step import TRAIN_KEYS, device_batch
 
 
@@ -62,9 +62,8 @@ def compiled_variants(preset: str, mode: str, seq_len: int, batch: int, options:
   host_batches = common.make_batches(settings.model_config(mode), settings, 2)
   steps, state, mesh = jax_impl.build(settings, mode, device)
   batches = [{k: v for k, v in device_batch(b, mesh).items() if k in TRAIN_KEYS} for b in host_batches]
-  with jax.set_mesh(mesh):
-    lowered = steps._train.lower(state, batches[0])
-    variants = {"default": lowered.compile(), "options": lowered.compile(compiler_options=options)}
+  lowered = auto_settings.lower_step(steps, state, batches[0])
+  variants = {"default": lowered.compile(), "options": lowered.compile(compiler_options=options)}
   if program(variants["default"].as_text()) == program(variants["options"].as_text()):
     raise ValueError(f"the options {options} leave the compiled step unchanged")
   return state, batches, variants
