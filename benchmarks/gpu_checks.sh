@@ -29,8 +29,9 @@
 #   packing          packed vs padded rows on the 4B shape, the packed rows with the segment mask
 #                    and with cuDNN's packed layout (--max-segments 16)
 #   full_spec_loop   specs/full.py as a user runs it (its "auto" settings, float32 moments, 16 rows in one
-#                    pass) on a Qwen3-4B-shaped random backbone and the demo's synthetic data, packed rows
-#                    of 2048: the loop's tokens/s and MFU against its bare step's (`bench --loop --spec`)
+#                    pass) on a Qwen3-4B-shaped random backbone and the demo's synthetic data with
+#                    PRM800K-like step lengths, packed rows of 2048: the loop's tokens/s and MFU against
+#                    its bare step's (`bench --loop --spec`)
 #   lora_spec_loop   the same for specs/lora.py (16 rows as 4 micro-batches)
 #   full_spec_loop_bf16  full_spec_loop with bfloat16 Adam moments, the opt-in that frees memory for "auto"
 #   loop             the training loop on a Qwen3-4B-shaped random backbone (the demo's synthetic
@@ -84,6 +85,10 @@ else
 fi
 BASE=(--preset "$PRESET" --seq-len "$SEQ" --batch 4 --steps 5 --warmup 2 --no-flops "${ISOLATE[@]}")
 FULL_BEST=(--mode full --opt-state-dtype bfloat16 --remat-policy dots_with_no_batch_dims_saveable)
+# The spec loops' synthetic steps made PRM800K-like: about 40 tokens a step (the bare arithmetic
+# is about 13, and a packed row's 128 marker slots then fill before its tokens do), 2 to 20 steps
+REAL_LENGTH_STEPS=(--set data.synthetic.max_ops=20
+                   "--set=data.synthetic.step_padding=, so this is the running total after this operation.")
 
 run() {  # run NAME SECONDS COMMAND...: stdout to $WORK/NAME.jsonl, stderr to $WORK/NAME.err
   local name=$1 limit=$2; shift 2
@@ -151,7 +156,7 @@ check() {
       data_packages  # the launcher's memory fraction; examples of up to 100 steps fill packed rows
       local extra=(); [ "$1" = full_spec_loop_bf16 ] && extra=(--set opt_state_dtype=bfloat16)
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 run "$1" 300 python -m rmjax.bench --loop --spec "specs/${1%%_*}.py" \
-        "${SPEC_LOOP[@]}" --windows 2 --set logging_steps=4 --set data.pack=true --set data.synthetic.max_ops=100 \
+        "${SPEC_LOOP[@]}" --windows 2 --set logging_steps=4 --set data.pack=true "${REAL_LENGTH_STEPS[@]}" \
         "${extra[@]}" ;;
     loop)
       data_packages

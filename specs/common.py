@@ -119,6 +119,7 @@ def base_spec() -> ml_collections.ConfigDict:
   c.data.synthetic.max_value = generator.max_value      # running values stay in 0..max_value
   c.data.synthetic.max_offset = generator.max_offset    # a wrong step's result is off by 1..max_offset
   c.data.synthetic.error_rate = generator.error_rate    # fraction of records with a wrong step
+  c.data.synthetic.step_padding = generator.step_padding  # text appended to every step: real-length steps for benchmarks
 
   c.data.prm800k = ml_collections.ConfigDict()
   c.data.prm800k.use = True          # train and evaluate on PRM800K

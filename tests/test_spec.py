@@ -27,7 +27,7 @@ head.hidden_dims head.activation head.dropout lora.rank lora.alpha lora.targets
 data.max_length data.max_steps_per_example data.length_buckets data.template data.neutral_target
 data.pack data.pack_lookahead data.max_segments_per_row data.eval_batch_size data.num_workers data.prefetch data.allow_reveal_training
 data.synthetic.train_records data.synthetic.test_records data.synthetic.max_ops
-data.synthetic.max_operand data.synthetic.max_value data.synthetic.max_offset data.synthetic.error_rate
+data.synthetic.max_operand data.synthetic.max_value data.synthetic.max_offset data.synthetic.error_rate data.synthetic.step_padding
 data.prm800k.use data.prm800k.weight data.prm800k.path data.prm800k.phase data.prm800k.train_split
 data.prm800k.eval_split data.prm800k.drop_quality_control data.prm800k.drop_screening
 data.eqasc.use data.eqasc.weight data.eqasc.path data.eqasc.train_split data.eqasc.eval_split

@@ -1,6 +1,7 @@
 """The SYNTHETIC PRM800K generator: deterministic, real raw layout, labels that match arithmetic."""
 
 import json
+import pathlib
 import re
 
 import numpy as np
@@ -121,3 +122,16 @@ def test_build_source_and_the_pipeline_take_the_synthetic_directory(tmp_path):
   ev = list(eval_datasets({"prm800k": test}, render, tok, PipelineConfig(eval_batch_size=4))["prm800k"])
   ids = [i for b in ev for i in b["example_ids"].tolist() if i]
   assert ids == [f"phase2_test:{k}" for k in range(1, 10)]
+
+
+def test_step_padding_from_the_spec_reaches_every_arithmetic_step():
+  """data.synthetic.step_padding (what gpu_checks.sh's spec loops set for real-length steps)
+  goes from the spec to the generator, and each arithmetic step, wrong or right, ends with it."""
+  from rmjax import spec as spec_lib
+  from rmjax.train import build
+  spec = spec_lib.load_spec_file(str(pathlib.Path(__file__).resolve().parents[1] / "specs" / "demo.py"))
+  spec.data.synthetic.step_padding = ", so this is the running total."
+  cfg, _, _ = build.synthetic_config(spec)
+  texts = [c["text"] for i in range(40) for s in make_record(i, 0, cfg)["label"]["steps"] for c in s["completions"]]
+  arithmetic = [t for t in texts if _STEP.match(t.removesuffix(cfg.step_padding))]
+  assert len(arithmetic) > 40 and all(t.endswith(", so this is the running total.") for t in arithmetic)

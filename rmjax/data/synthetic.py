@@ -42,7 +42,7 @@ class SyntheticConfig:
   max_offset: int = 5  # a wrong result is off by 1..max_offset
   filler_rate: float = 0.1  # chance of a neutral (rating 0) first step
   alternatives: bool = True  # the error step also lists the correct alternative (rating +1)
-  step_padding: str = ""  # optional extra text appended to each step (benchmarks use it)
+  step_padding: str = ""  # text appended to every step: steps of real length (gpu_checks.sh's spec loops)
 
 
 DEFAULT_TRAIN_RECORDS = 4000  # data.synthetic.train_records' default (demo and tests)
