@@ -135,3 +135,27 @@ def test_step_padding_from_the_spec_reaches_every_arithmetic_step():
   texts = [c["text"] for i in range(40) for s in make_record(i, 0, cfg)["label"]["steps"] for c in s["completions"]]
   arithmetic = [t for t in texts if _STEP.match(t.removesuffix(cfg.step_padding))]
   assert len(arithmetic) > 40 and all(t.endswith(", so this is the running total.") for t in arithmetic)
+
+
+def test_records_kept_with_their_settings_and_other_settings_stop_in_one_line(tmp_path):
+  """A run's synthetic records are written once; a resume whose spec asks for other records
+  (generator settings, counts or seed) stops naming what differs, and nothing is rewritten."""
+  from rmjax.data.synthetic import SyntheticConfig
+  from rmjax.spec import SpecError
+  from rmjax.train import build
+  data = tmp_path / "data"
+  build.ensure_synthetic_prm800k(data, 0, SyntheticConfig(max_ops=4), 30, 5)
+  written = {p.name: p.read_bytes() for p in data.iterdir()}
+  assert set(written) == {"phase2_train.jsonl", "phase2_test.jsonl", build.SYNTHETIC_SETTINGS}
+  build.ensure_synthetic_prm800k(data, 0, SyntheticConfig(max_ops=4), 30, 5)  # the same: read as they are
+  for args, named in (((0, SyntheticConfig(max_ops=6), 30, 5), "data.synthetic.max_ops 4 (this spec: 6)"),
+                      ((1, SyntheticConfig(max_ops=4), 30, 5), "seed 0 (this spec: 1)"),
+                      ((0, SyntheticConfig(max_ops=4), 40, 5), "data.synthetic.train_records 30 (this spec: 40)")):
+    with pytest.raises(SpecError) as e:
+      build.ensure_synthetic_prm800k(data, *args)
+    assert named in str(e.value) and "\n" not in str(e.value)
+  assert {p.name: p.read_bytes() for p in data.iterdir()} == written
+  # records from before the settings were kept are read as they are, and stay unstamped
+  (data / build.SYNTHETIC_SETTINGS).unlink()
+  build.ensure_synthetic_prm800k(data, 0, SyntheticConfig(max_ops=6), 30, 5)
+  assert not (data / build.SYNTHETIC_SETTINGS).exists()

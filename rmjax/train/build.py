@@ -14,6 +14,7 @@ random init of the big matrices instead of materialising a second copy of the ba
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import pathlib
@@ -38,6 +39,7 @@ from rmjax.train.state import dummy_inputs
 log = logging.getLogger("rmjax.train")
 
 _SYNTHETIC_TEST_SEED_OFFSET = 7919  # train and test records come from disjoint seeds
+SYNTHETIC_SETTINGS = "synthetic.json"  # beside the synthetic records: what wrote them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,9 +184,16 @@ def ensure_synthetic_prm800k(data_dir: pathlib.Path, seed: int, cfg: SyntheticCo
 
   Each file is written to a temporary name and renamed, so concurrent processes (multi-host on
   a shared filesystem) or a kill mid-write never leave a half file behind; contents depend only
-  on the seed, so whichever process wins writes the same bytes.
+  on the seed and the settings, so whichever process wins writes the same bytes. The settings
+  are kept beside the records (SYNTHETIC_SETTINGS): a run resumed with other `data.synthetic`
+  settings or seed stops with one line instead of training on records its spec does not describe.
   """
   data_dir.mkdir(parents=True, exist_ok=True)
+  settings = {"seed": seed, "train_records": n_train, "test_records": n_test, **dataclasses.asdict(cfg)}
+  stamp = data_dir / SYNTHETIC_SETTINGS
+  if stamp.exists():
+    _check_synthetic_settings(stamp, settings)
+  wrote = []
   for split, n, s in (("train", n_train, seed), ("test", n_test, seed + _SYNTHETIC_TEST_SEED_OFFSET)):
     path = data_dir / f"phase2_{split}.jsonl"
     if path.exists():
@@ -192,7 +201,25 @@ def ensure_synthetic_prm800k(data_dir: pathlib.Path, seed: int, cfg: SyntheticCo
     tmp = data_dir / f".phase2_{split}.{os.getpid()}.tmp"
     write_synthetic_prm800k(str(tmp), n, s, cfg)
     os.replace(tmp, path)
+    wrote.append(split)
+  if len(wrote) == 2 and not stamp.exists():  # both written here (records found without it are not checked)
+    tmp = data_dir / f".{SYNTHETIC_SETTINGS}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(settings, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, stamp)
   return data_dir
+
+
+def _check_synthetic_settings(stamp: pathlib.Path, settings: dict[str, Any]) -> None:
+  try:
+    written = json.loads(stamp.read_text(encoding="utf-8"))
+  except (OSError, ValueError) as e:
+    raise spec_lib.SpecError(f"data.synthetic: cannot read {stamp} ({e}); delete the run's data/ folder to "
+                             "write the records again") from None
+  differ = [f"{k} {written.get(k)!r} (this spec: {v!r})" for k, v in settings.items() if written.get(k) != v]
+  if differ:
+    name = lambda item: item if item.startswith("seed") else f"data.synthetic.{item}"
+    raise spec_lib.SpecError(f"{stamp.parent} holds synthetic records written with other settings: "
+                             f"{', '.join(name(d) for d in differ)}; resume with those, or use a new output_dir")
 
 
 def source_config(spec: Any, name: str, run_dir: pathlib.Path) -> dict[str, Any]:
