@@ -47,6 +47,7 @@ class SyntheticConfig:
 
 DEFAULT_TRAIN_RECORDS = 4000  # data.synthetic.train_records' default (demo and tests)
 DEFAULT_TEST_RECORDS = 400
+TEST_SEED_OFFSET = 7919  # the test split's seed: the train seed plus this (disjoint records)
 MAX_OPS = 100  # beyond these, writing the files would take hours or never end
 MAX_RECORDS = 10_000_000
 
@@ -160,7 +161,7 @@ def write_synthetic_prm800k_dir(out_dir: str, n_train: int, n_test: int, seed: i
                                 cfg: SyntheticConfig = SyntheticConfig()) -> str:
   """Write phase2_train.jsonl and phase2_test.jsonl (disjoint seeds) under `out_dir`."""
   write_synthetic_prm800k(os.path.join(out_dir, "phase2_train.jsonl"), n_train, seed, cfg)
-  write_synthetic_prm800k(os.path.join(out_dir, "phase2_test.jsonl"), n_test, seed + 7919, cfg)
+  write_synthetic_prm800k(os.path.join(out_dir, "phase2_test.jsonl"), n_test, seed + TEST_SEED_OFFSET, cfg)
   return out_dir
 
 

@@ -38,7 +38,6 @@ from rmjax.train.state import dummy_inputs
 
 log = logging.getLogger("rmjax.train")
 
-_SYNTHETIC_TEST_SEED_OFFSET = 7919  # train and test records come from disjoint seeds
 SYNTHETIC_SETTINGS = "synthetic.json"  # beside the synthetic records: what wrote them
 
 
@@ -194,7 +193,7 @@ def ensure_synthetic_prm800k(data_dir: pathlib.Path, seed: int, cfg: SyntheticCo
   if stamp.exists():
     _check_synthetic_settings(stamp, settings)
   wrote = []
-  for split, n, s in (("train", n_train, seed), ("test", n_test, seed + _SYNTHETIC_TEST_SEED_OFFSET)):
+  for split, n, s in (("train", n_train, seed), ("test", n_test, seed + synthetic.TEST_SEED_OFFSET)):
     path = data_dir / f"phase2_{split}.jsonl"
     if path.exists():
       continue
