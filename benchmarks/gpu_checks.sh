@@ -153,7 +153,7 @@ check() {
       run packing 280 python -m benchmarks.packing --preset "$PRESET" --row "$SEQ" --examples "$EXAMPLES" \
         --batch 4 --mode lora --segment-attention both --max-segments 16 ;;
     full_spec_loop | lora_spec_loop | full_spec_loop_bf16)
-      data_packages  # the launcher's memory fraction; examples of up to 100 steps fill packed rows
+      data_packages  # the launcher's memory fraction; examples of 2 to 20 real-length steps fill packed rows
       local extra=(); [ "$1" = full_spec_loop_bf16 ] && extra=(--set opt_state_dtype=bfloat16)
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 run "$1" 300 python -m rmjax.bench --loop --spec "specs/${1%%_*}.py" \
         "${SPEC_LOOP[@]}" --windows 2 --set logging_steps=4 --set data.pack=true "${REAL_LENGTH_STEPS[@]}" \
