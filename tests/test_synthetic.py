@@ -159,3 +159,12 @@ def test_records_kept_with_their_settings_and_other_settings_stop_in_one_line(tm
   (data / build.SYNTHETIC_SETTINGS).unlink()
   build.ensure_synthetic_prm800k(data, 0, SyntheticConfig(max_ops=6), 30, 5)
   assert not (data / build.SYNTHETIC_SETTINGS).exists()
+  # records deleted, their settings left behind: written afresh, with the new settings kept
+  for name in ("phase2_train.jsonl", "phase2_test.jsonl"):
+    (data / name).unlink()
+  build.ensure_synthetic_prm800k(data, 0, SyntheticConfig(max_ops=4), 30, 5)
+  for name in ("phase2_train.jsonl", "phase2_test.jsonl"):
+    (data / name).unlink()
+  build.ensure_synthetic_prm800k(data, 0, SyntheticConfig(max_ops=6), 30, 5)
+  with pytest.raises(SpecError, match=r"data.synthetic.max_ops 6 \(this spec: 4\)"):
+    build.ensure_synthetic_prm800k(data, 0, SyntheticConfig(max_ops=4), 30, 5)

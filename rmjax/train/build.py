@@ -190,18 +190,19 @@ def ensure_synthetic_prm800k(data_dir: pathlib.Path, seed: int, cfg: SyntheticCo
   data_dir.mkdir(parents=True, exist_ok=True)
   settings = {"seed": seed, "train_records": n_train, "test_records": n_test, **dataclasses.asdict(cfg)}
   stamp = data_dir / SYNTHETIC_SETTINGS
-  if stamp.exists():
+  splits = (("train", n_train, seed), ("test", n_test, seed + synthetic.TEST_SEED_OFFSET))
+  paths = {split: data_dir / f"phase2_{split}.jsonl" for split, _, _ in splits}
+  if stamp.exists() and any(p.exists() for p in paths.values()):
     _check_synthetic_settings(stamp, settings)
   wrote = []
-  for split, n, s in (("train", n_train, seed), ("test", n_test, seed + synthetic.TEST_SEED_OFFSET)):
-    path = data_dir / f"phase2_{split}.jsonl"
-    if path.exists():
+  for split, n, s in splits:
+    if paths[split].exists():
       continue
     tmp = data_dir / f".phase2_{split}.{os.getpid()}.tmp"
     write_synthetic_prm800k(str(tmp), n, s, cfg)
-    os.replace(tmp, path)
+    os.replace(tmp, paths[split])
     wrote.append(split)
-  if len(wrote) == 2 and not stamp.exists():  # both written here (records found without it are not checked)
+  if len(wrote) == 2:  # both written here (records found without the file are read unchecked)
     tmp = data_dir / f".{SYNTHETIC_SETTINGS}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(settings, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, stamp)
