@@ -159,25 +159,26 @@ def _adam_run(tx, params, grads_seq):
   return out, state
 
 
-def test_adam_moments_in_float32_equal_optax_scale_by_adam():
-  """Our low-precision-capable Adam at float32 is optax's scale_by_adam (the reference)."""
-  import optax
-  rng = np.random.default_rng(0)
-  params = {"w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)}
-  grads = [{"w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)} for _ in range(4)]
-  ours, _ = _adam_run(optim.scale_by_adam_in("float32", 0.9, 0.999, 1e-8), params, grads)
+def _ours_and_optax(moments: str, shape: tuple[int, int], steps: int, seed: int):
+  """Our Adam with moments in `moments` and optax's scale_by_adam (the reference), run on the
+  same random parameters and gradients: (our updates, our state, optax's updates)."""
+  rng = np.random.default_rng(seed)
+  params = {"w": jnp.asarray(rng.normal(size=shape), jnp.float32)}
+  grads = [{"w": jnp.asarray(rng.normal(size=shape), jnp.float32)} for _ in range(steps)]
+  ours, state = _adam_run(optim.scale_by_adam_in(moments, 0.9, 0.999, 1e-8), params, grads)
   ref, _ = _adam_run(optax.scale_by_adam(0.9, 0.999, 1e-8), params, grads)
-  for a, b in zip(ours, ref):
+  return ours, state, ref
+
+
+def test_adam_moments_in_float32_equal_optax_scale_by_adam():
+  """Our low-precision-capable Adam at float32 is optax's scale_by_adam."""
+  ours, _, ref = _ours_and_optax("float32", (5, 3), steps=4, seed=0)
+  for a, b in zip(ours, ref, strict=True):
     np.testing.assert_allclose(np.asarray(a["w"]), np.asarray(b["w"]), rtol=1e-6, atol=1e-7)
 
 
 def test_bfloat16_moments_are_stored_in_bfloat16_and_track_float32():
-  import optax
-  rng = np.random.default_rng(1)
-  params = {"w": jnp.asarray(rng.normal(size=(64, 32)), jnp.float32)}
-  grads = [{"w": jnp.asarray(rng.normal(size=(64, 32)), jnp.float32)} for _ in range(5)]
-  ours, state = _adam_run(optim.scale_by_adam_in("bfloat16", 0.9, 0.999, 1e-8), params, grads)
-  ref, _ = _adam_run(optax.scale_by_adam(0.9, 0.999, 1e-8), params, grads)
+  ours, state, ref = _ours_and_optax("bfloat16", (64, 32), steps=5, seed=1)
   assert state.mu["w"].dtype == jnp.bfloat16 and state.nu["w"].dtype == jnp.bfloat16
   assert ours[-1]["w"].dtype == jnp.float32
   rel = np.linalg.norm(np.asarray(ours[-1]["w"] - ref[-1]["w"])) / np.linalg.norm(np.asarray(ref[-1]["w"]))
