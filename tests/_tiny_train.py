@@ -1,7 +1,6 @@
 """The tiny ConfidenceModel, random batches and train-state set-up the train-step and
 optimizer tests share (8 fake CPU devices from conftest.py, compute in float32)."""
 
-
 import jax
 import numpy as np
 
