@@ -192,17 +192,16 @@ def ensure_synthetic_prm800k(data_dir: pathlib.Path, seed: int, cfg: SyntheticCo
   stamp = data_dir / SYNTHETIC_SETTINGS
   splits = (("train", n_train, seed), ("test", n_test, seed + synthetic.TEST_SEED_OFFSET))
   paths = {split: data_dir / f"phase2_{split}.jsonl" for split, _, _ in splits}
-  if stamp.exists() and any(p.exists() for p in paths.values()):
+  found = any(p.exists() for p in paths.values())  # records found without the file are read unchecked
+  if found and stamp.exists():
     _check_synthetic_settings(stamp, settings)
-  wrote = []
   for split, n, s in splits:
     if paths[split].exists():
       continue
     tmp = data_dir / f".phase2_{split}.{os.getpid()}.tmp"
     write_synthetic_prm800k(str(tmp), n, s, cfg)
     os.replace(tmp, paths[split])
-    wrote.append(split)
-  if len(wrote) == 2:  # both written here (records found without the file are read unchecked)
+  if not found:
     tmp = data_dir / f".{SYNTHETIC_SETTINGS}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(settings, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, stamp)
@@ -215,11 +214,11 @@ def _check_synthetic_settings(stamp: pathlib.Path, settings: dict[str, Any]) -> 
   except (OSError, ValueError) as e:
     raise spec_lib.SpecError(f"data.synthetic: cannot read {stamp} ({e}); delete the run's data/ folder to "
                              "write the records again") from None
-  differ = [f"{k} {written.get(k)!r} (this spec: {v!r})" for k, v in settings.items() if written.get(k) != v]
+  key = lambda name: name if name == "seed" else f"data.synthetic.{name}"
+  differ = [f"{key(k)} {written.get(k)!r} (this spec: {v!r})" for k, v in settings.items() if written.get(k) != v]
   if differ:
-    name = lambda item: item if item.startswith("seed") else f"data.synthetic.{item}"
     raise spec_lib.SpecError(f"{stamp.parent} holds synthetic records written with other settings: "
-                             f"{', '.join(name(d) for d in differ)}; resume with those, or use a new output_dir")
+                             f"{', '.join(differ)}; resume with those, or use a new output_dir")
 
 
 def source_config(spec: Any, name: str, run_dir: pathlib.Path) -> dict[str, Any]:
