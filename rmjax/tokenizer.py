@@ -24,7 +24,7 @@ if importlib.util.find_spec("torch") is None:
 
 from huggingface_hub.errors import StrictDataclassError  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast  # noqa: E402
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast  # noqa: E402
 
 from rmjax.cli import first_line
 
@@ -94,12 +94,20 @@ def ensure_marker(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
   return tok
 
 
+def _auto_tokenizer():
+  """transformers' AutoTokenizer, imported when a saved or hub tokenizer is read: its import
+  reaches transformers' model configuration code, which imports torch where torch is installed
+  (about 1.5 s), and the demo tokenizer and the training loop need none of it."""
+  from transformers import AutoTokenizer
+  return AutoTokenizer
+
+
 def load_tokenizer(path_or_id: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
   """Load a HF tokenizer (hub id or local dir) and add the marker; `"demo"` builds the demo one."""
   if path_or_id == "demo":
     return build_demo_tokenizer()
   try:
-    tok = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
+    tok = _auto_tokenizer().from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
   except (OSError, ValueError) as e:
     raise ValueError(f"cannot load tokenizer from {path_or_id!r}: {str(e).splitlines()[0]}") from None
   return ensure_marker(tok)
@@ -119,7 +127,7 @@ def load_tokenizer_dir(directory: str | os.PathLike, marker: bool = True) -> Pre
   if not directory.is_dir():
     raise FileNotFoundError(f"tokenizer directory not found: {directory}")
   try:
-    tok = AutoTokenizer.from_pretrained(str(directory))
+    tok = _auto_tokenizer().from_pretrained(str(directory))
     tok.encode(MARKER, add_special_tokens=False)  # uses the settings every call reads (model_max_length...)
     return ensure_marker(tok) if marker else tok
   except Exception as e:  # noqa: BLE001 -- narrowed below to what a bad file raises
