@@ -33,6 +33,26 @@ LOGGER_NAME = "rmjax"  # train.log receives this logger's records, so every rmja
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+def _tensorboardx() -> Any:
+  """The tensorboardX package, imported without torch.
+
+  tensorboardX's writer module imports torch where it is installed, only to name torch.Tensor in
+  type hints; rmjax logs Python and numpy values, and importing torch costs about a second of a
+  run's start-up (with the [torch] extra installed). Where torch is not loaded yet, the import is
+  hidden from tensorboardX's (a None entry in sys.modules makes `import torch` raise the
+  ImportError that module expects), then restored for everything else.
+  """
+  if "tensorboardX" in sys.modules or "torch" in sys.modules:
+    import tensorboardX
+    return tensorboardX
+  sys.modules["torch"] = None  # type: ignore[assignment]
+  try:
+    import tensorboardX
+  finally:
+    del sys.modules["torch"]
+  return tensorboardX
+
+
 def to_jsonable(value: Any) -> Any:
   """JSON-safe copy: numpy/jax scalars -> python, NaN/inf -> None, tuples -> lists."""
   if value is None or isinstance(value, (str, bool)):
@@ -106,7 +126,7 @@ class RunLogger:
     self._tb = self._open_tensorboard(purge_step=None if resume_step is None else resume_step + 1)
 
   def _open_tensorboard(self, purge_step: int | None) -> Any:
-    from tensorboardX import SummaryWriter  # deferred: only process 0 needs it
+    SummaryWriter = _tensorboardx().SummaryWriter  # deferred: only process 0 needs it
     # A unique suffix: two writers opened in the same second would otherwise share a file name.
     return SummaryWriter(str(self.tb_dir), flush_secs=self._flush_secs, purge_step=purge_step,
                          filename_suffix=f".{os.getpid()}.{time.time_ns()}")
@@ -286,6 +306,7 @@ def _write_json_atomic(path: pathlib.Path, text: str) -> None:
 
 def _read_records(path: pathlib.Path) -> list[bytes]:
   """TFRecord payloads: uint64 length, uint32 crc(length), data, uint32 crc(data); stops at a torn tail."""
+  _tensorboardx()
   from tensorboardX.record_writer import masked_crc32c
   data = path.read_bytes()
   records, pos = [], 0
@@ -311,6 +332,7 @@ def read_tensorboard_scalars(logdir: str | os.PathLike) -> dict[str, list[tuple[
   Applies TensorBoard's restart rule: a SessionLog.START at step S discards earlier events with
   step >= S (this is how a resumed run hides the steps it redoes).
   """
+  _tensorboardx()
   from tensorboardX.proto import event_pb2
   files = []
   for path in pathlib.Path(logdir).glob("events.out.tfevents.*"):

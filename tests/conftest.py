@@ -32,10 +32,14 @@ import pytest  # noqa: E402
 
 _CACHE = pathlib.Path(os.environ.get("RMJAX_TEST_CACHE", pathlib.Path.home() / ".cache" / "rmjax" / "jax-test-cache"))
 _CACHE.mkdir(parents=True, exist_ok=True)
+_MIN_COMPILE_SECS = 0.2  # tiny programs compile in about the time a cache read takes
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", _MIN_COMPILE_SECS)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# The processes tests start (launchers, benchmarks) share the cache on the same terms; jax reads
+# its options from the environment at import.
 os.environ.setdefault("RMJAX_COMPILATION_CACHE", str(_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(_MIN_COMPILE_SECS))
 
 SHARED_DATA_ENV, REQUIRE_ENV = "RMJAX_SHARED_DATA", "RMJAX_REQUIRE_SHARED_DATA"
 SHARED_DATA = pathlib.Path(os.environ.get(SHARED_DATA_ENV) or pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")

@@ -150,3 +150,19 @@ def test_progress_silent_without_tty_and_shows_rate_when_enabled():
   out = loud.getvalue()
   assert "6/10" in out and re.search(r"step/s|s/step", out) and "loss=0.1" in out
   assert Progress(total=10, is_main_process=False, stream=loud).enabled is False
+
+
+def test_tensorboard_writer_opens_without_importing_torch_and_torch_still_imports_after(tmp_path):
+  """tensorboardX's writer imports torch where installed (type hints only): a run's start-up must
+  not pay for it, and the hiding must not outlive the import."""
+  import subprocess
+  import sys
+  pytest.importorskip("torch")  # where torch is absent there is nothing to hide
+  code = (f"import sys; from rmjax.run_logging import RunLogger\n"
+          f"log = RunLogger({str(tmp_path)!r}); log.log_scalars(1, {{'a': 1.0}}); log.close()\n"
+          f"print('torch' in sys.modules)\n"
+          f"import torch; print(torch.ones(2).sum().item())\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split() == ["False", "2.0"]
+  assert read_tensorboard_scalars(tmp_path / "tensorboard") == {"a": [(1, 1.0)]}
