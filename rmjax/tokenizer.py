@@ -97,7 +97,7 @@ def ensure_marker(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
 def _auto_tokenizer():
   """transformers' AutoTokenizer, imported when a saved or hub tokenizer is read: its import
   reaches transformers' model configuration code, which imports torch where torch is installed
-  (about 1.5 s), and the demo tokenizer and the training loop need none of it."""
+  (about 1.3 s here), and the demo tokenizer and the training loop need none of it."""
   from transformers import AutoTokenizer
   return AutoTokenizer
 

@@ -40,7 +40,6 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rmjax import runtime
@@ -53,7 +52,7 @@ from rmjax.train import optim
 from rmjax.train.auto_settings import (AUTO, abstract_batch, candidates, compile_step, compiled_peak,  # noqa: F401
                                        memory_analysis, cost_flops as _cost_flops, mb as _mb)
 from rmjax.train.state import abstract_train_state, create_train_state, param_layout, random_init
-from rmjax.train.step import TRAIN_KEYS, device_batch, make_steps
+from rmjax.train.step import device_batch, make_steps
 
 
 def resolve_scan_unroll(settings: common.BenchSettings, mode: str, platform: str) -> common.BenchSettings:
