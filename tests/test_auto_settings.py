@@ -163,3 +163,32 @@ def test_the_runs_step_is_the_program_auto_compiled_for_its_choice(tmp_path):
   finally:
     trainer.train_iter.close()
     trainer.close()
+
+
+def test_the_run_steps_with_autos_trace_and_compile_of_the_largest_shape(tmp_path):
+  """The run takes auto's Steps for its choice: its first step on the largest shape neither traces
+  nor compiles (nor reads the compilation cache), and that trace is not counted as the run's."""
+  import jax
+  import numpy as np
+  from rmjax.train.step import device_batch
+  spec = tiny_spec(tmp_path, **{"model.remat": "auto", "model.scan_unroll": "auto"})
+  trainer = loop.Trainer(spec)
+  events = []
+  listener = lambda name, *args, **kwargs: events.append(name)
+  try:
+    shapes = auto.run_shapes(spec, trainer.render_cfg)
+    assert trainer.steps.traces["train"] == 1  # auto's, of the largest shape
+    batch = device_batch({k: np.zeros(s.shape, s.dtype) for k, s in shapes.items()}, trainer.mesh)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    jax.monitoring.register_event_listener(listener)
+    _, metrics = trainer.steps.train_step(trainer.state, batch)
+    jax.block_until_ready(metrics)
+    assert trainer.steps.traces["train"] == 1
+    assert not [e for e in events if "compil" in e], events
+    assert trainer.steps.train_traces([shapes["input_ids"].shape]) == 1
+    assert trainer.steps.train_traces([(8, 7)]) == 0  # a length never traced
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+    jax.monitoring.unregister_event_listener(listener)
+    trainer.train_iter.close()
+    trainer.close()

@@ -129,9 +129,10 @@ def test_traces_once_first_lr_positive_and_loss_matches_eval_probs():
     state, m = steps.train_step(state, make_batch(i))
   steps.eval_step(state.params, state.frozen, make_batch(9))
   assert int(state.step) == 5
-  assert steps.traces == {"train": 1, "eval": 1}
+  assert (steps.traces["train"], steps.traces["eval"]) == (1, 1)
   state, _ = steps.train_step(state, make_batch(4, seq=32))  # a new bucket length compiles once more
-  assert steps.traces == {"train": 2, "eval": 1}
+  assert (steps.traces["train"], steps.traces["eval"]) == (2, 1)
+  assert steps.train_traces([batch["input_ids"].shape, (8, 32)]) == 2  # once for each length
 
 
 def test_bce_loss_matches_formula():

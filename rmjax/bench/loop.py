@@ -306,7 +306,8 @@ def run(args: argparse.Namespace, output_dir: str) -> dict[str, Any]:
     results = trainer.run()
     trainer.steps.train_step = unwatched
     segments, timed = interleaved.segments(), [k - 1 for k in interleaved.timed_loop_steps()]
-    retraced = int(trainer.steps.traces["train"]) > 1  # one shape: one trace serves both sides
+    shapes = {tuple(b["input_ids"].shape) for b in batches}
+    retraced = trainer.steps.train_traces(shapes) > len(shapes)  # one trace a shape serves both sides
   finally:
     trainer.close()
   rate = lambda side: sum(w[f"{side}_tokens"] for w in segments) / sum(w[f"{side}_seconds"] for w in segments)
@@ -321,7 +322,7 @@ def run(args: argparse.Namespace, output_dir: str) -> dict[str, Any]:
     "timed_steps": len(timed), "warmup_steps": first_timed,
     "tokens_per_step": float(np.mean([tokens[i] for i in timed])),
     "chosen": dict(trainer.performance), "spec_file": args.spec or str(DEMO_SPEC),
-    "batch_shape": sorted(list(s) for s in {tuple(b["input_ids"].shape) for b in batches}),
+    "batch_shape": sorted(list(s) for s in shapes),
     "preset": args.preset, "mode": str(spec.mode), "model_demo": shape, "device": device.device_kind,
     "platform": device.platform, "device_count": jax.device_count(), "step_retraced": retraced,
     "train_step_traces": int(results["train_step_traces"]),
@@ -338,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   from rmjax.runtime import default_gpu_memory_fraction, enable_compilation_cache
   default_gpu_memory_fraction()  # as the launcher does: before jax starts its GPU backend
-  enable_compilation_cache()  # as the launcher does: the run loads auto's compile of its choice
+  enable_compilation_cache()  # as the launcher does
   from rmjax import spec as spec_lib
   try:
     if args.keep:

@@ -44,6 +44,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
+from rmjax import sharding as shd
 from rmjax import spec as spec_lib
 from rmjax.cli import first_line
 from rmjax.train.step import TRAIN_KEYS
@@ -110,9 +111,14 @@ def batch_shapes(rows: int, length: int, markers: int) -> dict[str, jax.ShapeDty
 
 
 def lower_step(steps, state, batch):
-  """The jitted train step of `steps`, lowered for these (abstract or real) inputs."""
+  """The jitted train step of `steps`, lowered for these (abstract or real) inputs. An abstract
+  batch entry is given the sharding a placed batch has: jax keys its trace cache on it, and the
+  run's calls then find this trace (step_lowerer)."""
+  placed = shd.batch_sharding(steps.mesh)
+  as_placed = lambda x: (jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed)
+                         if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None else x)
   with jax.set_mesh(steps.mesh):
-    return steps._train.lower(state, {k: batch[k] for k in TRAIN_KEYS})
+    return steps._train.lower(state, {k: as_placed(batch[k]) for k in TRAIN_KEYS})
 
 
 def compile_step(steps, state, batch):
@@ -203,6 +209,10 @@ class Choice:
   limit_source: str
   timed: bool
   fitted: bool
+  # `resolve`'s Steps for the chosen candidate and the state shardings they were built for: jax
+  # holds their trace and compile for the run's largest shape, which the run reuses (step_lowerer)
+  steps: Any = None
+  state_shardings: Any = None
 
   @property
   def compile_s(self) -> float:
@@ -292,10 +302,14 @@ def run_shapes(spec: Any, render_cfg: Any) -> dict[str, jax.ShapeDtypeStruct]:
 
 
 def step_lowerer(model_cfg: Any, head_cfg: Any, optim_cfg: Any, mesh: Any,
-                 shapes: Mapping[str, jax.ShapeDtypeStruct]) -> Callable[[Candidate], Any]:
+                 shapes: Mapping[str, jax.ShapeDtypeStruct],
+                 built: dict[Candidate, tuple[Any, Any]] | None = None) -> Callable[[Candidate], Any]:
   """candidate -> the run's train step lowered for `shapes` from abstract state (nothing
-  allocated). The run's own step lowers to the same program for the chosen candidate, so under
-  the launcher's compilation cache it loads this compile instead of compiling again."""
+  allocated). `built`, when given, receives each candidate's (Steps, state shardings): a run
+  that calls the chosen one's Steps on a state of those shardings finds jax's trace and compile
+  of these shapes in the jitted function's caches, and neither traces nor compiles it again.
+  (A run that builds its own Steps lowers to the same program, which the launcher's compilation
+  cache then serves.)"""
   from rmjax.model.confidence import ConfidenceModel
   from rmjax.train.state import abstract_train_state
   from rmjax.train.step import make_steps
@@ -303,14 +317,19 @@ def step_lowerer(model_cfg: Any, head_cfg: Any, optim_cfg: Any, mesh: Any,
   def lower_fn(c: Candidate):
     model = ConfidenceModel(model_cfg.replace(**c.as_dict()), head_cfg)
     abstract, shardings = abstract_train_state(model, optim_cfg, mesh)
-    return lower_step(make_steps(model, optim_cfg, mesh, shardings), abstract, shapes)
+    steps = make_steps(model, optim_cfg, mesh, shardings)
+    if built is not None:
+      built[c] = (steps, shardings)
+    return lower_step(steps, abstract, shapes)
   return lower_fn
 
 
 def step_compiler(model_cfg: Any, head_cfg: Any, optim_cfg: Any, mesh: Any,
-                  shapes: Mapping[str, jax.ShapeDtypeStruct]) -> Callable[[Candidate], Any]:
-  """candidate -> the run's train step compiled for `shapes` from abstract state."""
-  lower_fn = step_lowerer(model_cfg, head_cfg, optim_cfg, mesh, shapes)
+                  shapes: Mapping[str, jax.ShapeDtypeStruct],
+                  built: dict[Candidate, tuple[Any, Any]] | None = None) -> Callable[[Candidate], Any]:
+  """candidate -> the run's train step compiled for `shapes` from abstract state (`built`: as
+  for step_lowerer)."""
+  lower_fn = step_lowerer(model_cfg, head_cfg, optim_cfg, mesh, shapes, built)
   return lambda c: lower_fn(c).compile()
 
 
@@ -328,12 +347,14 @@ def resolve(spec: Any, model_cfg: Any, head_cfg: Any, optim_cfg: Any, mesh: Any,
       model = ConfidenceModel(model_cfg.replace(**c.as_dict()), head_cfg)
       return time_one_step(model, optim_cfg, mesh, compiled, shapes, int(spec.seed))
   limit, source = memory_limit(device)
-  choice = choose(options, step_compiler(model_cfg, head_cfg, optim_cfg, mesh, shapes), limit, source, time_fn,
-                  old_default(settings["remat"], settings["scan_unroll"]))
+  built: dict[Candidate, tuple[Any, Any]] = {}
+  choice = choose(options, step_compiler(model_cfg, head_cfg, optim_cfg, mesh, shapes, built), limit, source,
+                  time_fn, old_default(settings["remat"], settings["scan_unroll"]))
   if jax.process_count() > 1:  # every process must build the same step (timings may differ)
     from jax.experimental import multihost_utils
     index = int(multihost_utils.broadcast_one_to_all(np.int32(options.index(choice.candidate))))
     choice.candidate = options[index]
+  choice.steps, choice.state_shardings = built.get(choice.candidate, (None, None))
   return choice
 
 

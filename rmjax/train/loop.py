@@ -105,6 +105,7 @@ class Trainer:
     parts = build.build_model_parts(self.spec)
     self.tokenizer, self.model_cfg, self.head_cfg = parts.tokenizer, parts.model_cfg, parts.head_cfg
     self.render_cfg = build.render_config(self.spec)
+    choice = None
     if self.performance is None:
       choice = auto_settings.resolve(self.spec, self.model_cfg, self.head_cfg, self.optim_cfg, self.mesh,
                                      self.render_cfg)
@@ -121,7 +122,10 @@ class Trainer:
       init_params = build.complete_params(self.model, parts.backbone, jax.random.fold_in(key, 1))
     self.state, self.shardings = create_train_state(self.model, self.optim_cfg, self.mesh, key,
                                                     init_params=init_params)
-    self.steps: Steps = make_steps(self.model, self.optim_cfg, self.mesh, self.shardings)
+    # auto's Steps for its choice hold the step traced and compiled for the largest shape: reused
+    self.steps: Steps = (choice.steps if choice is not None and choice.steps is not None
+                         and choice.state_shardings == self.shardings
+                         else make_steps(self.model, self.optim_cfg, self.mesh, self.shardings))
     counts = param_counts(self.state.params, self.state.frozen)
     self.logger.log(f"Model {self.model_cfg.architecture} ({self.spec.model.path}), mode {self.spec.mode}: "
                     f"{counts['trainable']:,} trainable / {counts['total']:,} parameters "
@@ -313,7 +317,7 @@ class Trainer:
       **self.record.final_results(), "total_steps": step, "max_steps": int(self.spec.max_steps),
       "interrupted": interrupted, "resumed_from_step": self.resume_step,
       "skipped_records": multiprocess.skipped_records(self.file_skips, self.shard_skips, self.process_count),
-      "train_step_traces": int(self.steps.traces["train"]), "eval_step_traces": int(self.steps.traces["eval"]),
+      "train_step_traces": self.steps.train_traces(self.record.train_shapes), "eval_step_traces": int(self.steps.traces["eval"]),
       "checkpoints": self.checkpointer.all_steps(),
     }
     self.logger.write_final(results)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any
+from typing import Any, Iterable
 
 import flax.linen as nn
 import jax
@@ -133,7 +133,8 @@ def update_by_select(tx, grads, grad_norm, finite, params, opt_state):
 def _train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                 cfg: optim.OptimConfig, tx: optax.GradientTransformation,
                 traces: collections.Counter) -> tuple[TrainState, dict[str, jax.Array]]:
-  traces["train"] += 1  # Python side effect: runs only while tracing
+  traces["train"] += 1  # Python side effects: run only while tracing
+  traces["train", batch["input_ids"].shape[-1]] += 1  # by row length: the buckets differ in it only
   k = cfg.grad_accum_steps
   num_markers = jnp.sum(batch["target_mask"] > 0).astype(jnp.float32)
   denom = jnp.maximum(num_markers, 1.0)
@@ -195,6 +196,13 @@ class Steps:
     check_batch_layout(batch["input_ids"].shape[0], self.grad_accum_steps, self.mesh)
     with jax.set_mesh(self.mesh):
       return self._train(state, {k: batch[k] for k in TRAIN_KEYS})
+
+  def train_traces(self, shapes: Iterable[tuple[int, ...]]) -> int:
+    """How many times the train step was traced for batches of these input_ids shapes (a
+    process's own rows or the global batch: counted by row length): one each unless something
+    retraced it. A trace made ahead for a length never trained, as auto's for the run's largest,
+    is not counted."""
+    return sum(self.traces["train", length] for length in {s[-1] for s in shapes})
 
   def eval_step(self, params: Any, frozen: Any, batch: dict[str, Any]) -> jax.Array:
     """Probabilities (B, M) for an eval batch (extra keys are ignored)."""
