@@ -209,10 +209,9 @@ class Choice:
   limit_source: str
   timed: bool
   fitted: bool
-  # `resolve`'s Steps for the chosen candidate and the state shardings they were built for: jax
-  # holds their trace and compile for the run's largest shape, which the run reuses (step_lowerer)
+  # `resolve`'s Steps for the chosen candidate: jax holds their trace and compile for the run's
+  # largest shape, which the run reuses (step_lowerer)
   steps: Any = None
-  state_shardings: Any = None
 
   @property
   def compile_s(self) -> float:
@@ -303,10 +302,10 @@ def run_shapes(spec: Any, render_cfg: Any) -> dict[str, jax.ShapeDtypeStruct]:
 
 def step_lowerer(model_cfg: Any, head_cfg: Any, optim_cfg: Any, mesh: Any,
                  shapes: Mapping[str, jax.ShapeDtypeStruct],
-                 built: dict[Candidate, tuple[Any, Any]] | None = None) -> Callable[[Candidate], Any]:
+                 built: dict[Candidate, Any] | None = None) -> Callable[[Candidate], Any]:
   """candidate -> the run's train step lowered for `shapes` from abstract state (nothing
-  allocated). `built`, when given, receives each candidate's (Steps, state shardings): a run
-  that calls the chosen one's Steps on a state of those shardings finds jax's trace and compile
+  allocated). `built`, when given, receives each candidate's Steps: a run that calls the chosen
+  one's Steps on a state of their `state_shardings` finds jax's trace and compile
   of these shapes in the jitted function's caches, and neither traces nor compiles it again.
   (A run that builds its own Steps lowers to the same program, which the launcher's compilation
   cache then serves.)"""
@@ -319,14 +318,14 @@ def step_lowerer(model_cfg: Any, head_cfg: Any, optim_cfg: Any, mesh: Any,
     abstract, shardings = abstract_train_state(model, optim_cfg, mesh)
     steps = make_steps(model, optim_cfg, mesh, shardings)
     if built is not None:
-      built[c] = (steps, shardings)
+      built[c] = steps
     return lower_step(steps, abstract, shapes)
   return lower_fn
 
 
 def step_compiler(model_cfg: Any, head_cfg: Any, optim_cfg: Any, mesh: Any,
                   shapes: Mapping[str, jax.ShapeDtypeStruct],
-                  built: dict[Candidate, tuple[Any, Any]] | None = None) -> Callable[[Candidate], Any]:
+                  built: dict[Candidate, Any] | None = None) -> Callable[[Candidate], Any]:
   """candidate -> the run's train step compiled for `shapes` from abstract state (`built`: as
   for step_lowerer)."""
   lower_fn = step_lowerer(model_cfg, head_cfg, optim_cfg, mesh, shapes, built)
@@ -347,14 +346,14 @@ def resolve(spec: Any, model_cfg: Any, head_cfg: Any, optim_cfg: Any, mesh: Any,
       model = ConfidenceModel(model_cfg.replace(**c.as_dict()), head_cfg)
       return time_one_step(model, optim_cfg, mesh, compiled, shapes, int(spec.seed))
   limit, source = memory_limit(device)
-  built: dict[Candidate, tuple[Any, Any]] = {}
+  built: dict[Candidate, Any] = {}
   choice = choose(options, step_compiler(model_cfg, head_cfg, optim_cfg, mesh, shapes, built), limit, source,
                   time_fn, old_default(settings["remat"], settings["scan_unroll"]))
   if jax.process_count() > 1:  # every process must build the same step (timings may differ)
     from jax.experimental import multihost_utils
     index = int(multihost_utils.broadcast_one_to_all(np.int32(options.index(choice.candidate))))
     choice.candidate = options[index]
-  choice.steps, choice.state_shardings = built.get(choice.candidate, (None, None))
+  choice.steps = built.get(choice.candidate)
   return choice
 
 

@@ -123,9 +123,8 @@ class Trainer:
     self.state, self.shardings = create_train_state(self.model, self.optim_cfg, self.mesh, key,
                                                     init_params=init_params)
     # auto's Steps for its choice hold the step traced and compiled for the largest shape: reused
-    self.steps: Steps = (choice.steps if choice is not None and choice.steps is not None
-                         and choice.state_shardings == self.shardings
-                         else make_steps(self.model, self.optim_cfg, self.mesh, self.shardings))
+    reusable = choice is not None and choice.steps is not None and choice.steps.state_shardings == self.shardings
+    self.steps: Steps = choice.steps if reusable else make_steps(self.model, self.optim_cfg, self.mesh, self.shardings)
     counts = param_counts(self.state.params, self.state.frozen)
     self.logger.log(f"Model {self.model_cfg.architecture} ({self.spec.model.path}), mode {self.spec.mode}: "
                     f"{counts['trainable']:,} trainable / {counts['total']:,} parameters "

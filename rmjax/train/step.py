@@ -180,7 +180,7 @@ class Steps:
   """The jitted train and eval steps of one run, plus how many times each was traced."""
 
   def __init__(self, model: nn.Module, cfg: optim.OptimConfig, mesh: Mesh, state_shardings: TrainState):
-    self.mesh, self.grad_accum_steps = mesh, cfg.grad_accum_steps
+    self.mesh, self.grad_accum_steps, self.state_shardings = mesh, cfg.grad_accum_steps, state_shardings
     self.traces: collections.Counter = collections.Counter()
     rep, data = shd.replicated(mesh), shd.batch_sharding(mesh)
     tx = optim.make_optimizer(cfg)
