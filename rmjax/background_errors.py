@@ -1,14 +1,18 @@
-"""Keeps a failed background checkpoint write from printing tracebacks around rmjax's own error.
+"""Keeps a failed checkpoint write or read from printing tracebacks around rmjax's own error.
 
 Why it exists: when an asynchronous orbax save fails (a full disk, a file-size limit), the
 failure reaches the run as one `CheckpointWriteError` line naming the step and the OS reason
-(rmjax/checkpoint.py). Meanwhile orbax's background threads, asyncio and tensorstore each print
+(rmjax/checkpoint). Meanwhile orbax's background threads, asyncio and tensorstore each print
 their own copy: orbax logs the exception with a traceback, asyncio logs every abandoned write
 task ("Task exception was never retrieved", one traceback per array), and tensorstore's
 callbacks, posting results to orbax's event loop after it closed, raise "Event loop is closed"
-as unraisable exceptions (dozens of tracebacks). `install()` keeps orbax's messages as single
-lines (without tracebacks) and drops the other two kinds when they come from orbax's or
-tensorstore's code; everything else is left alone.
+as unraisable exceptions (dozens of tracebacks). A restore that fails on one array's damaged
+file (reported as one `CheckpointCorrupt` line) leaves the same callbacks behind, and the reads
+of the other arrays as coroutines that raise when they are collected (each an unraisable
+exception with orbax's frames in its traceback) or that never ran (a RuntimeWarning each). `install()` keeps orbax's messages as single
+lines (without tracebacks) and drops the rest when it comes from orbax's or tensorstore's code
+(or is asyncio's closed-loop error); everything else is left alone. Every path that reads or
+writes a checkpoint through orbax calls it first.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from __future__ import annotations
 import logging
 import sys
 import traceback
+import warnings
 from types import TracebackType
 from typing import Any
 
 _LIBRARIES = ("/orbax/", "/tensorstore/")
+_ABANDONED_READ = "coroutine '_read_array_index_and_device_put' was never awaited"  # orbax's
 _installed = False
 
 
@@ -48,15 +54,21 @@ class _AbandonedWrites(logging.Filter):
     return not (tb is None or _from_libraries(tb))
 
 
-def _closed_loop_callback(unraisable: Any) -> bool:
-  exc = unraisable.exc_value
-  return (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-          and any("asyncio" in frame.filename for frame in traceback.extract_tb(unraisable.exc_traceback)))
+def _abandoned_work(unraisable: Any) -> bool:
+  """tensorstore's callbacks into orbax's closed event loop, or orbax's own coroutines (the
+  reads or writes a failed restore or save abandoned) raising as they are collected."""
+  exc, tb = unraisable.exc_value, unraisable.exc_traceback
+  closed_loop = (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+                 and any("asyncio" in frame.filename for frame in traceback.extract_tb(tb)))
+  return closed_loop or _from_libraries(tb)
 
 
 def install() -> None:
-  """Idempotent; called when a Checkpointer opens."""
+  """Idempotent; called before orbax reads or writes a checkpoint."""
   global _installed
+  # Python's own line for each abandoned read (applied on every call: a caller's
+  # warnings.catch_warnings may have reset the filters since the last one).
+  warnings.filterwarnings("ignore", message=_ABANDONED_READ, category=RuntimeWarning)
   if _installed:
     return
   _installed = True
@@ -65,6 +77,6 @@ def install() -> None:
   previous = sys.unraisablehook
 
   def hook(unraisable: Any) -> None:
-    if not _closed_loop_callback(unraisable):
+    if not _abandoned_work(unraisable):
       previous(unraisable)
   sys.unraisablehook = hook

@@ -21,7 +21,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from rmjax import cli
+from rmjax import background_errors, cli
 from rmjax.model.config import ModelConfig
 from rmjax.model.hf import hf_model_config, load_hf_params, read_tensor, resolve_model_dir
 from rmjax.model.marker import add_marker
@@ -79,6 +79,7 @@ def save_converted(params: dict, cfg: ModelConfig, out_dir: str | os.PathLike, t
     raise FileExistsError(f"{out / PARAMS_DIR} already exists; choose an empty output directory")
   params = dict(params)
   lm_head = params.pop("lm_head", None)
+  background_errors.install()
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(out / PARAMS_DIR, params)
     ckpt.wait_until_finished()
@@ -105,6 +106,7 @@ def load_converted(path: str | os.PathLike, dtype: str | None = None) -> tuple[d
   if meta.get("format") != FORMAT:
     raise ValueError(f"{path / CONFIG_FILE} has format {meta.get('format')!r}, expected {FORMAT!r}")
   cfg = ModelConfig.from_dict(meta["model"])
+  background_errors.install()
   with ocp.StandardCheckpointer() as ckpt:
     params = ckpt.restore(path / PARAMS_DIR)
   if dtype and dtype != cfg.param_dtype:

@@ -39,3 +39,35 @@ def test_background_error_filters_touch_only_orbax_and_tensorstore():
                                      (ValueError, ValueError("x"), None)))
   assert abandoned.filter(record("asyncio", "base_events.py", "Task exception was never retrieved", user_exc))
   assert abandoned.filter(record("asyncio", "base_events.py", "Executing <Task> took 0.2 seconds", None))
+
+
+def test_read_error_line_is_tensorstores_cause_not_orbaxs_wrapper():
+  """orbax wraps a failed array read in an Exception carrying the store's whole spec; the line
+  says tensorstore's error instead, which names the array and the file."""
+  cause = ValueError('OUT_OF_RANGE: Error reading "params.head.kernel/0.0" in OCDBT database at local file '
+                     '"/runs/x/checkpoints/checkpoint_step_7/state/": Requested byte range [10, 20) is not valid')
+  wrapper = Exception("Encountered error while reading array index: (slice(0, 2, 1),). See full TensorStore "
+                      "details: <bound method spec of TensorStore({\n  'base': {\n")
+  wrapper.__cause__ = cause
+  assert one_line(wrapper) == f"ValueError: {cause}"
+  plain = Exception("Encountered error while reading array index: (slice(0, 2, 1),). See full ...")
+  assert one_line(plain) == f"Exception: {plain}"  # no cause: the message as it is
+
+
+def test_unraisable_filter_drops_orbaxs_abandoned_work_only():
+  """After a failed restore, orbax's collected read coroutines and tensorstore's callbacks into
+  the closed loop are unraisable: dropped; an unraisable exception from other code is kept."""
+  class Unraisable:
+    def __init__(self, exc_info):
+      _, self.exc_value, self.exc_traceback = exc_info
+
+  def exc_from(filename, message):
+    try:
+      exec(compile(f"raise RuntimeError({message!r})", filename, "exec"))
+    except RuntimeError:
+      return sys.exc_info()
+
+  assert be._abandoned_work(Unraisable(exc_from("/site-packages/orbax/checkpoint/serialization.py", "read failed")))
+  assert be._abandoned_work(Unraisable(exc_from("/lib/python3.11/asyncio/base_events.py", "Event loop is closed")))
+  assert not be._abandoned_work(Unraisable(exc_from("/lib/python3.11/asyncio/base_events.py", "other")))
+  assert not be._abandoned_work(Unraisable(exc_from("/home/me/train.py", "Event loop is closed")))

@@ -32,6 +32,8 @@ import os
 import pathlib
 import random
 import shutil
+import subprocess
+import sys
 import traceback
 from typing import Any, Callable
 
@@ -50,7 +52,10 @@ STEP = "checkpoints/checkpoint_step_7"
 INPUT = [{"problem": "Compute 3 + 4 * 2.", "steps": ["4 * 2 = 8", "3 + 8 = 11", "The answer is 11."]},
          {"problem": "Compute 12 * 12.", "steps": ["12 * 12 = 144", "# Answer 144"]}]
 COUNTS: dict[str, collections.Counter] = {}
-pytestmark = pytest.mark.slow  # ~35 s for the whole module on 2 cores
+# ~35 s for the whole module on 2 cores. An exception raised where nothing can catch it (orbax's
+# abandoned reads, collected after a failed restore) prints a traceback on the user's terminal
+# after main() returned: here it fails the test.
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")]
 # More or other cases on demand: RMJAX_DIR_FUZZ_SEED=5 RMJAX_DIR_FUZZ_SCALE=4 pytest tests/test_dir_fuzz.py
 SEED = int(os.environ.get("RMJAX_DIR_FUZZ_SEED", "0"))
 SCALE = float(os.environ.get("RMJAX_DIR_FUZZ_SCALE", "1"))
@@ -367,3 +372,25 @@ def test_convert(world, tmp_path, capfd):
   tool = Tool("convert", d / "base", "",
               lambda t, s: convert.main(["--model", str(t), "--output", str(s / "conv")]), params, same)
   fuzz(tool, 60, 7, tmp_path, capfd)
+
+
+@pytest.mark.parametrize("tool", ["export", "score"])
+def test_a_damaged_array_file_is_one_line_from_the_process(world, tmp_path, tool):
+  """The whole process's stderr, exit included: orbax leaves the other arrays' reads and
+  tensorstore's callbacks behind when an array's file is cut short; they must print nothing
+  after rmjax's line (rmjax/background_errors.py). Every data file is cut, so reads fail while
+  others are still pending. export restores the weights alone, score through the run's
+  Checkpointer."""
+  d, inp = world
+  run = tmp_path / "run"
+  shutil.copytree(d / "run", run)
+  for data in (run / STEP / "state").glob("ocdbt.process_*/d/*"):
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+  args = {"export": ["--output", str(tmp_path / "ex")],
+          "score": ["--input", str(inp), "--output", str(tmp_path / "out.jsonl")]}[tool]
+  proc = subprocess.run([sys.executable, "-m", f"rmjax.{tool}", "--checkpoint", str(run), *args],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  lines = proc.stderr.splitlines()
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+  assert lines[0].startswith(f"rmjax.{tool}: error: corrupt or unreadable checkpoint {run / STEP}: "), lines[0]
+  assert "Error reading" in lines[0] and "TensorStore({" not in lines[0], lines[0]

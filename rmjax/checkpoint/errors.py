@@ -47,9 +47,17 @@ class CheckpointWriteError(CheckpointError):
     super().__init__(f"cannot write checkpoint in {self.directory}: {reason}")
 
 
+_ORBAX_READ_WRAPPER = "Encountered error while reading array index"
+
+
 def one_line(exc: BaseException) -> str:
   """First line of an exception message, bounded, prefixed with its type, ending with the OS
-  reason when tensorstore only gives its code (`[os_error_code='27']` -> "File too large")."""
+  reason when tensorstore only gives its code (`[os_error_code='27']` -> "File too large").
+  orbax wraps a failed array read in an `Exception` whose message is the index read and the
+  store's whole spec (tensorstore's own error, naming the array and the file, is its cause):
+  the cause is reported instead."""
+  if _ORBAX_READ_WRAPPER in str(exc) and exc.__cause__ is not None:
+    exc = exc.__cause__
   text = first_line(exc) if str(exc).strip() else ""
   code = re.search(r"os_error_code='?(\d+)", text)
   if len(text) > 400:  # keep the end too: tensorstore puts the OS reason last

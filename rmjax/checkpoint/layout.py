@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from rmjax import background_errors
 from rmjax.checkpoint.errors import CheckpointCorrupt, CheckpointNotFound, CheckpointWriteError, one_line
 
 STEP_PREFIX = "checkpoint_step"
@@ -134,6 +135,7 @@ def restore_subtree(step_dir: os.PathLike | str, abstract_subtree: dict) -> dict
   args = ocp.args.PyTreeRestore(
     item=abstract_subtree, partial_restore=True,
     restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_subtree))
+  background_errors.install()
   try:
     with ocp.PyTreeCheckpointer() as pc:
       return pc.restore(step_dir / "state", args=args)
