@@ -101,14 +101,18 @@ def load_lm_head(path: str | os.PathLike) -> np.ndarray | None:
 
 def load_converted(path: str | os.PathLike, dtype: str | None = None) -> tuple[dict, ModelConfig]:
   import orbax.checkpoint as ocp
+  from rmjax.checkpoint.errors import CheckpointCorrupt, one_line
   path = pathlib.Path(path).resolve()
   meta = cli.read_json_object(path / CONFIG_FILE)
   if meta.get("format") != FORMAT:
     raise ValueError(f"{path / CONFIG_FILE} has format {meta.get('format')!r}, expected {FORMAT!r}")
   cfg = ModelConfig.from_dict(meta["model"])
   background_errors.install()
-  with ocp.StandardCheckpointer() as ckpt:
-    params = ckpt.restore(path / PARAMS_DIR)
+  try:
+    with ocp.StandardCheckpointer() as ckpt:
+      params = ckpt.restore(path / PARAMS_DIR)
+  except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise many types for bad files
+    raise CheckpointCorrupt(path / PARAMS_DIR, one_line(e)) from e
   if dtype and dtype != cfg.param_dtype:
     cast = _np_dtype(dtype)
     params = _map(params, lambda k, v: v if k in ("marker", "lora_a", "lora_b") else np.asarray(v).astype(cast))

@@ -71,3 +71,11 @@ def test_unraisable_filter_drops_orbaxs_abandoned_work_only():
   assert be._abandoned_work(Unraisable(exc_from("/lib/python3.11/asyncio/base_events.py", "Event loop is closed")))
   assert not be._abandoned_work(Unraisable(exc_from("/lib/python3.11/asyncio/base_events.py", "other")))
   assert not be._abandoned_work(Unraisable(exc_from("/home/me/train.py", "Event loop is closed")))
+
+
+def test_error_line_leaves_out_tensorstores_store_spec():
+  message = ('OUT_OF_RANGE: Error reading "layers.scale/.zarray" in OCDBT database at local file "/m/params/": '
+             'Requested byte range [0, 2465) is not valid [source locations=\'tensorstore/kvstore.cc:12\'] '
+             '[tensorstore_spec=\'{\\"context\\":{\\"cache_pool\\":{}},\\"driver\\":\\"zarr\\"}\']')
+  assert one_line(ValueError(message)) == ('ValueError: OUT_OF_RANGE: Error reading "layers.scale/.zarray" in OCDBT '
+                                           'database at local file "/m/params/": Requested byte range [0, 2465) is not valid')

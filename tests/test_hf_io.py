@@ -13,6 +13,7 @@ from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from rmjax import convert
+from rmjax.checkpoint import CheckpointCorrupt
 from rmjax.model.config import ModelConfig
 from rmjax.model.hf import TensorFiles, load_hf_params, save_hf_params
 from rmjax.model.marker import add_marker
@@ -267,6 +268,22 @@ def test_convert_cli_round_trip(tmp_path):
   p16, c16 = convert.load_backbone(out, dtype="bfloat16")
   assert c16.param_dtype == "bfloat16" and p16["layers"]["mlp"]["up_proj"]["kernel"].dtype == ml_dtypes.bfloat16
   assert p16["embed"]["marker"].dtype == np.float32
+
+
+def test_a_damaged_converted_directory_is_one_line_naming_it(tmp_path):
+  """A converted model's array files cut short: one CheckpointCorrupt line naming the params
+  folder and tensorstore's error, without tensorstore's page of store spec."""
+  src = tmp_path / "hf"
+  H.build("qwen2", src)
+  params, cfg = convert.load_backbone(src, marker=False)
+  out = convert.save_converted(params, cfg, tmp_path / "converted")
+  for data in (out / convert.PARAMS_DIR).glob("d/*"):
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+  with pytest.raises(CheckpointCorrupt) as e:
+    convert.load_converted(out)
+  line = str(e.value)
+  assert line.startswith(f"corrupt or unreadable checkpoint {out / convert.PARAMS_DIR}: ") and "\n" not in line
+  assert "Error reading" in line and "tensorstore_spec" not in line, line
 
 
 def test_convert_cli_errors_are_one_line(tmp_path, capsys):

@@ -48,6 +48,7 @@ class CheckpointWriteError(CheckpointError):
 
 
 _ORBAX_READ_WRAPPER = "Encountered error while reading array index"
+_TENSORSTORE_DETAIL = re.compile(r"\s*\[(tensorstore_spec|source locations)='[^']*'\]")
 
 
 def one_line(exc: BaseException) -> str:
@@ -55,10 +56,12 @@ def one_line(exc: BaseException) -> str:
   reason when tensorstore only gives its code (`[os_error_code='27']` -> "File too large").
   orbax wraps a failed array read in an `Exception` whose message is the index read and the
   store's whole spec (tensorstore's own error, naming the array and the file, is its cause):
-  the cause is reported instead."""
+  the cause is reported instead. tensorstore's bracketed store spec (a page of JSON) and source
+  locations are left out."""
   if _ORBAX_READ_WRAPPER in str(exc) and exc.__cause__ is not None:
     exc = exc.__cause__
   text = first_line(exc) if str(exc).strip() else ""
+  text = _TENSORSTORE_DETAIL.sub("", text)
   code = re.search(r"os_error_code='?(\d+)", text)
   if len(text) > 400:  # keep the end too: tensorstore puts the OS reason last
     text = f"{text[:220]} ... {text[-170:]}"
