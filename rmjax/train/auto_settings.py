@@ -12,10 +12,10 @@ fastest.
 
 Cost order (`COST_ORDER`), fastest first:
 * GPU, full fine-tuning: unrolled + dots_and_attention_saveable, then the layer loop with
-  dots_with_no_batch_dims_saveable, then the old default (loop, full remat): the measured H100
-  rows (BUILD.md, Results: 49.5% MFU, 45.5%, and about 39% for full remat in the loop).
+  dots_with_no_batch_dims_saveable, then the old default (loop, full remat).
 * GPU, LoRA: unrolled + no remat, then the loop with dots_and_attention_saveable, then full
-  remat in the loop (measured H100 rows: 29,678, 26,033 and 22,214 tokens/s).
+  remat in the loop.
+  Both GPU orders are the order of the measured H100 rows of each setting (BUILD.md, Results).
 * CPU (fp32), both modes: no remat unrolled, then no remat in the loop, then the old default.
   On the 75m preset at 4 x 512 rows no remat unrolled takes less time a step than the old
   default in both modes on the CPUs measured (BUILD.md, Results, "auto's CPU candidates").
