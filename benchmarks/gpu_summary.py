@@ -29,8 +29,8 @@ checks it needs are missing or failed). Figures:
                        median seconds between step completions of the loop and the bare step
 and, not a target: full_fastest_over_torch, the best full step (bf16 moments, lighter remat)
 over the same torch run, which is not like for like.
-The targets are an H100 SXM's: on any other device (H100 PCIe or NVL included) every row's
-`held` is null and `not_judged` says why. Only the tarball's top-level files are read (not the
+The targets are an H100 SXM's: on any other device (H100 PCIe or NVL included) a row's `held`
+is null and `not_judged` says why; the spec_* rows are judged on an H200 as well (judged_device). Only the tarball's top-level files are read (not the
 loop's run/ folder); a record line that is not JSON (a run killed mid-line) is skipped and
 counted, on stderr and in the rows' `skipped_lines`.
 """
@@ -114,10 +114,14 @@ def read_tarball(path: str) -> dict[str, Any]:
   return out | ({"skipped_lines": skipped} if skipped else {})
 
 
-def judged_device(device: str | None) -> bool:
-  """Whether the targets, set for an H100 SXM, apply to this device: an H100, not PCIe or NVL."""
+def judged_device(device: str | None, spec_loops: bool = False) -> bool:
+  """Whether the targets apply to this device. The benchmark rows' targets were set for an H100
+  SXM: an H100, not PCIe or NVL. The shipped specs' rows (`spec_loops`) are MFU against the
+  device's own peak and ratios of runs on it: they are judged on an H200 too, whose dense bf16
+  peak is the H100 SXM's (rmjax.bench.common.peak_flops); every row names its device."""
   name = (device or "").upper()
-  return "H100" in name and "PCIE" not in name and "NVL" not in name
+  h100_sxm = "H100" in name and "PCIE" not in name and "NVL" not in name
+  return h100_sxm or (spec_loops and "H200" in name)
 
 
 def _run_record(records: dict[str, Any], check: str) -> dict[str, Any] | None:
@@ -219,7 +223,7 @@ def summarise(records: dict[str, Any]) -> list[dict[str, Any]]:
   rows.append(_target("device_idle", idle, "< 0.05", held, check="loop", max=idle_max,
                       dispatch_ms=_mean_of(loop.get("dispatch_ms")),
                       windows=len(_present(loop.get("device_idle_frac")))))
-  rows += _spec_rows(records)
+  spec_rows = _spec_rows(records)
   attention = {r.get("variant"): r for r in records.get("attention", []) if "variant" in r}
   for variant in ("segments_cudnn_packed", "segments_cudnn_packed_tight"):
     r = attention.get(variant)
@@ -231,9 +235,12 @@ def summarise(records: dict[str, Any]) -> list[dict[str, Any]]:
                         faster_than_mask=ms < masked_ms if ms and masked_ms else None,
                         unavailable=(r or {}).get("unavailable"), error=(r or {}).get("error"), **diffs))
   shared = {"device": device} | ({"skipped_lines": records["skipped_lines"]} if "skipped_lines" in records else {})
-  if not judged_device(device):
-    shared |= {"held": None, "not_judged": f"the targets are an H100 SXM's; these records' device is {device!r}"}
-  return [r | shared for r in rows]
+  def verdict(spec_loops: bool) -> dict[str, Any]:
+    if judged_device(device, spec_loops):
+      return {}
+    whose = "an H100 SXM's or an H200's" if spec_loops else "an H100 SXM's"
+    return {"held": None, "not_judged": f"the targets are {whose}; these records' device is {device!r}"}
+  return [r | shared | verdict(False) for r in rows] + [r | shared | verdict(True) for r in spec_rows]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -248,8 +255,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   for name, count in records.get("skipped_lines", {}).items():
     print(f"warning: {args.tarball}: {name}: {count} record line(s) that are not JSON skipped", file=sys.stderr)
   rows = summarise(records)
-  if rows and "not_judged" in rows[0]:
-    print(f"note: not judged: {rows[0]['not_judged']}", file=sys.stderr)
+  unjudged = [r for r in rows if "not_judged" in r]
+  if unjudged:
+    which = "" if len(unjudged) == len(rows) else f" ({len(unjudged)} of {len(rows)} rows)"
+    print(f"note: not judged{which}: {unjudged[0]['not_judged']}", file=sys.stderr)
   for row in rows:
     print(json.dumps(row), flush=True)
   return 0

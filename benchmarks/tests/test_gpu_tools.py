@@ -158,16 +158,24 @@ def test_gpu_summary_reads_the_targets_from_one_tarball(tmp_path, capsys):
 
 @pytest.mark.parametrize("device", ["NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA A100-SXM4-80GB", "cpu"])
 def test_gpu_summary_judges_the_targets_on_an_h100_sxm_only(tmp_path, capsys, device):
-  """The targets are an H100 SXM's: the same records from another device give the figures with
-  no verdict, and say why."""
+  """The benchmark targets are an H100 SXM's: the same records from another device give the
+  figures with no verdict, and say why. The shipped specs' rows are judged on an H200 too."""
   from benchmarks import gpu_summary
   assert gpu_summary.judged_device("NVIDIA H100 80GB HBM3") and not gpu_summary.judged_device(None)
-  assert gpu_summary.main([_write_tarball(tmp_path / "gpu_checks.tgz", _summary_files(device))]) == 0
+  files = _summary_files(device) | {"full_spec_loop.jsonl": json.dumps(
+    {"bench": "loop", "device": device, "step_tokens_per_s": 16000.0, "loop_over_step": 0.99, "step_mfu": 0.46})}
+  assert gpu_summary.main([_write_tarball(tmp_path / "gpu_checks.tgz", files)]) == 0
   out, err = capsys.readouterr()
   rows = {r["target"]: r for r in json_lines(out)}
   assert rows["full_mfu"]["value"] == 0.47 and rows["full_over_torch"]["value"] == pytest.approx(1.5)
-  assert all(r["held"] is None and device in r["not_judged"] for r in rows.values())
-  assert err.startswith("note: not judged: the targets are an H100 SXM's") and len(err.splitlines()) == 1
+  bench_rows = [r for name, r in rows.items() if not name.startswith("spec_")]
+  assert all(r["held"] is None and device in r["not_judged"] for r in bench_rows)
+  assert err.startswith("note: not judged") and "the targets are an H100 SXM's" in err and len(err.splitlines()) == 1
+  spec = (rows["spec_full_mfu"], rows["spec_loop:full_spec_loop"])
+  if device == "NVIDIA H200":
+    assert [(r["value"], r["held"], "not_judged" in r) for r in spec] == [(0.46, True, False), (0.99, True, False)]
+  else:
+    assert all(r["held"] is None and device in r["not_judged"] and "H200" in r["not_judged"] for r in spec)
 
 
 @pytest.mark.parametrize("loop, held", [
