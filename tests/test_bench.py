@@ -303,24 +303,25 @@ def test_analysis_only_reports_init_and_peak_memory(capsys):
   assert record["compiled_peak_mb"] == pytest.approx(max(step, record["compiled_init_mb"]), abs=0.11)
 
 
-def test_gpu_target_compiles_for_an_h100_or_says_why_not_in_one_line():
-  """With jax's CUDA plugin installed, --target h100 compiles the tiny step for an H100 on this
+@pytest.mark.parametrize("target, device", [("h100", "NVIDIA H100 80GB HBM3"), ("h200", "NVIDIA H200")])
+def test_gpu_target_compiles_for_the_gpu_or_says_why_not_in_one_line(target, device):
+  """With jax's CUDA plugin installed, --target compiles the tiny step for that GPU on this
   machine; without it (CI), the run stops with one line naming what is missing."""
   import importlib.util
   import os
   env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-  proc = subprocess.run([sys.executable, "-m", "rmjax.bench", *TINY_ARGS, "--mode", "lora", "--target", "h100",
+  proc = subprocess.run([sys.executable, "-m", "rmjax.bench", *TINY_ARGS, "--mode", "lora", "--target", target,
                          "--no-flops", "--no-isolate", "--remat"], capture_output=True, text=True, env=env,
                         timeout=300)
   if importlib.util.find_spec("jax_plugins") is None or importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
     assert proc.returncode == 2 and proc.stdout == ""
     err = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(err) == 1 and err[0].startswith("error: cannot compile for the h100 GPU target here")
+    assert len(err) == 1 and err[0].startswith(f"error: cannot compile for the {target} GPU target here")
     assert "pip install -e '.[cuda12]'" in err[0]
   else:
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = _lines(proc.stdout)[0]
-    assert record["device"] == "NVIDIA H100 80GB HBM3" and record["target"] == "h100"
+    assert record["device"] == device and record["target"] == target
     assert (record["dtype"], record["frozen_dtype"], record["attention"]) == ("bfloat16", "bfloat16", "cudnn")
     assert record["scan_unroll"] == 1  # auto for a GPU's LoRA step under full remat: the layer loop
     assert record["compiled_peak_mb"] >= record["compiled_init_mb"] > 0

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 from rmjax.cli import first_line
 
-TARGET_CONFIGS = {"h100": "h100_sxm.txtpb"}  # name -> file in rmjax/bench/targets/
+TARGET_CONFIGS = {"h100": "h100_sxm.txtpb", "h200": "h200.txtpb"}  # name -> file in rmjax/bench/targets/
 
 
 class TargetUnavailable(RuntimeError):
