@@ -143,19 +143,22 @@ def test_dots_and_attention_policy_saves_cudnn_attention_and_dots_only():
   assert not policy(jax.lax.exp_p, f32)
 
 
-def test_projections_policy_saves_the_six_projection_outputs_per_layer_and_no_other_dot(capsys):
-  """With LoRA a projection is three dots; the policy saves only its named output (the sum):
-  q, k, v, o, gate and up per layer (down_proj's output and the rank-r products are not saved).
-  On CPU attention is XLA's, so no cuDNN output is saved here."""
+@pytest.mark.parametrize("remat", ["projections_and_attention_saveable", "mlp_projections_saveable"])
+def test_projection_policies_save_their_named_outputs_per_layer_and_no_other_dot(capsys, remat):
+  """With LoRA a projection is three dots; these policies save only named outputs (the sum):
+  q, k, v, o, gate and up per layer, or the MLP's gate and up alone (down_proj's output and the
+  rank-r products are never saved). On CPU attention is XLA's, so no cuDNN output is saved here."""
   cfg, _ = _tiny()
-  cfg = cfg.replace(remat="projections_and_attention_saveable", lora_rank=2)
+  cfg = cfg.replace(remat=remat, lora_rank=2)
   params = init_params(cfg, jax.random.key(0))
   ids, pos, seg = H.padded_batch([6, 3], 6, left=False, vocab=64)
   jax.ad_checkpoint.print_saved_residuals(lambda p: jnp.sum(Decoder(cfg).apply({"params": p}, ids, pos, seg)), params)
   stacked = sorted(line.split()[0] for line in capsys.readouterr().out.splitlines() if "output of scan" in line)
   tokens, layers = 2 * 6, cfg.num_layers
   q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-  widths = [q, kv, kv, cfg.hidden_size, cfg.intermediate_size, cfg.intermediate_size]
+  mlp = [cfg.intermediate_size, cfg.intermediate_size]
+  widths = {"projections_and_attention_saveable": [q, kv, kv, cfg.hidden_size, *mlp],
+            "mlp_projections_saveable": mlp}[remat]
   carries = [f"f32[{layers},2,6,{cfg.hidden_size}]", f"f32[2,6,{cfg.hidden_size}]"]  # layer inputs, final output
   assert stacked == sorted([f"f32[{layers},{tokens},{w}]" for w in widths] + carries)
 
@@ -181,7 +184,7 @@ def _without_remat():
 
 
 @pytest.mark.parametrize("remat", ["full", "dots_saveable", "save_dots_no_batch", "dots_and_attention_saveable",
-                                   "projections_and_attention_saveable"])
+                                   "projections_and_attention_saveable", "mlp_projections_saveable"])
 def test_remat_policies_same_values_and_grads(remat):
   cfg, params = _tiny()
   h0, v0, g0 = _without_remat()

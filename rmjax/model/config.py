@@ -25,7 +25,7 @@ _ARCH_FROM_CLASS = {v: k for k, v in _HF_CLASSES.items()} | {
   "Qwen3Model": "qwen3", "Qwen2Model": "qwen2", "LlamaModel": "llama"}
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "save_dots_no_batch", "dots_and_attention_saveable", "projections_and_attention_saveable",
-                  "nothing_saveable")
+                  "mlp_projections_saveable", "nothing_saveable")
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
 # How packed rows attend under cuDNN (ModelConfig.segment_attention).
