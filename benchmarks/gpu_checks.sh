@@ -34,12 +34,14 @@
 #                    its bare step's (`bench --loop --spec`)
 #   lora_spec_loop   the same for specs/lora.py (16 rows as 4 micro-batches)
 #   full_spec_loop_bf16  full_spec_loop with bfloat16 Adam moments, the opt-in that frees memory for "auto"
+#   full_spec_loop_timed full_spec_loop with model.auto_time: one step of each candidate that fits
+#                    timed, so the cost order's pick is measured against the old default
 #   loop             the training loop on a Qwen3-4B-shaped random backbone (the demo's synthetic
 #                    PRM800K data, packed rows of 2048): host wait, device idle and the prefetch
 #                    thread's times per window, into data_wait.json
 # The rmjax bench rows hold one example each, so they run causal attention alone (the bench's
 # default --attention-mask, as training does for unpacked rows).
-# Groups: specs = full_spec_loop lora_spec_loop full_spec_loop_bf16; bench = full_dots
+# Groups: specs = full_spec_loop lora_spec_loop full_spec_loop_bf16 full_spec_loop_timed; bench = full_dots
 # lora_dots_attn full_remat full_unrolled lora_unrolled attention lora_proj_attn lora_remat full_dots_cublas; data = packing loop; all = loop full_spec, then
 # full_unrolled lora_unrolled packing full_remat torch_full lora_remat, then full_dots
 # lora_dots_attn attention lora_proj_attn full_dots_cublas.
@@ -152,9 +154,10 @@ check() {
       data_packages
       run packing 280 python -m benchmarks.packing --preset "$PRESET" --row "$SEQ" --examples "$EXAMPLES" \
         --batch 4 --mode lora --segment-attention both --max-segments 16 ;;
-    full_spec_loop | lora_spec_loop | full_spec_loop_bf16)
+    full_spec_loop | lora_spec_loop | full_spec_loop_bf16 | full_spec_loop_timed)
       data_packages  # the launcher's memory fraction; examples of 2 to 20 real-length steps fill packed rows
       local extra=(); [ "$1" = full_spec_loop_bf16 ] && extra=(--set opt_state_dtype=bfloat16)
+      [ "$1" = full_spec_loop_timed ] && extra=(--set model.auto_time=true)
       XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 run "$1" 300 python -m rmjax.bench --loop --spec "specs/${1%%_*}.py" \
         "${SPEC_LOOP[@]}" --windows 2 --set logging_steps=4 --set data.pack=true "${REAL_LENGTH_STEPS[@]}" \
         "${extra[@]}" ;;
@@ -180,7 +183,7 @@ for arg in "$@"; do
     bench) names="full_dots lora_dots_attn full_remat full_unrolled lora_unrolled attention lora_proj_attn lora_remat
                   full_dots_cublas" ;;
     data) names="packing loop" ;;
-    specs) names="full_spec_loop lora_spec_loop full_spec_loop_bf16" ;;
+    specs) names="full_spec_loop lora_spec_loop full_spec_loop_bf16 full_spec_loop_timed" ;;
     all) names="loop full_spec full_unrolled lora_unrolled packing full_remat torch_full lora_remat full_dots
                 lora_dots_attn attention lora_proj_attn full_dots_cublas" ;;
     *) names=$arg ;;

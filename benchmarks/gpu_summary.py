@@ -27,6 +27,9 @@ checks it needs are missing or failed). Figures:
   spec_lora_over_full  lora_spec_loop's bare step tokens/s over full_spec_loop's >= 1.4
   spec_loop:CHECK      each spec loop's loop_over_step within 3% of 1 (0.97 to 1.03), with the
                        median seconds between step completions of the loop and the bare step
+  spec_auto_order      full_spec_loop_timed (auto timing one step of each candidate that fits):
+                       the old default's step seconds over those of the cost order's pick, what
+                       a run without auto_time takes, >= 1
 and, not a target: full_fastest_over_torch, the best full step (bf16 moments, lighter remat)
 over the same torch run, which is not like for like.
 The targets are an H100 SXM's: on any other device (H100 PCIe or NVL included) a row's `held`
@@ -52,6 +55,8 @@ LORA_CHECKS = ("lora_dots_attn", "lora_unrolled", "lora_proj_attn", "lora_dots_a
 LIKE_TORCH_CHECK = "full_remat"  # rmjax with torch_full's settings: full remat, float32 Adam moments
 LORA_PEAK_LIMIT_MB = 16e9 / 2**20  # 16 GB; the bench reports MiB
 PACKING_RATIO = "_over_unpacked_markers_per_s"
+SPEC_LOOP_CHECKS = ("full_spec_loop", "lora_spec_loop", "full_spec_loop_bf16", "full_spec_loop_timed")
+AUTO_TIMED_CHECK = "full_spec_loop_timed"  # full_spec_loop with model.auto_time: every fitting candidate timed
 
 
 def parse_jsonl(text: str) -> tuple[list[dict[str, Any]], int]:
@@ -150,13 +155,30 @@ def _spec_rows(records: dict[str, Any]) -> list[dict[str, Any]]:
   ratio = lora["step_tokens_per_s"] / full["step_tokens_per_s"] if full and lora else None
   rows.append(_target("spec_lora_over_full", ratio, ">= 1.4", None if ratio is None else ratio >= 1.4,
                       checks=["lora_spec_loop", "full_spec_loop"]))
-  for check in ("full_spec_loop", "lora_spec_loop", "full_spec_loop_bf16"):
+  for check in SPEC_LOOP_CHECKS:
     r = _loop_record(records, check)
     value = r and r["loop_over_step"]
     rows.append(_target(f"spec_loop:{check}", value, "0.97 to 1.03",
                         None if value is None else 0.97 <= value <= 1.03, check=check,
                         seconds_per_step_median=r and r.get("seconds_per_step_median")))
+  timed = _loop_record(records, AUTO_TIMED_CHECK)
+  value = _order_pick_speedup(timed)
+  rows.append(_target("spec_auto_order", value, ">= 1 (the cost order's pick no slower than the old default)",
+                      None if value is None else value >= 1, check=AUTO_TIMED_CHECK,
+                      **{k: timed and (timed.get("auto") or {}).get(k) for k in ("order_pick", "old_default", "chosen")}))
   return rows
+
+
+def _order_pick_speedup(record: dict[str, Any] | None) -> float | None:
+  """The old default's step seconds over those of auto's cost-order pick, from a loop record
+  whose auto settings were timed (`model.auto_time`); None where either was not timed."""
+  auto = (record or {}).get("auto") or {}
+  if not auto.get("timed"):
+    return None
+  seconds = {(t["remat"], t["scan_unroll"]): t.get("step_s") for t in auto["trials"]}
+  key = lambda c: (c["remat"], c["scan_unroll"])
+  pick, old = seconds.get(key(auto["order_pick"])), seconds.get(key(auto["old_default"]))
+  return old / pick if pick and old else None
 
 
 def _target(name: str, value: Any, target: str, held: bool | None, **source: Any) -> dict[str, Any]:

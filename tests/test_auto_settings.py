@@ -101,6 +101,14 @@ def test_timing_compiles_every_candidate_and_takes_the_fastest_that_fits():
                        time_fn=lambda c, _: step_s[c])
   assert compiled == OPTIONS and choice.candidate == auto.FALLBACK  # the fastest (0.1 s) does not fit
   assert [t.step_s for t in choice.trials] == [None, 0.3, 0.2]
+  # the record says what the untimed cost order would have taken (the first that fits: slower
+  # here than the old default, so this order would not hold on this device) next to the old default
+  record = choice.as_record(auto.FALLBACK)
+  assert (record["chosen"], record["order_pick"], record["old_default"], record["timed"]) == (
+    auto.FALLBACK.as_dict(), OPTIONS[1].as_dict(), auto.FALLBACK.as_dict(), True)
+  assert [(t["remat"], t["fits"], t.get("step_s")) for t in record["trials"]] == [
+    ("none", False, None), ("dots_saveable", True, 0.3), ("full", True, 0.2)]
+  assert [t["compiled_peak_mb"] for t in record["trials"]] == [300.0, 200.0, 100.0]
 
 
 def test_a_resumed_run_reuses_the_recorded_choice(tmp_path):

@@ -71,4 +71,8 @@ def test_a_shipped_spec_runs_on_the_demo_backbone_with_the_presets_vocabulary(ca
   assert r["mode"] == "lora" and r["spec_file"] == "specs/lora.py"
   assert (r["spec"]["batch_size"], r["spec"]["grad_accum_steps"]) == (32, 4)  # lora.py's 4 micro-batches, 8 rows each
   assert r["spec"]["model.remat"] == "auto" and set(r["chosen"]) == {"remat", "scan_unroll"}
+  auto = r["auto"]  # untimed: the first in the cost order that fits, said next to the old default
+  assert auto["chosen"] == auto["order_pick"] == r["chosen"] and auto["timed"] is False
+  assert auto["old_default"] == {"remat": "full", "scan_unroll": 1}
+  assert auto["trials"][-1]["fits"] and "step_s" not in auto["trials"][-1]
   assert r["model_demo"]["vocab_size"] == 512 and r["batch_shape"] == [[32, 64]]  # the tiny preset's vocabulary

@@ -237,9 +237,15 @@ def test_gpu_summary_reads_the_shipped_specs_loops(tmp_path):
   loop = lambda step, ratio, mfu: {"bench": "loop", "device": device, "step_tokens_per_s": step,
                                    "loop_over_step": ratio, "step_mfu": mfu, "chosen": {"remat": "full"},
                                    "seconds_per_step_median": medians}
+  mlp, full = {"remat": "mlp_projections_saveable", "scan_unroll": 1}, {"remat": "full", "scan_unroll": 1}
+  timed = loop(17000.0, 1.0, 0.46) | {"auto": {  # the order's pick 1.5 s a step, the old default 1.8 s
+    "timed": True, "chosen": mlp, "order_pick": mlp, "old_default": full,
+    "trials": [{"remat": "dots_with_no_batch_dims_saveable", "scan_unroll": 1, "fits": False},
+               mlp | {"fits": True, "step_s": 1.5}, full | {"fits": True, "step_s": 1.8}]}}
   files = {"full_spec_loop.jsonl": json.dumps(loop(16000.0, 0.99, 0.44)),
            "lora_spec_loop.jsonl": json.dumps(loop(24000.0, 1.05, 0.41)),
-           "full_spec_loop_bf16.jsonl": json.dumps({"bench": "loop", "error": "SpecError: x"})}
+           "full_spec_loop_bf16.jsonl": json.dumps({"bench": "loop", "error": "SpecError: x"}),
+           "full_spec_loop_timed.jsonl": json.dumps(timed)}
   rows = {r["target"]: r for r in gpu_summary.summarise(gpu_summary.read_tarball(
     _write_tarball(tmp_path / "gpu_checks.tgz", files)))}
   assert (rows["spec_full_mfu"]["value"], rows["spec_full_mfu"]["held"]) == (0.44, False)
@@ -248,3 +254,9 @@ def test_gpu_summary_reads_the_shipped_specs_loops(tmp_path):
   assert (rows["spec_loop:full_spec_loop"]["held"], rows["spec_loop:lora_spec_loop"]["held"]) == (True, False)
   assert rows["spec_loop:lora_spec_loop"]["seconds_per_step_median"] == medians
   assert (rows["spec_loop:full_spec_loop_bf16"]["value"], rows["spec_loop:full_spec_loop_bf16"]["held"]) == (None, None)
+  order = rows["spec_auto_order"]
+  assert (order["value"], order["held"], order["order_pick"], order["old_default"]) == (pytest.approx(1.2), True, mlp, full)
+  untimed = {k: v for k, v in files.items() if k != "full_spec_loop_timed.jsonl"}
+  rows = {r["target"]: r for r in gpu_summary.summarise(gpu_summary.read_tarball(
+    _write_tarball(tmp_path / "untimed.tgz", untimed)))}
+  assert (rows["spec_auto_order"]["value"], rows["spec_auto_order"]["held"]) == (None, None)

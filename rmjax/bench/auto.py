@@ -136,16 +136,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           "counts": f"XLA cost analysis on {jax.devices()[0].platform}, layers extrapolated "
                                     "from unrolled 1- and 2-layer compiles with XLA attention; FLOPs include "
                                     "remat recompute; bytes leave out the layer loop's copies out of its stacks"}}
-  trial_row = lambda t: {**t.candidate.as_dict(), "compiled_peak_mb": None if t.peak_bytes is None else auto.mb(t.peak_bytes),
-                         "fits": t.fits, "compile_s": round(t.compile_s, 1), **({"error": t.error} if t.error else {})}
   return {"spec": args.spec, "preset": args.preset, "target": args.target or None, "device": device.device_kind,
           "mode": str(spec.mode), "rows": int(spec.batch_size), "grad_accum_steps": int(spec.grad_accum_steps),
           "seq_len": int(shapes["input_ids"].shape[1]), "marker_slots": int(shapes["targets"].shape[1]),
           "opt_state_dtype": str(spec.opt_state_dtype), "attention": cfg.attention_impl or "auto",
           "limit_mb": auto.mb(limit), "limit_source": source, "budget_mb": auto.mb(limit * (1 - auto.MARGIN)),
           "chosen": choice.candidate.as_dict(), "fitted": choice.fitted,
-          "tried": [trial_row(t) for t in choice.trials], "auto_compile_s": round(choice.compile_s, 1),
-          "old_default": trial_row(trials[fallback]), **cost}
+          "tried": [t.as_record() for t in choice.trials], "auto_compile_s": round(choice.compile_s, 1),
+          "old_default": trials[fallback].as_record(), **cost}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -33,7 +33,11 @@ rows) on the demo's random backbone at the preset's shape, the preset's vocabula
 (embedding and optimizer memory as the real model's, so "auto" meets the same limit), and the
 demo's synthetic data; flags and `--set` apply on top. Evaluation and checkpoints are skipped
 (they would fall after the timed windows; a 4B-shaped full run would write ~48 GB); GPU
-memory and the compilation cache are set up as the launcher sets them up.
+memory and the compilation cache are set up as the launcher sets them up. Where the spec
+leaves remat or the layer loop "auto", `auto` records what it compiled in its cost order, each
+candidate's compiled peak, and what it took (`chosen`; `order_pick`, the first that fits, is
+what a run without `model.auto_time` takes); with `--set model.auto_time=true` every candidate
+that fits has its `step_s`, so the cost order's pick is timed against the old default.
 
 Defaults: the 75m preset's width (768, 12 heads, MLP 2048) at 2 layers, the demo's rows
 (16 of 128 tokens, 2 micro-batches) in full fine-tuning: a step of about a second on 2 CPU
@@ -274,7 +278,9 @@ class Interleaved:
 
 def run(args: argparse.Namespace, output_dir: str) -> dict[str, Any]:
   import jax
+  from rmjax import spec as spec_lib
   from rmjax.runtime import quiet_library_logs, reuse_host_memory
+  from rmjax.train import auto_settings
   from rmjax.train import loop as train_loop
   from rmjax.train.step import device_batch
 
@@ -313,6 +319,8 @@ def run(args: argparse.Namespace, output_dir: str) -> dict[str, Any]:
   rate = lambda side: sum(w[f"{side}_tokens"] for w in segments) / sum(w[f"{side}_seconds"] for w in segments)
   loop_tps, step_tps = rate("loop"), rate("step")
   shape = {k: int(spec.model.demo[k]) for k in (*SHAPE_KEYS, "vocab_size")}
+  auto_record = None if trainer.auto_choice is None else trainer.auto_choice.as_record(
+    auto_settings.old_default(**spec_lib.performance_settings(spec)))
   return {
     "bench": "loop", "loop_tokens_per_s": loop_tps, "step_tokens_per_s": step_tps,
     "loop_over_step": loop_tps / step_tps,
@@ -321,7 +329,7 @@ def run(args: argparse.Namespace, output_dir: str) -> dict[str, Any]:
                   [flops[i] for i in timed], trainer.process_count, device.device_kind, loop_tps, step_tps),
     "timed_steps": len(timed), "warmup_steps": first_timed,
     "tokens_per_step": float(np.mean([tokens[i] for i in timed])),
-    "chosen": dict(trainer.performance), "spec_file": args.spec or str(DEMO_SPEC),
+    "chosen": dict(trainer.performance), "auto": auto_record, "spec_file": args.spec or str(DEMO_SPEC),
     "batch_shape": sorted(list(s) for s in shapes),
     "preset": args.preset, "mode": str(spec.mode), "model_demo": shape, "device": device.device_kind,
     "platform": device.platform, "device_count": jax.device_count(), "step_retraced": retraced,

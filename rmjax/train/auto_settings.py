@@ -197,6 +197,12 @@ class Trial:
   step_s: float | None = None
   error: str = ""
 
+  def as_record(self) -> dict[str, Any]:
+    """The trial as one JSON object: MB as the tools report them (MiB), seconds rounded."""
+    return {**self.candidate.as_dict(), "compiled_peak_mb": None if self.peak_bytes is None else mb(self.peak_bytes),
+            "fits": self.fits, "compile_s": round(self.compile_s, 1),
+            **({} if self.step_s is None else {"step_s": self.step_s}), **({"error": self.error} if self.error else {})}
+
   def describe(self, limit: int) -> str:
     if self.error:
       return f"{self.candidate.label()} failed to compile ({self.error})"
@@ -220,6 +226,15 @@ class Choice:
   @property
   def compile_s(self) -> float:
     return sum(t.compile_s for t in self.trials)
+
+  def as_record(self, old: Candidate) -> dict[str, Any]:
+    """What was compiled (and timed, with `auto_time`) in the cost order, and what a run without
+    `auto_time` takes (`order_pick`: the first that fits, `old` when none does), next to the
+    old default `old`: with the step times, whether the cost order held on this device."""
+    first_fit = next((t.candidate for t in self.trials if t.fits), old)
+    return {"chosen": self.candidate.as_dict(), "order_pick": first_fit.as_dict(), "old_default": old.as_dict(),
+            "timed": self.timed, "fitted": self.fitted, "compile_s": round(self.compile_s, 1),
+            "trials": [t.as_record() for t in self.trials]}
 
   def describe(self) -> str:
     """The one log line: what was chosen and why."""

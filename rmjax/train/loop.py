@@ -114,6 +114,7 @@ class Trainer:
       self.config = auto_settings.in_config(self.config, self.performance)
     elif spec_lib.AUTO in spec_lib.performance_settings(self.spec).values():
       self.logger.log(f"Auto settings: {self.performance} as this run chose them (logs/config.json)")
+    self.auto_choice: auto_settings.Choice | None = choice  # what "auto" compiled and chose (None: not resolved)
     self.model_cfg = self.model_cfg.replace(**self.performance)
     self.model = ConfidenceModel(self.model_cfg, self.head_cfg)
     key = jax.random.key(int(self.spec.seed))
