@@ -48,6 +48,8 @@ def test_candidates_follow_the_cost_order_with_the_old_default_last():
   gpu_full = auto.candidates("full", "gpu")
   assert gpu_full[0] == Candidate("dots_and_attention_saveable", 0) and gpu_full[-1] == auto.FALLBACK
   assert auto.candidates("lora", "cuda")[0] == Candidate("none", 0)
+  for mode in ("full", "lora"):  # on a GPU, saving the MLP's outputs is the last resort before full remat
+    assert auto.candidates(mode, "gpu")[-2:] == [Candidate("mlp_projections_saveable", 1), auto.FALLBACK]
   for mode in ("full", "lora"):
     for platform in ("cpu", "gpu"):
       order = auto.candidates(mode, platform)

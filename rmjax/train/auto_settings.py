@@ -12,13 +12,14 @@ fastest.
 
 Cost order (`COST_ORDER`), fastest first:
 * GPU, full fine-tuning: unrolled + dots_and_attention_saveable, then the layer loop with
-  dots_with_no_batch_dims_saveable, then the loop with mlp_projections_saveable (the MLP's
-  gate and up outputs: the backward pass recomputes the attention block only), then the old
-  default (loop, full remat). mlp_projections_saveable is placed by XLA's predicted FLOPs (less
-  recompute than full remat; no GPU timing yet), for memories between the two: an H200's.
-* GPU, LoRA: unrolled + no remat, then the loop with dots_and_attention_saveable, then full
-  remat in the loop.
-  Otherwise both GPU orders are the order of the measured H100 rows of each setting (BUILD.md, Results).
+  dots_with_no_batch_dims_saveable, then the loop with mlp_projections_saveable, then the old
+  default (loop, full remat).
+* GPU, LoRA: unrolled + no remat, then the loop with dots_and_attention_saveable, then the loop
+  with mlp_projections_saveable, then full remat in the loop.
+  mlp_projections_saveable (the MLP's gate and up outputs: the backward pass recomputes the
+  attention block only) is placed by XLA's predicted FLOPs, less recompute than full remat (no
+  GPU timing yet), for memories between the two: specs/full.py on an H200. Otherwise both GPU
+  orders are the order of the measured H100 rows of each setting (BUILD.md, Results).
 * CPU (fp32), both modes: no remat unrolled, then no remat in the loop, then the old default.
   On the 75m preset at 4 x 512 rows no remat unrolled takes less time a step than the old
   default in both modes on the CPUs measured (BUILD.md, Results, "auto's CPU candidates").
@@ -75,7 +76,8 @@ COST_ORDER: Mapping[tuple[str, str], tuple[Candidate, ...]] = {
   ("gpu", "full"): (Candidate("dots_and_attention_saveable", 0),
                     Candidate("dots_with_no_batch_dims_saveable", 1),
                     Candidate("mlp_projections_saveable", 1), FALLBACK),
-  ("gpu", "lora"): (Candidate("none", 0), Candidate("dots_and_attention_saveable", 1), FALLBACK),
+  ("gpu", "lora"): (Candidate("none", 0), Candidate("dots_and_attention_saveable", 1),
+                    Candidate("mlp_projections_saveable", 1), FALLBACK),
   ("cpu", "full"): (Candidate("none", 0), Candidate("none", 1), FALLBACK),
   ("cpu", "lora"): (Candidate("none", 0), Candidate("none", 1), FALLBACK),
 }
