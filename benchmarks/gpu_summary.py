@@ -33,9 +33,10 @@ checks it needs are missing or failed). Figures:
 and, not a target: full_fastest_over_torch, the best full step (bf16 moments, lighter remat)
 over the same torch run, which is not like for like.
 The targets are an H100 SXM's: on any other device (H100 PCIe or NVL included) a row's `held`
-is null and `not_judged` says why; the spec_* rows are judged on an H200 as well (judged_device). Only the tarball's top-level files are read (not the
-loop's run/ folder); a record line that is not JSON (a run killed mid-line) is skipped and
-counted, on stderr and in the rows' `skipped_lines`.
+is null and `not_judged` says why; the spec_* rows are judged on an H200 as well
+(judged_device). Only the tarball's top-level files are read (not the loop's run/ folder); a
+record line that is not JSON (a run killed mid-line) is skipped and counted, on stderr and in
+the rows' `skipped_lines`.
 """
 
 from __future__ import annotations

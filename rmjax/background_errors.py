@@ -9,10 +9,10 @@ callbacks, posting results to orbax's event loop after it closed, raise "Event l
 as unraisable exceptions (dozens of tracebacks). A restore that fails on one array's damaged
 file (reported as one `CheckpointCorrupt` line) leaves the same callbacks behind, and the reads
 of the other arrays as coroutines that raise when they are collected (each an unraisable
-exception with orbax's frames in its traceback) or that never ran (a RuntimeWarning each). `install()` keeps orbax's messages as single
-lines (without tracebacks) and drops the rest when it comes from orbax's or tensorstore's code
-(or is asyncio's closed-loop error); everything else is left alone. Every path that reads or
-writes a checkpoint through orbax calls it first.
+exception with orbax's frames in its traceback) or that never ran (a RuntimeWarning each).
+`install()` keeps orbax's messages as single lines (without tracebacks) and drops the rest when
+it comes from orbax's or tensorstore's code (or is asyncio's closed-loop error); everything
+else is left alone. Every path that reads or writes a checkpoint through orbax calls it first.
 """
 
 from __future__ import annotations
