@@ -12,7 +12,9 @@ of the other arrays as coroutines that raise when they are collected (each an un
 exception with orbax's frames in its traceback) or that never ran (a RuntimeWarning each).
 `install()` keeps orbax's messages as single lines (without tracebacks) and drops the rest when
 it comes from orbax's or tensorstore's code (or is asyncio's closed-loop error); everything
-else is left alone. Every path that reads or writes a checkpoint through orbax calls it first.
+else is left alone. Every path that reads or writes a checkpoint through orbax calls it first,
+and `orbax_failed()` where orbax's failure becomes rmjax's error (the never-awaited warnings
+name a coroutine, not its library).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from types import TracebackType
 from typing import Any
 
 _LIBRARIES = ("/orbax/", "/tensorstore/")
-_ABANDONED_READ = "coroutine '_read_array_index_and_device_put' was never awaited"  # orbax's
 _installed = False
 
 
@@ -63,12 +64,16 @@ def _abandoned_work(unraisable: Any) -> bool:
   return closed_loop or _from_libraries(tb)
 
 
+def orbax_failed() -> None:
+  """Called where a failed orbax read or write becomes rmjax's one-line error: the coroutines it
+  left pending are never awaited, and Python warns of each (mostly at exit, where no origin
+  shows). From here on in this process those warnings are not shown."""
+  warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
+
+
 def install() -> None:
   """Idempotent; called before orbax reads or writes a checkpoint."""
   global _installed
-  # Python's own line for each abandoned read (applied on every call: a caller's
-  # warnings.catch_warnings may have reset the filters since the last one).
-  warnings.filterwarnings("ignore", message=_ABANDONED_READ, category=RuntimeWarning)
   if _installed:
     return
   _installed = True

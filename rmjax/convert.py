@@ -112,6 +112,7 @@ def load_converted(path: str | os.PathLike, dtype: str | None = None) -> tuple[d
     with ocp.StandardCheckpointer() as ckpt:
       params = ckpt.restore(path / PARAMS_DIR)
   except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise many types for bad files
+    background_errors.orbax_failed()
     raise CheckpointCorrupt(path / PARAMS_DIR, one_line(e)) from e
   if dtype and dtype != cfg.param_dtype:
     cast = _np_dtype(dtype)

@@ -79,3 +79,31 @@ def test_error_line_leaves_out_tensorstores_store_spec():
              '[tensorstore_spec=\'{\\"context\\":{\\"cache_pool\\":{}},\\"driver\\":\\"zarr\\"}\']')
   assert one_line(ValueError(message)) == ('ValueError: OUT_OF_RANGE: Error reading "layers.scale/.zarray" in OCDBT '
                                            'database at local file "/m/params/": Requested byte range [0, 2465) is not valid')
+
+
+def test_a_store_spec_spanning_lines_or_cut_off_is_left_out_too():
+  head = 'OUT_OF_RANGE: Error reading "step/.zarray" in OCDBT database at local file "/r/state/"'
+  spanning = ValueError(head + " [tensorstore_spec='{\"context\":\n{\"cache_pool\":{}}}'] [os_error_code='5']\nmore")
+  assert one_line(spanning) == f"ValueError: {head} [os_error_code='5'] (Input/output error)"
+  cut_off = ValueError(head + " [tensorstore_spec='{\"context\":\n{\"cache_pool\":{}}")
+  assert one_line(cut_off) == f"ValueError: {head}"
+
+
+def test_after_orbax_failed_pending_coroutines_are_not_warned_of():
+  """orbax's abandoned reads are coroutines never awaited; Python warns of each, naming only the
+  coroutine. Once rmjax has reported orbax's failure (orbax_failed) those warnings are not shown."""
+  import gc
+  import warnings
+
+  async def pending():
+    pass
+
+  def warned(after_failure: bool) -> bool:
+    with warnings.catch_warnings(record=True) as seen:
+      warnings.simplefilter("always")
+      if after_failure:
+        be.orbax_failed()
+      pending()  # created, never awaited, collected at once
+      gc.collect()
+    return any("was never awaited" in str(w.message) for w in seen)
+  assert warned(after_failure=False) and not warned(after_failure=True)

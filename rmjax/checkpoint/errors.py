@@ -11,7 +11,6 @@ import os
 import pathlib
 import re
 
-from rmjax.cli import first_line
 
 
 class CheckpointError(RuntimeError):
@@ -27,7 +26,7 @@ class CheckpointCorrupt(CheckpointError):
   not matching the restore target)."""
 
   def __init__(self, path: os.PathLike | str, reason: str):
-    self.path = pathlib.Path(path)
+    self.path, self.reason = pathlib.Path(path), reason
     super().__init__(f"corrupt or unreadable checkpoint {self.path}: {reason}")
 
 
@@ -49,6 +48,7 @@ class CheckpointWriteError(CheckpointError):
 
 _ORBAX_READ_WRAPPER = "Encountered error while reading array index"
 _TENSORSTORE_DETAIL = re.compile(r"\s*\[(tensorstore_spec|source locations)='[^']*'\]")
+_UNCLOSED_DETAIL = re.compile(r"\s*\[(tensorstore_spec|source locations)='.*$")  # cut off by the message's end
 
 
 def one_line(exc: BaseException) -> str:
@@ -60,8 +60,9 @@ def one_line(exc: BaseException) -> str:
   locations are left out."""
   if _ORBAX_READ_WRAPPER in str(exc) and exc.__cause__ is not None:
     exc = exc.__cause__
-  text = first_line(exc) if str(exc).strip() else ""
-  text = _TENSORSTORE_DETAIL.sub("", text)
+  message = _TENSORSTORE_DETAIL.sub("", str(exc))  # before the first line: a spec may span lines
+  text = next((line.strip() for line in message.splitlines() if line.strip()), "")
+  text = _UNCLOSED_DETAIL.sub("", text)
   code = re.search(r"os_error_code='?(\d+)", text)
   if len(text) > 400:  # keep the end too: tensorstore puts the OS reason last
     text = f"{text[:220]} ... {text[-170:]}"

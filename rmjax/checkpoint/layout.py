@@ -140,4 +140,5 @@ def restore_subtree(step_dir: os.PathLike | str, abstract_subtree: dict) -> dict
     with ocp.PyTreeCheckpointer() as pc:
       return pc.restore(step_dir / "state", args=args)
   except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise many types for bad files
+    background_errors.orbax_failed()
     raise CheckpointCorrupt(step_dir, one_line(e)) from e

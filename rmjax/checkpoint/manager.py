@@ -88,6 +88,7 @@ class Checkpointer:
     """After a failed write orbax re-raises the same error on every later call, so the
     manager is replaced (its leftover tmp folder is removed on reopen) and training can
     go on; the committed steps were never touched."""
+    background_errors.orbax_failed()
     try:
       self._mgr.close()
     except Exception:  # noqa: BLE001 -- the old manager only re-raises the same failure
@@ -200,6 +201,7 @@ class Checkpointer:
     try:
       out = self._mgr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # noqa: BLE001 -- orbax/tensorstore raise many types for bad files
+      background_errors.orbax_failed()
       raise CheckpointCorrupt(path, one_line(e)) from e
     return Restored(step=step, state=out["state"], metadata=dict(out["meta"] or {}))
 

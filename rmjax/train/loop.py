@@ -165,8 +165,16 @@ class Trainer:
     """Step to continue from: the latest checkpoint's (state + iterator restored), else 0."""
     if self.resume_step is not None:
       fallback = bool(self.spec.checkpoint.fallback_to_previous)
-      restored = self.checkpointer.restore_latest(ckpt_lib.abstract_like(self.state), iterator=self.train_iter,
-                                                  fallback_to_previous=fallback)
+      try:
+        restored = self.checkpointer.restore_latest(ckpt_lib.abstract_like(self.state), iterator=self.train_iter,
+                                                    fallback_to_previous=fallback)
+      except ckpt_lib.CheckpointCorrupt as e:
+        older = [s for s in self.checkpointer.all_steps() if s < self.resume_step]
+        if fallback or not older:
+          raise
+        raise ckpt_lib.CheckpointCorrupt(e.path, f"{e.reason}; --spec.checkpoint.fallback_to_previous=True "
+                                                 f"resumes from the newest readable older step ({older[-1]} or "
+                                                 f"before)") from e
       if restored.step != self.resume_step:  # the newer step(s) were corrupt (logged by restore_latest)
         self.logger.log(f"Checkpoint {self.checkpointer.step_path(self.resume_step)} is corrupt; fell back to "
                         f"step {restored.step} (checkpoint.fallback_to_previous); the unreadable steps are "
