@@ -105,7 +105,7 @@ def test_timing_compiles_every_candidate_and_takes_the_fastest_that_fits():
   assert [t.step_s for t in choice.trials] == [None, 0.3, 0.2]
   # the record says what the untimed cost order would have taken (the first that fits: slower
   # here than the old default, so this order would not hold on this device) next to the old default
-  record = choice.as_record(auto.FALLBACK)
+  record = choice.as_record()
   assert (record["chosen"], record["order_pick"], record["old_default"], record["timed"]) == (
     auto.FALLBACK.as_dict(), OPTIONS[1].as_dict(), auto.FALLBACK.as_dict(), True)
   assert [(t["remat"], t["fits"], t.get("step_s")) for t in record["trials"]] == [

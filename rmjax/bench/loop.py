@@ -278,9 +278,7 @@ class Interleaved:
 
 def run(args: argparse.Namespace, output_dir: str) -> dict[str, Any]:
   import jax
-  from rmjax import spec as spec_lib
   from rmjax.runtime import quiet_library_logs, reuse_host_memory
-  from rmjax.train import auto_settings
   from rmjax.train import loop as train_loop
   from rmjax.train.step import device_batch
 
@@ -319,8 +317,7 @@ def run(args: argparse.Namespace, output_dir: str) -> dict[str, Any]:
   rate = lambda side: sum(w[f"{side}_tokens"] for w in segments) / sum(w[f"{side}_seconds"] for w in segments)
   loop_tps, step_tps = rate("loop"), rate("step")
   shape = {k: int(spec.model.demo[k]) for k in (*SHAPE_KEYS, "vocab_size")}
-  auto_record = None if trainer.auto_choice is None else trainer.auto_choice.as_record(
-    auto_settings.old_default(**spec_lib.performance_settings(spec)))
+  auto_record = None if trainer.auto_choice is None else trainer.auto_choice.as_record()
   return {
     "bench": "loop", "loop_tokens_per_s": loop_tps, "step_tokens_per_s": step_tps,
     "loop_over_step": loop_tps / step_tps,

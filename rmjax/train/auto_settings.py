@@ -221,6 +221,7 @@ class Choice:
   limit_source: str
   timed: bool
   fitted: bool
+  old_default: Candidate  # what a run took before "auto": taken when none fits
   # `resolve`'s Steps for the chosen candidate: jax holds their trace and compile for the run's
   # largest shape, which the run reuses (step_lowerer)
   steps: Any = None
@@ -229,12 +230,13 @@ class Choice:
   def compile_s(self) -> float:
     return sum(t.compile_s for t in self.trials)
 
-  def as_record(self, old: Candidate) -> dict[str, Any]:
+  def as_record(self) -> dict[str, Any]:
     """What was compiled (and timed, with `auto_time`) in the cost order, and what a run without
-    `auto_time` takes (`order_pick`: the first that fits, `old` when none does), next to the
-    old default `old`: with the step times, whether the cost order held on this device."""
-    first_fit = next((t.candidate for t in self.trials if t.fits), old)
-    return {"chosen": self.candidate.as_dict(), "order_pick": first_fit.as_dict(), "old_default": old.as_dict(),
+    `auto_time` takes (`order_pick`: the first that fits, the old default when none does), next
+    to the old default: with the step times, whether the cost order held on this device."""
+    first_fit = next((t.candidate for t in self.trials if t.fits), self.old_default)
+    return {"chosen": self.candidate.as_dict(), "order_pick": first_fit.as_dict(),
+            "old_default": self.old_default.as_dict(),
             "timed": self.timed, "fitted": self.fitted, "compile_s": round(self.compile_s, 1),
             "trials": [t.as_record() for t in self.trials]}
 
@@ -281,11 +283,11 @@ def choose(options: Sequence[Candidate], compile_fn: Callable[[Candidate], Any],
     if trial.fits:
       trial.step_s = time_fn(c, compiled)
     del compiled
-  fitting = [t for t in trials if t.fits]
+  fitting, old = [t for t in trials if t.fits], fallback or options[-1]
   if not fitting:
-    return Choice(fallback or options[-1], trials, limit_bytes, limit_source, time_fn is not None, fitted=False)
+    return Choice(old, trials, limit_bytes, limit_source, time_fn is not None, fitted=False, old_default=old)
   best = min(fitting, key=lambda t: t.step_s) if time_fn is not None else fitting[0]
-  return Choice(best.candidate, trials, limit_bytes, limit_source, time_fn is not None, fitted=True)
+  return Choice(best.candidate, trials, limit_bytes, limit_source, time_fn is not None, fitted=True, old_default=old)
 
 
 # ---------------------------------------------------------------------------- a run's settings
