@@ -8,24 +8,31 @@ with `--option NAME=VALUE` pairs as per-compile options, checks that the options
 compiled program, then times the two executables in alternating blocks of `--block` steps on
 the same state and batches (the order reversed each round) and prints one JSON line: each
 variant's median step seconds and `default_over_options` (above 1: the options are faster).
+`--autodiff-projections` makes the other variant's projections plain `jnp.dot`s (autodiff's
+weight gradients, which XLA's CPU backend runs on Eigen) instead of model/projection.py's,
+with or without options: what that module gains, measured on the whole step.
 
   python -m benchmarks.step_options --preset 75m --mode full --option xla_cpu_experimental_ynn_fusion_type=
+  python -m benchmarks.step_options --preset 75m --mode full --autodiff-projections
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import statistics
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from rmjax import runtime
 from rmjax.bench import common, jax_impl
+from rmjax.model import transformer
 from rmjax.train import auto_settings, optim
 from rmjax.train.step import TRAIN_KEYS, device_batch
 
@@ -54,16 +61,33 @@ def program(hlo_text: str) -> list[str]:
   return [_METADATA.sub("", line) for line in hlo_text.splitlines() if " = " in line]
 
 
-def compiled_variants(preset: str, mode: str, seq_len: int, batch: int, options: dict[str, Any]):
-  """The step's state, two batches and {"default": executable, "options": executable}."""
+@contextlib.contextmanager
+def autodiff_projections(enabled: bool) -> Iterator[None]:
+  """While open (and enabled), the decoder's projections trace as plain jnp.dot."""
+  shipped = transformer.matmul
+  if enabled:
+    transformer.matmul = jnp.dot
+  try:
+    yield
+  finally:
+    transformer.matmul = shipped
+
+
+def compiled_variants(preset: str, mode: str, seq_len: int, batch: int, options: dict[str, Any],
+                      plain_projections: bool = False):
+  """The step's state, two batches and {"default": executable, "options": executable}; the
+  latter with `options`, and traced with plain jnp.dot projections if `plain_projections`."""
   settings = common.BenchSettings(preset=preset, seq_len=seq_len, batch=batch, flops=False)
   device = jax.devices()[0]
   settings = jax_impl.resolve_scan_unroll(settings.on_device(device.platform != "cpu"), mode, device.platform)
   host_batches = common.make_batches(settings.model_config(mode), settings, 2)
   steps, state, mesh = jax_impl.build(settings, mode, device)
   batches = [{k: v for k, v in device_batch(b, mesh).items() if k in TRAIN_KEYS} for b in host_batches]
-  lowered = auto_settings.lower_step(steps, state, batches[0])
-  variants = {"default": lowered.compile(), "options": lowered.compile(compiler_options=options)}
+  variants = {"default": auto_settings.lower_step(steps, state, batches[0]).compile()}
+  with autodiff_projections(plain_projections):
+    other_steps = jax_impl.build(settings, mode, device)[0] if plain_projections else steps
+    lowered = auto_settings.lower_step(other_steps, state, batches[0])
+  variants["options"] = lowered.compile(compiler_options=options)
   if program(variants["default"].as_text()) == program(variants["options"].as_text()):
     raise ValueError(f"the options {options} leave the compiled step unchanged")
   return state, batches, variants
@@ -95,21 +119,26 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--mode", default="full", choices=optim.MODES)
   p.add_argument("--seq-len", type=int, default=512)
   p.add_argument("--batch", type=int, default=4)
-  p.add_argument("--option", dest="options", action="append", type=parse_option, required=True,
+  p.add_argument("--option", dest="options", action="append", type=parse_option, default=[],
                  metavar="NAME=VALUE", help="an XLA compile option (repeatable), e.g. xla_cpu_experimental_ynn_fusion_type=")
+  p.add_argument("--autodiff-projections", action="store_true",
+                 help="the other variant's projections as plain jnp.dot (autodiff's weight gradients)")
   p.add_argument("--rounds", type=int, default=4, help="blocks of each variant, taking turns")
   p.add_argument("--block", type=int, default=3, help="steps in each block")
   args = p.parse_args(argv)
+  if not args.options and not args.autodiff_projections:
+    p.error("give --option NAME=VALUE or --autodiff-projections: there is nothing to compare")
   options = dict(args.options)
   runtime.reuse_host_memory(jax.devices()[0].platform)  # as the launcher and the bench do
   try:
-    state, batches, variants = compiled_variants(args.preset, args.mode, args.seq_len, args.batch, options)
+    state, batches, variants = compiled_variants(args.preset, args.mode, args.seq_len, args.batch, options,
+                                                 args.autodiff_projections)
   except (ValueError, jax.errors.JaxRuntimeError) as e:  # no-op options; an option XLA does not know
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     return 2
   seconds = time_variants(state, batches, variants, args.rounds, args.block)
   print(json.dumps({"preset": args.preset, "mode": args.mode, "seq_len": args.seq_len, "batch": args.batch,
-                    "options": options, "default_s": seconds["default"], "options_s": seconds["options"],
+                    "options": options, "autodiff_projections": args.autodiff_projections, "default_s": seconds["default"], "options_s": seconds["options"],
                     "default_over_options": seconds["default"] / seconds["options"]}), flush=True)
   return 0
 

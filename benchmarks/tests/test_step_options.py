@@ -37,3 +37,16 @@ def test_an_unknown_or_ineffective_option_is_one_line(option, says, capsys):
   assert step_options.main([*TINY, "--option", option]) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and err.startswith("error: ") and says in err
+
+
+def test_the_step_with_autodiff_projections_is_timed_against_the_shipped_one(capsys):
+  assert step_options.main([*TINY, "--rounds", "2", "--block", "1", "--autodiff-projections"]) == 0
+  record = json.loads(capsys.readouterr().out)
+  assert record["autodiff_projections"] is True and record["options"] == {}
+  assert record["default_s"] > 0 and record["options_s"] > 0
+
+
+def test_nothing_to_compare_is_a_usage_error(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    step_options.main(list(TINY))
+  assert exit_info.value.code == 2 and "nothing to compare" in capsys.readouterr().err

@@ -32,6 +32,7 @@ from jax.ad_checkpoint import checkpoint_name
 from rmjax.model import cudnn_attention
 from rmjax.model.blocked_attention import blocked_causal_attention
 from rmjax.model.config import ModelConfig
+from rmjax.model.projection import matmul
 
 Array = jax.Array
 _EMBED_INIT = nn.initializers.normal(stddev=0.02)
@@ -206,7 +207,8 @@ class Proj(nn.Module):
   The input is flattened to (tokens, in) and the output reshaped back: both are free bitcasts,
   and with 2-D operands XLA's CPU layout assignment does not fuse the SwiGLU backward with a
   strided transpose for the weight gradient, which it writes column by column (GPU gemms are
-  2-D either way).
+  2-D either way). The products go through model/projection.py's `matmul`, whose float32
+  weight gradient runs on YNNPACK's GEMM on a CPU.
   """
   cfg: ModelConfig
   features: int
@@ -217,14 +219,14 @@ class Proj(nn.Module):
     lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
     cfg, pdt, cdt = self.cfg, _dtype(self.cfg.param_dtype), _dtype(self.cfg.compute_dtype)
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), pdt)
-    y = jnp.dot(x, kernel.astype(cdt))
+    y = matmul(x, kernel.astype(cdt))
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (self.features,), pdt).astype(cdt)
     if cfg.lora_rank > 0 and self.name in cfg.lora_targets:
       # LoRA params are float32 whatever param_dtype is: they are the trained weights.
       a = self.param("lora_a", _LORA_A_INIT, (x.shape[-1], cfg.lora_rank), jnp.float32)
       b = self.param("lora_b", nn.initializers.zeros, (cfg.lora_rank, self.features), jnp.float32)
-      y = y + (cfg.lora_alpha / cfg.lora_rank) * jnp.dot(jnp.dot(x, a.astype(cdt)), b.astype(cdt))
+      y = y + (cfg.lora_alpha / cfg.lora_rank) * matmul(matmul(x, a.astype(cdt)), b.astype(cdt))
     # A name for remat policies (identity otherwise): the projection's output, LoRA included.
     return checkpoint_name(y, self.name).reshape(*lead, self.features)
 
