@@ -1,16 +1,17 @@
 """The projections' matrix product, with a weight gradient that XLA's CPU backend runs fast.
 
 Why it exists: autodiff of `x_TK @ w_KN` computes the weight gradient as one dot contracting
-both operands over their leading (token) axis. XLA's CPU backend hands dots to YNNPACK's GEMM
-only when the left operand contracts over its last axis; this one it gives to Eigen, which runs
-it at about 0.7x YNNPACK's rate, and these gradients are a third of a full fine-tuning step's
-FLOPs. `project` is the same product with its backward pass written out: on a CPU the weight
-gradient transposes the (tokens, in) activations into a (in, tokens) buffer first (an
-optimization barrier keeps XLA from folding that transpose back into the dot), so YNNPACK runs
-it. Elsewhere (GPU GEMMs read either layout) the backward pass is autodiff's own.
-`jax.lax.platform_dependent` picks the branch when the step is lowered, for the platform it is
-lowered for, so a step compiled for a GPU on a CPU host gets the GPU's. Remat policies see the
-forward's dot as before (tests/test_projection.py). Measured: BUILD.md, Results.
+both operands over their leading (token) axis. XLA's CPU backend gives that dot to Eigen's GEMM,
+slower than YNNPACK's, which runs the forward products (the left operand contracted over its
+last axis); these gradients are a third of a full fine-tuning step's FLOPs. `project` is the
+same product with its backward pass written out: on a CPU the weight gradient transposes the
+(tokens, in) activations into an (in, tokens) buffer first (an optimization barrier keeps XLA
+from folding that transpose back into the dot), so YNNPACK runs it. Elsewhere (GPU GEMMs read
+either layout) the backward pass is autodiff's own. `jax.lax.platform_dependent` picks the
+branch when the step is lowered, for the platform it is lowered for, so a step compiled for a
+GPU on a CPU host gets the GPU's. Remat policies see the forward's dot as before
+(tests/test_projection.py). Measured, GEMMs and whole steps (where the gain has been within a
+shared CPU's noise): BUILD.md, Results.
 
 `matmul` uses it for float32 operands only: CPU training is float32 (bf16 is a GPU's), and a
 written-out backward pass changes which roundings XLA may skip under its default excess
