@@ -15,7 +15,8 @@ pause of `--settle` seconds before each block lets the other library's threads g
 
 `--eigen` also times XLA's dot compiled with YNNPACK off (`xla_cpu_experimental_ynn_fusion_type`
 empty, as a compile option): Eigen's GEMM, which XLA runs for the dots YNNPACK does not take,
-such as the training step's weight gradients (both operands contracted on their first axis).
+such as autodiff's weight gradients (both operands contracted on their first axis; rmjax's
+projections lay theirs out for YNNPACK instead, model/projection.py).
 The record then adds `xla_eigen_gflops` and `eigen_over_ynn`: whether, on that CPU, handing every
 dot to Eigen would be faster.
 
