@@ -85,7 +85,7 @@ def compiled_variants(preset: str, mode: str, seq_len: int, batch: int, options:
   batches = [{k: v for k, v in device_batch(b, mesh).items() if k in TRAIN_KEYS} for b in host_batches]
   variants = {"default": auto_settings.lower_step(steps, state, batches[0]).compile()}
   with autodiff_projections(plain_projections):
-    other_steps = jax_impl.build(settings, mode, device)[0] if plain_projections else steps
+    other_steps = jax_impl.build_abstract(settings, mode, device)[0] if plain_projections else steps
     lowered = auto_settings.lower_step(other_steps, state, batches[0])
   variants["options"] = lowered.compile(compiler_options=options)
   if program(variants["default"].as_text()) == program(variants["options"].as_text()):
@@ -138,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   seconds = time_variants(state, batches, variants, args.rounds, args.block)
   print(json.dumps({"preset": args.preset, "mode": args.mode, "seq_len": args.seq_len, "batch": args.batch,
-                    "options": options, "autodiff_projections": args.autodiff_projections, "default_s": seconds["default"], "options_s": seconds["options"],
+                    "options": options, "autodiff_projections": args.autodiff_projections,
+                    "default_s": seconds["default"], "options_s": seconds["options"],
                     "default_over_options": seconds["default"] / seconds["options"]}), flush=True)
   return 0
 
