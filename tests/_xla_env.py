@@ -7,10 +7,14 @@ Tests that start `python -m rmjax.launch` with another device count must keep th
 flags, so they build their XLA_FLAGS here.
 
 The tests' models are tiny: compiling their programs, not running them, is where the suite's time
-goes, and LLVM's code generation is much of a compile (about half of a tiny train step's). The
-level is LLVM's alone: XLA's HLO passes, fusions and library kernels are the same, and values
-differ at most by fp32 rounding (FMA contraction), as between CPU kinds.
-XLA_FLAGS=--xla_backend_optimization_level=3 runs the suite at the default.
+goes. Two flags make a compile cheaper without changing the program: LLVM's optimisation level 0
+(its code generation was about half of a tiny train step's compile), and XLA CPU's older
+elemental emitters for fused loops instead of its MLIR fusion emitters (a tiny train step's
+compile then takes about 0.4x the time). XLA's HLO passes, which fusions it forms and its library
+kernels are the same; values differ at most by fp32 rounding (FMA contraction, the order of a
+fused reduction), as between CPU kinds. Either is overridden by setting it in XLA_FLAGS, e.g.
+XLA_FLAGS="--xla_backend_optimization_level=3 --xla_cpu_use_fusion_emitters=true" runs the suite
+as jax's defaults compile.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ DEVICE_FLAG = "--xla_force_host_platform_device_count"
 ISA_FLAG = "--xla_cpu_max_isa"
 ISA_ENV = "RMJAX_TEST_MAX_ISA"  # XLA's names: AVX2, AVX, SSE4_2, AVX512, ...
 OPT_FLAG = "--xla_backend_optimization_level"
+EMITTER_FLAG = "--xla_cpu_use_fusion_emitters"
+COMPILE_SPEED_FLAGS = (f"{OPT_FLAG}=0", f"{EMITTER_FLAG}=false")
 
 
 def _name(flag: str) -> str:
@@ -36,10 +42,10 @@ def with_flags(existing: str, *flags: str) -> str:
 
 def suite_flags(env: Mapping[str, str] = os.environ, devices: int = 8) -> str:
   """The test process's XLA_FLAGS: the caller's, then (each unless the caller set it) `devices`
-  fake CPU devices, LLVM optimisation level 0 and the instruction-set cap named by
+  fake CPU devices, the compile-speed flags and the instruction-set cap named by
   RMJAX_TEST_MAX_ISA."""
   isa = env.get(ISA_ENV, "").strip()
-  return with_flags(env.get("XLA_FLAGS", ""), f"{DEVICE_FLAG}={devices}", f"{OPT_FLAG}=0",
+  return with_flags(env.get("XLA_FLAGS", ""), f"{DEVICE_FLAG}={devices}", *COMPILE_SPEED_FLAGS,
                     *([f"{ISA_FLAG}={isa}"] if isa else []))
 
 
@@ -47,8 +53,8 @@ def subprocess_flags(device_count: int | None, env: Mapping[str, str] = os.envir
                      optimised: bool = False) -> str:
   """This process's XLA_FLAGS with `device_count` fake CPU devices instead of its count (None:
   jax's one CPU device, as for a user); every other flag (the instruction-set cap) is kept, but
-  `optimised` drops the LLVM level, so XLA's default applies: for runs of hundreds of steps,
-  whose running outweighs their compiling (the demo)."""
-  dropped = {DEVICE_FLAG, OPT_FLAG} if optimised else {DEVICE_FLAG}
+  `optimised` drops the compile-speed flags, so XLA's defaults apply: for runs of hundreds of
+  steps, whose running outweighs their compiling (the demo)."""
+  dropped = {DEVICE_FLAG, *map(_name, COMPILE_SPEED_FLAGS)} if optimised else {DEVICE_FLAG}
   kept = " ".join(f for f in env.get("XLA_FLAGS", "").split() if _name(f) not in dropped)
   return with_flags(kept, *([f"{DEVICE_FLAG}={device_count}"] if device_count is not None else []))
