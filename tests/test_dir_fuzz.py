@@ -52,7 +52,7 @@ STEP = "checkpoints/checkpoint_step_7"
 INPUT = [{"problem": "Compute 3 + 4 * 2.", "steps": ["4 * 2 = 8", "3 + 8 = 11", "The answer is 11."]},
          {"problem": "Compute 12 * 12.", "steps": ["12 * 12 = 144", "# Answer 144"]}]
 COUNTS: dict[str, collections.Counter] = {}
-# ~35 s for the whole module on 2 cores. An exception raised where nothing can catch it (orbax's
+# An exception raised where nothing can catch it (orbax's
 # abandoned reads, collected after a failed restore) prints a traceback on the user's terminal
 # after main() returned: here it fails the test.
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")]
@@ -182,6 +182,9 @@ IN_TREE = ("delete_file", "delete_dir", "truncate_zero", "truncate_half", "rando
            "json_list", "json_strings", "json_missing_key", "json_wrong_type", "dir_to_file", "file_to_dir",
            "empty_subdir")
 WHOLE = ("empty_dir", "missing_path", "file_not_dir")
+# Cases per tool: every kind of mutation is the first tried on two copies (a kind that finds
+# nothing to change falls through to the others); RMJAX_DIR_FUZZ_SCALE runs more.
+CASES = 2 * len(IN_TREE + WHOLE)
 
 
 def mutate_target(target: pathlib.Path, kind: str, rng: random.Random) -> str | None:
@@ -326,17 +329,17 @@ def _same_tensors(a: dict, b: dict) -> bool:
 
 def test_score_run_dir(world, tmp_path, capfd):
   d, _ = world
-  fuzz(_score_tool(world, d / "run", ""), 60, 1, tmp_path, capfd)
+  fuzz(_score_tool(world, d / "run", ""), CASES, 1, tmp_path, capfd)
 
 
 def test_score_checkpoint_step_dir(world, tmp_path, capfd):
   d, _ = world
-  fuzz(_score_tool(world, d / "run", STEP), 40, 2, tmp_path, capfd)
+  fuzz(_score_tool(world, d / "run", STEP), CASES, 2, tmp_path, capfd)
 
 
 def test_score_export_dir_in_torch(world, tmp_path, capfd):
   d, _ = world
-  fuzz(_score_tool(world, d / "export", ""), 60, 3, tmp_path, capfd)
+  fuzz(_score_tool(world, d / "export", ""), CASES, 3, tmp_path, capfd)
 
 
 @pytest.mark.parametrize("target", ["", STEP])
@@ -345,7 +348,7 @@ def test_export(world, tmp_path, capfd, target):
   tool = Tool("export", d / "run", target,
               lambda t, s: export.main(["--checkpoint", str(t), "--output", str(s / "ex")]),
               lambda s: _tensors(s / "ex"), _same_tensors)
-  fuzz(tool, 40, 4 + bool(target), tmp_path, capfd)
+  fuzz(tool, CASES, 4 + bool(target), tmp_path, capfd)
 
 
 def test_evaluate(world, tmp_path, capfd):
@@ -356,7 +359,7 @@ def test_evaluate(world, tmp_path, capfd):
   tool = Tool("evaluate", d / "run", "",
               lambda t, s: evaluate.main(["--checkpoint", str(t), "--output", str(s / "ev"), "--max-eval-batches", "1"]),
               metrics, lambda a, b: a == b, may_change=("logs/config.json",))
-  fuzz(tool, 40, 6, tmp_path, capfd)
+  fuzz(tool, CASES, 6, tmp_path, capfd)
 
 
 def test_convert(world, tmp_path, capfd):
@@ -371,7 +374,7 @@ def test_convert(world, tmp_path, capfd):
     return fa.keys() == fb.keys() and all(np.array_equal(fa[k], fb[k]) for k in fa)
   tool = Tool("convert", d / "base", "",
               lambda t, s: convert.main(["--model", str(t), "--output", str(s / "conv")]), params, same)
-  fuzz(tool, 60, 7, tmp_path, capfd)
+  fuzz(tool, CASES, 7, tmp_path, capfd)
 
 
 @pytest.mark.parametrize("tool", ["export", "score"])
