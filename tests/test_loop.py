@@ -286,6 +286,11 @@ def test_init_from_loads_weights_with_a_fresh_optimizer(tmp_path):
 
 # ------------------------------------------------------------------------- subprocess runs
 
+# For launches whose rows' lengths do not matter: one step program to trace and compile (the
+# demo's two buckets cost a launch about 4 s more on 2 cores; two-process runs keep both).
+ONE_BUCKET = "--spec.data.length_buckets=(128,)"
+
+
 def _launch_cmd(out: pathlib.Path, max_steps: int, *extra: str) -> list[str]:
   return [sys.executable, "-m", "rmjax.launch", f"--spec={DEMO}", f"--spec.output_dir={out}",
           f"--spec.max_steps={max_steps}", "--spec.warmup_steps=2", "--spec.logging_steps=1",

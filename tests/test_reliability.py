@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 
 import _run_helpers as R
-from test_loop import TIMING_KEYS, _env, _launch_cmd, checkpoint_steps, read_jsonl
+from test_loop import ONE_BUCKET, TIMING_KEYS, _env, _launch_cmd, checkpoint_steps, read_jsonl
 
 STEPS = 12
-EXTRA = ("--spec.eval_steps=0", "--spec.save_steps=3", "--spec.checkpoint.async_save=True")
+EXTRA = ("--spec.eval_steps=0", "--spec.save_steps=3", "--spec.checkpoint.async_save=True", ONE_BUCKET)
 
 
 def _start(out, steps=STEPS, *extra, **popen):
