@@ -108,7 +108,11 @@ pack() {  # $WORK into $OUT/gpu_checks.tgz, replaced whole (never left half-writ
     mv -f "$OUT/gpu_checks.tgz.partial" "$OUT/gpu_checks.tgz"
 }
 
-data_packages() {  # grain, ml-collections, tensorboardX from .wheels/ where they are missing
+DATA_PACKAGES_CHECKED=0
+data_packages() {  # grain, ml-collections, tensorboardX from .wheels/ where they are missing (looked at once:
+  # importing them takes seconds)
+  [ "$DATA_PACKAGES_CHECKED" = 1 ] && return
+  DATA_PACKAGES_CHECKED=1
   if ! python -c "import grain, ml_collections, tensorboardX" 2>/dev/null && [ -d .wheels ]; then
     python -m pip install -q --no-index --no-deps --target /tmp/rmjax-wheels .wheels/*.whl &&
       export PYTHONPATH=/tmp/rmjax-wheels${PYTHONPATH:+:$PYTHONPATH}
