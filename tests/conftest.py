@@ -65,3 +65,12 @@ def pytest_runtest_makereport(item, call):
   report = (yield).get_result()
   report.sections = [(name, text.encode("utf-8", "backslashreplace").decode("utf-8"))
                      for name, text in report.sections]
+
+
+def pytest_collection_modifyitems(config, items):
+  """Modules holding slow tests run first, each module's tests kept together (its fixtures are
+  built once). xdist hands each worker a contiguous share and the idle ones steal from the
+  end: with the long tests started early, the run ends on short ones that balance the workers
+  instead of one worker finishing a minute-long test alone."""
+  slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.module.__name__ not in slow_modules)  # stable: order within kept
