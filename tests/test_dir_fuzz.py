@@ -52,9 +52,9 @@ STEP = "checkpoints/checkpoint_step_7"
 INPUT = [{"problem": "Compute 3 + 4 * 2.", "steps": ["4 * 2 = 8", "3 + 8 = 11", "The answer is 11."]},
          {"problem": "Compute 12 * 12.", "steps": ["12 * 12 = 144", "# Answer 144"]}]
 COUNTS: dict[str, collections.Counter] = {}
-# An exception raised where nothing can catch it (orbax's
-# abandoned reads, collected after a failed restore) prints a traceback on the user's terminal
-# after main() returned: here it fails the test.
+# An exception raised where nothing can catch it (orbax's abandoned reads, collected after a
+# failed restore) prints a traceback on the user's terminal after main() returned: here it fails
+# the test.
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")]
 # More or other cases on demand: RMJAX_DIR_FUZZ_SEED=5 RMJAX_DIR_FUZZ_SCALE=4 pytest tests/test_dir_fuzz.py
 SEED = int(os.environ.get("RMJAX_DIR_FUZZ_SEED", "0"))

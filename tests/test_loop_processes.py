@@ -16,8 +16,8 @@ from test_loop import ONE_BUCKET, ROOT, _env, _launch_cmd, checkpoint_steps
 @pytest.mark.parametrize("extra, code", [((), 0), (("--spec.stop_exit_code=143",), 143)])
 def test_sigterm_saves_a_checkpoint_and_exits_with_stop_exit_code(tmp_path, extra, code):
   run_dir = tmp_path / "demo-full"
-  proc = subprocess.Popen(_launch_cmd(tmp_path, 100000, "--spec.eval_steps=0", "--spec.save_steps=0", ONE_BUCKET, *extra),
-                          cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  cmd = _launch_cmd(tmp_path, 100000, "--spec.eval_steps=0", "--spec.save_steps=0", ONE_BUCKET, *extra)
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   metrics = run_dir / "logs" / "metrics.jsonl"
   try:
     assert R.wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0, proc), "training never started"
