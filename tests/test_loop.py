@@ -286,8 +286,8 @@ def test_init_from_loads_weights_with_a_fresh_optimizer(tmp_path):
 
 # ------------------------------------------------------------------------- subprocess runs
 
-# For launches whose rows' lengths do not matter: one step program to trace and compile (the
-# demo's two buckets cost a launch about 4 s more on 2 cores; two-process runs keep both).
+# For launches whose rows' lengths do not matter: one step program to trace and compile instead
+# of the demo's two (two-process runs keep both: their processes must agree on a length).
 ONE_BUCKET = "--spec.data.length_buckets=(128,)"
 
 
