@@ -52,10 +52,14 @@ def reuse_host_memory(platform: str, libc: Any = None) -> bool:
   Why: XLA's CPU client allocates each execution's temporary buffer afresh (gigabytes for a
   training step) and frees it at the end. Above glibc's mmap threshold (32 MB at most) malloc
   maps every such request anew and unmaps it on free, so each step faults in, and the kernel
-  zeroes, every page of its temporaries again. With mmap off and the heap never trimmed, a step
-  reuses the pages of the step before; the process keeps its peak, which a training process
-  reaches every step anyway. A GPU backend's temporaries live on the device: nothing changes
-  there. Returns whether it applied (glibc only).
+  zeroes, every page of its temporaries again. With mmap off and the heap never trimmed, freed
+  blocks stay in the process; it keeps its peak, which a training process reaches every step
+  anyway. These settings rule glibc's main arena, which serves the main thread. XLA allocates
+  on its own threads, each with an arena whose heaps grow to 64 MB at most, so their larger
+  blocks are still mapped and unmapped every step; one arena for every thread
+  (`GLIBC_TUNABLES=glibc.malloc.arena_max=1`) keeps those too, but measured no faster step, so
+  it is not set (BUILD.md, Results). A GPU backend's temporaries live on the device: nothing
+  changes there. Returns whether it applied (glibc only).
   """
   if platform != "cpu":
     return False
