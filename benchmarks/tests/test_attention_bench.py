@@ -85,3 +85,13 @@ def test_block_size_benchmark_prints_one_timing_per_block(capsys):
   assert [r["T"] for r in rows] == [16, 24]
   assert set(rows[0]) == {"T", "device", "0", "8", "jax"} and set(rows[1]) == {"T", "device", "0", "8", "16", "jax"}
   assert all(r[b] > 0 for r in rows for b in r if b not in ("T", "device"))
+
+
+@pytest.mark.parametrize("mask", ["causal", "segments"])
+def test_block_size_benchmark_times_torchs_attention_beside(capsys, mask):
+  pytest.importorskip("torch")
+  from benchmarks import blocked_attention
+  assert blocked_attention.main(["--seq-lens", "16", "--blocks", "8", "--batch", "1", "--heads", "2", "--kv-heads",
+                                 "1", "--head-dim", "8", "--repeats", "1", "--mask", mask, "--torch"]) == 0
+  (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert set(row) == {"T", "device", "8", "jax", "torch"} and row["torch"] > 0
