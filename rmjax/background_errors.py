@@ -43,16 +43,24 @@ class _OrbaxOneLine(logging.Filter):
     return True
 
 
+def _tensorstores_own(exc: BaseException | None, tb: TracebackType | None) -> bool:
+  """Raised by tensorstore's C++ code, with no Python frames but asyncio's own (the task that
+  awaited a tensorstore future): its messages carry the store's spec or source location."""
+  frames = traceback.extract_tb(tb)
+  return (all("/asyncio/" in frame.filename for frame in frames)
+          and any(mark in str(exc) for mark in ("tensorstore_spec", "tensorstore/")))
+
+
 class _AbandonedWrites(logging.Filter):
-  """asyncio's "... exception was never retrieved" for the write tasks of a failed save: raised
-  in orbax's or tensorstore's Python code, or set on a future by tensorstore's C++ code (no
-  Python frames at all)."""
+  """asyncio's "... exception was never retrieved" for the reads and writes of a failed restore
+  or save: raised in orbax's or tensorstore's Python code, or set on a future by tensorstore's
+  C++ code (no Python frames at all, or only those of the asyncio task that awaited it)."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     if "exception was never retrieved" not in record.getMessage() or not record.exc_info:
       return True
-    tb = record.exc_info[2]
-    return not (tb is None or _from_libraries(tb))
+    exc, tb = record.exc_info[1], record.exc_info[2]
+    return not (tb is None or _from_libraries(tb) or _tensorstores_own(exc, tb))
 
 
 def _abandoned_work(unraisable: Any) -> bool:

@@ -41,6 +41,38 @@ def test_background_error_filters_touch_only_orbax_and_tensorstore():
   assert abandoned.filter(record("asyncio", "base_events.py", "Executing <Task> took 0.2 seconds", None))
 
 
+def test_abandoned_task_awaiting_tensorstores_future_is_dropped():
+  """A restore that fails on one array leaves asyncio tasks that awaited tensorstore's futures
+  (C++: the traceback holds asyncio's frames only) with their reads' errors unretrieved: dropped.
+  The same task failing with another library's error is kept."""
+  import asyncio
+
+  class ForeignAwaitable:  # awaits a C-implemented future, as a tensorstore future is awaited
+    def __init__(self, message):
+      self.message = message
+
+    def __await__(self):
+      future = asyncio.get_running_loop().create_future()
+      future.set_exception(ValueError(self.message))
+      return future.__await__()
+
+  async def failed(message):
+    task = asyncio.ensure_future(ForeignAwaitable(message))
+    await asyncio.wait([task])
+    return task.exception()
+
+  def record(exc):
+    return logging.LogRecord("asyncio", logging.ERROR, "base_events.py", 1, "Task exception was never retrieved",
+                             None, (type(exc), exc, exc.__traceback__))
+
+  store = asyncio.run(failed('OUT_OF_RANGE: Error opening "zarr" driver: Requested byte range [0, 8312) is not '
+                             "valid [tensorstore_spec='{\"driver\":\"zarr\"}']"))
+  assert store.__traceback__ is not None and {"tasks.py"} >= {
+    f.filename.rsplit("/", 1)[-1] for f in __import__("traceback").extract_tb(store.__traceback__)}
+  assert not be._AbandonedWrites().filter(record(store))
+  assert be._AbandonedWrites().filter(record(asyncio.run(failed("connection reset by peer"))))
+
+
 def test_read_error_line_is_tensorstores_cause_not_orbaxs_wrapper():
   """orbax wraps a failed array read in an Exception carrying the store's whole spec; the line
   says tensorstore's error instead, which names the array and the file."""
