@@ -11,9 +11,13 @@ variant's median step seconds and `default_over_options` (above 1: the options a
 `--autodiff-projections` makes the other variant's projections plain `jnp.dot`s (autodiff's
 weight gradients, which XLA's CPU backend runs on Eigen) instead of model/projection.py's,
 with or without options: what that module gains, measured on the whole step.
+`--every-row-last-layer` makes the other variant run the decoder's last layer at every row, as
+a plain decoder does, and take the marker rows from its output: what running it at the markers
+only gains (model/transformer.py's Decoder).
 
   python -m benchmarks.step_options --preset 75m --mode full --option xla_cpu_experimental_ynn_fusion_type=
   python -m benchmarks.step_options --preset 75m --mode full --autodiff-projections
+  python -m benchmarks.step_options --preset 75m --mode lora --every-row-last-layer
 """
 
 from __future__ import annotations
@@ -62,21 +66,24 @@ def program(hlo_text: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def autodiff_projections(enabled: bool) -> Iterator[None]:
-  """While open (and enabled), the decoder's projections trace as plain jnp.dot."""
-  shipped = transformer.matmul
-  if enabled:
+def traced_as(plain_projections: bool = False, every_row_last_layer: bool = False) -> Iterator[None]:
+  """While open, the decoder traces its projections as plain jnp.dot (if `plain_projections`)
+  and its last layer at every row (if `every_row_last_layer`)."""
+  shipped = transformer.matmul, transformer.last_layer_at_queries
+  if plain_projections:
     transformer.matmul = jnp.dot
+  if every_row_last_layer:
+    transformer.last_layer_at_queries = lambda cfg: False
   try:
     yield
   finally:
-    transformer.matmul = shipped
+    transformer.matmul, transformer.last_layer_at_queries = shipped
 
 
 def compiled_variants(preset: str, mode: str, seq_len: int, batch: int, options: dict[str, Any],
-                      plain_projections: bool = False):
+                      plain_projections: bool = False, every_row_last_layer: bool = False):
   """The step's state, two batches and {"default": executable, "options": executable}; the
-  latter with `options`, and traced with plain jnp.dot projections if `plain_projections`."""
+  latter with `options`, and traced as `traced_as` says."""
   settings = common.BenchSettings(preset=preset, seq_len=seq_len, batch=batch, flops=False)
   device = jax.devices()[0]
   settings = jax_impl.resolve_scan_unroll(settings.on_device(device.platform != "cpu"), mode, device.platform)
@@ -84,8 +91,9 @@ def compiled_variants(preset: str, mode: str, seq_len: int, batch: int, options:
   steps, state, mesh = jax_impl.build(settings, mode, device)
   batches = [{k: v for k, v in device_batch(b, mesh).items() if k in TRAIN_KEYS} for b in host_batches]
   variants = {"default": auto_settings.lower_step(steps, state, batches[0]).compile()}
-  with autodiff_projections(plain_projections):
-    other_steps = jax_impl.build_abstract(settings, mode, device)[0] if plain_projections else steps
+  retrace = plain_projections or every_row_last_layer
+  with traced_as(plain_projections, every_row_last_layer):
+    other_steps = jax_impl.build_abstract(settings, mode, device)[0] if retrace else steps
     lowered = auto_settings.lower_step(other_steps, state, batches[0])
   variants["options"] = lowered.compile(compiler_options=options)
   if program(variants["default"].as_text()) == program(variants["options"].as_text()):
@@ -123,22 +131,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                  metavar="NAME=VALUE", help="an XLA compile option (repeatable), e.g. xla_cpu_experimental_ynn_fusion_type=")
   p.add_argument("--autodiff-projections", action="store_true",
                  help="the other variant's projections as plain jnp.dot (autodiff's weight gradients)")
+  p.add_argument("--every-row-last-layer", action="store_true",
+                 help="the other variant's last decoder layer at every row, not the markers only")
   p.add_argument("--rounds", type=int, default=4, help="blocks of each variant, taking turns")
   p.add_argument("--block", type=int, default=3, help="steps in each block")
   args = p.parse_args(argv)
-  if not args.options and not args.autodiff_projections:
-    p.error("give --option NAME=VALUE or --autodiff-projections: there is nothing to compare")
+  if not args.options and not args.autodiff_projections and not args.every_row_last_layer:
+    p.error("give --option NAME=VALUE, --autodiff-projections or --every-row-last-layer: there is nothing to compare")
   options = dict(args.options)
   runtime.reuse_host_memory(jax.devices()[0].platform)  # as the launcher and the bench do
   try:
     state, batches, variants = compiled_variants(args.preset, args.mode, args.seq_len, args.batch, options,
-                                                 args.autodiff_projections)
+                                                 args.autodiff_projections, args.every_row_last_layer)
   except (ValueError, jax.errors.JaxRuntimeError) as e:  # no-op options; an option XLA does not know
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     return 2
   seconds = time_variants(state, batches, variants, args.rounds, args.block)
   print(json.dumps({"preset": args.preset, "mode": args.mode, "seq_len": args.seq_len, "batch": args.batch,
                     "options": options, "autodiff_projections": args.autodiff_projections,
+                    "every_row_last_layer": args.every_row_last_layer,
                     "default_s": seconds["default"], "options_s": seconds["options"],
                     "default_over_options": seconds["default"] / seconds["options"]}), flush=True)
   return 0

@@ -48,9 +48,17 @@ def test_model_flops_count_each_packed_example_over_its_own_length_and_mfu_divid
   I, L = cfg.intermediate_size, cfg.num_layers
   n = L * (D * H * d + 2 * D * K * d + H * d * D + 3 * D * I)
   batch = {"input_ids": np.zeros((1, 4), np.int32), "segment_ids": np.array([[1, 1, 2, 0]], np.int32),
-           "target_mask": np.zeros((1, 2), np.float32)}
+           "marker_positions": np.array([[1, 2]], np.int32), "target_mask": np.zeros((1, 2), np.float32)}
   expected = 18 * n + 30 * L * H * d
   assert bench_loop.model_flops(cfg, batch, "full", ()) == expected
+  # Unrolled, the last layer's q, o and MLP run at the supervised markers only (one per example
+  # here): example 1 skips them, and its last layer's attention, at 1 of its 2 rows; the head
+  # (D x 1) runs at the 2 markers.
+  supervised = {**batch, "target_mask": np.ones((1, 2), np.float32)}
+  skipped = 6 * (2 * D * H * d + 3 * D * I) + 6 * H * d * 2
+  unrolled = cfg.replace(scan_unroll=0)
+  assert bench_loop.model_flops(unrolled, supervised, "full", ()) == expected + 6 * D * 2 - skipped
+  assert bench_loop.model_flops(cfg, supervised, "full", ()) == expected + 6 * D * 2
   u = bench_loop.utilisation(cfg, "full", [batch], [3.0], [expected], 1, "NVIDIA H100 80GB HBM3", 30.0, 60.0)
   peak = 989.5e12 * jax.device_count()
   assert u["fill"] == 0.75 and u["model_flops_per_token"] == expected / 3

@@ -216,6 +216,39 @@ def test_unrolled_layers_same_params_values_and_grads(remat):
     cfg.replace(scan_unroll=-1)
 
 
+@pytest.mark.parametrize("remat,mask", [("none", "segments"), ("full", "causal")])
+def test_query_rows_last_layer_same_values_and_grads_and_fewer_flops(remat, mask):
+  """With query positions and the layers unrolled, the last layer runs at those rows only: the
+  same hidden states at those rows and the same gradients as the full output's rows (to the fp32
+  summation order: the products have other shapes), LoRA and packed rows included, for fewer
+  FLOPs. Slot 0 stands for a padded marker slot."""
+  cfg, params = _tiny(num_layers=3, lora_rank=4, remat=remat, scan_unroll=0, attention_mask=mask)
+  params = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(3), x.shape), params)  # LoRA B != 0
+  ids, pos, seg = H.padded_batch([8, 3], 8, left=False, vocab=64)
+  seg[0, 4:] = 2  # two examples packed in row 0
+  pos[0, 4:] -= 4
+  queries = np.array([[1, 3, 5, 7], [2, 0, 0, 0]], np.int32)
+  weights_BMD = jax.random.normal(jax.random.key(4), (2, 4, 32))
+
+  def loss(p, rows_only):
+    if rows_only:
+      h = Decoder(cfg).apply({"params": p}, ids, pos, seg, query_positions_BM=queries)
+    else:
+      h = jnp.take_along_axis(Decoder(cfg).apply({"params": p}, ids, pos, seg), queries[..., None], axis=1)
+    return jnp.sum(h * weights_BMD), h
+  results = []
+  for rows_only in (True, False):
+    step = jax.jit(jax.value_and_grad(functools.partial(loss, rows_only=rows_only), has_aux=True))
+    results.append((step(params), step.lower(params).compile().cost_analysis()["flops"]))
+  ((v1, h1), g1), flops_rows = results[0]
+  ((v0, h0), g0), flops_full = results[1]
+  np.testing.assert_allclose(h1, h0, rtol=TOL, atol=TOL)
+  np.testing.assert_allclose(v1, v0, rtol=TOL)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=TOL, atol=TOL * np.abs(b).max()), g1, g0)
+  # 4 of 8 rows in 1 of 3 layers: the projections skip half of that layer's rows
+  assert flops_rows < 0.95 * flops_full, (flops_rows, flops_full)
+
+
 def _strip_lora(tree):
   return {k: _strip_lora(v) if isinstance(v, dict) else v for k, v in tree.items()
           if k not in ("lora_a", "lora_b")}

@@ -39,11 +39,17 @@ def test_an_unknown_or_ineffective_option_is_one_line(option, says, capsys):
   assert err.count("\n") == 1 and err.startswith("error: ") and says in err
 
 
-def test_the_step_with_autodiff_projections_is_timed_against_the_shipped_one(capsys):
-  assert step_options.main([*TINY, "--rounds", "2", "--block", "1", "--autodiff-projections"]) == 0
+@pytest.mark.parametrize("flag", ["autodiff_projections", "every_row_last_layer"])
+def test_the_step_traced_otherwise_is_timed_against_the_shipped_one(flag, capsys):
+  """Each flag retraces the other variant (the tool stops if the programs are equal) and leaves
+  the shipped tracing in place afterwards."""
+  shipped = step_options.transformer.matmul, step_options.transformer.last_layer_at_queries
+  assert step_options.main([*TINY, "--rounds", "2", "--block", "1", "--" + flag.replace("_", "-")]) == 0
   record = json.loads(capsys.readouterr().out)
-  assert record["autodiff_projections"] is True and record["options"] == {}
+  other = ({"autodiff_projections", "every_row_last_layer"} - {flag}).pop()
+  assert record[flag] is True and record[other] is False and record["options"] == {}
   assert record["default_s"] > 0 and record["options_s"] > 0
+  assert (step_options.transformer.matmul, step_options.transformer.last_layer_at_queries) == shipped
 
 
 def test_nothing_to_compare_is_a_usage_error(capsys):

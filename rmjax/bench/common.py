@@ -222,13 +222,22 @@ def decoder_matmul_params(cfg: ModelConfig) -> int:
   return cfg.num_layers * (attention + mlp)
 
 
-def lora_params(cfg: ModelConfig) -> int:
-  """LoRA adapter weights (A: r x in, B: out x r) over the targeted projections."""
+_LAST_LAYER_AT_QUERIES = ("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
   D, H, K, d, I = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
-  shapes = {"q_proj": (D, H * d), "k_proj": (D, K * d), "v_proj": (D, K * d), "o_proj": (H * d, D),
-            "gate_proj": (D, I), "up_proj": (D, I), "down_proj": (I, D)}
-  per_layer = sum(cfg.lora_rank * (shapes[t][0] + shapes[t][1]) for t in cfg.lora_targets)
-  return cfg.num_layers * per_layer if cfg.lora_rank else 0
+  return {"q_proj": (D, H * d), "k_proj": (D, K * d), "v_proj": (D, K * d), "o_proj": (H * d, D),
+          "gate_proj": (D, I), "up_proj": (D, I), "down_proj": (I, D)}
+
+
+def lora_params(cfg: ModelConfig, layers: int | None = None, projections: Iterable[str] | None = None) -> int:
+  """LoRA adapter weights (A: r x in, B: out x r) over the targeted projections (of `projections`
+  only, when given) in `layers` layers (default: all)."""
+  shapes = _projection_shapes(cfg)
+  wanted = set(cfg.lora_targets if projections is None else projections) & set(cfg.lora_targets)
+  per_layer = sum(cfg.lora_rank * (shapes[t][0] + shapes[t][1]) for t in wanted)
+  return (cfg.num_layers if layers is None else layers) * per_layer if cfg.lora_rank else 0
 
 
 def head_matmul_params(hidden_size: int, head_dims: Iterable[int]) -> int:
@@ -237,7 +246,8 @@ def head_matmul_params(hidden_size: int, head_dims: Iterable[int]) -> int:
 
 
 def analytic_model_flops(cfg: ModelConfig, tokens: int, seq_len: int, mode: str, *,
-                         head_dims: Iterable[int] = (), markers: int = 0) -> float:
+                         head_dims: Iterable[int] = (), markers: int = 0,
+                         last_layer_rows: int | None = None) -> float:
   """Model FLOPs of one training step (remat recomputation is NOT counted).
 
   full: tokens * (6N + 6*L*H*d_head*T). lora: tokens * (4N + 6*N_lora + 6*L*H*d_head*T): the
@@ -245,28 +255,40 @@ def analytic_model_flops(cfg: ModelConfig, tokens: int, seq_len: int, mode: str,
   the adapters are trained (6 per weight). The attention term (causal, QK^T and AV, forward +
   backward) is the same in both modes. `tokens` counts non-pad tokens; the head adds
   6 * its matmul weights per supervised marker (it runs at markers only).
+  `last_layer_rows`: where the model runs its last layer's queries, output projection and MLP at
+  those rows only (model/transformer.py's Decoder with query positions, the layers unrolled), so
+  many rows; None: every token, as a plain decoder does.
   """
   if mode not in MODES:
     raise ValueError(f"mode={mode!r}; choose from {', '.join(MODES)}")
   n = decoder_matmul_params(cfg)
-  attention = 6 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
-  if mode == "full":
-    per_token = 6 * n + attention
-  else:
-    per_token = 4 * n + 6 * lora_params(cfg) + attention
-  return float(tokens * per_token + 6 * head_matmul_params(cfg.hidden_size, head_dims) * markers)
+  attention_per_layer = 6 * cfg.num_heads * cfg.head_dim * seq_len
+  frozen_weight = 6 if mode == "full" else 4
+  per_token = frozen_weight * n + cfg.num_layers * attention_per_layer
+  if mode == "lora":
+    per_token += 6 * lora_params(cfg)
+  flops = tokens * per_token + 6 * head_matmul_params(cfg.hidden_size, head_dims) * markers
+  if last_layer_rows is not None:
+    shapes = _projection_shapes(cfg)
+    at_queries = frozen_weight * sum(a * b for t, (a, b) in shapes.items() if t in _LAST_LAYER_AT_QUERIES)
+    if mode == "lora":
+      at_queries += 6 * lora_params(cfg, layers=1, projections=_LAST_LAYER_AT_QUERIES)
+    flops -= (tokens - last_layer_rows) * (at_queries + attention_per_layer)
+  return float(flops)
 
 
 def step_model_flops(cfg: ModelConfig, settings: BenchSettings, batch: Mapping[str, np.ndarray],
-                     mode: str) -> float:
-  return analytic_model_flops(cfg, non_pad_tokens(batch), settings.seq_len, mode,
-                              head_dims=settings.head_dims, markers=supervised_markers(batch))
+                     mode: str, last_layer_at_markers: bool = False) -> float:
+  markers = supervised_markers(batch)
+  return analytic_model_flops(cfg, non_pad_tokens(batch), settings.seq_len, mode, head_dims=settings.head_dims,
+                              markers=markers, last_layer_rows=markers if last_layer_at_markers else None)
 
 
 def mean_model_flops(cfg: ModelConfig, settings: BenchSettings, batches: list[Mapping[str, np.ndarray]],
-                     mode: str) -> float:
-  """Model FLOPs per step averaged over the timed batches (marker counts differ slightly)."""
-  return statistics.fmean(step_model_flops(cfg, settings, b, mode) for b in batches)
+                     mode: str, last_layer_at_markers: bool = False) -> float:
+  """Model FLOPs per step averaged over the timed batches (marker counts differ slightly);
+  `last_layer_at_markers`: the model runs its last layer at the markers only (rmjax's unrolled)."""
+  return statistics.fmean(step_model_flops(cfg, settings, b, mode, last_layer_at_markers) for b in batches)
 
 
 # -- hardware ---------------------------------------------------------------------------------

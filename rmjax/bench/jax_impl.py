@@ -47,7 +47,7 @@ from rmjax import sharding as shd
 from rmjax.bench import common, gpu_target
 from rmjax.model.confidence import ConfidenceModel
 from rmjax.model.head import HeadConfig
-from rmjax.model.transformer import auto_attention_impl
+from rmjax.model.transformer import auto_attention_impl, last_layer_at_queries
 from rmjax.train import optim
 from rmjax.train.auto_settings import (AUTO, abstract_batch, candidates, compile_step, compiled_peak,  # noqa: F401
                                        memory_analysis, cost_flops as _cost_flops, mb as _mb)
@@ -179,7 +179,8 @@ def _run(settings: common.BenchSettings, mode: str) -> dict[str, Any]:
             "attention_mask": cfg.attention_mask, "segment_attention": cfg.segment_attention,
             "device": device.device_kind, "analysis_only": True,
             "target": settings.target or None,
-            "model_flops": common.mean_model_flops(cfg, settings, host_batches[:1], mode),
+            "model_flops": common.mean_model_flops(cfg, settings, host_batches[:1], mode,
+                                                   last_layer_at_queries(cfg)),
             **analysis, **compiled_peak(analysis)}
     return with_ratio(record)
   runtime.reuse_host_memory(device.platform)  # as the launcher does (under --no-isolate, for torch too)
@@ -207,7 +208,7 @@ def _run(settings: common.BenchSettings, mode: str) -> dict[str, Any]:
   else:
     peak_mem, peak = common.host_peak_rss_mb(), None
   trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(holder["state"].params))
-  flops = common.mean_model_flops(cfg, settings, host_batches[settings.warmup:], mode)
+  flops = common.mean_model_flops(cfg, settings, host_batches[settings.warmup:], mode, last_layer_at_queries(cfg))
   record = common.make_record("rmjax", mode, settings, host_batches[0], flops, times, peak_mem, peak,
                             device.device_kind, **analysis, trainable_params=trainable,
                             traces=int(steps.traces["train"]), jax_version=jax.__version__,

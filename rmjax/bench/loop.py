@@ -158,10 +158,19 @@ def _tokens(batch: dict[str, np.ndarray]) -> float:
 
 def model_flops(cfg: Any, batch: dict[str, np.ndarray], mode: str, head_dims: Sequence[int]) -> float:
   """Model FLOPs of one batch's real tokens: each packed example (segment) attends over its own
-  length only (common.analytic_model_flops per segment), plus the head at supervised markers."""
-  segments = np.asarray(batch["segment_ids"])
-  lengths = [int(n) for row in segments for n in np.bincount(row[row > 0])[1:] if n]
-  flops = sum(common.analytic_model_flops(cfg, n, n, mode) for n in lengths)
+  length only (common.analytic_model_flops per segment; the last layer at its supervised
+  markers where the model runs it there), plus the head at supervised markers."""
+  from rmjax.model.transformer import last_layer_at_queries
+  at_markers = last_layer_at_queries(cfg)
+  flops = 0.0
+  for row, positions, mask in zip(batch["segment_ids"], batch["marker_positions"], batch["target_mask"]):
+    row = np.asarray(row)
+    marker_segments = row[np.asarray(positions)[np.asarray(mask) > 0]]
+    for segment, length in enumerate(np.bincount(row[row > 0])):
+      if segment and length:
+        markers = int(np.count_nonzero(marker_segments == segment))
+        flops += common.analytic_model_flops(cfg, int(length), int(length), mode,
+                                             last_layer_rows=markers if at_markers else None)
   markers = int(np.asarray(batch["target_mask"]).sum())
   return flops + 6.0 * common.head_matmul_params(cfg.hidden_size, head_dims) * markers
 

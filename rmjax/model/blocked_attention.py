@@ -43,12 +43,31 @@ def blocked_causal_attention(q_BTNH: Array, k_BTKH: Array, v_BTKH: Array, mask_B
                              scale: float, block: int) -> Array:
   """Causal XLA attention (restricted by `mask_B1TT` when given), `block` query rows at a time;
   block 0, or a row no longer than one block, is one block: the plain call."""
+  t = q_BTNH.shape[1]
+  q_BKTGH, k_BKSH, v_BKSH = _grouped(q_BTNH, k_BTKH, v_BTKH)
+  out_BKTGH = _attend(q_BKTGH, k_BKSH, v_BKSH, mask_B1TT, scale, t if block <= 0 else min(block, t))
+  return _ungrouped(out_BKTGH)
+
+
+def query_attention(q_BMNH: Array, k_BTKH: Array, v_BTKH: Array, mask_B1MT: Array, scale: float) -> Array:
+  """M query rows at any positions over all T keys where `mask_B1MT` allows (every query row must
+  allow one key), logits and softmax in float32 as in the blocks; plain autodiff, since M is
+  small (the marker rows of the decoder's last layer)."""
+  q_BKMGH, k_BKSH, v_BKSH = _grouped(q_BMNH, k_BTKH, v_BTKH)
+  return _ungrouped(_forward(q_BKMGH, k_BKSH, v_BKSH, mask_B1MT, scale)[0])
+
+
+def _grouped(q_BTNH: Array, k_BTKH: Array, v_BTKH: Array) -> tuple[Array, Array, Array]:
+  """q in (B, K, T, G, H), k and v in (B, K, S, H): the order the dots read (module docstring)."""
   b, t, n, h = q_BTNH.shape
   kv = k_BTKH.shape[2]
   q_BKTGH = q_BTNH.reshape(b, t, kv, n // kv, h).transpose(0, 2, 1, 3, 4)
-  k_BKSH, v_BKSH = k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
-  out_BKTGH = _attend(q_BKTGH, k_BKSH, v_BKSH, mask_B1TT, scale, t if block <= 0 else min(block, t))
-  return out_BKTGH.transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
+  return q_BKTGH, k_BTKH.transpose(0, 2, 1, 3), v_BTKH.transpose(0, 2, 1, 3)
+
+
+def _ungrouped(out_BKTGH: Array) -> Array:
+  b, kv, t, g, h = out_BKTGH.shape
+  return out_BKTGH.transpose(0, 2, 1, 3, 4).reshape(b, t, kv * g, h)
 
 
 def _bounds(t: int, block: int) -> list[tuple[int, int]]:

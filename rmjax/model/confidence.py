@@ -17,11 +17,6 @@ from rmjax.model.head import ConfidenceHead, HeadConfig
 from rmjax.model.transformer import Decoder
 
 
-def gather_markers(hidden_BTD: jax.Array, marker_positions_BM: jax.Array) -> jax.Array:
-  """Hidden states at marker positions: (B, T, D), (B, M) -> (B, M, D)."""
-  return jnp.take_along_axis(hidden_BTD, marker_positions_BM[..., None].astype(jnp.int32), axis=1)
-
-
 class ConfidenceModel(nn.Module):
   """Returns pre-sigmoid float32 logits (B, M); dropout uses the "dropout" rng."""
   model_cfg: ModelConfig
@@ -33,8 +28,8 @@ class ConfidenceModel(nn.Module):
     # Every example in a row has at least one marker slot, so the slots bound its segments, unless
     # the config bounds them tighter (the packer then keeps to it: data.max_segments_per_row).
     max_segments = min(self.model_cfg.max_segments or marker_positions_BM.shape[1], marker_positions_BM.shape[1])
-    hidden_BTD = Decoder(self.model_cfg, name="decoder")(input_ids_BT, positions_BT, segment_ids_BT,
-                                                         max_segments=max_segments)
-    h_BMD = gather_markers(hidden_BTD, marker_positions_BM).astype(jnp.float32)
+    hidden_BMD = Decoder(self.model_cfg, name="decoder")(input_ids_BT, positions_BT, segment_ids_BT,
+                                                         max_segments, marker_positions_BM)
+    h_BMD = hidden_BMD.astype(jnp.float32)
     logits_BM1 = ConfidenceHead(self.head_cfg, name="head")(h_BMD, deterministic=deterministic)
     return logits_BM1[..., 0].astype(jnp.float32)

@@ -30,7 +30,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from rmjax.model import cudnn_attention
-from rmjax.model.blocked_attention import blocked_causal_attention
+from rmjax.model.blocked_attention import blocked_causal_attention, query_attention
 from rmjax.model.config import ModelConfig
 from rmjax.model.projection import matmul
 
@@ -124,14 +124,23 @@ def apply_rope(x_BTNH: Array, cos_BTH: Array, sin_BTH: Array) -> Array:
   return x_BTNH * cos + rotated * sin
 
 
-def attention_mask(segment_ids_BT: Array) -> Array:
-  """(B, 1, T, T) bool: causal, same nonzero segment. The diagonal is always on so padded
-  query rows are never fully masked (no NaN/garbage from any attention implementation)."""
-  t = segment_ids_BT.shape[1]
-  causal_TT = jnp.tril(jnp.ones((t, t), dtype=bool))
-  seg_q, seg_k = segment_ids_BT[:, :, None], segment_ids_BT[:, None, :]
-  same_BTT = (seg_q == seg_k) & (seg_k != 0)
-  return ((same_BTT & causal_TT) | jnp.eye(t, dtype=bool))[:, None]
+def attention_mask(segment_ids_BT: Array, query_positions_BM: Array | None = None,
+                   segments: bool = True) -> Array:
+  """(B, 1, M, T) bool, the rows of the queries at `query_positions_BM` (default: every position,
+  M = T): causal and, with `segments`, within the query's own nonzero segment. The diagonal is
+  always on so padded query rows are never fully masked (no NaN/garbage from any attention
+  implementation)."""
+  b, t = segment_ids_BT.shape
+  if query_positions_BM is None:
+    query_positions_BM = jnp.broadcast_to(jnp.arange(t), (b, t))
+  key_1T = jnp.arange(t)[None, None, :]
+  query_BM1 = query_positions_BM[:, :, None]
+  allowed_BMT = key_1T <= query_BM1
+  if segments:
+    seg_q = jnp.take_along_axis(segment_ids_BT, query_positions_BM, axis=1)[:, :, None]
+    seg_k = segment_ids_BT[:, None, :]
+    allowed_BMT &= (seg_q == seg_k) & (seg_k != 0)
+  return (allowed_BMT | (key_1T == query_BM1))[:, None]
 
 
 def auto_attention_impl(cfg: ModelConfig, dtype: Any, backend: str | None = None) -> str:
@@ -247,24 +256,39 @@ class Embed(nn.Module):
     return x_BTD
 
 
+def gather_rows(x_BT_: Array, positions_BM: Array) -> Array:
+  """Rows at `positions_BM` of each batch row: (B, T, ...), (B, M) -> (B, M, ...)."""
+  index = positions_BM.astype(jnp.int32).reshape(positions_BM.shape + (1,) * (x_BT_.ndim - 2))
+  return jnp.take_along_axis(x_BT_, index, axis=1)
+
+
 class Attention(nn.Module):
+  """Self-attention; with `query_positions_BM`, only those rows query (keys and values are every
+  row's) and `attn_inputs` is their (B, 1, M, T) `attention_mask`."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD: Array, cos_BTH: Array, sin_BTH: Array, attn_inputs: Any) -> Array:
+  def __call__(self, x_BTD: Array, cos_BTH: Array, sin_BTH: Array, attn_inputs: Any,
+               query_positions_BM: Array | None = None) -> Array:
     cfg = self.cfg
     b, t, _ = x_BTD.shape
     n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q_BTNH = Proj(cfg, n * h, cfg.attention_bias, name="q_proj")(x_BTD).reshape(b, t, n, h)
+    xq_BMD, cosq_BMH, sinq_BMH = (x_BTD, cos_BTH, sin_BTH) if query_positions_BM is None else (
+        gather_rows(a, query_positions_BM) for a in (x_BTD, cos_BTH, sin_BTH))
+    m = xq_BMD.shape[1]
+    q_BMNH = Proj(cfg, n * h, cfg.attention_bias, name="q_proj")(xq_BMD).reshape(b, m, n, h)
     k_BTKH = Proj(cfg, k * h, cfg.attention_bias, name="k_proj")(x_BTD).reshape(b, t, k, h)
     v_BTKH = Proj(cfg, k * h, cfg.attention_bias, name="v_proj")(x_BTD).reshape(b, t, k, h)
     if cfg.qk_norm:
-      q_BTNH = RMSNorm(cfg, name="q_norm")(q_BTNH)
+      q_BMNH = RMSNorm(cfg, name="q_norm")(q_BMNH)
       k_BTKH = RMSNorm(cfg, name="k_norm")(k_BTKH)
-    q_BTNH = apply_rope(q_BTNH, cos_BTH, sin_BTH)
+    q_BMNH = apply_rope(q_BMNH, cosq_BMH, sinq_BMH)
     k_BTKH = apply_rope(k_BTKH, cos_BTH, sin_BTH)
-    out_BTNH = attend(cfg, q_BTNH, k_BTKH, v_BTKH, attn_inputs)
-    return Proj(cfg, cfg.hidden_size, cfg.o_bias, name="o_proj")(out_BTNH.reshape(b, t, n * h))
+    if query_positions_BM is None:
+      out_BMNH = attend(cfg, q_BMNH, k_BTKH, v_BTKH, attn_inputs)
+    else:
+      out_BMNH = query_attention(q_BMNH, k_BTKH, v_BTKH, attn_inputs, cfg.head_dim ** -0.5)
+    return Proj(cfg, cfg.hidden_size, cfg.o_bias, name="o_proj")(out_BMNH.reshape(b, m, n * h))
 
 
 class MLP(nn.Module):
@@ -279,13 +303,17 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm block; scan-shaped: (carry, *broadcast) -> (carry, None)."""
+  """Pre-norm block; scan-shaped: (carry, *broadcast) -> (carry, None). With
+  `query_positions_BM` the output is those rows' (B, M, D) (see Attention)."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD: Array, cos_BTH: Array, sin_BTH: Array, attn_inputs: Any):
+  def __call__(self, x_BTD: Array, cos_BTH: Array, sin_BTH: Array, attn_inputs: Any,
+               query_positions_BM: Array | None = None):
     cfg = self.cfg
-    h = x_BTD + Attention(cfg, name="attn")(RMSNorm(cfg, name="input_norm")(x_BTD), cos_BTH, sin_BTH, attn_inputs)
+    attn_BMD = Attention(cfg, name="attn")(RMSNorm(cfg, name="input_norm")(x_BTD), cos_BTH, sin_BTH, attn_inputs,
+                                           query_positions_BM)
+    h = attn_BMD + (x_BTD if query_positions_BM is None else gather_rows(x_BTD, query_positions_BM))
     out = h + MLP(cfg, name="mlp")(RMSNorm(cfg, name="post_attn_norm")(h))
     return out.astype(x_BTD.dtype), None
 
@@ -293,6 +321,12 @@ class DecoderLayer(nn.Module):
 def layers_per_iteration(cfg: ModelConfig) -> int:
   """Decoder layers in one iteration of the layer loop (num_layers: no loop)."""
   return min(cfg.scan_unroll or cfg.num_layers, cfg.num_layers)
+
+
+def last_layer_at_queries(cfg: ModelConfig) -> bool:
+  """Whether the Decoder, given query positions, runs its last layer at those rows only: with
+  the layers unrolled (see Decoder)."""
+  return layers_per_iteration(cfg) == cfg.num_layers
 
 
 def _layer_class(cfg: ModelConfig) -> type[nn.Module]:
@@ -304,25 +338,45 @@ def _layer_class(cfg: ModelConfig) -> type[nn.Module]:
 
 
 class Decoder(nn.Module):
-  """input_ids/positions/segment_ids (B, T) -> final-normed hidden states (B, T, D).
+  """input_ids/positions/segment_ids (B, T) -> final-normed hidden states (B, T, D), or with
+  `query_positions_BM` (B, M) those rows' (B, M, D).
 
   Segment ids are 1, 2, ... per example of a row, in order, then 0 for padding to the end.
   `max_segments` bounds the examples per row; only cuDNN's packed layout needs it (the
-  confidence model passes its marker slots: every example has at least one marker)."""
+  confidence model passes its marker slots: every example has at least one marker).
+
+  With query positions and the layer loop unrolled, the last layer computes its queries, output
+  projection and MLP at those rows only (its keys and values need every row): the confidence
+  model reads the marker rows alone, so the rest of that layer's work is dropped. With the loop
+  rolled the layers stay one loop over the stacked weights (cutting the last one off the stack
+  would copy the stack) and the rows are taken from the full output."""
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, input_ids_BT: Array, positions_BT: Array, segment_ids_BT: Array,
-               max_segments: int | None = None) -> Array:
+               max_segments: int | None = None, query_positions_BM: Array | None = None) -> Array:
     cfg = self.cfg
     x_BTD = Embed(cfg, name="embed")(input_ids_BT)
     cos_BTH, sin_BTH = rope_cos_sin(cfg, positions_BT)
     attn_inputs = attention_inputs(cfg, segment_ids_BT, max_segments)
-    layers = nn.scan(_layer_class(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
-                     unroll=layers_per_iteration(cfg))
-    x_BTD, _ = layers(cfg, name="layers")(x_BTD, cos_BTH, sin_BTH, attn_inputs)
-    return RMSNorm(cfg, name="final_norm")(x_BTD)
+    if query_positions_BM is None or not last_layer_at_queries(cfg) or self.is_initializing():
+      layers = nn.scan(_layer_class(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
+                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                       unroll=layers_per_iteration(cfg))
+      x_BTD, _ = layers(cfg, name="layers")(x_BTD, cos_BTH, sin_BTH, attn_inputs)
+      hidden = RMSNorm(cfg, name="final_norm")(x_BTD)
+      return hidden if query_positions_BM is None else gather_rows(hidden, query_positions_BM)
+    # The unrolled loop, layer by layer on the stacked params the scan above creates; an unbound
+    # layer named as the scan, so ops carry the same "layers/..." names (bench/profile.py).
+    stacked = self.variables["params"]["layers"]
+    layer = _layer_class(cfg)(cfg, parent=None, name="layers")
+    for i in range(cfg.num_layers - 1):
+      x_BTD, _ = layer.apply({"params": jax.tree.map(lambda a: a[i], stacked)}, x_BTD, cos_BTH, sin_BTH,
+                             attn_inputs)
+    query_mask = attention_mask(segment_ids_BT, query_positions_BM, segments=cfg.attention_mask == "segments")
+    x_BMD, _ = layer.apply({"params": jax.tree.map(lambda a: a[-1], stacked)}, x_BTD, cos_BTH, sin_BTH,
+                           query_mask, query_positions_BM)
+    return RMSNorm(cfg, name="final_norm")(x_BMD)
 
 
 def init_params(cfg: ModelConfig, rng: Array, seq_len: int = 8) -> dict[str, Any]:
