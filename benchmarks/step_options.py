@@ -66,24 +66,22 @@ def program(hlo_text: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def traced_as(plain_projections: bool = False, every_row_last_layer: bool = False) -> Iterator[None]:
-  """While open, the decoder traces its projections as plain jnp.dot (if `plain_projections`)
-  and its last layer at every row (if `every_row_last_layer`)."""
-  shipped = transformer.matmul, transformer.last_layer_at_queries
-  if plain_projections:
+def autodiff_projections(enabled: bool) -> Iterator[None]:
+  """While open (and enabled), the decoder's projections trace as plain jnp.dot."""
+  shipped = transformer.matmul
+  if enabled:
     transformer.matmul = jnp.dot
-  if every_row_last_layer:
-    transformer.last_layer_at_queries = lambda cfg: False
   try:
     yield
   finally:
-    transformer.matmul, transformer.last_layer_at_queries = shipped
+    transformer.matmul = shipped
 
 
 def compiled_variants(preset: str, mode: str, seq_len: int, batch: int, options: dict[str, Any],
                       plain_projections: bool = False, every_row_last_layer: bool = False):
   """The step's state, two batches and {"default": executable, "options": executable}; the
-  latter with `options`, and traced as `traced_as` says."""
+  latter with `options`, traced with plain jnp.dot projections if `plain_projections` and with
+  the decoder's last layer at every row if `every_row_last_layer`."""
   settings = common.BenchSettings(preset=preset, seq_len=seq_len, batch=batch, flops=False)
   device = jax.devices()[0]
   settings = jax_impl.resolve_scan_unroll(settings.on_device(device.platform != "cpu"), mode, device.platform)
@@ -91,9 +89,10 @@ def compiled_variants(preset: str, mode: str, seq_len: int, batch: int, options:
   steps, state, mesh = jax_impl.build(settings, mode, device)
   batches = [{k: v for k, v in device_batch(b, mesh).items() if k in TRAIN_KEYS} for b in host_batches]
   variants = {"default": auto_settings.lower_step(steps, state, batches[0]).compile()}
-  retrace = plain_projections or every_row_last_layer
-  with traced_as(plain_projections, every_row_last_layer):
-    other_steps = jax_impl.build_abstract(settings, mode, device)[0] if retrace else steps
+  other_cfg = settings.model_config(mode).replace(last_layer_query_rows_only=not every_row_last_layer)
+  with autodiff_projections(plain_projections):
+    retrace = plain_projections or every_row_last_layer
+    other_steps = jax_impl.build_abstract(settings, mode, device, other_cfg)[0] if retrace else steps
     lowered = auto_settings.lower_step(other_steps, state, batches[0])
   variants["options"] = lowered.compile(compiler_options=options)
   if program(variants["default"].as_text()) == program(variants["options"].as_text()):

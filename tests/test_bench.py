@@ -256,19 +256,23 @@ def test_rounds_below_one_is_a_one_line_error(capsys):
 
 def test_layer_extrapolated_flops_equal_a_fully_unrolled_compile():
   """compiled_flops comes from 1- and 2-layer unrolled compiles; check it against an honest
-  3-layer compile with the whole layer scan unrolled (XLA then counts every layer). One mode:
-  the extrapolation does not depend on which weights train."""
+  3-layer compile with the whole layer scan unrolled (XLA then counts every layer), for an
+  unrolled and a looped run. One mode: the extrapolation does not depend on which weights train."""
   import jax
   from rmjax.bench import jax_impl
   settings = common.BenchSettings(preset="tiny", seq_len=32, batch=2, dtype="float32", frozen_dtype="float32")
   device = jax.devices()[0]
   host = common.make_batches(settings.model_config("full"), settings, 1)[0]
-  for mode in ("full",):
-    cfg3 = settings.model_config(mode).replace(num_layers=3, scan_unroll=3, attention_impl="xla")
-    steps, abstract = jax_impl.build_abstract(settings, mode, device, cfg3)
+  mode = "full"
+  cfg3 = settings.model_config(mode).replace(num_layers=3, scan_unroll=3, attention_impl="xla")
+  # Unrolled, the last layer runs at the markers; in a loop (scan_unroll=1) at every row, which an
+  # unrolled compile of the every-row layer counts.
+  for run_cfg, counted in ((cfg3, cfg3), (cfg3.replace(scan_unroll=1),
+                                                      cfg3.replace(last_layer_query_rows_only=False))):
+    steps, abstract = jax_impl.build_abstract(settings, mode, device, counted)
     want = jax_impl._cost_flops(jax_impl.compile_step(steps, abstract, jax_impl.abstract_batch(host)))
-    got = jax_impl.layer_extrapolated_flops(settings, mode, device, host, cfg=cfg3)["compiled_flops"]
-    assert abs(got - want) / want < 1e-3, (mode, got, want)
+    got = jax_impl.layer_extrapolated_flops(settings, mode, device, host, cfg=run_cfg)["compiled_flops"]
+    assert abs(got - want) / want < 1e-3, (run_cfg.scan_unroll, got, want)
 
 
 def test_attention_defaults_to_cudnn_only_on_gpu_with_half_precision(monkeypatch):

@@ -121,7 +121,9 @@ def layer_extrapolated_flops(settings: common.BenchSettings, mode: str, device: 
   settings = dataclasses.replace(settings, grad_accum=1)
   counts = []
   for n in (1, 2):
-    small = cfg.replace(num_layers=n, scan_unroll=0, attention_impl="xla")
+    # unrolled for the cost analysis, with the last layer where `cfg` runs it
+    small = cfg.replace(num_layers=n, scan_unroll=0, attention_impl="xla",
+                        last_layer_query_rows_only=last_layer_at_queries(cfg))
     steps, abstract = build_abstract(settings, mode, device, small)
     counts.append(_cost_flops(compile_step(steps, abstract, abstract_batch(host_batch))))
   if None in counts:

@@ -97,6 +97,10 @@ class ModelConfig:
   # keys up to its last row, so the scores above the diagonal are skipped (model/blocked_attention.py).
   # 0 = one block: all T x T scores, the upper half masked.
   attention_query_block: int = 128
+  # With the layers unrolled, the Decoder given query positions (the confidence model's markers)
+  # runs its last layer's queries, output projection and MLP at those rows only
+  # (model/transformer.py); False: at every row, as a rolled loop does (to measure the gain).
+  last_layer_query_rows_only: bool = True
   lora_rank: int = 0
   lora_alpha: float = 32.0
   lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -325,8 +325,8 @@ def layers_per_iteration(cfg: ModelConfig) -> int:
 
 def last_layer_at_queries(cfg: ModelConfig) -> bool:
   """Whether the Decoder, given query positions, runs its last layer at those rows only: with
-  the layers unrolled (see Decoder)."""
-  return layers_per_iteration(cfg) == cfg.num_layers
+  the layers unrolled, unless the config says otherwise (see Decoder)."""
+  return cfg.last_layer_query_rows_only and layers_per_iteration(cfg) == cfg.num_layers
 
 
 def _layer_class(cfg: ModelConfig) -> type[nn.Module]:
