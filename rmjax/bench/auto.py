@@ -74,10 +74,11 @@ def model_config(spec: Any, preset: str, target: str) -> Any:
 
 def predicted_cost(compile_for, cfg: Any, candidate: Any) -> dict[str, Any]:
   """FLOPs and bytes accessed of the whole step, from unrolled 1- and 2-layer compiles."""
+  from rmjax.bench.jax_impl import unrolled_layers_config
   from rmjax.train.auto_settings import Candidate, cost_analysis
   counts = []
   for n in (1, 2):
-    small = cfg.replace(num_layers=n, attention_impl="xla")
+    small = unrolled_layers_config(cfg.replace(**candidate.as_dict()), n)
     cost = cost_analysis(compile_for(small)(Candidate(candidate.remat, 0)))
     if "flops" not in cost or "bytes accessed" not in cost:
       return {"flops": None, "bytes_accessed": None}

@@ -112,6 +112,14 @@ def init_memory(settings: common.BenchSettings, mode: str, device: jax.Device) -
   return {} if mem is None else {"compiled_init_mb": _mb(mem.temp_size_in_bytes + mem.output_size_in_bytes)}
 
 
+def unrolled_layers_config(cfg, num_layers: int):
+  """`cfg` at `num_layers` layers, unrolled (XLA's cost analysis counts a loop's body once), XLA
+  attention, and its last layer where `cfg` runs it: every row where `cfg` loops over its layers
+  (model/transformer.py's Decoder). Compiles of 1 and 2 layers extrapolate to `cfg`'s step."""
+  return cfg.replace(num_layers=num_layers, scan_unroll=0, attention_impl="xla",
+                     last_layer_query_rows_only=last_layer_at_queries(cfg))
+
+
 def layer_extrapolated_flops(settings: common.BenchSettings, mode: str, device: jax.Device,
                              host_batch: dict[str, np.ndarray], cfg=None) -> dict[str, Any]:
   """compiled_flops of the L-layer step from unrolled 1- and 2-layer compiles of the step over
@@ -121,10 +129,7 @@ def layer_extrapolated_flops(settings: common.BenchSettings, mode: str, device: 
   settings = dataclasses.replace(settings, grad_accum=1)
   counts = []
   for n in (1, 2):
-    # unrolled for the cost analysis, with the last layer where `cfg` runs it
-    small = cfg.replace(num_layers=n, scan_unroll=0, attention_impl="xla",
-                        last_layer_query_rows_only=last_layer_at_queries(cfg))
-    steps, abstract = build_abstract(settings, mode, device, small)
+    steps, abstract = build_abstract(settings, mode, device, unrolled_layers_config(cfg, n))
     counts.append(_cost_flops(compile_step(steps, abstract, abstract_batch(host_batch))))
   if None in counts:
     return {"compiled_flops": None}
