@@ -168,9 +168,9 @@ def model_flops(cfg: Any, batch: dict[str, np.ndarray], mode: str, head_dims: Se
     marker_segments = row[np.asarray(positions)[np.asarray(mask) > 0]]
     for segment, length in enumerate(np.bincount(row[row > 0])):
       if segment and length:
-        markers = int(np.count_nonzero(marker_segments == segment))
+        segment_markers = int(np.count_nonzero(marker_segments == segment))
         flops += common.analytic_model_flops(cfg, int(length), int(length), mode,
-                                             last_layer_rows=markers if at_markers else None)
+                                             last_layer_rows=segment_markers if at_markers else None)
   markers = int(np.asarray(batch["target_mask"]).sum())
   return flops + 6.0 * common.head_matmul_params(cfg.hidden_size, head_dims) * markers
 

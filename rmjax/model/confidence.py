@@ -28,8 +28,7 @@ class ConfidenceModel(nn.Module):
     # Every example in a row has at least one marker slot, so the slots bound its segments, unless
     # the config bounds them tighter (the packer then keeps to it: data.max_segments_per_row).
     max_segments = min(self.model_cfg.max_segments or marker_positions_BM.shape[1], marker_positions_BM.shape[1])
-    hidden_BMD = Decoder(self.model_cfg, name="decoder")(input_ids_BT, positions_BT, segment_ids_BT,
-                                                         max_segments, marker_positions_BM)
-    h_BMD = hidden_BMD.astype(jnp.float32)
+    h_BMD = Decoder(self.model_cfg, name="decoder")(input_ids_BT, positions_BT, segment_ids_BT,
+                                                    max_segments, marker_positions_BM).astype(jnp.float32)
     logits_BM1 = ConfidenceHead(self.head_cfg, name="head")(h_BMD, deterministic=deterministic)
     return logits_BM1[..., 0].astype(jnp.float32)

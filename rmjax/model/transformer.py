@@ -15,7 +15,9 @@ and compile fast for deep models. Hence:
   * RoPE from explicit position ids (HF rotate_half layout, llama3/linear scaling);
   * the `<CONFIDENCE>` marker's embedding row is its own parameter `embed/marker`, so LoRA can
     train it while the embedding matrix stays frozen;
-  * no vocabulary logits, ever: the output is the final-normed hidden state.
+  * no vocabulary logits, ever: the output is the final-normed hidden state, or only the rows
+    the caller asks for (the confidence model's markers), whose unrolled last layer then runs
+    at those rows alone (Decoder).
 """
 
 from __future__ import annotations
