@@ -13,11 +13,14 @@ weight gradients, which XLA's CPU backend runs on Eigen) instead of model/projec
 with or without options: what that module gains, measured on the whole step.
 `--every-row-last-layer` makes the other variant run the decoder's last layer at every row, as
 a plain decoder does, and take the marker rows from its output: what running it at the markers
-only gains (model/transformer.py's Decoder).
+only gains (model/transformer.py's Decoder). `--indexed-layer-slices` makes the unrolled layers
+of the other variant index each layer's weights out of their stacks (`a[i]`) rather than split
+each stack once: what model/transformer.py's `layer_params` gains.
 
   python -m benchmarks.step_options --preset 75m --mode full --option xla_cpu_experimental_ynn_fusion_type=
   python -m benchmarks.step_options --preset 75m --mode full --autodiff-projections
   python -m benchmarks.step_options --preset 75m --mode lora --every-row-last-layer
+  python -m benchmarks.step_options --preset 75m --mode full --indexed-layer-slices
 """
 
 from __future__ import annotations
@@ -77,11 +80,25 @@ def autodiff_projections(enabled: bool) -> Iterator[None]:
     transformer.matmul = shipped
 
 
+@contextlib.contextmanager
+def indexed_layer_slices(enabled: bool) -> Iterator[None]:
+  """While open (and enabled), the unrolled layers index their weights out of the stacks."""
+  shipped = transformer.layer_params
+  if enabled:
+    transformer.layer_params = lambda stacked, n: [jax.tree.map(lambda a: a[i], stacked) for i in range(n)]
+  try:
+    yield
+  finally:
+    transformer.layer_params = shipped
+
+
 def compiled_variants(preset: str, mode: str, seq_len: int, batch: int, options: dict[str, Any],
-                      plain_projections: bool = False, every_row_last_layer: bool = False):
+                      plain_projections: bool = False, every_row_last_layer: bool = False,
+                      indexed_slices: bool = False):
   """The step's state, two batches and {"default": executable, "options": executable}; the
-  latter with `options`, traced with plain jnp.dot projections if `plain_projections` and with
-  the decoder's last layer at every row if `every_row_last_layer`."""
+  latter with `options`, traced with plain jnp.dot projections if `plain_projections`, with
+  the decoder's last layer at every row if `every_row_last_layer` and with each layer's weights
+  indexed out of the stacks if `indexed_slices`."""
   settings = common.BenchSettings(preset=preset, seq_len=seq_len, batch=batch, flops=False)
   device = jax.devices()[0]
   settings = jax_impl.resolve_scan_unroll(settings.on_device(device.platform != "cpu"), mode, device.platform)
@@ -90,8 +107,8 @@ def compiled_variants(preset: str, mode: str, seq_len: int, batch: int, options:
   batches = [{k: v for k, v in device_batch(b, mesh).items() if k in TRAIN_KEYS} for b in host_batches]
   variants = {"default": auto_settings.lower_step(steps, state, batches[0]).compile()}
   other_cfg = settings.model_config(mode).replace(last_layer_query_rows_only=not every_row_last_layer)
-  with autodiff_projections(plain_projections):
-    retrace = plain_projections or every_row_last_layer
+  with autodiff_projections(plain_projections), indexed_layer_slices(indexed_slices):
+    retrace = plain_projections or every_row_last_layer or indexed_slices
     other_steps = jax_impl.build_abstract(settings, mode, device, other_cfg)[0] if retrace else steps
     lowered = auto_settings.lower_step(other_steps, state, batches[0])
   variants["options"] = lowered.compile(compiler_options=options)
@@ -132,16 +149,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="the other variant's projections as plain jnp.dot (autodiff's weight gradients)")
   p.add_argument("--every-row-last-layer", action="store_true",
                  help="the other variant's last decoder layer at every row, not the markers only")
+  p.add_argument("--indexed-layer-slices", action="store_true",
+                 help="the other variant's unrolled layers index their weights out of the stacks")
   p.add_argument("--rounds", type=int, default=4, help="blocks of each variant, taking turns")
   p.add_argument("--block", type=int, default=3, help="steps in each block")
   args = p.parse_args(argv)
-  if not args.options and not args.autodiff_projections and not args.every_row_last_layer:
-    p.error("give --option NAME=VALUE, --autodiff-projections or --every-row-last-layer: there is nothing to compare")
+  if not (args.options or args.autodiff_projections or args.every_row_last_layer or args.indexed_layer_slices):
+    p.error("give --option NAME=VALUE, --autodiff-projections, --every-row-last-layer or --indexed-layer-slices: "
+            "there is nothing to compare")
   options = dict(args.options)
   runtime.reuse_host_memory(jax.devices()[0].platform)  # as the launcher and the bench do
   try:
     state, batches, variants = compiled_variants(args.preset, args.mode, args.seq_len, args.batch, options,
-                                                 args.autodiff_projections, args.every_row_last_layer)
+                                                 args.autodiff_projections, args.every_row_last_layer,
+                                                 args.indexed_layer_slices)
   except (ValueError, jax.errors.JaxRuntimeError) as e:  # no-op options; an option XLA does not know
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     return 2
@@ -149,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(json.dumps({"preset": args.preset, "mode": args.mode, "seq_len": args.seq_len, "batch": args.batch,
                     "options": options, "autodiff_projections": args.autodiff_projections,
                     "every_row_last_layer": args.every_row_last_layer,
+                    "indexed_layer_slices": args.indexed_layer_slices,
                     "default_s": seconds["default"], "options_s": seconds["options"],
                     "default_over_options": seconds["default"] / seconds["options"]}), flush=True)
   return 0

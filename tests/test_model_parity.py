@@ -249,6 +249,29 @@ def test_query_rows_last_layer_same_values_and_grads_and_fewer_flops(remat, mask
   assert flops_rows < 0.95 * flops_full, (flops_rows, flops_full)
 
 
+def _equations(jaxpr):
+  """Every equation of a jaxpr, those of nested jaxprs (jit, remat, custom_vjp) included."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from _equations(sub)
+
+
+def test_unrolled_layers_gradient_concatenates_the_layers_into_the_stack():
+  """The unrolled layers take their weights out of the stack by one split per leaf, so the stacked
+  gradient is one concatenate of the layers' gradients, never a layer's gradient padded to the
+  whole stack and summed (indexing each layer would give that: a pad per layer and leaf)."""
+  cfg, params = _tiny(num_layers=3, lora_rank=4, scan_unroll=0)
+  ids, pos, seg = H.padded_batch([8, 3], 8, left=False, vocab=64)
+  queries = np.array([[1, 3, 5, 7], [2, 0, 0, 0]], np.int32)
+  loss = lambda p: jnp.sum(Decoder(cfg).apply({"params": p}, ids, pos, seg, query_positions_BM=queries))
+  eqns = list(_equations(jax.make_jaxpr(jax.grad(loss))(params).jaxpr))
+  stack_shapes = {leaf.shape for leaf in jax.tree.leaves(params["layers"])}
+  out_shapes = lambda name: [v.aval.shape for e in eqns if e.primitive.name == name for v in e.outvars]
+  assert not stack_shapes & set(out_shapes("pad")), out_shapes("pad")
+  assert stack_shapes <= set(out_shapes("concatenate")), (stack_shapes, out_shapes("concatenate"))
+
+
 def _strip_lora(tree):
   return {k: _strip_lora(v) if isinstance(v, dict) else v for k, v in tree.items()
           if k not in ("lora_a", "lora_b")}

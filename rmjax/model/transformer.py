@@ -339,6 +339,18 @@ def _layer_class(cfg: ModelConfig) -> type[nn.Module]:
   return nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=cfg.scan_unroll != 1)
 
 
+def layer_params(stacked: Any, num_layers: int) -> list[Any]:
+  """The stacked layer params (leading layer axis) as one tree per layer, each stack split once.
+
+  Why split rather than index (`a[i]`): the gradient of an index is the layer's gradient padded
+  with zeros to the whole stack, so the stacked gradient would be a sum of `num_layers` padded
+  stacks (XLA's pad+add fusions, each writing the whole stack); the gradient of a split is one
+  concatenate. The step with each: BUILD.md, Results."""
+  leaves, treedef = jax.tree.flatten(stacked)
+  parts = [jnp.split(leaf, num_layers, axis=0) for leaf in leaves]
+  return [treedef.unflatten([jnp.squeeze(part[i], 0) for part in parts]) for i in range(num_layers)]
+
+
 class Decoder(nn.Module):
   """input_ids/positions/segment_ids (B, T) -> final-normed hidden states (B, T, D), or with
   `query_positions_BM` (B, M) those rows' (B, M, D).
@@ -372,12 +384,11 @@ class Decoder(nn.Module):
     # layer named as the scan, so ops carry the same "layers/..." names (bench/profile.py).
     stacked = self.variables["params"]["layers"]
     layer = _layer_class(cfg)(cfg, parent=None, name="layers")
+    per_layer = layer_params(stacked, cfg.num_layers)
     for i in range(cfg.num_layers - 1):
-      x_BTD, _ = layer.apply({"params": jax.tree.map(lambda a: a[i], stacked)}, x_BTD, cos_BTH, sin_BTH,
-                             attn_inputs)
+      x_BTD, _ = layer.apply({"params": per_layer[i]}, x_BTD, cos_BTH, sin_BTH, attn_inputs)
     query_mask = attention_mask(segment_ids_BT, query_positions_BM, segments=cfg.attention_mask == "segments")
-    x_BMD, _ = layer.apply({"params": jax.tree.map(lambda a: a[-1], stacked)}, x_BTD, cos_BTH, sin_BTH,
-                           query_mask, query_positions_BM)
+    x_BMD, _ = layer.apply({"params": per_layer[-1]}, x_BTD, cos_BTH, sin_BTH, query_mask, query_positions_BM)
     return RMSNorm(cfg, name="final_norm")(x_BMD)
 
 
