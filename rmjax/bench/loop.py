@@ -16,8 +16,9 @@ one length bucket (`data.max_length`), so every step has one shape and compiles 
 - step: the same jitted `steps.train_step` on the same batches (read beforehand from a fresh
   iterator of the run's own dataset, placed on the devices beforehand), dispatched back to
   back. It runs inside the loop (`Interleaved`): the timed windows are cut into segments of
-  `--segment` loop steps, and before each a block of `--block` bare steps runs on the
-  segment's batches, from the loop's state, with the loop waiting. The two figures alternate
+  `--segment` loop steps, and before each a block of `--block` bare steps runs on the batches
+  of the segment's timed loop steps (repeated if the block is longer), from the loop's state,
+  with the loop waiting: with the defaults both sides count the same tokens in the same rows. The two figures alternate
   every few seconds, so a drift of the machine's speed (more than half within a minute on
   some shared 2-core VMs) falls on both alike. Each segment's first 3 loop intervals are left
   out: the first spans the bare block, and the prefetcher refilled its 2 batches meanwhile.
@@ -229,9 +230,9 @@ class Interleaved:
   """The loop's train_step, with blocks of bare steps between segments of the loop's steps.
 
   Called by the loop as its `train_step`. Before the loop dispatches the first step of a
-  segment, it waits for the loop's state, runs `block` of the segment's batches (pre-placed)
-  through the same jitted step back to back, waits for them, and hands the resulting state to
-  the loop's step. The two figures alternate every few seconds, so a drift of the machine's
+  segment, it waits for the loop's state, runs `block` steps of the batches whose loop steps
+  the segment times (pre-placed, in turn) through the same jitted step back to back, waits for
+  them, and hands the resulting state to the loop's step. The two figures alternate every few seconds, so a drift of the machine's
   speed falls on both alike. The loop's seconds are the intervals between its steps'
   completions, less each segment's first `SETTLE`: the first spans the bare block, and during
   the block the prefetcher refilled (`prefetch.DEPTH` batches), which would hide a pipeline
@@ -254,13 +255,14 @@ class Interleaved:
     import jax
     self.dispatched += 1
     if self.dispatched in self.starts:
-      first = self.dispatched - 1  # 0-based index of the segment's first batch
+      timed = [k - 1 for k in self._timed(self.dispatched)]  # 0-based: loop step k runs batch k - 1
+      indices = [timed[i % len(timed)] for i in range(self.block)]
       jax.block_until_ready(state)
       t0 = time.perf_counter()
-      for placed in self._placed[first:first + self.block]:
-        state, metrics = self._bare_step(state, placed)
+      for index in indices:
+        state, metrics = self._bare_step(state, self._placed[index])
       jax.block_until_ready((state, metrics))
-      self.blocks.append((sum(self._tokens[first:first + self.block]), time.perf_counter() - t0))
+      self.blocks.append((sum(self._tokens[i] for i in indices), time.perf_counter() - t0))
     return self._loop_step(state, batch)
 
   def _timed(self, start: int) -> range:
