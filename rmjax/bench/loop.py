@@ -16,14 +16,14 @@ one length bucket (`data.max_length`), so every step has one shape and compiles 
 - step: the same jitted `steps.train_step` on the same batches (read beforehand from a fresh
   iterator of the run's own dataset, placed on the devices beforehand), dispatched back to
   back. It runs inside the loop (`Interleaved`): the timed windows are cut into segments of
-  `--segment` loop steps, and before each a block of `--block` bare steps runs on the batches
-  of the segment's timed loop steps (repeated if the block is longer), from the loop's state,
-  with the loop waiting: with the defaults both sides count the same tokens in the same rows. The two figures alternate
-  every few seconds, so a drift of the machine's speed (more than half within a minute on
-  some shared 2-core VMs) falls on both alike. Each segment's first 3 loop intervals are left
-  out: the first spans the bare block, and the prefetcher refilled its 2 batches meanwhile.
-  `segments` lists each segment's tokens and seconds on both sides; the rates are their sums'
-  ratios. No retrace after the first pass (`step_retraced` says so).
+  `--segment` loop steps, and before each a block of `--block` bare steps runs on the batches of
+  the segment's timed loop steps, in turn, from the loop's state, with the loop waiting: with
+  the defaults (a block as long as the timed steps) both sides count the same tokens. The two
+  figures alternate every few seconds, so a drift of the machine's speed (more than half within
+  a minute on some shared 2-core VMs) falls on both alike. Each segment's first 3 loop intervals
+  are left out: the first spans the bare block, and the prefetcher refilled its 2 batches
+  meanwhile. `segments` lists each segment's tokens and seconds on both sides; the rates are
+  their sums' ratios. No retrace after the first pass (`step_retraced` says so).
 Tokens are counted alike on both sides: real tokens, the nonzero `segment_ids`. `mfu` counts
 the model FLOPs of those tokens (each packed example's attention over its own length; GPUs
 with a known peak only); `fill` is real tokens over the rows' slots.
@@ -230,13 +230,13 @@ class Interleaved:
   """The loop's train_step, with blocks of bare steps between segments of the loop's steps.
 
   Called by the loop as its `train_step`. Before the loop dispatches the first step of a
-  segment, it waits for the loop's state, runs `block` steps of the batches whose loop steps
-  the segment times (pre-placed, in turn) through the same jitted step back to back, waits for
-  them, and hands the resulting state to the loop's step. The two figures alternate every few seconds, so a drift of the machine's
-  speed falls on both alike. The loop's seconds are the intervals between its steps'
-  completions, less each segment's first `SETTLE`: the first spans the bare block, and during
-  the block the prefetcher refilled (`prefetch.DEPTH` batches), which would hide a pipeline
-  slower than the step. The bare step's seconds are each block's wall time."""
+  segment, it waits for the loop's state, runs `block` steps of the batches whose loop steps the
+  segment times (pre-placed, in turn) through the same jitted step back to back, waits for them,
+  and hands the resulting state to the loop's step. The two figures alternate every few seconds,
+  so a drift of the machine's speed falls on both alike. The loop's seconds are the intervals
+  between its steps' completions, less each segment's first `SETTLE`: the first spans the bare
+  block, and during the block the prefetcher refilled (`prefetch.DEPTH` batches), which would
+  hide a pipeline slower than the step. The bare step's seconds are each block's wall time."""
 
   SETTLE = 1 + prefetch.DEPTH
 
