@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import _hf_tiny as H
+from _jaxpr import equations
 import jax
 import jax.numpy as jnp
 
@@ -249,14 +250,6 @@ def test_query_rows_last_layer_same_values_and_grads_and_fewer_flops(remat, mask
   assert flops_rows < 0.95 * flops_full, (flops_rows, flops_full)
 
 
-def _equations(jaxpr):
-  """Every equation of a jaxpr, those of nested jaxprs (jit, remat, custom_vjp) included."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      yield from _equations(sub)
-
-
 def test_unrolled_layers_gradient_concatenates_the_layers_into_the_stack():
   """The unrolled layers take their weights out of the stack by one split per leaf, so the stacked
   gradient is one concatenate of the layers' gradients, never a layer's gradient padded to the
@@ -265,7 +258,7 @@ def test_unrolled_layers_gradient_concatenates_the_layers_into_the_stack():
   ids, pos, seg = H.padded_batch([8, 3], 8, left=False, vocab=64)
   queries = np.array([[1, 3, 5, 7], [2, 0, 0, 0]], np.int32)
   loss = lambda p: jnp.sum(Decoder(cfg).apply({"params": p}, ids, pos, seg, query_positions_BM=queries))
-  eqns = list(_equations(jax.make_jaxpr(jax.grad(loss))(params).jaxpr))
+  eqns = list(equations(jax.make_jaxpr(jax.grad(loss))(params).jaxpr))
   stack_shapes = {leaf.shape for leaf in jax.tree.leaves(params["layers"])}
   out_shapes = lambda name: [v.aval.shape for e in eqns if e.primitive.name == name for v in e.outvars]
   assert not stack_shapes & set(out_shapes("pad")), out_shapes("pad")

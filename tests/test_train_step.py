@@ -20,6 +20,7 @@ from rmjax.train import optim
 from rmjax.train import state as st
 from rmjax.train import step as sp
 
+from _jaxpr import equations
 from _tiny_train import assert_trees_equal, make_batch, setup, snapshot, tiny_model
 
 
@@ -56,20 +57,8 @@ def test_state_from_given_params_and_mismatch_error():
 def _large_float32_values(fn, key, min_size: int) -> list[tuple[str, tuple[int, ...]]]:
   """(primitive, shape) of every float32 value of at least min_size elements in fn's jaxpr,
   nested jaxprs (the layer scan's body) included."""
-  found = []
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      found.extend((eqn.primitive.name, tuple(v.aval.shape)) for v in eqn.outvars
-                   if getattr(v.aval, "dtype", None) == jnp.float32 and v.aval.size >= min_size)
-      for param in eqn.params.values():
-        for sub in param if isinstance(param, (tuple, list)) else (param,):
-          inner = getattr(sub, "jaxpr", sub)
-          if hasattr(inner, "eqns"):
-            walk(inner)
-
-  walk(jax.make_jaxpr(fn)(key).jaxpr)
-  return found
+  return [(eqn.primitive.name, tuple(v.aval.shape)) for eqn in equations(jax.make_jaxpr(fn)(key).jaxpr)
+          for v in eqn.outvars if getattr(v.aval, "dtype", None) == jnp.float32 and v.aval.size >= min_size]
 
 
 def test_lora_random_init_draws_frozen_weights_in_their_dtype_without_a_float32_copy():
