@@ -15,12 +15,14 @@ with or without options: what that module gains, measured on the whole step.
 a plain decoder does, and take the marker rows from its output: what running it at the markers
 only gains (model/transformer.py's Decoder). `--indexed-layer-slices` makes the unrolled layers
 of the other variant index each layer's weights out of their stacks (`a[i]`) rather than split
-each stack once: what model/transformer.py's `layer_params` gains.
+each stack once: what model/transformer.py's `layer_params` gains. `--autodiff-swiglu` gives the
+other variant's MLP autodiff's silu(gate) * up: what model/swiglu.py gains.
 
   python -m benchmarks.step_options --preset 75m --mode full --option xla_cpu_experimental_ynn_fusion_type=
   python -m benchmarks.step_options --preset 75m --mode full --autodiff-projections
   python -m benchmarks.step_options --preset 75m --mode lora --every-row-last-layer
   python -m benchmarks.step_options --preset 75m --mode full --indexed-layer-slices
+  python -m benchmarks.step_options --preset 75m --mode full --autodiff-swiglu
 """
 
 from __future__ import annotations
@@ -81,6 +83,18 @@ def autodiff_projections(enabled: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def autodiff_swiglu(enabled: bool) -> Iterator[None]:
+  """While open (and enabled), the MLP's silu(gate) * up traces with autodiff's backward pass."""
+  shipped = transformer.swiglu
+  if enabled:
+    transformer.swiglu = lambda gate, up: jax.nn.silu(gate) * up
+  try:
+    yield
+  finally:
+    transformer.swiglu = shipped
+
+
+@contextlib.contextmanager
 def indexed_layer_slices(enabled: bool) -> Iterator[None]:
   """While open (and enabled), the unrolled layers index their weights out of the stacks."""
   shipped = transformer.layer_params
@@ -94,11 +108,11 @@ def indexed_layer_slices(enabled: bool) -> Iterator[None]:
 
 def compiled_variants(preset: str, mode: str, seq_len: int, batch: int, options: dict[str, Any],
                       plain_projections: bool = False, every_row_last_layer: bool = False,
-                      indexed_slices: bool = False):
+                      indexed_slices: bool = False, plain_swiglu: bool = False):
   """The step's state, two batches and {"default": executable, "options": executable}; the
   latter with `options`, traced with plain jnp.dot projections if `plain_projections`, with
-  the decoder's last layer at every row if `every_row_last_layer` and with each layer's weights
-  indexed out of the stacks if `indexed_slices`."""
+  the decoder's last layer at every row if `every_row_last_layer`, with each layer's weights
+  indexed out of the stacks if `indexed_slices` and with autodiff's SwiGLU if `plain_swiglu`."""
   settings = common.BenchSettings(preset=preset, seq_len=seq_len, batch=batch, flops=False)
   device = jax.devices()[0]
   settings = jax_impl.resolve_scan_unroll(settings.on_device(device.platform != "cpu"), mode, device.platform)
@@ -107,8 +121,8 @@ def compiled_variants(preset: str, mode: str, seq_len: int, batch: int, options:
   batches = [{k: v for k, v in device_batch(b, mesh).items() if k in TRAIN_KEYS} for b in host_batches]
   variants = {"default": auto_settings.lower_step(steps, state, batches[0]).compile()}
   other_cfg = settings.model_config(mode).replace(last_layer_query_rows_only=not every_row_last_layer)
-  with autodiff_projections(plain_projections), indexed_layer_slices(indexed_slices):
-    retrace = plain_projections or every_row_last_layer or indexed_slices
+  with autodiff_projections(plain_projections), indexed_layer_slices(indexed_slices), autodiff_swiglu(plain_swiglu):
+    retrace = plain_projections or every_row_last_layer or indexed_slices or plain_swiglu
     other_steps = jax_impl.build_abstract(settings, mode, device, other_cfg)[0] if retrace else steps
     lowered = auto_settings.lower_step(other_steps, state, batches[0])
   variants["options"] = lowered.compile(compiler_options=options)
@@ -151,18 +165,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help="the other variant's last decoder layer at every row, not the markers only")
   p.add_argument("--indexed-layer-slices", action="store_true",
                  help="the other variant's unrolled layers index their weights out of the stacks")
+  p.add_argument("--autodiff-swiglu", action="store_true",
+                 help="the other variant's silu(gate) * up with autodiff's backward pass")
   p.add_argument("--rounds", type=int, default=4, help="blocks of each variant, taking turns")
   p.add_argument("--block", type=int, default=3, help="steps in each block")
   args = p.parse_args(argv)
-  if not (args.options or args.autodiff_projections or args.every_row_last_layer or args.indexed_layer_slices):
-    p.error("give --option NAME=VALUE, --autodiff-projections, --every-row-last-layer or --indexed-layer-slices: "
-            "there is nothing to compare")
+  if not (args.options or args.autodiff_projections or args.every_row_last_layer or args.indexed_layer_slices
+          or args.autodiff_swiglu):
+    p.error("give --option NAME=VALUE, --autodiff-projections, --every-row-last-layer, --indexed-layer-slices or "
+            "--autodiff-swiglu: there is nothing to compare")
   options = dict(args.options)
   runtime.reuse_host_memory(jax.devices()[0].platform)  # as the launcher and the bench do
   try:
     state, batches, variants = compiled_variants(args.preset, args.mode, args.seq_len, args.batch, options,
                                                  args.autodiff_projections, args.every_row_last_layer,
-                                                 args.indexed_layer_slices)
+                                                 args.indexed_layer_slices, args.autodiff_swiglu)
   except (ValueError, jax.errors.JaxRuntimeError) as e:  # no-op options; an option XLA does not know
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     return 2
@@ -170,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(json.dumps({"preset": args.preset, "mode": args.mode, "seq_len": args.seq_len, "batch": args.batch,
                     "options": options, "autodiff_projections": args.autodiff_projections,
                     "every_row_last_layer": args.every_row_last_layer,
-                    "indexed_layer_slices": args.indexed_layer_slices,
+                    "indexed_layer_slices": args.indexed_layer_slices, "autodiff_swiglu": args.autodiff_swiglu,
                     "default_s": seconds["default"], "options_s": seconds["options"],
                     "default_over_options": seconds["default"] / seconds["options"]}), flush=True)
   return 0

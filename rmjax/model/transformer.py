@@ -35,6 +35,7 @@ from rmjax.model import cudnn_attention
 from rmjax.model.blocked_attention import blocked_causal_attention, query_attention
 from rmjax.model.config import ModelConfig
 from rmjax.model.projection import matmul
+from rmjax.model.swiglu import swiglu
 
 Array = jax.Array
 _EMBED_INIT = nn.initializers.normal(stddev=0.02)
@@ -301,7 +302,7 @@ class MLP(nn.Module):
     cfg = self.cfg
     gate = Proj(cfg, cfg.intermediate_size, name="gate_proj")(x_BTD)
     up = Proj(cfg, cfg.intermediate_size, name="up_proj")(x_BTD)
-    return Proj(cfg, cfg.hidden_size, name="down_proj")(nn.silu(gate) * up)
+    return Proj(cfg, cfg.hidden_size, name="down_proj")(swiglu(gate, up))
 
 
 class DecoderLayer(nn.Module):
