@@ -15,14 +15,16 @@ with or without options: what that module gains, measured on the whole step.
 a plain decoder does, and take the marker rows from its output: what running it at the markers
 only gains (model/transformer.py's Decoder). `--indexed-layer-slices` makes the unrolled layers
 of the other variant index each layer's weights out of their stacks (`a[i]`) rather than split
-each stack once: what model/transformer.py's `layer_params` gains. `--autodiff-swiglu` gives the
-other variant's MLP autodiff's silu(gate) * up: what model/swiglu.py gains.
+each stack once: what model/transformer.py's `layer_params` gains. `--autodiff-swiglu` and
+`--autodiff-rope` give the other variant autodiff's silu(gate) * up and rotary embedding: what
+model/swiglu.py and model/rope.py gain.
 
   python -m benchmarks.step_options --preset 75m --mode full --option xla_cpu_experimental_ynn_fusion_type=
   python -m benchmarks.step_options --preset 75m --mode full --autodiff-projections
   python -m benchmarks.step_options --preset 75m --mode lora --every-row-last-layer
   python -m benchmarks.step_options --preset 75m --mode full --indexed-layer-slices
   python -m benchmarks.step_options --preset 75m --mode full --autodiff-swiglu
+  python -m benchmarks.step_options --preset 75m --mode lora --autodiff-rope
 """
 
 from __future__ import annotations
@@ -34,14 +36,14 @@ import re
 import statistics
 import sys
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from rmjax import runtime
 from rmjax.bench import common, jax_impl
-from rmjax.model import transformer
+from rmjax.model import rope, transformer
 from rmjax.train import auto_settings, optim
 from rmjax.train.step import TRAIN_KEYS, device_batch
 
@@ -70,49 +72,41 @@ def program(hlo_text: str) -> list[str]:
   return [_METADATA.sub("", line) for line in hlo_text.splitlines() if " = " in line]
 
 
-@contextlib.contextmanager
-def autodiff_projections(enabled: bool) -> Iterator[None]:
-  """While open (and enabled), the decoder's projections trace as plain jnp.dot."""
-  shipped = transformer.matmul
-  if enabled:
-    transformer.matmul = jnp.dot
-  try:
-    yield
-  finally:
-    transformer.matmul = shipped
+def _indexed_layer_params(stacked: Any, num_layers: int) -> list[Any]:
+  return [jax.tree.map(lambda a: a[i], stacked) for i in range(num_layers)]
+
+
+# What each tracing flag replaces in the other variant: flag -> (model/transformer.py's name,
+# the replacement, the flag's help).
+RETRACED: dict[str, tuple[str, Callable[..., Any], str]] = {
+  "autodiff_projections": ("matmul", jnp.dot,
+                           "the other variant's projections as plain jnp.dot (autodiff's weight gradients)"),
+  "indexed_layer_slices": ("layer_params", _indexed_layer_params,
+                           "the other variant's unrolled layers index their weights out of the stacks"),
+  "autodiff_swiglu": ("swiglu", lambda gate, up: jax.nn.silu(gate) * up,
+                      "the other variant's silu(gate) * up with autodiff's backward pass"),
+  "autodiff_rope": ("apply_rope", rope.plain_rope, "the other variant's rotary embedding with autodiff's backward pass"),
+}
 
 
 @contextlib.contextmanager
-def autodiff_swiglu(enabled: bool) -> Iterator[None]:
-  """While open (and enabled), the MLP's silu(gate) * up traces with autodiff's backward pass."""
-  shipped = transformer.swiglu
-  if enabled:
-    transformer.swiglu = lambda gate, up: jax.nn.silu(gate) * up
+def traced_with(flags: Sequence[str]) -> Iterator[None]:
+  """While open, the decoder traces with the replacements of `flags` (RETRACED)."""
+  shipped = {flag: getattr(transformer, RETRACED[flag][0]) for flag in flags}
+  for flag in flags:
+    setattr(transformer, RETRACED[flag][0], RETRACED[flag][1])
   try:
     yield
   finally:
-    transformer.swiglu = shipped
-
-
-@contextlib.contextmanager
-def indexed_layer_slices(enabled: bool) -> Iterator[None]:
-  """While open (and enabled), the unrolled layers index their weights out of the stacks."""
-  shipped = transformer.layer_params
-  if enabled:
-    transformer.layer_params = lambda stacked, n: [jax.tree.map(lambda a: a[i], stacked) for i in range(n)]
-  try:
-    yield
-  finally:
-    transformer.layer_params = shipped
+    for flag, function in shipped.items():
+      setattr(transformer, RETRACED[flag][0], function)
 
 
 def compiled_variants(preset: str, mode: str, seq_len: int, batch: int, options: dict[str, Any],
-                      plain_projections: bool = False, every_row_last_layer: bool = False,
-                      indexed_slices: bool = False, plain_swiglu: bool = False):
+                      retraced: Sequence[str] = (), every_row_last_layer: bool = False):
   """The step's state, two batches and {"default": executable, "options": executable}; the
-  latter with `options`, traced with plain jnp.dot projections if `plain_projections`, with
-  the decoder's last layer at every row if `every_row_last_layer`, with each layer's weights
-  indexed out of the stacks if `indexed_slices` and with autodiff's SwiGLU if `plain_swiglu`."""
+  latter with `options`, traced with the replacements of the `retraced` flags (RETRACED) and
+  with the decoder's last layer at every row if `every_row_last_layer`."""
   settings = common.BenchSettings(preset=preset, seq_len=seq_len, batch=batch, flops=False)
   device = jax.devices()[0]
   settings = jax_impl.resolve_scan_unroll(settings.on_device(device.platform != "cpu"), mode, device.platform)
@@ -121,8 +115,8 @@ def compiled_variants(preset: str, mode: str, seq_len: int, batch: int, options:
   batches = [{k: v for k, v in device_batch(b, mesh).items() if k in TRAIN_KEYS} for b in host_batches]
   variants = {"default": auto_settings.lower_step(steps, state, batches[0]).compile()}
   other_cfg = settings.model_config(mode).replace(last_layer_query_rows_only=not every_row_last_layer)
-  with autodiff_projections(plain_projections), indexed_layer_slices(indexed_slices), autodiff_swiglu(plain_swiglu):
-    retrace = plain_projections or every_row_last_layer or indexed_slices or plain_swiglu
+  with traced_with(retraced):
+    retrace = bool(retraced) or every_row_last_layer
     other_steps = jax_impl.build_abstract(settings, mode, device, other_cfg)[0] if retrace else steps
     lowered = auto_settings.lower_step(other_steps, state, batches[0])
   variants["options"] = lowered.compile(compiler_options=options)
@@ -159,35 +153,29 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--option", dest="options", action="append", type=parse_option, default=[],
                  metavar="NAME=VALUE", help="an XLA compile option (repeatable), e.g. xla_cpu_experimental_ynn_fusion_type=")
-  p.add_argument("--autodiff-projections", action="store_true",
-                 help="the other variant's projections as plain jnp.dot (autodiff's weight gradients)")
   p.add_argument("--every-row-last-layer", action="store_true",
                  help="the other variant's last decoder layer at every row, not the markers only")
-  p.add_argument("--indexed-layer-slices", action="store_true",
-                 help="the other variant's unrolled layers index their weights out of the stacks")
-  p.add_argument("--autodiff-swiglu", action="store_true",
-                 help="the other variant's silu(gate) * up with autodiff's backward pass")
+  for flag, (_, _, help_text) in RETRACED.items():
+    p.add_argument("--" + flag.replace("_", "-"), action="store_true", help=help_text)
   p.add_argument("--rounds", type=int, default=4, help="blocks of each variant, taking turns")
   p.add_argument("--block", type=int, default=3, help="steps in each block")
   args = p.parse_args(argv)
-  if not (args.options or args.autodiff_projections or args.every_row_last_layer or args.indexed_layer_slices
-          or args.autodiff_swiglu):
-    p.error("give --option NAME=VALUE, --autodiff-projections, --every-row-last-layer, --indexed-layer-slices or "
-            "--autodiff-swiglu: there is nothing to compare")
+  retraced = [flag for flag in RETRACED if getattr(args, flag)]
+  if not (args.options or args.every_row_last_layer or retraced):
+    p.error("give --option NAME=VALUE, --every-row-last-layer or one of "
+            + ", ".join("--" + flag.replace("_", "-") for flag in RETRACED) + ": there is nothing to compare")
   options = dict(args.options)
   runtime.reuse_host_memory(jax.devices()[0].platform)  # as the launcher and the bench do
   try:
     state, batches, variants = compiled_variants(args.preset, args.mode, args.seq_len, args.batch, options,
-                                                 args.autodiff_projections, args.every_row_last_layer,
-                                                 args.indexed_layer_slices, args.autodiff_swiglu)
+                                                 retraced, args.every_row_last_layer)
   except (ValueError, jax.errors.JaxRuntimeError) as e:  # no-op options; an option XLA does not know
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     return 2
   seconds = time_variants(state, batches, variants, args.rounds, args.block)
   print(json.dumps({"preset": args.preset, "mode": args.mode, "seq_len": args.seq_len, "batch": args.batch,
-                    "options": options, "autodiff_projections": args.autodiff_projections,
-                    "every_row_last_layer": args.every_row_last_layer,
-                    "indexed_layer_slices": args.indexed_layer_slices, "autodiff_swiglu": args.autodiff_swiglu,
+                    "options": options, "every_row_last_layer": args.every_row_last_layer,
+                    **{flag: getattr(args, flag) for flag in RETRACED},
                     "default_s": seconds["default"], "options_s": seconds["options"],
                     "default_over_options": seconds["default"] / seconds["options"]}), flush=True)
   return 0

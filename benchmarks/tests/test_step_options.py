@@ -8,7 +8,7 @@ import pytest
 from benchmarks import step_options
 
 TINY = ["--preset", "tiny", "--seq-len", "64", "--batch", "2"]
-FLAGS = ("autodiff_projections", "every_row_last_layer", "indexed_layer_slices", "autodiff_swiglu")
+FLAGS = ("every_row_last_layer", *step_options.RETRACED)
 
 
 def test_options_are_name_value_pairs_read_as_bool_int_or_text():
@@ -44,13 +44,14 @@ def test_an_unknown_or_ineffective_option_is_one_line(option, says, capsys):
 def test_the_step_traced_otherwise_is_timed_against_the_shipped_one(flag, capsys):
   """Each flag retraces the other variant (the tool stops if the programs are equal) and leaves
   the shipped tracing in place afterwards."""
-  shipped = step_options.transformer.matmul, step_options.transformer.layer_params, step_options.transformer.swiglu
+  names = [name for name, _, _ in step_options.RETRACED.values()]
+  shipped = [getattr(step_options.transformer, name) for name in names]
   assert step_options.main([*TINY, "--rounds", "2", "--block", "1", "--" + flag.replace("_", "-")]) == 0
   record = json.loads(capsys.readouterr().out)
   assert record[flag] is True and not any(record[other] for other in FLAGS if other != flag)
   assert record["options"] == {}
   assert record["default_s"] > 0 and record["options_s"] > 0
-  assert (step_options.transformer.matmul, step_options.transformer.layer_params, step_options.transformer.swiglu) == shipped
+  assert [getattr(step_options.transformer, name) for name in names] == shipped
 
 
 def test_nothing_to_compare_is_a_usage_error(capsys):

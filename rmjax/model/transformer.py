@@ -12,7 +12,7 @@ and compile fast for deep models. Hence:
     segment ids (0 = padding), which also makes sequence packing correct; or, for packed rows
     under cuDNN with `segment_attention="cudnn_packed"`, cuDNN's packed layout, each example a
     sequence of its own (model/cudnn_attention.py);
-  * RoPE from explicit position ids (HF rotate_half layout, llama3/linear scaling);
+  * RoPE from explicit position ids (HF rotate_half layout, llama3/linear scaling; model/rope.py);
   * the `<CONFIDENCE>` marker's embedding row is its own parameter `embed/marker`, so LoRA can
     train it while the embedding matrix stays frozen;
   * no vocabulary logits, ever: the output is the final-normed hidden state, or only the rows
@@ -22,19 +22,18 @@ and compile fast for deep models. Hence:
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from rmjax.model import cudnn_attention
 from rmjax.model.blocked_attention import blocked_causal_attention, query_attention
 from rmjax.model.config import ModelConfig
 from rmjax.model.projection import matmul
+from rmjax.model.rope import apply_rope, rope_cos_sin
 from rmjax.model.swiglu import swiglu
 
 Array = jax.Array
@@ -90,41 +89,6 @@ _REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
 
 def _dtype(name: str) -> jnp.dtype:
   return jnp.dtype(name)
-
-
-# -- rope ----------------------------------------------------------------------------------------
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-  """Inverse frequencies (head_dim/2,), float32, computed as transformers does."""
-  dim = cfg.head_dim
-  exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-  inv_freq = (np.float32(1.0) / (np.float32(cfg.rope_theta) ** exponent)).astype(np.float32)
-  rs = cfg.rope_scaling
-  if rs is None or rs.rope_type == "default":
-    return inv_freq
-  if rs.rope_type == "linear":
-    return (inv_freq / np.float32(rs.factor)).astype(np.float32)
-  old_len = rs.original_max_position_embeddings
-  low_wavelen, high_wavelen = old_len / rs.low_freq_factor, old_len / rs.high_freq_factor
-  wavelen = (np.float32(2 * math.pi) / inv_freq).astype(np.float32)
-  scaled = np.where(wavelen > low_wavelen, inv_freq / np.float32(rs.factor), inv_freq).astype(np.float32)
-  smooth = ((old_len / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)).astype(np.float32)
-  smoothed = ((1 - smooth) * scaled / np.float32(rs.factor) + smooth * scaled).astype(np.float32)
-  medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-  return np.where(medium, smoothed, scaled).astype(np.float32)
-
-
-def rope_cos_sin(cfg: ModelConfig, positions_BT: Array) -> tuple[Array, Array]:
-  """cos/sin tables (B, T, head_dim) in float32 for explicit positions."""
-  freqs_BTF = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
-  emb_BTH = jnp.concatenate([freqs_BTF, freqs_BTF], axis=-1)
-  return jnp.cos(emb_BTH), jnp.sin(emb_BTH)
-
-
-def apply_rope(x_BTNH: Array, cos_BTH: Array, sin_BTH: Array) -> Array:
-  half = x_BTNH.shape[-1] // 2
-  rotated = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
-  cos, sin = cos_BTH[:, :, None, :].astype(x_BTNH.dtype), sin_BTH[:, :, None, :].astype(x_BTNH.dtype)
-  return x_BTNH * cos + rotated * sin
 
 
 def attention_mask(segment_ids_BT: Array, query_positions_BM: Array | None = None,
