@@ -17,7 +17,8 @@ only gains (model/transformer.py's Decoder). `--indexed-layer-slices` makes the 
 of the other variant index each layer's weights out of their stacks (`a[i]`) rather than split
 each stack once: what model/transformer.py's `layer_params` gains. `--autodiff-swiglu` and
 `--autodiff-rope` give the other variant autodiff's silu(gate) * up and rotary embedding: what
-model/swiglu.py and model/rope.py gain.
+model/swiglu.py and model/rope.py gain; `--output-scaled-lora` scales each LoRA update's output
+rather than x A: what model/transformer.py's `lora_update` gains.
 
   python -m benchmarks.step_options --preset 75m --mode full --option xla_cpu_experimental_ynn_fusion_type=
   python -m benchmarks.step_options --preset 75m --mode full --autodiff-projections
@@ -25,6 +26,7 @@ model/swiglu.py and model/rope.py gain.
   python -m benchmarks.step_options --preset 75m --mode full --indexed-layer-slices
   python -m benchmarks.step_options --preset 75m --mode full --autodiff-swiglu
   python -m benchmarks.step_options --preset 75m --mode lora --autodiff-rope
+  python -m benchmarks.step_options --preset 75m --mode lora --output-scaled-lora
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ RETRACED: dict[str, tuple[str, Callable[..., Any], str]] = {
                            "the other variant's unrolled layers index their weights out of the stacks"),
   "autodiff_swiglu": ("swiglu", lambda gate, up: jax.nn.silu(gate) * up,
                       "the other variant's silu(gate) * up with autodiff's backward pass"),
+  "output_scaled_lora": ("lora_update", lambda x, a, b, scale: scale * transformer.matmul(transformer.matmul(x, a), b),
+                         "the other variant's LoRA scale applied to each projection's output, not to x A"),
   "autodiff_rope": ("apply_rope", rope.plain_rope, "the other variant's rotary embedding with autodiff's backward pass"),
 }
 

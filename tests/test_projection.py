@@ -94,3 +94,33 @@ def test_matmul_writes_out_the_backward_pass_for_float32_only():
   x, w, _ = _inputs()
   assert "custom_vjp" in str(jax.make_jaxpr(matmul)(x, w))
   assert "custom_vjp" not in str(jax.make_jaxpr(matmul)(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)))
+
+
+def test_lora_update_scales_the_rank_sized_product_in_both_passes():
+  """scale * (x A) B with the scale on x A: the values and gradients of the output-scaled form,
+  and no multiply of a (tokens, out) array in the step's backward pass (which the output-scaled
+  form has: it scales each projection's output gradient)."""
+  from _jaxpr import equations
+  from rmjax.model.transformer import lora_update
+  x, w, target = _inputs()
+  keys = jax.random.split(jax.random.key(4), 2)
+  a, b, scale = jax.random.normal(keys[0], (K, 4)), jax.random.normal(keys[1], (4, N)), 2.5
+
+  def output_scaled(x, a, b, scale):
+    return scale * matmul(matmul(x, a), b)
+
+  def loss(update):
+    return lambda x, a, b: jnp.sum(jnp.tanh(jnp.dot(x, w) + update(x, a, b, scale)) * target)
+
+  np.testing.assert_allclose(lora_update(x, a, b, scale), output_scaled(x, a, b, scale), rtol=1e-6, atol=1e-6)
+  ours = jax.grad(loss(lora_update), argnums=(0, 1, 2))(x, a, b)
+  reference = jax.grad(loss(output_scaled), argnums=(0, 1, 2))(x, a, b)
+  for got, want in zip(ours, reference, strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+  def wide_multiplies(update):
+    jaxpr = jax.make_jaxpr(jax.grad(loss(update), argnums=(1, 2)))(x, a, b).jaxpr
+    return [e for e in equations(jaxpr) if e.primitive.name == "mul" and e.outvars[0].aval.shape == (T, N)
+            and any(getattr(v, "val", None) is not None for v in e.invars)]  # times a constant
+
+  assert wide_multiplies(lora_update) == [] and len(wide_multiplies(output_scaled)) >= 1

@@ -177,6 +177,12 @@ class RMSNorm(nn.Module):
     return scale.astype(x.dtype) * normed.astype(x.dtype)
 
 
+def lora_update(x_TK: Array, a_KR: Array, b_RN: Array, scale: float) -> Array:
+  """LoRA's scale * (x A) B, the scale applied to the rank-R product x A: its transpose then
+  scales (tokens, R) values in the backward pass, not each projection's (tokens, out) gradient."""
+  return matmul(scale * matmul(x_TK, a_KR), b_RN)
+
+
 class Proj(nn.Module):
   """Linear layer with kernel stored (in, out), optional bias and optional LoRA (A, B).
 
@@ -202,7 +208,7 @@ class Proj(nn.Module):
       # LoRA params are float32 whatever param_dtype is: they are the trained weights.
       a = self.param("lora_a", _LORA_A_INIT, (x.shape[-1], cfg.lora_rank), jnp.float32)
       b = self.param("lora_b", nn.initializers.zeros, (cfg.lora_rank, self.features), jnp.float32)
-      y = y + (cfg.lora_alpha / cfg.lora_rank) * matmul(matmul(x, a.astype(cdt)), b.astype(cdt))
+      y = y + lora_update(x, a.astype(cdt), b.astype(cdt), cfg.lora_alpha / cfg.lora_rank)
     # A name for remat policies (identity otherwise): the projection's output, LoRA included.
     return checkpoint_name(y, self.name).reshape(*lead, self.features)
 
