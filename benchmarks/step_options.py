@@ -17,7 +17,7 @@ only gains (model/transformer.py's Decoder). `--indexed-layer-slices` makes the 
 of the other variant index each layer's weights out of their stacks (`a[i]`) rather than split
 each stack once: what model/transformer.py's `layer_params` gains. `--autodiff-swiglu` and
 `--autodiff-rope` give the other variant autodiff's silu(gate) * up and rotary embedding: what
-model/swiglu.py and model/rope.py gain (`--autodiff-rms-norm`: model/rms_norm.py's); `--output-scaled-lora` scales each LoRA update's output
+model/swiglu.py and model/rope.py gain; `--output-scaled-lora` scales each LoRA update's output
 rather than x A: what model/transformer.py's `lora_update` gains.
 
   python -m benchmarks.step_options --preset 75m --mode full --option xla_cpu_experimental_ynn_fusion_type=
@@ -45,7 +45,7 @@ import jax.numpy as jnp
 
 from rmjax import runtime
 from rmjax.bench import common, jax_impl
-from rmjax.model import rms_norm, rope, transformer
+from rmjax.model import rope, transformer
 from rmjax.train import auto_settings, optim
 from rmjax.train.step import TRAIN_KEYS, device_batch
 
@@ -89,7 +89,6 @@ RETRACED: dict[str, tuple[str, Callable[..., Any], str]] = {
                       "the other variant's silu(gate) * up with autodiff's backward pass"),
   "output_scaled_lora": ("lora_update", lambda x, a, b, scale: scale * transformer.matmul(transformer.matmul(x, a), b),
                          "the other variant's LoRA scale applied to each projection's output, not to x A"),
-  "autodiff_rms_norm": ("rms_norm", rms_norm.plain_rms_norm, "the other variant's RMSNorm with autodiff's backward pass"),
   "autodiff_rope": ("apply_rope", rope.plain_rope, "the other variant's rotary embedding with autodiff's backward pass"),
 }
 

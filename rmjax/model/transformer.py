@@ -33,7 +33,6 @@ from rmjax.model import cudnn_attention
 from rmjax.model.blocked_attention import blocked_causal_attention, query_attention
 from rmjax.model.config import ModelConfig
 from rmjax.model.projection import matmul
-from rmjax.model.rms_norm import rms_norm
 from rmjax.model.rope import apply_rope, rope_cos_sin
 from rmjax.model.swiglu import swiglu
 
@@ -167,13 +166,15 @@ def attend(cfg: ModelConfig, q_BTNH: Array, k_BTKH: Array, v_BTKH: Array, inputs
 
 # -- building blocks -----------------------------------------------------------------------------
 class RMSNorm(nn.Module):
-  """HF RMSNorm: normalise in float32, cast back, multiply by the scale (model/rms_norm.py)."""
+  """HF RMSNorm: normalise in float32, cast back, multiply by the scale."""
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), _dtype(self.cfg.param_dtype))
-    return rms_norm(x, scale, self.cfg.rms_norm_eps)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+    return scale.astype(x.dtype) * normed.astype(x.dtype)
 
 
 def lora_update(x_TK: Array, a_KR: Array, b_RN: Array, scale: float) -> Array:
