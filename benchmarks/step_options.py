@@ -15,9 +15,8 @@ with or without options: what that module gains, measured on the whole step.
 a plain decoder does, and take the marker rows from its output: what running it at the markers
 only gains (model/transformer.py's Decoder). `--indexed-layer-slices` makes the unrolled layers
 of the other variant index each layer's weights out of their stacks (`a[i]`) rather than split
-each stack once: what model/transformer.py's `layer_params` gains. `--autodiff-swiglu` and
-`--autodiff-rope` give the other variant autodiff's silu(gate) * up and rotary embedding: what
-model/swiglu.py and model/rope.py gain; `--output-scaled-lora` scales each LoRA update's output
+each stack once: what model/transformer.py's `layer_params` gains. `--autodiff-swiglu` gives the
+other variant autodiff's silu(gate) * up: what model/swiglu.py gains; `--output-scaled-lora` scales each LoRA update's output
 rather than x A: what model/transformer.py's `lora_update` gains.
 
   python -m benchmarks.step_options --preset 75m --mode full --option xla_cpu_experimental_ynn_fusion_type=
@@ -25,7 +24,6 @@ rather than x A: what model/transformer.py's `lora_update` gains.
   python -m benchmarks.step_options --preset 75m --mode lora --every-row-last-layer
   python -m benchmarks.step_options --preset 75m --mode full --indexed-layer-slices
   python -m benchmarks.step_options --preset 75m --mode full --autodiff-swiglu
-  python -m benchmarks.step_options --preset 75m --mode lora --autodiff-rope
   python -m benchmarks.step_options --preset 75m --mode lora --output-scaled-lora
 """
 
@@ -45,7 +43,7 @@ import jax.numpy as jnp
 
 from rmjax import runtime
 from rmjax.bench import common, jax_impl
-from rmjax.model import rope, transformer
+from rmjax.model import transformer
 from rmjax.train import auto_settings, optim
 from rmjax.train.step import TRAIN_KEYS, device_batch
 
@@ -89,7 +87,6 @@ RETRACED: dict[str, tuple[str, Callable[..., Any], str]] = {
                       "the other variant's silu(gate) * up with autodiff's backward pass"),
   "output_scaled_lora": ("lora_update", lambda x, a, b, scale: scale * transformer.matmul(transformer.matmul(x, a), b),
                          "the other variant's LoRA scale applied to each projection's output, not to x A"),
-  "autodiff_rope": ("apply_rope", rope.plain_rope, "the other variant's rotary embedding with autodiff's backward pass"),
 }
 
 

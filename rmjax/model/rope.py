@@ -1,13 +1,8 @@
-"""Rotary position embeddings from explicit position ids, with a backward pass of one elementwise pass.
+"""Rotary position embeddings from explicit position ids.
 
 Why it exists: the decoder rotates q and k by angles of explicit positions (packed rows restart
 them per example), with transformers' inverse frequencies (default, linear and llama3 scaling)
 and its rotate_half layout, to match its hidden states to 1e-5 (tests/test_model_parity.py).
-Autodiff of the rotation transposes rotate_half's concatenate of slices into pads of the full
-width and their sum, which XLA's CPU backend writes as passes of their own over q and k in
-every layer; the rotation's transpose is the rotation by the negated angles, so in float32 the
-backward pass here is that (as model/swiglu.py, bf16 keeps autodiff's pass and values). The
-step with each: BUILD.md, Results.
 """
 
 from __future__ import annotations
@@ -56,36 +51,7 @@ def _rotate_half(x_BTNH: Array) -> Array:
   return jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
 
 
-def plain_rope(x_BTNH: Array, cos_BTH: Array, sin_BTH: Array) -> Array:
-  """The rotation as transformers writes it (autodiff's backward pass)."""
+def apply_rope(x_BTNH: Array, cos_BTH: Array, sin_BTH: Array) -> Array:
+  """x rotated by the positions' angles (transformers' rotate_half layout)."""
   cos, sin = cos_BTH[:, :, None, :].astype(x_BTNH.dtype), sin_BTH[:, :, None, :].astype(x_BTNH.dtype)
   return x_BTNH * cos + _rotate_half(x_BTNH) * sin
-
-
-@jax.custom_vjp
-def _rope_by_inverse_rotation(x_BTNH: Array, cos_BTH: Array, sin_BTH: Array) -> Array:
-  return plain_rope(x_BTNH, cos_BTH, sin_BTH)
-
-
-def _fwd(x_BTNH: Array, cos_BTH: Array, sin_BTH: Array):
-  return plain_rope(x_BTNH, cos_BTH, sin_BTH), (cos_BTH, sin_BTH)
-
-
-def _bwd(residuals, d_out_BTNH: Array):
-  """The transposed rotation: rotate_half's transpose is -rotate_half, so the input gradient is
-  d * cos - rotate_half(d * sin), one elementwise pass. The tables come from integer positions
-  and take no gradient."""
-  cos_BTH, sin_BTH = residuals
-  cos, sin = cos_BTH[:, :, None, :], sin_BTH[:, :, None, :]
-  return d_out_BTNH * cos - _rotate_half(d_out_BTNH * sin), None, None
-
-
-_rope_by_inverse_rotation.defvjp(_fwd, _bwd)
-
-
-def apply_rope(x_BTNH: Array, cos_BTH: Array, sin_BTH: Array) -> Array:
-  """x rotated by the positions' angles (HF's rotate_half layout); float32 takes the backward
-  pass above (module docstring), other dtypes autodiff's."""
-  if x_BTNH.dtype == jnp.float32:
-    return _rope_by_inverse_rotation(x_BTNH, cos_BTH, sin_BTH)
-  return plain_rope(x_BTNH, cos_BTH, sin_BTH)
