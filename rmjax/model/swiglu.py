@@ -10,8 +10,7 @@ elementwise pass. The values are autodiff's up to float rounding (tests/test_swi
 step with each: BUILD.md, Results.
 
 As model/projection.py's `matmul`, `swiglu` takes this path for float32 only (CPU training):
-bf16 steps (a GPU's, whose compiler fuses the elementwise work either way) keep autodiff's pass
-and its exact values.
+bf16 steps (a GPU's) keep autodiff's pass and its exact values.
 """
 
 from __future__ import annotations
