@@ -16,8 +16,9 @@ a plain decoder does, and take the marker rows from its output: what running it 
 only gains (model/transformer.py's Decoder). `--indexed-layer-slices` makes the unrolled layers
 of the other variant index each layer's weights out of their stacks (`a[i]`) rather than split
 each stack once: what model/transformer.py's `layer_params` gains. `--autodiff-swiglu` gives the
-other variant autodiff's silu(gate) * up: what model/swiglu.py gains; `--output-scaled-lora` scales each LoRA update's output
-rather than x A: what model/transformer.py's `lora_update` gains.
+other variant autodiff's silu(gate) * up: what model/swiglu.py gains. `--output-scaled-lora`
+scales each LoRA update's output rather than x A: what model/transformer.py's `lora_update`
+gains.
 
   python -m benchmarks.step_options --preset 75m --mode full --option xla_cpu_experimental_ynn_fusion_type=
   python -m benchmarks.step_options --preset 75m --mode full --autodiff-projections
@@ -43,7 +44,7 @@ import jax.numpy as jnp
 
 from rmjax import runtime
 from rmjax.bench import common, jax_impl
-from rmjax.model import transformer
+from rmjax.model import swiglu, transformer
 from rmjax.train import auto_settings, optim
 from rmjax.train.step import TRAIN_KEYS, device_batch
 
@@ -83,7 +84,7 @@ RETRACED: dict[str, tuple[str, Callable[..., Any], str]] = {
                            "the other variant's projections as plain jnp.dot (autodiff's weight gradients)"),
   "indexed_layer_slices": ("layer_params", _indexed_layer_params,
                            "the other variant's unrolled layers index their weights out of the stacks"),
-  "autodiff_swiglu": ("swiglu", lambda gate, up: jax.nn.silu(gate) * up,
+  "autodiff_swiglu": ("swiglu", swiglu.plain_swiglu,
                       "the other variant's silu(gate) * up with autodiff's backward pass"),
   "output_scaled_lora": ("lora_update", lambda x, a, b, scale: scale * transformer.matmul(transformer.matmul(x, a), b),
                          "the other variant's LoRA scale applied to each projection's output, not to x A"),

@@ -19,17 +19,18 @@ import jax
 import jax.numpy as jnp
 
 
-def _swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+def plain_swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """silu(gate) * up as written (autodiff's backward pass)."""
   return jax.nn.silu(gate) * up
 
 
 @jax.custom_vjp
 def _swiglu_from_inputs(gate: jax.Array, up: jax.Array) -> jax.Array:
-  return _swiglu(gate, up)
+  return plain_swiglu(gate, up)
 
 
 def _fwd(gate: jax.Array, up: jax.Array):
-  return _swiglu(gate, up), (gate, up)
+  return plain_swiglu(gate, up), (gate, up)
 
 
 def _bwd(residuals, d_out: jax.Array):
@@ -48,4 +49,4 @@ def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
   """silu(gate) * up; float32 operands take the backward pass from the inputs alone."""
   if gate.dtype == jnp.float32 and up.dtype == jnp.float32:
     return _swiglu_from_inputs(gate, up)
-  return _swiglu(gate, up)
+  return plain_swiglu(gate, up)
