@@ -109,11 +109,12 @@ pack() {  # $WORK into $OUT/gpu_checks.tgz, replaced whole (never left half-writ
 }
 
 DATA_PACKAGES_CHECKED=0
-data_packages() {  # grain, ml-collections, tensorboardX from .wheels/ where they are missing (looked at once:
-  # importing them takes seconds)
+data_packages() {  # grain, ml-collections, tensorboardX from .wheels/ where they are missing (looked up once,
+  # without importing them: that takes seconds)
   [ "$DATA_PACKAGES_CHECKED" = 1 ] && return
   DATA_PACKAGES_CHECKED=1
-  if ! python -c "import grain, ml_collections, tensorboardX" 2>/dev/null && [ -d .wheels ]; then
+  if ! python -c "import importlib.util as u, sys
+sys.exit(not all(u.find_spec(m) for m in ('grain', 'ml_collections', 'tensorboardX')))" && [ -d .wheels ]; then
     python -m pip install -q --no-index --no-deps --target /tmp/rmjax-wheels .wheels/*.whl &&
       export PYTHONPATH=/tmp/rmjax-wheels${PYTHONPATH:+:$PYTHONPATH}
   fi

@@ -35,11 +35,12 @@ def test_gpu_checks_refuses_a_work_folder_it_did_not_make(tmp_path):
 @pytest.mark.slow
 def test_prepared_gpu_checks_run_end_to_end_on_tiny_shapes(tmp_path):
   """A check that breaks on the GPU wastes scarce device time, so SMOKE=1 runs the checks on tiny
-  shapes: one of each kind of command (the bench with a profile, with a memory fraction,
-  unrolled, like torch's settings; torch; packing; attention; the loop; the other checks differ
-  from these only in bench flags or XLA_FLAGS). Each must leave its JSON records (the loop its
-  data_wait.json) in the one tarball, and nothing of an earlier run in its work folder (a stale
-  record, a loop run to resume) may reach it."""
+  shapes: one of each kind of command (the bench with a profile, like torch's settings; torch;
+  packing; attention; the loop; a shipped spec's loop with auto timing and one without, as the
+  prepared GPU command runs them; the other checks differ from these only in bench flags,
+  spec keys or XLA_FLAGS). Each must leave its JSON records (the loop its data_wait.json) in the
+  one tarball, and nothing of an earlier run in its work folder (a stale record, a loop run to
+  resume) may reach it."""
   import tarfile
   env = _gpu_checks_env(tmp_path)
   work = tmp_path / "work"
@@ -47,7 +48,8 @@ def test_prepared_gpu_checks_run_end_to_end_on_tiny_shapes(tmp_path):
   (work / "run" / "demo-lora" / "logs" / "metrics.jsonl").write_text('{"step": 40, "train/data_wait_frac": 0.5}\n')
   (work / "stale_check.jsonl").write_text('{"impl": "rmjax", "tokens_per_s": 1.0}\n')
   (work / ".gpu-checks-work").touch()  # an earlier run's folder, as the script marks it
-  checks = ("loop", "full_spec", "lora_unrolled", "packing", "full_remat", "torch_full", "full_dots", "attention")
+  checks = ("loop", "full_spec_loop_timed", "lora_spec_loop", "packing", "full_remat", "torch_full", "full_dots",
+            "attention")
   proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_checks.sh"), *checks], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -62,8 +64,6 @@ def test_prepared_gpu_checks_run_end_to_end_on_tiny_shapes(tmp_path):
       records = [json.loads(line) for line in tar.extractfile(f"./{check}.jsonl").read().decode().splitlines()
                  if line.startswith("{")]
       assert records and not any("error" in r for r in records), (check, records)
-      if check.endswith("_unrolled"):
-        assert all(r["scan_unroll"] == 0 for r in records if "impl" in r), records
     waits = json.loads(tar.extractfile("./data_wait.json").read())
   assert waits["steps"] and len(waits["device_idle_frac"]) == len(waits["steps"]) and waits["skipped_lines"] == 0
   assert all(x is not None for x in waits["device_idle_max_frac"] + waits["dispatch_ms"])  # the meter's both ends
@@ -75,9 +75,12 @@ def test_prepared_gpu_checks_run_end_to_end_on_tiny_shapes(tmp_path):
   assert rows["full_mfu"]["check"] in gpu_summary.FULL_CHECKS and all(r["held"] is None for r in rows.values())
   assert rows["full_over_torch"]["rmjax"] == {"remat_policy": "full", "opt_state_dtype": "float32"}
   assert rows["full_over_torch"]["value"] > 0 and rows["full_fastest_over_torch"]["value"] > 0
-  assert rows["lora_over_full"]["value"] > 0 and rows["device_idle"]["windows"] == len([x for x in waits["device_idle_frac"] if x is not None])
+  assert rows["device_idle"]["windows"] == len([x for x in waits["device_idle_frac"] if x is not None])
   assert {"packing:packed", "packing:packed_cudnn_packed"} <= set(rows)
-  assert rows["full_spec_fits"]["value"] > 0 and rows["data_wait"]["windows"] == len(waits["steps"])
+  assert rows["data_wait"]["windows"] == len(waits["steps"])
+  # the spec loops: each loop's ratio to its bare step, and auto's pick timed against the old default
+  assert rows["spec_loop:lora_spec_loop"]["value"] > 0 and rows["spec_loop:full_spec_loop_timed"]["value"] > 0
+  assert rows["spec_auto_order"]["value"] > 0 and rows["spec_auto_order"]["old_default"] == {"remat": "full", "scan_unroll": 1}
 
 
 
