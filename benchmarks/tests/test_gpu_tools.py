@@ -1,4 +1,4 @@
-"""Tests of the GPU session tools: `benchmarks/gpu_checks.sh` and `python -m benchmarks.gpu_summary`."""
+"""Tests of the GPU measurement tools: `benchmarks/gpu_checks.sh` and `python -m benchmarks.gpu_summary`."""
 
 import json
 import pathlib
