@@ -23,7 +23,7 @@ import re
 from typing import Any, Iterable, Mapping
 
 from rmjax.data import defaults as data_defaults, eqasc, prm800k, reveal, synthetic
-from rmjax.model.config import DTYPES, LORA_TARGETS, REMAT_POLICIES, SEGMENT_ATTENTION
+from rmjax.model.config import CPU_DOT_LIBRARIES, DTYPES, LORA_TARGETS, REMAT_POLICIES, SEGMENT_ATTENTION
 from rmjax.spec_io import (AUTO, AUTO_OR_INT_KEYS, ConfigDict, SpecError, apply_overrides, check_overrides, closest_keys,  # noqa: F401
                            describe_type, dotted_items, dotted_keys, find_flag_value, get_dotted,
                            load_sibling, load_spec_file, override_keys, parse_set_item, spec_to_dict)
@@ -49,6 +49,7 @@ ENUMS: Mapping[str, tuple[Any, ...]] = {
   "data.eqasc.eval_split": eqasc.SPLITS,
   "data.reveal.eval_split": reveal.SPLITS,
   "model.segment_attention": SEGMENT_ATTENTION,
+  "model.cpu_dot_library": tuple(CPU_DOT_LIBRARIES),
   "head.activation": ("gelu", "gelu_tanh", "relu", "silu", "tanh"),
   "data.template": ("default", "chat"),
   "data.reveal.label": ("correctness",),

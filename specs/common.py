@@ -20,6 +20,7 @@ from rmjax.data import synthetic
 from rmjax.data.eqasc import EqascOptions
 from rmjax.data.prm800k import DEFAULT_PHASE, Prm800kOptions
 from rmjax.data.reveal import RevealOptions
+from rmjax.model.cpu_dots import DEFAULT_CPU_DOT_LIBRARY
 
 
 def base_spec() -> ml_collections.ConfigDict:
@@ -69,6 +70,8 @@ def base_spec() -> ml_collections.ConfigDict:
   c.model.attention_impl = ""        # "" = let XLA choose | "xla" | "cudnn" (GPU flash attention)
   c.model.attention_query_block = 128  # XLA attention (CPU; fp32 on a GPU): query rows per block, each
                                      # attending only the keys up to it (skips the upper half); 0 = one block
+  c.model.cpu_dot_library = DEFAULT_CPU_DOT_LIBRARY  # "onednn" | "ynnpack" (XLA's default): the library a
+                                     # CPU step's dots run in; same values to float rounding (model/cpu_dots.py)
   c.model.segment_attention = "auto" # packed rows under cuDNN: "mask" (segment mask) | "cudnn_packed" (each
                                      # example its own sequence, no work between examples; Hopper GPUs;
                                      # same values to bf16 rounding; speed: BUILD.md, Results)

@@ -16,10 +16,11 @@ from rmjax.train import step as sp
 VOCAB, MARKER = 64, 5
 
 
-def tiny_model(lora_rank: int = 0, dropout: float = 0.0, compute_dtype: str = "float32") -> ConfidenceModel:
+def tiny_model(lora_rank: int = 0, dropout: float = 0.0, compute_dtype: str = "float32",
+               cpu_dot_library: str = ModelConfig.cpu_dot_library) -> ConfidenceModel:
   mc = ModelConfig.tiny("qwen3", vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2,
                         num_heads=4, num_kv_heads=2, head_dim=8, lora_rank=lora_rank, lora_alpha=8.0,
-                        marker_id=MARKER, compute_dtype=compute_dtype)
+                        marker_id=MARKER, compute_dtype=compute_dtype, cpu_dot_library=cpu_dot_library)
   return ConfidenceModel(mc, HeadConfig(hidden_dims=(16,), dropout=dropout))
 
 
@@ -44,8 +45,8 @@ def make_batch(seed: int, rows: int = 8, seq: int = 16, slots: int = 3) -> dict[
 
 
 def setup(mode="full", k=1, mesh_cfg=(2, 2, 2), devices=None, lora_rank=0, dropout=0.0,
-          compute_dtype="float32", **cfg_kw):
-  model = tiny_model(lora_rank=lora_rank, dropout=dropout, compute_dtype=compute_dtype)
+          compute_dtype="float32", cpu_dot_library=ModelConfig.cpu_dot_library, **cfg_kw):
+  model = tiny_model(lora_rank=lora_rank, dropout=dropout, compute_dtype=compute_dtype, cpu_dot_library=cpu_dot_library)
   cfg = optim.OptimConfig(**({"lr": 1e-3, "warmup_steps": 2, "max_steps": 20, "mode": mode,
                               "grad_accum_steps": k} | cfg_kw))
   mesh = shd.make_mesh(shd.MeshConfig(*mesh_cfg), devices=devices)

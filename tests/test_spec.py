@@ -21,7 +21,7 @@ experiment_name output_dir seed mode lr max_steps batch_size grad_accum_steps wa
 weight_decay max_grad_norm opt_state_dtype loss logging_steps eval_steps save_steps max_eval_batches init_from nan_policy
 stop_exit_code perf_metrics
 model.path model.param_dtype model.compute_dtype model.frozen_dtype model.remat model.auto_time model.attention_impl
-model.scan_unroll model.attention_query_block model.segment_attention model.trust_remote_code model.demo.hidden_size model.demo.num_layers model.demo.num_heads
+model.scan_unroll model.attention_query_block model.cpu_dot_library model.segment_attention model.trust_remote_code model.demo.hidden_size model.demo.num_layers model.demo.num_heads
 model.demo.num_kv_heads model.demo.head_dim model.demo.intermediate_size model.demo.vocab_size
 head.hidden_dims head.activation head.dropout lora.rank lora.alpha lora.targets
 data.max_length data.max_steps_per_example data.length_buckets data.template data.neutral_target

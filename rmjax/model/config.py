@@ -15,6 +15,8 @@ import json
 import pathlib
 from typing import Any, Mapping
 
+from rmjax.model.cpu_dots import CPU_DOT_LIBRARIES, DEFAULT_CPU_DOT_LIBRARY
+
 SUPPORTED_ARCHITECTURES = ("qwen3", "qwen2", "llama")
 _HF_CLASSES = {
   "qwen3": "Qwen3ForCausalLM",
@@ -101,6 +103,9 @@ class ModelConfig:
   # runs its last layer's queries, output projection and MLP at those rows only
   # (model/transformer.py); False: at every row, as a rolled loop does (to measure the gain).
   last_layer_query_rows_only: bool = True
+  # The library XLA hands a CPU step's dots to: "ynnpack" (XLA's default) | "onednn"
+  # (model/cpu_dots.py); the same products up to float rounding; a GPU ignores it.
+  cpu_dot_library: str = DEFAULT_CPU_DOT_LIBRARY
   lora_rank: int = 0
   lora_alpha: float = 32.0
   lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -131,6 +136,8 @@ class ModelConfig:
       raise ValueError(f"scan_unroll={self.scan_unroll} must be >= 0 (0 = unroll every layer)")
     if self.attention_query_block < 0:
       raise ValueError(f"attention_query_block={self.attention_query_block} must be >= 0 (0 = one block)")
+    if self.cpu_dot_library not in CPU_DOT_LIBRARIES:
+      raise ValueError(f"cpu_dot_library={self.cpu_dot_library!r}; choose from {', '.join(CPU_DOT_LIBRARIES)}")
     if isinstance(self.lora_targets, list):
       object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
     bad = set(self.lora_targets) - set(LORA_TARGETS)

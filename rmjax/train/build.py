@@ -70,7 +70,7 @@ def model_overrides(spec: Any) -> dict[str, Any]:
   # exact there and runs cuDNN's plain causal kernel (faster: BUILD.md).
   # Packed rows need the segment mask. Scoring and evaluation rows are unpacked either way.
   return dict(param_dtype=str(m.param_dtype), compute_dtype=str(m.compute_dtype), **performance,
-              attention_query_block=int(m.attention_query_block),
+              attention_query_block=int(m.attention_query_block), cpu_dot_library=str(m.cpu_dot_library),
               attention_impl=str(m.attention_impl) or None,
               attention_mask="segments" if bool(spec.data.pack) else "causal",
               segment_attention=str(m.segment_attention), max_segments=int(spec.data.max_segments_per_row),

@@ -34,6 +34,7 @@ import optax
 from jax.sharding import Mesh
 
 from rmjax import sharding as shd
+from rmjax.model import cpu_dots
 from rmjax.train import optim
 from rmjax.train.state import TrainState
 
@@ -184,12 +185,16 @@ class Steps:
     self.traces: collections.Counter = collections.Counter()
     rep, data = shd.replicated(mesh), shd.batch_sharding(mesh)
     tx = optim.make_optimizer(cfg)
+    # which library runs the dots on a CPU (model/cpu_dots.py)
+    options = cpu_dots.compiler_options(mesh.devices.flat[0].platform, model.model_cfg.cpu_dot_library)
     self._train = jax.jit(
       functools.partial(_train_step, model=model, cfg=cfg, tx=tx, traces=self.traces),
-      in_shardings=(state_shardings, data), out_shardings=(state_shardings, rep), donate_argnums=0)
+      in_shardings=(state_shardings, data), out_shardings=(state_shardings, rep), donate_argnums=0,
+      compiler_options=options)
     self._eval = jax.jit(
       functools.partial(_eval_step, model=model, traces=self.traces),
-      in_shardings=(state_shardings.params, state_shardings.frozen, data), out_shardings=data)
+      in_shardings=(state_shardings.params, state_shardings.frozen, data), out_shardings=data,
+      compiler_options=options)
 
   def train_step(self, state: TrainState, batch: dict[str, Any]) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a global batch holding exactly TRAIN_KEYS (state is donated)."""
