@@ -19,8 +19,10 @@ such as autodiff's weight gradients (both operands contracted on their first axi
 projections lay theirs out for YNNPACK instead, model/projection.py).
 The record then adds `xla_eigen_gflops` and `eigen_over_ynn`: whether, on that CPU, handing every
 dot to Eigen would be faster.
+`--onednn` also times XLA's dot compiled as `model.cpu_dot_library="onednn"` compiles the step's
+(model/cpu_dots.py): oneDNN's GEMM. The record then adds `xla_onednn_gflops` and `onednn_over_ynn`.
 
-  python -m benchmarks.dot_throughput --shapes 2048,2048,2048 2048,768,2048 [--eigen]
+  python -m benchmarks.dot_throughput --shapes 2048,2048,2048 2048,768,2048 [--eigen] [--onednn]
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ import time
 from typing import Callable, Sequence
 
 import numpy as np
+
+from rmjax.model import cpu_dots
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -53,6 +57,7 @@ YNN_OFF = {"xla_cpu_experimental_ynn_fusion_type": ""}  # XLA compile option: no
 # A YNNPACK fusion instruction in compiled HLO text (the text's stack-frame table also holds the
 # caller's function names, so a bare "ynn" could match a name there)
 YNN_INSTRUCTION = re.compile(r"%ynn_fusion[.\d]* = ")
+ONEDNN_INSTRUCTION = re.compile(r"%onednn_fusion[.\d]* = ")
 
 
 def compiled_dot(xa, xb, options: dict | None = None):
@@ -64,7 +69,7 @@ def compiled_dot(xa, xb, options: dict | None = None):
 
 
 def measure(m: int, k: int, n: int, repeats: int, rounds: int = 2, settle: float = 0.5,
-            eigen: bool = False) -> dict[str, object]:
+            eigen: bool = False, onednn: bool = False) -> dict[str, object]:
   import jax
   import torch
   rng = np.random.default_rng(0)
@@ -76,6 +81,9 @@ def measure(m: int, k: int, n: int, repeats: int, rounds: int = 2, settle: float
   if eigen:
     eigen_dot, eigen_hlo = compiled_dot(xa, xb, YNN_OFF)
     runs["xla_eigen"] = lambda: eigen_dot(xa, xb).block_until_ready()
+  if onednn:
+    onednn_dot, onednn_hlo = compiled_dot(xa, xb, cpu_dots.compiler_options("cpu", "onednn"))
+    runs["xla_onednn"] = lambda: onednn_dot(xa, xb).block_until_ready()
   runs["torch"] = lambda: torch.matmul(ta, tb)
   times: dict[str, list[float]] = {name: [] for name in runs}
   for _ in range(rounds):
@@ -94,6 +102,10 @@ def measure(m: int, k: int, n: int, repeats: int, rounds: int = 2, settle: float
     record |= {"xla_eigen_gflops": sig(gflops["xla_eigen"]), "eigen_over_ynn": sig(gflops["xla_eigen"] / gflops["xla"]),
                "eigen_max_abs_diff": float(np.max(np.abs(np.asarray(runs["xla_eigen"]()) - runs["torch"]().numpy()))),
                "eigen_uses_ynn": bool(YNN_INSTRUCTION.search(eigen_hlo))}
+  if onednn:
+    record |= {"xla_onednn_gflops": sig(gflops["xla_onednn"]), "onednn_over_ynn": sig(gflops["xla_onednn"] / gflops["xla"]),
+               "onednn_max_abs_diff": float(np.max(np.abs(np.asarray(runs["xla_onednn"]()) - runs["torch"]().numpy()))),
+               "onednn_fusions": len(ONEDNN_INSTRUCTION.findall(onednn_hlo))}
   return record
 
 
@@ -105,9 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--rounds", type=int, default=2, help="blocks of each library, taking turns")
   p.add_argument("--settle", type=float, default=0.5, help="seconds of pause before each block")
   p.add_argument("--eigen", action="store_true", help="also time XLA's dot with YNNPACK off (Eigen's GEMM)")
+  p.add_argument("--onednn", action="store_true", help="also time XLA's dot in oneDNN (model/cpu_dots.py)")
   args = p.parse_args(argv)
   for m, k, n in args.shapes:
-    print(json.dumps(measure(m, k, n, args.repeats, args.rounds, args.settle, args.eigen)), flush=True)
+    print(json.dumps(measure(m, k, n, args.repeats, args.rounds, args.settle, args.eigen, args.onednn)), flush=True)
   return 0
 
 

@@ -3,8 +3,8 @@
 Why it exists: an XLA flag that might speed up the CPU step (which library runs the dots, how
 the step is scheduled) can only be judged on the whole step, and separate processes on a shared
 CPU differ by more than such a flag gains. This compiles the bench's train step (the preset,
-mode and auto settings of `python -m rmjax.bench`) once as XLA compiles it by default and once
-with `--option NAME=VALUE` pairs as per-compile options, checks that the options changed the
+mode and auto settings of `python -m rmjax.bench`) once as rmjax ships it and once with
+`--option NAME=VALUE` pairs as per-compile options, checks that the options changed the
 compiled program, then times the two executables in alternating blocks of `--block` steps on
 the same state and batches (the order reversed each round) and prints one JSON line: each
 variant's median step seconds and `default_over_options` (above 1: the options are faster).
@@ -19,6 +19,8 @@ each stack once: what model/transformer.py's `layer_params` gains. `--autodiff-s
 other variant autodiff's silu(gate) * up: what model/swiglu.py gains. `--output-scaled-lora`
 scales each LoRA update's output rather than x A: what model/transformer.py's `lora_update`
 gains.
+`--cpu-dot-library LIB` compiles the other variant's step with its dots in LIB
+(model/cpu_dots.py).
 
   python -m benchmarks.step_options --preset 75m --mode full --option xla_cpu_experimental_ynn_fusion_type=
   python -m benchmarks.step_options --preset 75m --mode full --autodiff-projections
@@ -26,6 +28,7 @@ gains.
   python -m benchmarks.step_options --preset 75m --mode full --indexed-layer-slices
   python -m benchmarks.step_options --preset 75m --mode full --autodiff-swiglu
   python -m benchmarks.step_options --preset 75m --mode lora --output-scaled-lora
+  python -m benchmarks.step_options --preset 75m --mode full --cpu-dot-library onednn
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import jax.numpy as jnp
 from rmjax import runtime
 from rmjax.bench import common, jax_impl
 from rmjax.model import swiglu, transformer
+from rmjax.model.config import CPU_DOT_LIBRARIES, ModelConfig
 from rmjax.train import auto_settings, optim
 from rmjax.train.step import TRAIN_KEYS, device_batch
 
@@ -105,10 +109,12 @@ def traced_with(flags: Sequence[str]) -> Iterator[None]:
 
 
 def compiled_variants(preset: str, mode: str, seq_len: int, batch: int, options: dict[str, Any],
-                      retraced: Sequence[str] = (), every_row_last_layer: bool = False):
+                      retraced: Sequence[str] = (), every_row_last_layer: bool = False,
+                      cpu_dot_library: str = ""):
   """The step's state, two batches and {"default": executable, "options": executable}; the
-  latter with `options`, traced with the replacements of the `retraced` flags (RETRACED) and
-  with the decoder's last layer at every row if `every_row_last_layer`."""
+  latter with `options`, traced with the replacements of the `retraced` flags (RETRACED), with
+  the decoder's last layer at every row if `every_row_last_layer` and its dots in
+  `cpu_dot_library` if given (model/cpu_dots.py)."""
   settings = common.BenchSettings(preset=preset, seq_len=seq_len, batch=batch, flops=False)
   device = jax.devices()[0]
   settings = jax_impl.resolve_scan_unroll(settings.on_device(device.platform != "cpu"), mode, device.platform)
@@ -116,9 +122,11 @@ def compiled_variants(preset: str, mode: str, seq_len: int, batch: int, options:
   steps, state, mesh = jax_impl.build(settings, mode, device)
   batches = [{k: v for k, v in device_batch(b, mesh).items() if k in TRAIN_KEYS} for b in host_batches]
   variants = {"default": auto_settings.lower_step(steps, state, batches[0]).compile()}
-  other_cfg = settings.model_config(mode).replace(last_layer_query_rows_only=not every_row_last_layer)
+  shipped_cfg = settings.model_config(mode)
+  other_cfg = shipped_cfg.replace(last_layer_query_rows_only=not every_row_last_layer,
+                                  cpu_dot_library=cpu_dot_library or shipped_cfg.cpu_dot_library)
   with traced_with(retraced):
-    retrace = bool(retraced) or every_row_last_layer
+    retrace = bool(retraced) or other_cfg != shipped_cfg
     other_steps = jax_impl.build_abstract(settings, mode, device, other_cfg)[0] if retrace else steps
     lowered = auto_settings.lower_step(other_steps, state, batches[0])
   variants["options"] = lowered.compile(compiler_options=options)
@@ -157,26 +165,30 @@ def main(argv: Sequence[str] | None = None) -> int:
                  metavar="NAME=VALUE", help="an XLA compile option (repeatable), e.g. xla_cpu_experimental_ynn_fusion_type=")
   p.add_argument("--every-row-last-layer", action="store_true",
                  help="the other variant's last decoder layer at every row, not the markers only")
+  p.add_argument("--cpu-dot-library", choices=tuple(CPU_DOT_LIBRARIES), default="",
+                 help="the library the other variant's dots run in (the shipped one: "
+                      f"{ModelConfig.cpu_dot_library})")
   for flag, (_, _, help_text) in RETRACED.items():
     p.add_argument("--" + flag.replace("_", "-"), action="store_true", help=help_text)
   p.add_argument("--rounds", type=int, default=4, help="blocks of each variant, taking turns")
   p.add_argument("--block", type=int, default=3, help="steps in each block")
   args = p.parse_args(argv)
   retraced = [flag for flag in RETRACED if getattr(args, flag)]
-  if not (args.options or args.every_row_last_layer or retraced):
-    p.error("give --option NAME=VALUE, --every-row-last-layer or one of "
+  if not (args.options or args.every_row_last_layer or args.cpu_dot_library or retraced):
+    p.error("give --option NAME=VALUE, --every-row-last-layer, --cpu-dot-library or one of "
             + ", ".join("--" + flag.replace("_", "-") for flag in RETRACED) + ": there is nothing to compare")
   options = dict(args.options)
   runtime.reuse_host_memory(jax.devices()[0].platform)  # as the launcher and the bench do
   try:
     state, batches, variants = compiled_variants(args.preset, args.mode, args.seq_len, args.batch, options,
-                                                 retraced, args.every_row_last_layer)
+                                                 retraced, args.every_row_last_layer, args.cpu_dot_library)
   except (ValueError, jax.errors.JaxRuntimeError) as e:  # no-op options; an option XLA does not know
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     return 2
   seconds = time_variants(state, batches, variants, args.rounds, args.block)
   print(json.dumps({"preset": args.preset, "mode": args.mode, "seq_len": args.seq_len, "batch": args.batch,
                     "options": options, "every_row_last_layer": args.every_row_last_layer,
+                    "cpu_dot_library": args.cpu_dot_library or None,
                     **{flag: getattr(args, flag) for flag in RETRACED},
                     "default_s": seconds["default"], "options_s": seconds["options"],
                     "default_over_options": seconds["default"] / seconds["options"]}), flush=True)

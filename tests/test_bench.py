@@ -413,7 +413,7 @@ def test_isolated_child_gets_every_setting():
                                  dropout=0.1, seed=7, frozen_dtype="float32", attention_mask="segments",
                                  segment_attention="cudnn_packed",
                                  attention="xla", opt_state_dtype="bfloat16", remat_name="dots_saveable",
-                                 scan_unroll=0, attention_query_block=64, flops=False, analysis_only=True, profile_dir="/tmp/p",
+                                 scan_unroll=0, attention_query_block=64, cpu_dot_library="onednn", flops=False, analysis_only=True, profile_dir="/tmp/p",
                                  target="h100")
   defaults = common.BenchSettings()
   untouched = {f.name for f in dataclasses.fields(common.BenchSettings)

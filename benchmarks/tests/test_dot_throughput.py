@@ -24,6 +24,13 @@ def test_eigen_side_compiles_without_ynnpack_and_computes_the_same_product():
   assert dot_throughput.YNN_INSTRUCTION.search(default_hlo)  # so the option above took YNNPACK away
 
 
+def test_onednn_side_runs_the_dot_in_onednn_and_computes_the_same_product():
+  record = dot_throughput.measure(128, 64, 96, repeats=2, settle=0.0, onednn=True)
+  assert record["onednn_fusions"] == 1 and record["onednn_max_abs_diff"] < 1e-4
+  assert record["xla_onednn_gflops"] > 0
+  assert record["onednn_over_ynn"] == pytest.approx(record["xla_onednn_gflops"] / record["xla_gflops"], rel=1e-3)
+
+
 def test_shapes_are_three_positive_ints():
   assert dot_throughput._shape("4,5,6") == (4, 5, 6)
   for bad in ("4,5", "4,0,6"):

@@ -59,3 +59,11 @@ def test_nothing_to_compare_is_a_usage_error(capsys):
   with pytest.raises(SystemExit) as exit_info:
     step_options.main(list(TINY))
   assert exit_info.value.code == 2 and "nothing to compare" in capsys.readouterr().err
+
+
+def test_the_step_with_its_dots_in_another_library_is_timed_against_the_shipped_one(capsys):
+  assert step_options.main([*TINY, "--rounds", "2", "--block", "1", "--cpu-dot-library", "onednn"]) == 0
+  record = json.loads(capsys.readouterr().out)
+  assert record["cpu_dot_library"] == "onednn" and record["options"] == {}
+  assert not any(record[flag] for flag in FLAGS)
+  assert record["default_s"] > 0 and record["options_s"] > 0

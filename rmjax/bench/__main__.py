@@ -39,7 +39,7 @@ from typing import Any, Sequence
 
 from rmjax import runtime
 from rmjax.bench import common, gpu_target
-from rmjax.model.config import REMAT_POLICIES, ModelConfig
+from rmjax.model.config import CPU_DOT_LIBRARIES, REMAT_POLICIES, ModelConfig
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -80,6 +80,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--attention-query-block", type=int, default=ModelConfig.attention_query_block,
                  help="rmjax, XLA attention: query rows per block, each attending only the keys up to it "
                       "(0 = one block: all T x T scores)")
+  p.add_argument("--cpu-dot-library", choices=tuple(CPU_DOT_LIBRARIES), default=ModelConfig.cpu_dot_library,
+                 help="rmjax on a CPU: the library XLA hands the step's dots to (ynnpack: XLA's default)")
   p.add_argument("--no-flops", dest="flops", action="store_false",
                  help="skip the two unrolled analysis compiles that give compiled_flops")
   p.add_argument("--analysis-only", action="store_true",
@@ -112,7 +114,7 @@ def settings_from(args: argparse.Namespace) -> common.BenchSettings:
                               attention_mask=args.attention_mask, segment_attention=args.segment_attention,
                               opt_state_dtype=args.opt_state_dtype, remat_name=args.remat_policy,
                               scan_unroll=args.scan_unroll, attention_query_block=args.attention_query_block,
-                              flops=args.flops,
+                              cpu_dot_library=args.cpu_dot_library, flops=args.flops,
                               analysis_only=args.analysis_only or bool(args.target),
                               profile_dir=args.profile, target=args.target)
 
@@ -135,6 +137,7 @@ def child_argv(impl: str, settings: common.BenchSettings, mode: str) -> list[str
           "--attention-mask", settings.attention_mask, "--segment-attention", settings.segment_attention,
           "--opt-state-dtype", settings.opt_state_dtype, "--remat-policy", settings.remat_name,
           "--scan-unroll", str(settings.scan_unroll), "--attention-query-block", str(settings.attention_query_block),
+          "--cpu-dot-library", settings.cpu_dot_library,
           "--profile", settings.profile_dir,
           "--target", settings.target]
   flags = [("--remat", settings.remat), ("--no-flops", not settings.flops),

@@ -93,6 +93,7 @@ class BenchSettings:
   # "auto" tries first on the run's device (jax_impl.resolve_scan_unroll), an int or its text otherwise
   scan_unroll: int | str = spec_lib.AUTO
   attention_query_block: int = ModelConfig.attention_query_block  # rmjax XLA attention's query block (0 = one)
+  cpu_dot_library: str = ModelConfig.cpu_dot_library  # rmjax on a CPU: the library its dots run in
   flops: bool = True  # compute compiled_flops from the unrolled 1- and 2-layer analysis compiles
   analysis_only: bool = False  # rmjax: compile from shapes and report the analysis, no steps
   profile_dir: str = ""  # rmjax: trace one extra step into this folder and summarise it (bench/profile.py)
@@ -144,7 +145,7 @@ class BenchSettings:
                        f"max_position_embeddings={cfg.max_position_embeddings}")
     loop = {} if self.scan_unroll == spec_lib.AUTO else {"scan_unroll": self.scan_unroll}
     return cfg.replace(compute_dtype=self.dtype, remat=self.remat_policy, **loop,
-                       attention_query_block=self.attention_query_block,
+                       attention_query_block=self.attention_query_block, cpu_dot_library=self.cpu_dot_library,
                        attention_impl=self.attention or None, attention_mask=self.attention_mask,
                        segment_attention=self.segment_attention,
                        lora_rank=self.lora_rank if mode == "lora" else 0, lora_alpha=self.lora_alpha,

@@ -221,6 +221,7 @@ def _run(settings: common.BenchSettings, mode: str) -> dict[str, Any]:
                             traces=int(steps.traces["train"]), jax_version=jax.__version__,
                             opt_state_dtype=settings.opt_state_dtype, remat_policy=settings.remat_policy,
                             scan_unroll=settings.scan_unroll, attention_query_block=cfg.attention_query_block,
+                            cpu_dot_library=cfg.cpu_dot_library if device.platform == "cpu" else None,
                             attention=cfg.attention_impl or f"auto:{auto_attention_impl(cfg, cfg.compute_dtype)}",
                             attention_mask=cfg.attention_mask, segment_attention=cfg.segment_attention)
   return with_ratio(record)
