@@ -15,8 +15,8 @@ compile options of the steps' jitted functions (rmjax/train/step.py), so they ap
 steps only and leave any other jax program of the process as XLA compiles it; a GPU ignores them.
 What "onednn" costs, and why it is not the default: this jaxlib cannot serialise a program
 holding oneDNN fusions, so its steps never reach jax's persistent compilation cache and every
-process compiles them anew (the test suite and the demo lean on that cache); its gain was
-measured on AMD CPUs only, where it is small (BUILD.md, Results).
+process compiles them anew (the test suite and the demo lean on that cache); its gain has
+been measured on one AMD CPU only, where it is small (BUILD.md, Results).
 """
 
 from __future__ import annotations
