@@ -362,6 +362,14 @@ def test_profile_classifies_ops_by_kind_direction_and_component():
                               {"kernel": "add_fusion", "ms": 0.1, "count": 1}]
 
 
+def test_profile_counts_a_cpu_librarys_dot_fusions_as_matmuls():
+  """XLA's CPU dot fusions, YNNPACK's or oneDNN's (model.cpu_dot_library), are the step's GEMMs."""
+  from rmjax.bench import profile
+  up = "jit(_train_step)/transpose(jvp(ConfidenceModel))/decoder/layers/mlp/up_proj/dot_general"
+  for fusion in ("ynn_fusion.12", "onednn_fusion.3"):
+    assert profile.classify(fusion, up) == ("matmul", "bwd", "layers/mlp/up_proj")
+
+
 def test_profile_counts_only_gpu_kernels_and_matches_them_to_hlo_by_name(tmp_path):
   """A GPU trace (event layout and kernel names as an H100 run of the bench wrote them): the host
   thread's events are not ops, a fusion kernel under a CUDA graph is found by its own name, and

@@ -6,7 +6,7 @@ takes. `python -m rmjax.bench --profile DIR` traces one extra step of the rmjax 
 record. The summary joins the trace's op events (one per executed HLO instruction: fusions,
 dots, copies) with the compiled HLO's `op_name` metadata, so each microsecond is attributed to
 
-  kind       matmul (dots, YNNPACK / cuBLAS / Triton GEMM kernels), attention (cuDNN's fused
+  kind       matmul (dots, YNNPACK / oneDNN / cuBLAS / Triton GEMM kernels), attention (cuDNN's fused
              attention kernels), copy/transpose (layout changes, memcpy), other (elementwise and
              reduction fusions, slices, scan bookkeeping);
   direction  bwd when jax's transpose of the forward produced the op, fwd otherwise (optimizer
@@ -34,7 +34,7 @@ from typing import Any, Mapping
 _CONTROL_FLOW = ("while", "conditional", "call")
 _INSTRUCTION = re.compile(r"%([\w.\-]+) = [^\n]*?metadata=\{op_name=\"([^\"]*)\"")
 _COMPONENT = re.compile(r"(layers/(?:attn|mlp)(?:/[a-z_]+_proj)?|head|embed|marker|loss)")
-_MATMUL = ("dot", "ynn_fusion", "gemm", "cublas", "custom-call", "nvjet", "cutlass")
+_MATMUL = ("dot", "ynn_fusion", "onednn_fusion", "gemm", "cublas", "custom-call", "nvjet", "cutlass")
 _ATTENTION = ("sdpa", "fmha", "flash", "dot_product_attention", "cudnn")
 
 
