@@ -1,5 +1,6 @@
 """`model.cpu_dot_library`: which library runs a CPU step's dots (rmjax/model/cpu_dots.py)."""
 
+import pathlib
 import warnings
 
 import jax
@@ -15,6 +16,7 @@ from rmjax.train import auto_settings
 from rmjax.train.step import device_batch
 
 CACHE_WARNING = "persistent compilation cache"
+DEMO_SPEC = pathlib.Path(__file__).resolve().parents[1] / "specs" / "demo.py"
 
 
 def _first_step(library: str, batch: dict) -> dict:
@@ -78,7 +80,7 @@ def test_options_apply_to_a_cpu_only_and_unknown_libraries_are_refused():
   assert cpu_dots.compiler_options("cpu", "onednn")["xla_cpu_use_onednn"] is True
   with pytest.raises(ValueError, match="cpu_dot_library='mkl'; choose from ynnpack, onednn"):
     ModelConfig(cpu_dot_library="mkl")
-  spec = spec_lib.load_spec_file("specs/demo.py")
+  spec = spec_lib.load_spec_file(str(DEMO_SPEC))
   spec.model.cpu_dot_library = "mkl"
   with pytest.raises(spec_lib.SpecError, match="model.cpu_dot_library"):
     spec_lib.validate(spec, 1, 1)
