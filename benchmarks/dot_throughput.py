@@ -76,14 +76,13 @@ def measure(m: int, k: int, n: int, repeats: int, rounds: int = 2, settle: float
   a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
   xa, xb = jax.device_put(a), jax.device_put(b)
   ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-  xla_dot, _ = compiled_dot(xa, xb)
-  runs = {"xla": lambda: xla_dot(xa, xb).block_until_ready()}
-  if eigen:
-    eigen_dot, eigen_hlo = compiled_dot(xa, xb, YNN_OFF)
-    runs["xla_eigen"] = lambda: eigen_dot(xa, xb).block_until_ready()
-  if onednn:
-    onednn_dot, onednn_hlo = compiled_dot(xa, xb, cpu_dots.compiler_options("cpu", "onednn"))
-    runs["xla_onednn"] = lambda: onednn_dot(xa, xb).block_until_ready()
+  # XLA's dot as compiled by default, then as each library asked for compiles it (name -> options)
+  variants = {"": None} | ({"eigen": YNN_OFF} if eigen else {}) | (
+    {"onednn": cpu_dots.compiler_options("cpu", "onednn")} if onednn else {})
+  runs, hlo = {}, {}
+  for variant, options in variants.items():
+    dot, hlo[variant] = compiled_dot(xa, xb, options)
+    runs["_".join(filter(None, ["xla", variant]))] = lambda dot=dot: dot(xa, xb).block_until_ready()
   runs["torch"] = lambda: torch.matmul(ta, tb)
   times: dict[str, list[float]] = {name: [] for name in runs}
   for _ in range(rounds):
@@ -91,21 +90,22 @@ def measure(m: int, k: int, n: int, repeats: int, rounds: int = 2, settle: float
       time.sleep(settle)
       run()  # compiles, or wakes the library's threads
       times[name].extend(_seconds(run) for _ in range(repeats))
-  diff = float(np.max(np.abs(np.asarray(runs["xla"]()) - runs["torch"]().numpy())))
+  torch_product = runs["torch"]().numpy()
+  max_diff = lambda name: float(np.max(np.abs(np.asarray(runs[name]()) - torch_product)))
   flop = 2.0 * m * k * n
   gflops = {name: flop / statistics.median(ts) / 1e9 for name, ts in times.items()}
   sig = lambda x: float(f"{x:.4g}")  # four significant digits: never 0 for a positive rate
   record = {"M": m, "K": k, "N": n, "xla_gflops": sig(gflops["xla"]), "torch_gflops": sig(gflops["torch"]),
-            "xla_over_torch": sig(gflops["xla"] / gflops["torch"]), "max_abs_diff": diff,
+            "xla_over_torch": sig(gflops["xla"] / gflops["torch"]), "max_abs_diff": max_diff("xla"),
             "torch_threads": torch.get_num_threads()}
+  for variant in filter(None, variants):
+    name = f"xla_{variant}"
+    record |= {f"{name}_gflops": sig(gflops[name]), f"{variant}_over_ynn": sig(gflops[name] / gflops["xla"]),
+               f"{variant}_max_abs_diff": max_diff(name)}
   if eigen:
-    record |= {"xla_eigen_gflops": sig(gflops["xla_eigen"]), "eigen_over_ynn": sig(gflops["xla_eigen"] / gflops["xla"]),
-               "eigen_max_abs_diff": float(np.max(np.abs(np.asarray(runs["xla_eigen"]()) - runs["torch"]().numpy()))),
-               "eigen_uses_ynn": bool(YNN_INSTRUCTION.search(eigen_hlo))}
+    record["eigen_uses_ynn"] = bool(YNN_INSTRUCTION.search(hlo["eigen"]))
   if onednn:
-    record |= {"xla_onednn_gflops": sig(gflops["xla_onednn"]), "onednn_over_ynn": sig(gflops["xla_onednn"] / gflops["xla"]),
-               "onednn_max_abs_diff": float(np.max(np.abs(np.asarray(runs["xla_onednn"]()) - runs["torch"]().numpy()))),
-               "onednn_fusions": len(ONEDNN_INSTRUCTION.findall(onednn_hlo))}
+    record["onednn_fusions"] = len(ONEDNN_INSTRUCTION.findall(hlo["onednn"]))
   return record
 
 
