@@ -33,7 +33,6 @@ a third of the row, lengths and buckets:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time

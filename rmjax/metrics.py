@@ -29,7 +29,6 @@ BAND_LOW = 1.0 / 3.0  # targets strictly below are "low"
 BAND_HIGH = 2.0 / 3.0  # targets strictly above are "high"
 STEP_METRICS = ("count", "count_hard", "mean_pred", "mean_target", "mse", "mae", "r2", "ece",
                 "brier", "auroc", "mae_low", "mae_medium", "mae_high")
-OVERALL = ""  # evaluate_sources puts pooled metrics under bare names
 
 
 def as_pair(preds: Iterable[float], targets: Iterable[float]) -> tuple[np.ndarray, np.ndarray]:

@@ -30,8 +30,6 @@ import pathlib
 import sys
 from typing import Any, Iterator, Sequence
 
-import numpy as np
-
 from rmjax import cli
 from rmjax.export import EXPORT_FILE
 from rmjax.solutions import DEFAULT_SEPARATOR, add_solution_args, aggregate, parse_separator, solution_steps

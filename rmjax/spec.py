@@ -85,12 +85,6 @@ def _fmt_mesh(sizes: Mapping[str, int]) -> str:
   return "(" + ", ".join(f"{a}={s}" for a, s in sizes.items()) + ")"
 
 
-def data_parallel_size(spec: ConfigDict, num_devices: int) -> int:
-  """Devices a batch is split across: the data and fsdp mesh axes together."""
-  sizes = resolve_mesh(spec.mesh, num_devices)
-  return sizes["data"] * sizes["fsdp"]
-
-
 def scan_unroll_setting(value: Any) -> int | str:
   """model.scan_unroll as the model takes it: "auto", or the whole number >= 0 that an int or
   its text gives (the key is a str field: rmjax.spec_io.AUTO_OR_INT_KEYS). SpecError otherwise."""

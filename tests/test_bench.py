@@ -1,7 +1,6 @@
 """Tests for `python -m rmjax.bench`: records, ratios, batches and the analytic FLOP count."""
 
 import json
-import pathlib
 import subprocess
 import sys
 

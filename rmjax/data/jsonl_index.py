@@ -70,10 +70,6 @@ class LineFile:
   def __len__(self) -> int:
     return int(self._starts.shape[0])
 
-  @property
-  def size_bytes(self) -> int:
-    return self._size
-
   def span(self, i: int) -> tuple[int, int]:
     """[start, end) byte range of line i, end including its newline if any."""
     start = int(self._starts[i])

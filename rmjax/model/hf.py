@@ -354,7 +354,3 @@ def save_hf_params(params: Params, cfg: ModelConfig, out_dir: str | os.PathLike,
   save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
   return out
 
-
-# Names used in BUILD.md's contract.
-load_params = load_hf_params
-save_hf = save_hf_params
