@@ -67,7 +67,7 @@ def base_spec() -> ml_collections.ConfigDict:
                                      # "0" = no loop (on a GPU each layer's GEMMs read its weights in
                                      # place, not copies; longer compile)
   c.model.auto_time = False          # "auto": time one step of each candidate that fits and take the fastest
-  c.model.attention_impl = ""        # "" = let XLA choose | "xla" | "cudnn" (GPU flash attention)
+  c.model.attention_impl = ""        # "" = cuDNN on a GPU where it applies (bf16/fp16), else XLA | "xla" | "cudnn"
   c.model.attention_query_block = 128  # XLA attention (CPU; fp32 on a GPU): query rows per block, each
                                      # attending only the keys up to it (skips the upper half); 0 = one block
   c.model.cpu_dot_library = DEFAULT_CPU_DOT_LIBRARY  # "onednn" | "ynnpack" (XLA's default): the library a

@@ -1,7 +1,7 @@
 """The training loop end to end, in this process, on the demo spec with tiny settings: run
 directory, logs and TensorBoard, trace count, checkpoint retention, NaN stop and skip, resume and
-init_from. The loop as a process (SIGKILL, SIGTERM, two processes): test_loop_processes.py; its
-parts without a run: test_train_parts.py. The launch helpers here are shared with those."""
+init_from. The loop as a process: SIGTERM in test_loop_processes.py, SIGKILL in
+test_reliability.py, two processes in test_multihost.py; its parts without a run: test_train_parts.py. The launch helpers here are shared with those."""
 
 import json
 import os
