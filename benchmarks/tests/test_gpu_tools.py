@@ -80,6 +80,7 @@ def test_prepared_gpu_checks_run_end_to_end_on_tiny_shapes(tmp_path):
   assert rows["data_wait"]["windows"] == len(waits["steps"])
   # the spec loops: each loop's ratio to its bare step, and auto's pick timed against the old default
   assert rows["spec_loop:lora_spec_loop"]["value"] > 0 and rows["spec_loop:full_spec_loop_timed"]["value"] > 0
+  assert all(v > 0 for v in rows["spec_loop:lora_spec_loop"]["seconds_per_step"].values())  # read from the real record
   assert rows["spec_auto_order"]["value"] > 0 and rows["spec_auto_order"]["old_default"] == {"remat": "full", "scan_unroll": 1}
 
 
@@ -236,10 +237,11 @@ def test_gpu_summary_reads_the_shipped_specs_loops(tmp_path):
   on the bare steps, and each loop's ratio to its bare step judged within 3% either way."""
   from benchmarks import gpu_summary
   device = "NVIDIA H100 80GB HBM3"
-  medians = {"loop": 1.0, "back_to_back": 1.0, "paced": 1.0}
+  segments = [{"loop_seconds_per_step_median": loop_s, "step_seconds_per_step_median": step_s}
+              for loop_s, step_s in ((1.2, 1.0), (1.4, 1.1), (1.1, 1.3))]  # as bench --loop writes them
   loop = lambda step, ratio, mfu: {"bench": "loop", "device": device, "step_tokens_per_s": step,
                                    "loop_over_step": ratio, "step_mfu": mfu, "chosen": {"remat": "full"},
-                                   "seconds_per_step_median": medians}
+                                   "segments": segments}
   mlp, full = {"remat": "mlp_projections_saveable", "scan_unroll": 1}, {"remat": "full", "scan_unroll": 1}
   timed = loop(17000.0, 1.0, 0.46) | {"auto": {  # the order's pick 1.5 s a step, the old default 1.8 s
     "timed": True, "chosen": mlp, "order_pick": mlp, "old_default": full,
@@ -255,7 +257,7 @@ def test_gpu_summary_reads_the_shipped_specs_loops(tmp_path):
   assert rows["spec_full_mfu"]["chosen"] == {"remat": "full"}
   assert (rows["spec_lora_over_full"]["value"], rows["spec_lora_over_full"]["held"]) == (1.5, True)
   assert (rows["spec_loop:full_spec_loop"]["held"], rows["spec_loop:lora_spec_loop"]["held"]) == (True, False)
-  assert rows["spec_loop:lora_spec_loop"]["seconds_per_step_median"] == medians
+  assert rows["spec_loop:lora_spec_loop"]["seconds_per_step"] == {"loop": 1.2, "step": 1.1}
   assert (rows["spec_loop:full_spec_loop_bf16"]["value"], rows["spec_loop:full_spec_loop_bf16"]["held"]) == (None, None)
   order = rows["spec_auto_order"]
   assert (order["value"], order["held"], order["order_pick"], order["old_default"]) == (pytest.approx(1.2), True, mlp, full)
