@@ -1,7 +1,7 @@
 """`python -m benchmarks.attention`: the attention of packed rows, timed and compared, forward + backward.
 
-Why it exists: packed rows need the segment mask, and the masked cuDNN attention costs about
-twice causal attention alone on an H100 (BUILD.md). Part of that is a gradient nobody uses:
+Why it exists: packed rows need the segment mask, and the masked cuDNN attention costs more than
+causal attention alone on an H100 (BUILD.md, Results). Part of that is a gradient nobody uses:
 jax's cuDNN wrapper has the backward kernel compute the mask's (bias's) gradient; part is the
 score blocks between two examples of a row, which a mask cannot skip (model/cudnn_attention.py).
 This times, on one layer's attention of the Qwen3-4B shape

@@ -81,7 +81,8 @@ def synthetic_examples(n: int, row: int, median: float, marker_id: int, seed: in
 
 
 def default_buckets(row: int) -> tuple[int, ...]:
-  """specs/common.py's length buckets (256, 512, 1024, 2048) below `row`, then `row`."""
+  """The powers of two from 256 to 4096 below `row` (specs/common.py's length buckets and the
+  next), then `row`."""
   return tuple(b for b in (256, 512, 1024, 2048, 4096) if b < row) + (row,)
 
 

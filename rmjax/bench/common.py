@@ -4,8 +4,8 @@ Why it exists: a throughput comparison is only meaningful when both implementati
 the same model on the same tokens and are scored with the same arithmetic. Everything that
 decides "the same" lives here, with no jax or torch import, so each side (and the test) reads
 one definition: the model shape (`rmjax.model.config.ModelConfig`), the batches (numpy, in
-the batch contract of BUILD.md, from a fixed seed), the analytic FLOP count of GUIDE.md
-section 4, the peak FLOP/s table for MFU, and the JSON record each run prints.
+the batch contract of BUILD.md, from a fixed seed), the analytic FLOP count (BUILD.md,
+Measuring), the peak FLOP/s table for MFU, and the JSON record each run prints.
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ def supervised_markers(batch: Mapping[str, np.ndarray]) -> int:
   return int(np.asarray(batch["target_mask"]).sum())
 
 
-# -- FLOP accounting (GUIDE.md section 4) --------------------------------------------------------
+# -- FLOP accounting (BUILD.md, Measuring) -------------------------------------------------------
 
 def decoder_matmul_params(cfg: ModelConfig) -> int:
   """N: decoder weights used in matmuls (q/k/v/o, gate/up/down); no embedding, no LM head."""

@@ -24,9 +24,9 @@ one length bucket (`data.max_length`), so every step has one shape and compiles 
   are left out: the first spans the bare block, and the prefetcher refilled its 2 batches
   meanwhile. `segments` lists each segment's tokens and seconds on both sides; the rates are
   their sums' ratios. No retrace after the first pass (`step_retraced` says so).
-Tokens are counted alike on both sides: real tokens, the nonzero `segment_ids`. `mfu` counts
-the model FLOPs of those tokens (each packed example's attention over its own length; GPUs
-with a known peak only); `fill` is real tokens over the rows' slots.
+Tokens are counted alike on both sides: real tokens, the nonzero `segment_ids`. `loop_mfu` and
+`step_mfu` count the model FLOPs of those tokens (each packed example's attention over its own
+length; GPUs with a known peak only); `fill` is real tokens over the rows' slots.
 
 `--spec specs/full.py` (or lora.py) measures a shipped spec as a user runs it: every key of
 that spec (batch, micro-batches, mode, "auto" remat and layer loop, optimizer dtype, head,

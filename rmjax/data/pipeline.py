@@ -3,7 +3,7 @@
 Training, per enabled source:
   MapDataset.source(reader)[process_index::process_count]   each process reads only its shard
   EpochShuffle(seed_for_source)                               endless, reshuffled every epoch
-  .map(renderer)                                              Example -> Tokenized | None
+  _RenderedSource(renderer)                                   Example -> Tokenized | None
   .to_iter_dataset(ReadOptions(...))                          threads; None (skipped) dropped here
 then IterDataset.mix(per_source, weights) and batching (padded to buckets, or packed: both
 `rmjax.data.packing`).
@@ -13,8 +13,9 @@ picks the source of the k-th element by a deterministic interleave of the intege
 weights. So the proportions are exact over examples actually emitted (a source with many
 skipped records is not under-sampled), on every process, and the iterator state is a few
 integers (per-source next index + mix index): get_state/set_state restore bit for bit.
-A source whose every record is skipped would make its iterator search forever; readers report
-their skip counts, and the caller must not enable an empty source (checked: length 0 raises).
+A source whose every record is skipped would make the mix wait forever for one: an empty source
+is refused (length 0 raises), and one whose records all come to nothing raises NoUsableRecords
+(`_RenderedSource`); readers report their skip counts.
 
 Evaluation, per enabled source: unshuffled, finite, fixed-size batches with example ids. Every
 process yields the same number of batches (its shard is padded with empty rows), which a

@@ -1,6 +1,6 @@
 """Pieces every dataset reader shares: skip bookkeeping, strict mode, path checks, field checks.
 
-The three readers parse very different formats, but they must treat bad input the same way:
+The readers parse very different formats, but they must treat bad input the same way:
 a bad record is skipped and counted once (by source and reason) in a `SkipCounter`, or, in
 strict mode, raises `BadRecord` naming the file and line. Keeping that logic here means the
 rule is written once and every reader obeys it identically.

@@ -114,7 +114,7 @@ def auto_attention_impl(cfg: ModelConfig, dtype: Any, backend: str | None = None
   """The attention implementation when the config leaves it open (attention_impl=None).
 
   cuDNN's fused attention on a GPU when it applies (fp16/bf16, head_dim a multiple of 8 and at
-  most 128: much faster than XLA's on a GPU, BUILD.md), XLA otherwise (CPU, fp32).
+  most 128: flash attention, no (T, T) score buffers), XLA otherwise (CPU, fp32).
   Decided at trace time from the default backend (or `backend`, when compiling for a GPU that
   is not attached), so one config runs on both platforms.
   """

@@ -14,7 +14,7 @@ A dispatch is a span, not an instant, and the two ends bound the device's idle t
 - `idle_max_s`: to the call *returning*. On a GPU the call returns only after it has enqueued
   the step's kernels, and the driver's launch queue is bounded, so a call begun in time can
   return well after the device started on it: this end is an upper bound. The two ends together
-  say whether a gap was the host's fault (BUILD.md has the GPU loop's readings).
+  say whether a gap was the host's fault (BUILD.md, Results: the device idle row).
 - `dispatch_s`: the call's own length (host time inside the step call).
 
 Only gaps between consecutive training steps count: `pause()` before evaluation or a checkpoint

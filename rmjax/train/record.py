@@ -1,8 +1,8 @@
 """What a run has counted so far: the best validation loss and its step, the skipped non-finite
 steps, the batch shapes it trained on, and its last evaluation.
 
-Why it exists: these are saved with every checkpoint, so a resume continues them exactly, and
-reported in final_results.json; one value keeps the two in step.
+Why it exists: the first three are saved with every checkpoint, so a resume continues them
+exactly; all of them are reported in final_results.json; one value keeps the two in step.
 """
 
 from __future__ import annotations
