@@ -75,6 +75,8 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     obj = json.loads(path.read_bytes())
   except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
     raise ValueError(f"{path} is not valid JSON: {first_line(e)}") from None
+  except RecursionError:
+    raise ValueError(f"{path} is not valid JSON: nested too deeply") from None
   if not isinstance(obj, dict):
     raise ValueError(f"{path} holds a JSON {type(obj).__name__}, expected an object")
   return obj

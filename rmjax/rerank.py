@@ -51,6 +51,14 @@ def _gsm8k_candidates(obj: dict) -> list[dict]:
   return out
 
 
+def _finite_float(x: int | float) -> bool:
+  """Whether a JSON number is a finite float (an int past float's range is not)."""
+  try:
+    return math.isfinite(x)
+  except OverflowError:
+    return False
+
+
 def parse_problem(obj: Any, separator: str, need_steps: bool) -> dict | str:
   """{"id", "problem", "candidates": [{..., "steps", "correct", "answer", "step_scores"}]}, or why not."""
   if not isinstance(obj, dict):
@@ -77,7 +85,7 @@ def parse_problem(obj: Any, separator: str, need_steps: bool) -> dict | str:
       if scores is None:
         return f"candidate {i}: no 'step_scores' (give --checkpoint to score the candidates)"
       if not isinstance(scores, list) or not all(
-          s is None or (isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)) for s in scores):
+          s is None or (isinstance(s, (int, float)) and not isinstance(s, bool) and _finite_float(s)) for s in scores):
         return f"candidate {i}: 'step_scores' must be a list of numbers (or null)"
     out.append(cand)
   return {"id": obj.get("id"), "problem": problem, "candidates": out}
@@ -93,8 +101,10 @@ def read_problems(path: pathlib.Path, separator: str, need_steps: bool, warn) ->
         continue
       try:
         rec = parse_problem(json.loads(raw), separator, need_steps)
-      except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+      except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int past the digit limit
         rec = f"not valid JSON ({cli.first_line(e)})"
+      except RecursionError:
+        rec = "not valid JSON (nested too deeply)"
       if isinstance(rec, str):
         warn(f"{path}:{lineno}: skipped: {rec}")
         continue

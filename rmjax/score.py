@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import sys
 from typing import Any, Iterator, Sequence
@@ -49,6 +50,8 @@ def parse_line(line: str, lineno: int, separator: str = DEFAULT_SEPARATOR) -> Re
     obj = json.loads(line)
   except json.JSONDecodeError as e:
     return f"not valid JSON ({e.msg} at column {e.colno})"
+  except (ValueError, RecursionError) as e:  # an int past Python's digit limit, deep nesting
+    return f"not valid JSON ({cli.first_line(e) if isinstance(e, ValueError) else 'nested too deeply'})"
   if not isinstance(obj, dict):
     return f"expected a JSON object, got {type(obj).__name__}"
   problem = obj.get("problem")
@@ -167,6 +170,8 @@ def score_file(checkpoint: str | pathlib.Path, input_path: str | pathlib.Path, o
     raise FileNotFoundError(f"input file not found: {input_path}")
   if batch_size < 1:
     raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+  if output_path.exists() and os.path.samefile(input_path, output_path):
+    raise ValueError(f"--output {output_path} is the --input file: writing it would erase the input; give another path")
   with open(input_path, "rb") as fh:
     total_lines = sum(1 for line in fh if line.strip())
   scorer = make_scorer(checkpoint, batch_size)

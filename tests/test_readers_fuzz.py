@@ -11,6 +11,7 @@ import json
 import pathlib
 import random
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from rmjax.data.eqasc import EqascReader
@@ -221,3 +222,25 @@ def test_reveal_fuzz(tmp_path):
   r = RevealReader(str(huge))
   print(f"reveal fuzz: {files} byte-corrupted files read; oversized field -> {r.skips.as_dict()}")
   assert r.skips.as_dict()["reveal"].get("bad_csv_row") == 1 and len(r) == 3
+
+
+def test_json_python_cannot_decode_and_text_after_an_array_are_counted_skips():
+  """A line nested past Python's recursion limit or holding an integer past its digit limit is a
+  bad_json skip; text after a JSON array's closing bracket (a second array, stray text) is one
+  too, after the array's own elements, so nothing is dropped unseen. A label too large for a
+  float is a bad label, not an OverflowError."""
+  from rmjax.data.field_reader import probability
+  from rmjax.data.record_files import iter_json_array, parse_json_line
+  for line in (b"[" * 5000 + b"]" * 5000, b'{"x": ' + b"9" * 5000 + b"}"):
+    with pytest.raises(Skip) as skip:
+      parse_json_line(line)
+    assert skip.value.reason == "bad_json"
+  got = []
+  with pytest.raises(Skip) as skip:
+    for index, value in iter_json_array('[{"a": 1}, {"a": 2}]\n[{"a": 3}]\n'):
+      got.append(value)
+  assert got == [{"a": 1}, {"a": 2}] and skip.value.reason == "bad_json" and "after the array" in str(skip.value)
+  assert [v for _, v in iter_json_array('[1, 2]\n  \n')] == [1, 2]
+  with pytest.raises(Skip):
+    probability(10 ** 400, "bad_label")
+  assert probability(1, "bad_label") == 1.0

@@ -94,6 +94,26 @@ def test_bad_arguments_are_one_line_errors(run, tmp_path, capsys):
   assert score.main(["--checkpoint", str(tmp_path / "export" / "backbone"), "--input", str(tmp_path / "in.jsonl"),
                      "--output", str(tmp_path / "o")]) == 2
   assert "is a folder of the export" in capsys.readouterr().err
+  # --output naming the --input file (however spelled) is refused before anything is written
+  text = (tmp_path / "in.jsonl").read_text()
+  for same in (tmp_path / "in.jsonl", tmp_path / "export" / ".." / "in.jsonl"):
+    assert score.main(["--checkpoint", str(run), "--input", str(tmp_path / "in.jsonl"), "--output", str(same)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is the --input file" in err
+  assert (tmp_path / "in.jsonl").read_text() == text
+
+
+def test_lines_python_cannot_decode_are_reasons_not_tracebacks(tmp_path):
+  """JSON nested past Python's recursion limit, and an integer past its digit limit, are
+  malformed lines like any other (json.loads raises RecursionError / ValueError for them); a
+  run's or export's JSON file nested so deep is a ValueError naming the file."""
+  from rmjax import cli
+  for line in ("[" * 5000 + "]" * 5000, '{"problem": "p", "steps": ["a"], "x": ' + "9" * 5000 + "}"):
+    reason = score.parse_line(line, 1)
+    assert isinstance(reason, str) and reason.startswith("not valid JSON"), reason
+  (tmp_path / "deep.json").write_text("[" * 5000 + "]" * 5000)
+  with pytest.raises(ValueError, match="deep.json is not valid JSON: nested too deeply"):
+    cli.read_json_object(tmp_path / "deep.json")
 
 
 def test_text_is_split_into_steps_and_aggregated_like_the_same_steps(run, tmp_path):

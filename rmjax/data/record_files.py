@@ -144,12 +144,15 @@ def iter_json_array(text: str) -> Iterator[tuple[int, Any]]:
   while True:
     try:
       value, pos = decoder.raw_decode(text, pos)
-    except (json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # bad JSON, an int past Python's digit limit, deep nesting
       raise Skip("bad_json", f"element {index}: {str(e)[:200]}") from None
     yield index, value
     index += 1
     pos = _skip_ws(text, pos)
     if text.startswith("]", pos):
+      end = _skip_ws(text, pos + 1)
+      if end < len(text):  # a second array or stray text: counted, not dropped unseen
+        raise Skip("bad_json", f"text after the array's closing ']' at char {end}")
       return
     if not text.startswith(",", pos):
       raise Skip("bad_json", f"after element {index - 1}: expected ',' or ']' at char {pos}")
@@ -166,7 +169,7 @@ def parse_json_line(data: bytes) -> Any:
     raise Skip("not_utf8", str(e)) from None
   try:
     return json.loads(text)
-  except (json.JSONDecodeError, RecursionError) as e:
+  except (ValueError, RecursionError) as e:  # bad JSON, an int past Python's digit limit, deep nesting
     raise Skip("bad_json", str(e)[:200]) from None
 
 
