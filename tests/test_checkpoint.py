@@ -112,6 +112,14 @@ def test_retention_keeps_latest_three_and_older_best(tmp_path):
     c.save(11, _tiny(), val_loss=0.25)
   assert _dirs(d) == ["checkpoint_step_10", "checkpoint_step_11", "checkpoint_step_9"]
   assert ck.read_best_file(d) == {"step": 11, "val_loss": 0.25, "path": "checkpoint_step_11"}
+  # A damaged best.json reads as none and is written again from the checkpoints' metrics.
+  for step, damage in enumerate((b"garbage{", b"\xff\xfe", b"[1, 2]", b'{"step": "11"}'), start=12):
+    (d / "best.json").write_bytes(damage)
+    assert ck.read_best_file(d) is None
+    with ck.Checkpointer(d) as c:
+      assert c.best_step() == 11
+      c.save(step, _tiny(), val_loss=9.0)
+    assert ck.read_best_file(d) == {"step": 11, "val_loss": 0.25, "path": "checkpoint_step_11"}, damage
 
 
 def test_nan_and_inf_val_loss_never_best(tmp_path):

@@ -47,11 +47,17 @@ def config_hash(config: Any) -> str:
 
 
 def read_best_file(directory: os.PathLike | str) -> dict | None:
-  """Contents of `<directory>/best.json`, or None if there is none yet."""
+  """Contents of `<directory>/best.json`, or None if there is none yet or it is damaged (not a
+  JSON object with an integer step): the file only mirrors the checkpoints' own metrics, and the
+  next save writes it again from them."""
   path = pathlib.Path(directory) / BEST_FILE
   if not path.exists():
     return None
-  return json.loads(path.read_text())
+  try:
+    best = json.loads(path.read_bytes())
+  except (ValueError, RecursionError):  # bad JSON or UTF-8, deep nesting
+    return None
+  return best if isinstance(best, dict) and isinstance(best.get("step"), int) else None
 
 
 def write_json_atomic(path: pathlib.Path, payload: dict) -> None:
