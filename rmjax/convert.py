@@ -69,14 +69,21 @@ def load_hf_backbone(path_or_id: str | os.PathLike, dtype: str | None = None, ma
   return params, cfg, tok
 
 
+def _empty_output(out_dir: str | os.PathLike) -> pathlib.Path:
+  """`out_dir` resolved, if it is new or an empty folder: a converted directory's config and
+  tokenizer files would replace another's (a run's model/ folder has the same file names)."""
+  out = pathlib.Path(out_dir).resolve()
+  if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    raise FileExistsError(f"{out} is {'not empty' if out.is_dir() else 'a file'}; choose a new or empty output directory")
+  return out
+
+
 def save_converted(params: dict, cfg: ModelConfig, out_dir: str | os.PathLike, tokenizer: Any = None) -> pathlib.Path:
   """Write a converted directory; an "lm_head" entry of `params` goes to its own file."""
   import orbax.checkpoint as ocp
   from safetensors.numpy import save_file
-  out = pathlib.Path(out_dir).resolve()
+  out = _empty_output(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  if (out / PARAMS_DIR).exists():
-    raise FileExistsError(f"{out / PARAMS_DIR} already exists; choose an empty output directory")
   params = dict(params)
   lm_head = params.pop("lm_head", None)
   background_errors.install()
@@ -140,6 +147,7 @@ def load_backbone(path_or_id: str | os.PathLike, dtype: str | None = None, marke
 
 
 def convert(model: str, output: str | os.PathLike, dtype: str | None = None, marker: bool = True) -> pathlib.Path:
+  _empty_output(output)  # before minutes of loading
   params, cfg, tok = load_hf_backbone(model, dtype, marker=marker, keep_lm_head=True)  # untied: kept
   return save_converted(params, cfg, output, tok)
 
@@ -147,7 +155,7 @@ def convert(model: str, output: str | os.PathLike, dtype: str | None = None, mar
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m rmjax.convert", description=__doc__.split("\n\n")[0])
   parser.add_argument("--model", required=True, help="HF model directory or hub id")
-  parser.add_argument("--output", required=True, help="output directory (params/ must not exist)")
+  parser.add_argument("--output", required=True, help="output directory, new or empty")
   parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                       help="param dtype to store (default: the checkpoint's)")
   parser.add_argument("--no-marker", action="store_true", help="do not add the <CONFIDENCE> marker")

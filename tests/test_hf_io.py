@@ -270,6 +270,23 @@ def test_convert_cli_round_trip(tmp_path):
   assert p16["embed"]["marker"].dtype == np.float32
 
 
+def test_convert_into_a_folder_holding_files_is_refused_and_touches_nothing(tmp_path, capsys):
+  """A converted directory's rmjax_model.json and tokenizer files would replace another's (a run's
+  model/ folder has the same file names): only a new or empty folder is written."""
+  src = tmp_path / "hf"
+  H.build("qwen2", src)
+  _word_tokenizer(150).save_pretrained(src)
+  run_model = tmp_path / "run" / "model"
+  run_model.mkdir(parents=True)
+  (run_model / "rmjax_model.json").write_text('{"format": "rmjax-run-model-v1"}')
+  capsys.readouterr()
+  assert convert.main(["--model", str(src), "--output", str(run_model)]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "is not empty" in err, err
+  assert [f.name for f in run_model.iterdir()] == ["rmjax_model.json"]
+  assert (run_model / "rmjax_model.json").read_text() == '{"format": "rmjax-run-model-v1"}'
+
+
 def test_a_damaged_converted_directory_is_one_line_naming_it(tmp_path):
   """A converted model's array files cut short: one CheckpointCorrupt line naming the params
   folder and tensorstore's error, without tensorstore's page of store spec."""
