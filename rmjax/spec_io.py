@@ -162,8 +162,9 @@ def parse_set_item(item: str, flag: str = "--set") -> tuple[str, Any]:
 
 
 def apply_overrides(spec: ConfigDict, items: Sequence[str], flag: str = "--set") -> ConfigDict:
-  """Sets `KEY=VALUE` items (dotted spec keys; VALUE parsed as JSON, else as a Python literal such as
-  True or (64, 128), else kept as a string) on `spec` in place, for the tools that take overrides without absl flags.
+  """Sets `KEY=VALUE` items (dotted spec keys; VALUE parsed as JSON, else as a Python literal
+  such as True or (64, 128), else kept as a string) on `spec` in place, for the tools that take
+  overrides without absl flags.
 
   Raises SpecError (one line) for a malformed item, an unknown key (with the closest valid
   ones), a whole sub-dict as the target, or a value of another type than the key's.
