@@ -189,6 +189,8 @@ def _abstract_state(step_dir: pathlib.Path) -> dict[str, Any]:
   import jax
   import orbax.checkpoint as ocp
   from rmjax.checkpoint import CheckpointCorrupt
+  from rmjax import background_errors
+  background_errors.install()
   absl_log = logging.getLogger("absl")  # orbax warns about a metadata file it does not need
   level = absl_log.level
   absl_log.setLevel(logging.ERROR)

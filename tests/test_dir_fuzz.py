@@ -397,3 +397,19 @@ def test_a_damaged_array_file_is_one_line_from_the_process(world, tmp_path, tool
   assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
   assert lines[0].startswith(f"rmjax.{tool}: error: corrupt or unreadable checkpoint {run / STEP}: "), lines[0]
   assert "Error reading" in lines[0] and "TensorStore({" not in lines[0], lines[0]
+
+
+def test_a_checkpoint_without_its_tree_metadata_is_one_line_from_the_process(world, tmp_path):
+  """state/ without its manifest: the metadata read fails while tensorstore still has callbacks
+  for orbax's event loop, which printed "Event loop is closed" tracebacks after rmjax's line in
+  most runs until the read went through rmjax/background_errors.py like every other."""
+  d, inp = world
+  run = tmp_path / "run"
+  shutil.copytree(d / "run", run)
+  (run / STEP / "state" / "manifest.ocdbt").unlink()
+  proc = subprocess.run([sys.executable, "-m", "rmjax.score", "--checkpoint", str(run), "--input", str(inp),
+                         "--output", str(tmp_path / "out.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  lines = proc.stderr.splitlines()
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+  assert lines[0] == (f"rmjax.score: error: corrupt or unreadable checkpoint {run / STEP}: state/ has no readable "
+                      "tree metadata (_METADATA missing or broken)"), lines[0]
