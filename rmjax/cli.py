@@ -67,16 +67,23 @@ def out_of_memory_line(exc: BaseException, smaller: str, platform: str | None = 
   return f"out of device memory: {what} ({bound}; to need less: {smaller}; RMJAX_DEBUG=1 shows the traceback)"
 
 
+def json_value(text: str | bytes) -> Any:
+  """json.loads, with every way user text can fail to decode as a ValueError: bad JSON or UTF-8,
+  an integer past Python's digit limit, and nesting past its recursion limit."""
+  try:
+    return json.loads(text)
+  except RecursionError:
+    raise ValueError("JSON nested too deeply") from None
+
+
 def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
   """The JSON object in `path`; a ValueError naming the path if it is not valid JSON or not an
   object (a missing or unreadable file stays an OSError, which names the path itself)."""
   path = pathlib.Path(path)
   try:
-    obj = json.loads(path.read_bytes())
-  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    obj = json_value(path.read_bytes())
+  except ValueError as e:
     raise ValueError(f"{path} is not valid JSON: {first_line(e)}") from None
-  except RecursionError:
-    raise ValueError(f"{path} is not valid JSON: nested too deeply") from None
   if not isinstance(obj, dict):
     raise ValueError(f"{path} holds a JSON {type(obj).__name__}, expected an object")
   return obj

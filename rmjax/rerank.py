@@ -100,11 +100,9 @@ def read_problems(path: pathlib.Path, separator: str, need_steps: bool, warn) ->
       if not raw.strip():
         continue
       try:
-        rec = parse_problem(json.loads(raw), separator, need_steps)
-      except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int past the digit limit
+        rec = parse_problem(cli.json_value(raw), separator, need_steps)
+      except ValueError as e:
         rec = f"not valid JSON ({cli.first_line(e)})"
-      except RecursionError:
-        rec = "not valid JSON (nested too deeply)"
       if isinstance(rec, str):
         warn(f"{path}:{lineno}: skipped: {rec}")
         continue

@@ -47,11 +47,11 @@ class Record:
 def parse_line(line: str, lineno: int, separator: str = DEFAULT_SEPARATOR) -> Record | str:
   """A Record, or a one-line reason why the line is malformed."""
   try:
-    obj = json.loads(line)
+    obj = cli.json_value(line)
   except json.JSONDecodeError as e:
     return f"not valid JSON ({e.msg} at column {e.colno})"
-  except (ValueError, RecursionError) as e:  # an int past Python's digit limit, deep nesting
-    return f"not valid JSON ({cli.first_line(e) if isinstance(e, ValueError) else 'nested too deeply'})"
+  except ValueError as e:
+    return f"not valid JSON ({cli.first_line(e)})"
   if not isinstance(obj, dict):
     return f"expected a JSON object, got {type(obj).__name__}"
   problem = obj.get("problem")

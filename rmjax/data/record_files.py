@@ -28,6 +28,7 @@ import os
 import re
 from typing import Any, Iterator, Optional, Sequence
 
+from rmjax.cli import json_value
 from rmjax.data.jsonl_index import LineFile, LineTooLong
 from rmjax.data.reader_base import Skip
 
@@ -168,8 +169,8 @@ def parse_json_line(data: bytes) -> Any:
   except UnicodeDecodeError as e:
     raise Skip("not_utf8", str(e)) from None
   try:
-    return json.loads(text)
-  except (ValueError, RecursionError) as e:  # bad JSON, an int past Python's digit limit, deep nesting
+    return json_value(text)
+  except ValueError as e:
     raise Skip("bad_json", str(e)[:200]) from None
 
 
