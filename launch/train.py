@@ -56,7 +56,7 @@ import re
 import sys
 from typing import Any, Mapping, Sequence
 
-from rmjax import spec as spec_lib
+from rmjax import cli, spec as spec_lib
 
 SPECS_DIR = pathlib.Path(__file__).resolve().parents[1] / "specs"
 SEED_PER_DEVICE_BATCH = 4  # the seed's per-device batch when none is given
@@ -262,7 +262,7 @@ def main(mode: str, argv: Sequence[str] | None = None) -> Any:
     spec_lib.validate(spec, jax.device_count(), jax.process_count())
   except spec_lib.SpecError as e:
     print(f"{prog}: error: {seed_hints(str(e))}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(cli.EXIT_USER_ERROR)
   for w in warnings:
     print(f"{prog}: warning: {w}", file=sys.stderr)
   spec.lock()

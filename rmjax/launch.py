@@ -9,6 +9,11 @@ run has several processes, and hands over to rmjax.train.loop.train_and_evaluate
   python -m rmjax.launch --spec specs/demo.py
   python -m rmjax.launch --spec specs/lora.py --spec.lr=2e-4 --spec.data.reveal.use=False
   python -m rmjax.launch --spec specs/demo.py --dry_run     # validate and print the spec
+
+Exit status: 0 when the run finishes; 2 (cli.EXIT_USER_ERROR, as every rmjax tool) for any error
+reported in one line, from a mistyped flag to a spec the devices cannot run, a bad data file, a
+damaged checkpoint, a non-finite loss or a device out of memory; `--spec.stop_exit_code` for a run
+stopped by SIGTERM with its checkpoint saved; 1 only with a traceback, which is a bug in rmjax.
 """
 
 from __future__ import annotations
@@ -29,9 +34,9 @@ _USAGE = "usage: python -m rmjax.launch --spec FILE [--spec.key=value ...] [--dr
 _HELP = ("-h", "--help", "-help", "--helpshort", "--helpfull", "--helpxml")
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str) -> None:
   print(f"rmjax.launch: error: {message}", file=sys.stderr)
-  raise SystemExit(code)
+  raise SystemExit(cli.EXIT_USER_ERROR)
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
@@ -72,13 +77,13 @@ def run(spec: Any, dry_run: bool = False) -> Any:
   try:
     runtime.init_distributed(spec.distributed)
   except ValueError as e:  # a malformed JAX_NUM_PROCESSES / JAX_PROCESS_ID / SLURM_NTASKS
-    _fail(str(e), code=1)
+    _fail(str(e))
   import jax  # after jax.distributed: the device count must see every process
   runtime.reuse_host_memory(jax.default_backend())
   try:
     warnings = spec_lib.validate(spec, jax.device_count(), jax.process_count())
   except spec_lib.SpecError as e:
-    _fail(str(e), code=1)
+    _fail(str(e))
   for w in warnings:
     logging.warning("spec: %s", w)
   if dry_run:
@@ -92,11 +97,11 @@ def run(spec: Any, dry_run: bool = False) -> Any:
   except _user_facing_errors() as e:  # a bad input or a stopped run: one line, no traceback
     if os.environ.get("RMJAX_DEBUG"):
       raise
-    _fail(f"{type(e).__name__}: {e}", code=1)
+    _fail(f"{type(e).__name__}: {e}")
   except jax.errors.JaxRuntimeError as e:
     if os.environ.get("RMJAX_DEBUG") or not cli.is_out_of_memory(e):
       raise
-    _fail(out_of_memory_message(e, spec), code=1)
+    _fail(out_of_memory_message(e, spec))
   if results.get("interrupted") and int(spec.stop_exit_code):
     raise SystemExit(int(spec.stop_exit_code))  # stopped by SIGTERM, checkpoint saved: not finished
   return results

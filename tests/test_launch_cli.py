@@ -73,7 +73,7 @@ def test_malformed_process_count_in_the_environment_is_one_line():
 
 def test_indivisible_batch_rejected_before_training():
   proc = launch("--spec", "specs/demo.py", "--spec.batch_size=10", "--spec.grad_accum_steps=4")
-  assert proc.returncode == 1
+  assert proc.returncode == 2
   assert "Traceback" not in proc.stderr
   assert "batch_size (10) is not divisible by grad_accum_steps (4)" in proc.stderr
 
@@ -81,7 +81,7 @@ def test_indivisible_batch_rejected_before_training():
 def test_bad_mesh_rejected():
   # conftest gives 8 fake CPU devices, inherited by the subprocess through XLA_FLAGS.
   proc = launch("--spec", "specs/demo.py", "--spec.mesh.data=3")
-  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert "mesh (data=3, fsdp=1, tensor=1) has 3 devices but 8 are available" in proc.stderr
 
 
@@ -96,7 +96,7 @@ def test_settings_refused_by_the_configs_are_one_error_line(tmp_path, override, 
   """Values spec validation lets through but the model, data or checkpoint configs refuse: one
   error line naming the key (these were raw tracebacks)."""
   proc = launch("--spec", "specs/demo.py:lora", override, f"--spec.output_dir={tmp_path}")
-  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   errors = [line for line in proc.stderr.splitlines() if line.startswith("rmjax.launch: error:")]
   assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
 

@@ -55,7 +55,7 @@ def test_a_tensor_axis_across_processes_is_refused_in_one_line(tmp_path):
     for p in procs:
       if p.poll() is None:
         p.kill()
-  assert [p.returncode for p in procs] == [1, 1], errs
+  assert [p.returncode for p in procs] == [2, 2], errs
   for err in errs:
     assert "Traceback" not in err, err[-2000:]
     assert "does not give each of the 2 processes batch rows of its own" in err.strip().splitlines()[-1], err[-2000:]
@@ -125,7 +125,7 @@ def test_launch_local_sh_exits_with_the_failed_process_status_and_stops_the_othe
 
 def test_k8s_job_and_runtime_agree_on_process_layout():
   import yaml
-  from rmjax import runtime
+  from rmjax import cli, runtime
   service, job = yaml.safe_load_all((R.ROOT / "launch" / "k8s-indexed-job.yaml").read_text())
   spec = job["spec"]
   assert (service["kind"], job["kind"], spec["completionMode"]) == ("Service", "Job", "Indexed")
@@ -147,6 +147,9 @@ def test_k8s_job_and_runtime_agree_on_process_layout():
   ignored = [r["onExitCodes"] for r in spec["podFailurePolicy"]["rules"]
              if r["action"] == "Ignore" and "onExitCodes" in r]
   assert ignored == [{"containerName": container["name"], "operator": "In", "values": [stop_code]}]
+  # An error reported in one line (exit 2, as every rmjax tool) repeats on retry: it fails the Job.
+  failed = [r["onExitCodes"] for r in spec["podFailurePolicy"]["rules"] if r["action"] == "FailJob"]
+  assert failed == [{"containerName": container["name"], "operator": "In", "values": [cli.EXIT_USER_ERROR]}]
   dist = type("D", (), {"coordinator_address": "", "num_processes": 0, "process_id": -1})()
   pod_env = dict(env, JAX_PROCESS_ID="1")
   assert runtime.distributed_args(dist, pod_env) == {"coordinator_address": env["JAX_COORDINATOR_ADDRESS"],

@@ -147,7 +147,7 @@ def test_failed_checkpoint_write_stops_with_one_line_and_keeps_previous(tmp_path
   proc = subprocess.Popen(["bash", "-c", f'trap "" XFSZ; ulimit -f 256; exec {cmd}'], cwd=R.ROOT, env=_env(),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   rc, err = _finish(proc)
-  assert rc == 1, err[-3000:]
+  assert rc == 2, err[-3000:]
   errors = _error_lines(err)
   assert len(errors) == 1 and errors[0].startswith(
     f"rmjax.launch: error: CheckpointWriteError: cannot write checkpoint in {run / 'checkpoints'}: "), err[-3000:]
@@ -192,7 +192,7 @@ def test_read_only_checkpoint_directory_stops_with_one_line_and_keeps_previous(t
   with _read_only(ckpts):
     rc, err = _finish(_start(tmp_path / "out"), timeout=180)
     after = sorted(p.name for p in ckpts.iterdir())
-  assert rc == 1, err[-3000:]
+  assert rc == 2, err[-3000:]
   errors = _error_lines(err)
   assert len(errors) == 1 and errors[0].startswith(
     f"rmjax.launch: error: CheckpointWriteError: cannot write checkpoint in {ckpts}: step 9: "), err[-3000:]
@@ -267,7 +267,7 @@ def test_corrupt_latest_checkpoint_is_named_and_fallback_only_when_asked(tmp_pat
   bad = run / "checkpoints" / "checkpoint_step_6"
   _corrupt(bad)
   rc, err = _finish(_start(tmp_path / "out", 8))
-  assert rc == 1, err[-3000:]
+  assert rc == 2, err[-3000:]
   errors = _error_lines(err)
   assert len(errors) == 1 and errors[0].startswith(
     f"rmjax.launch: error: CheckpointCorrupt: corrupt or unreadable checkpoint {bad}: "), err[-3000:]
