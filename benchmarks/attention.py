@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rmjax import cli
 from rmjax.bench import common, gpu_target
 from rmjax.model import cudnn_attention
 from rmjax.model.transformer import attention_mask
@@ -194,7 +195,7 @@ def compile_for_target(args: argparse.Namespace, base: dict) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.attention", description=__doc__.split("\n\n")[0])
+  p = cli.ArgumentParser(prog="python -m benchmarks.attention", description=__doc__.split("\n\n")[0])
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seq-len", type=int, default=2048)
   p.add_argument("--heads", type=int, default=32)

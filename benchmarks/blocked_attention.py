@@ -20,7 +20,6 @@ Defaults are the 75m preset's attention shape (12 query heads, 4 key/value heads
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -29,6 +28,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from rmjax import cli
 from rmjax.model.blocked_attention import blocked_causal_attention
 from rmjax.model.transformer import attention_mask
 
@@ -85,7 +85,7 @@ def time_blocks(t: int, blocks: Sequence[int], batch: int, heads: int, kv_heads:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.blocked_attention", description=__doc__.split("\n\n")[0])
+  p = cli.ArgumentParser(prog="python -m benchmarks.blocked_attention", description=__doc__.split("\n\n")[0])
   p.add_argument("--seq-lens", default="512,680,2048", help="comma-separated sequence lengths")
   p.add_argument("--blocks", default="0,64,128,192,256,512", help="comma-separated query blocks (0 = one block)")
   p.add_argument("--batch", type=int, default=4)

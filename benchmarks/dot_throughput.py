@@ -37,6 +37,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from rmjax import cli
 from rmjax.model import cpu_dots
 
 
@@ -110,7 +111,7 @@ def measure(m: int, k: int, n: int, repeats: int, rounds: int = 2, settle: float
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = cli.ArgumentParser(prog="python -m benchmarks.dot_throughput", description=__doc__.splitlines()[0])
   p.add_argument("--shapes", nargs="+", type=_shape, default=[(2048, 2048, 2048), (2048, 768, 2048)],
                  metavar="M,K,N")
   p.add_argument("--repeats", type=int, default=10, help="timed calls in each block")

@@ -42,7 +42,6 @@ the rows' `skipped_lines`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import statistics
@@ -50,7 +49,7 @@ import sys
 import tarfile
 from typing import Any, Sequence
 
-from rmjax.cli import first_line
+from rmjax import cli
 
 FULL_CHECKS = ("full_dots", "full_unrolled", "full_dots_cublas")
 LORA_CHECKS = ("lora_dots_attn", "lora_unrolled", "lora_proj_attn", "lora_dots_attn_dsf")
@@ -276,13 +275,13 @@ def summarise(records: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_summary", description=__doc__.split("\n\n")[0])
+  p = cli.ArgumentParser(prog="python -m benchmarks.gpu_summary", description=__doc__.split("\n\n")[0])
   p.add_argument("tarball", help="gpu_checks.tgz as gpu_checks.sh writes it")
   args = p.parse_args(argv)
   try:
     records = read_tarball(args.tarball)
   except (OSError, tarfile.TarError) as e:
-    print(f"error: cannot read {args.tarball}: {first_line(e)}", file=sys.stderr)
+    print(f"error: cannot read {args.tarball}: {cli.first_line(e)}", file=sys.stderr)
     return 2
   for name, count in records.get("skipped_lines", {}).items():
     print(f"warning: {args.tarball}: {name}: {count} record line(s) that are not JSON skipped", file=sys.stderr)

@@ -17,7 +17,6 @@ otherwise share the cores with XLA's). Prints one JSON line of seconds per form.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rmjax import cli
 from rmjax.bench import common, jax_impl
 from rmjax.train import optim
 from rmjax.train import step as train_step
@@ -90,7 +90,7 @@ def time_torch(params: dict, grads: dict, cfg: optim.OptimConfig, repeats: int) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = cli.ArgumentParser(prog="python -m benchmarks.optimizer_update", description=__doc__.splitlines()[0])
   p.add_argument("--preset", default="75m", choices=sorted(common.PRESETS))
   p.add_argument("--mode", default="full", choices=optim.MODES)
   p.add_argument("--forms", nargs="+", default=list(FORMS), choices=list(FORMS))

@@ -32,7 +32,6 @@ a third of the row, lengths and buckets:
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -41,6 +40,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from rmjax import cli
 from rmjax.bench import common, jax_impl
 from rmjax.data.defaults import PACK_LOOKAHEAD as DEFAULT_PACK_LOOKAHEAD
 from rmjax.data.packing import Row, batch_rows, pack_batch
@@ -115,7 +115,7 @@ def time_layout(steps, state, batches: list[dict], mesh) -> tuple[float, object]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.packing", description=__doc__.split("\n\n")[0])
+  p = cli.ArgumentParser(prog="python -m benchmarks.packing", description=__doc__.split("\n\n")[0])
   p.add_argument("--preset", default="tiny", choices=sorted(common.PRESETS))
   p.add_argument("--examples", type=int, default=64)
   p.add_argument("--batch", type=int, default=4)

@@ -13,7 +13,6 @@ the trainer's tokens/s per host: the pipeline must be faster.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -22,6 +21,7 @@ import time
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from rmjax import cli
 from rmjax.data.example import Example
 from rmjax.data.pipeline import PipelineConfig, train_dataset
 from rmjax.data.render import RenderConfig, Renderer
@@ -147,7 +147,7 @@ def run(n_examples: int, vocab: int, max_length: int, batch: int) -> dict:
 
 
 def main(argv=None) -> None:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__.splitlines()[0])
+  p = cli.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__.splitlines()[0])
   p.add_argument("--examples", type=int, default=1000)
   p.add_argument("--vocab", type=int, default=8192)
   p.add_argument("--max-length", type=int, default=2048)

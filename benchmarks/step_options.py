@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 
-from rmjax import runtime
+from rmjax import cli, runtime
 from rmjax.bench import common, jax_impl
 from rmjax.model import swiglu, transformer
 from rmjax.model.config import CPU_DOT_LIBRARIES, ModelConfig
@@ -156,7 +156,7 @@ def time_variants(state, batches, variants: dict, rounds: int, block: int) -> di
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = cli.ArgumentParser(prog="python -m benchmarks.step_options", description=__doc__.splitlines()[0])
   p.add_argument("--preset", default="75m", choices=sorted(common.PRESETS))
   p.add_argument("--mode", default="full", choices=optim.MODES)
   p.add_argument("--seq-len", type=int, default=512)

@@ -84,7 +84,7 @@ _FLAG_KEYS = ("max_steps", "learning_rate", "logging_steps", "eval_steps", "save
 
 
 def build_parser(mode: str) -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog=f"launch/{'train_lora' if mode == 'lora' else 'train'}.py",
+  p = cli.ArgumentParser(prog=f"launch/{'train_lora' if mode == 'lora' else 'train'}.py",
                               description=f"seed-compatible {mode} training launcher (rmjax)")
   p.add_argument("--config", help="seed-style JSON config file")
   p.add_argument("--experiment_name")

@@ -17,6 +17,7 @@ files into ValueError / OSError naming the path where they arise) and keeps its 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pathlib
@@ -24,6 +25,19 @@ import sys
 from typing import Any, Callable
 
 EXIT_USER_ERROR = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse.ArgumentParser whose command-line mistakes are one line too: "<tool>: error: <what>
+  (--help shows the usage)", exit code 2, where argparse prints its whole usage block first.
+  <tool> is the module `prog` runs ("python -m rmjax.bench --loop" -> "rmjax.bench"), or else its
+  first word ("launch/train.py")."""
+
+  def error(self, message: str):
+    words = self.prog.split()
+    tool = words[words.index("-m") + 1] if "-m" in words[:-1] else words[0]
+    print(f"{tool}: error: {message} (--help shows the usage)", file=sys.stderr)
+    raise SystemExit(EXIT_USER_ERROR)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

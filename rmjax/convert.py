@@ -153,7 +153,7 @@ def convert(model: str, output: str | os.PathLike, dtype: str | None = None, mar
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m rmjax.convert", description=__doc__.split("\n\n")[0])
+  parser = cli.ArgumentParser(prog="python -m rmjax.convert", description=__doc__.split("\n\n")[0])
   parser.add_argument("--model", required=True, help="HF model directory or hub id")
   parser.add_argument("--output", required=True, help="output directory, new or empty")
   parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,

@@ -238,7 +238,7 @@ def _fmt(v: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m rmjax.evaluate", description=__doc__.split("\n\n")[0])
+  parser = cli.ArgumentParser(prog="python -m rmjax.evaluate", description=__doc__.split("\n\n")[0])
   parser.add_argument("--checkpoint", required=True, help="run dir (best checkpoint) or checkpoint_step_<N> dir")
   parser.add_argument("--spec", default=None, help="spec file[:arg] naming the sources (default: the run's)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

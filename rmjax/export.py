@@ -244,7 +244,7 @@ def export(checkpoint: str | os.PathLike, output: str | os.PathLike, merge_lora:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m rmjax.export", description=__doc__.split("\n\n")[0])
+  parser = cli.ArgumentParser(prog="python -m rmjax.export", description=__doc__.split("\n\n")[0])
   parser.add_argument("--checkpoint", required=True, help="run directory (its best checkpoint) or a "
                       "checkpoints/checkpoint_step_<N> directory")
   parser.add_argument("--output", required=True, help="export directory (must be empty or absent)")

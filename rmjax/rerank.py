@@ -208,7 +208,7 @@ def rerank(input_path: str | pathlib.Path, output: str | pathlib.Path, checkpoin
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m rmjax.rerank", description=__doc__.split("\n\n")[0])
+  parser = cli.ArgumentParser(prog="python -m rmjax.rerank", description=__doc__.split("\n\n")[0])
   parser.add_argument("--checkpoint", default=None, help="run dir or checkpoint_step_<N> dir (default: use "
                       "the candidates' step_scores)")
   parser.add_argument("--input", required=True, help="JSONL, one problem and its candidates per line")

@@ -198,7 +198,7 @@ def score_file(checkpoint: str | pathlib.Path, input_path: str | pathlib.Path, o
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m rmjax.score", description=__doc__.split("\n\n")[0])
+  parser = cli.ArgumentParser(prog="python -m rmjax.score", description=__doc__.split("\n\n")[0])
   parser.add_argument("--checkpoint", required=True, help="run dir, checkpoint_step_<N> dir or export dir")
   parser.add_argument("--input", required=True, help="JSONL, one {problem, steps | text} object per line")
   parser.add_argument("--output", required=True, help="JSONL to write")

@@ -292,3 +292,19 @@ def test_tools_report_a_device_out_of_memory_in_one_line(capsys, monkeypatch):
   monkeypatch.setenv("RMJAX_DEBUG", "1")
   with pytest.raises(jax.errors.JaxRuntimeError):
     cli.run("evaluate", fails(oom))
+
+
+@pytest.mark.parametrize("module", ["rmjax.score", "rmjax.export", "rmjax.evaluate", "rmjax.convert", "rmjax.rerank",
+                                    "rmjax.data.preview", "rmjax.data.synthetic", "rmjax.bench", "rmjax.bench.loop",
+                                    "rmjax.bench.auto", "rmjax.bench.score"])
+def test_a_mistyped_command_line_is_one_line_naming_the_tool(capsys, module):
+  """argparse prints its usage block before the error; every tool's parser (cli.ArgumentParser)
+  prints only the error, named as its other errors are, and exits 2."""
+  import importlib
+  main = importlib.import_module(module if module != "rmjax.bench" else "rmjax.bench.__main__").main
+  with pytest.raises(SystemExit) as leaving:
+    main(["--no-such-flag"])
+  err = capsys.readouterr().err
+  assert leaving.value.code == 2, err
+  assert err.startswith(f"{module.removesuffix('.loop')}: error: ") and err.count("\n") == 1, err
+  assert "--no-such-flag" in err or "required" in err, err

@@ -53,7 +53,7 @@ def test_errors_are_one_line_exit_2(tmp_path):
     proc = run(*args)
     assert proc.returncode == 2, (args, proc.stderr)
     assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr and proc.stderr.startswith("preview: error:")
+    assert "Traceback" not in proc.stderr and proc.stderr.startswith("rmjax.data.preview: error:")
 
 
 def test_output_piped_into_a_reader_that_stops_early_exits_quietly(shared_data, tmp_path):
@@ -91,7 +91,7 @@ def test_build_source_from_configdict(shared_data, tmp_path):
 def test_a_directory_without_a_split_and_a_file_of_another_format_say_what_to_do(shared_data, tmp_path):
   proc = run("--source", "eqasc", "--path", tmp_path)
   assert proc.returncode == 2 and proc.stderr == (
-    f"preview: error: eqasc: {str(tmp_path)!r} is a directory; name the split to read (one of ['train', 'dev', "
+    f"rmjax.data.preview: error: eqasc: {str(tmp_path)!r} is a directory; name the split to read (one of ['train', 'dev', "
     f"'test']), or give the file itself\n")
   (tmp_path / "labels.json").write_text('{"chain": 1}')  # valid JSON, but no array of questions
   proc = run("--source", "eqasc", "--path", tmp_path / "labels.json")

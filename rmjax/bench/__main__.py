@@ -37,13 +37,13 @@ import subprocess
 import sys
 from typing import Any, Sequence
 
-from rmjax import runtime
+from rmjax import cli, runtime
 from rmjax.bench import common, gpu_target
 from rmjax.model.config import CPU_DOT_LIBRARIES, REMAT_POLICIES, ModelConfig
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m rmjax.bench", description=__doc__.split("\n\n")[0],
+  p = cli.ArgumentParser(prog="python -m rmjax.bench", description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--preset", default="75m", choices=sorted(common.PRESETS), help="model shape")
   p.add_argument("--seq-len", type=int, default=512, help="tokens per row (no padding)")

@@ -40,7 +40,7 @@ _USAGE = "python -m rmjax.bench.auto --spec FILE [--set KEY=VALUE ...] [--preset
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   from rmjax.bench.common import PRESETS
   from rmjax.bench.gpu_target import TARGET_CONFIGS
-  p = argparse.ArgumentParser(prog="python -m rmjax.bench.auto", description=__doc__.split("\n\n")[0])
+  p = cli.ArgumentParser(prog="python -m rmjax.bench.auto", description=__doc__.split("\n\n")[0])
   p.add_argument("--spec", required=True, help="spec file (file.py[:arg]) whose settings the step takes")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="spec override (repeatable)")
   p.add_argument("--preset", default="qwen3-4b", choices=sorted(PRESETS), help="model shape (no weights)")

@@ -61,6 +61,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from rmjax import cli
 from rmjax.bench import common
 from rmjax.train import prefetch
 
@@ -71,7 +72,7 @@ SHAPE_KEYS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_di
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m rmjax.bench --loop", description=__doc__.split("\n\n")[0])
+  p = cli.ArgumentParser(prog="python -m rmjax.bench --loop", description=__doc__.split("\n\n")[0])
   p.add_argument("--loop", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--spec", default="", metavar="FILE",
                  help="a shipped spec's settings (e.g. specs/full.py) on the demo backbone and data")

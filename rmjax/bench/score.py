@@ -18,7 +18,6 @@ wait on each other and one thread can be faster.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -79,7 +78,7 @@ def measure(checkpoint: str, export: str, input_path: str, batch_size: int = 8, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m rmjax.bench.score", description=__doc__.split("\n\n")[0])
+  parser = cli.ArgumentParser(prog="python -m rmjax.bench.score", description=__doc__.split("\n\n")[0])
   parser.add_argument("--checkpoint", required=True, help="run dir or checkpoint_step_<N> dir (scored in JAX)")
   parser.add_argument("--export", required=True, help="the same run's export dir (scored in PyTorch)")
   parser.add_argument("--input", required=True, help="JSONL of {problem, steps | text}, as for rmjax.score")

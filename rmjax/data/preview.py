@@ -23,19 +23,14 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from rmjax import cli
 from rmjax.data.example import BadRecord, SkipCounter
 from rmjax.data.sources import READER_KEYS, READERS, build_source
 from rmjax.spec_io import parse_set_item
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message: str):  # one line instead of usage + message
-    print(f"preview: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-  p = _Parser(prog="python -m rmjax.data.preview", description=__doc__.split("\n\n")[0])
+  p = cli.ArgumentParser(prog="python -m rmjax.data.preview", description=__doc__.split("\n\n")[0])
   p.add_argument("--source", required=True, choices=READERS)
   p.add_argument("--path", required=True, help="a dataset file, or a directory plus --split")
   p.add_argument("--split", default=None)
@@ -79,14 +74,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
     return 0
   except (FileNotFoundError, ValueError, TypeError, BadRecord, OSError) as e:
-    print(f"preview: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-    return 2
+    print(f"rmjax.data.preview: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+    return cli.EXIT_USER_ERROR
   sys.stdout.flush()
   counts = skips.as_dict().get(args.source, {})
-  print(f"preview: {shown} examples; skipped records and noted problems by reason: "
+  print(f"rmjax.data.preview: {shown} examples; skipped records and noted problems by reason: "
         f"{json.dumps(counts, sort_keys=True)}", file=sys.stderr)
   if not shown and counts and args.limit != 0:
-    print(f"preview: nothing in {args.path} reads as {args.source} ({_FORMATS[args.source]}); is --source "
+    print(f"rmjax.data.preview: nothing in {args.path} reads as {args.source} ({_FORMATS[args.source]}); is --source "
           f"right for this file? --strict stops at the first problem and names it", file=sys.stderr)
   return 0
 

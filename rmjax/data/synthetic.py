@@ -18,12 +18,13 @@ writes OUT_DIR/phase2_train.jsonl and OUT_DIR/phase2_test.jsonl.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import random
 from typing import Any, Optional
+
+from rmjax import cli
 
 SYNTHETIC_LABELER = "synthetic-rmjax"
 _TIMESTAMP = "2000-01-01T00:00:00.000000"
@@ -166,7 +167,7 @@ def write_synthetic_prm800k_dir(out_dir: str, n_train: int, n_test: int, seed: i
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-  p = argparse.ArgumentParser(description="Write SYNTHETIC PRM800K-format arithmetic data.")
+  p = cli.ArgumentParser(prog="python -m rmjax.data.synthetic", description="Write SYNTHETIC PRM800K-format arithmetic data.")
   p.add_argument("out_dir")
   p.add_argument("--train", type=int, default=4000)
   p.add_argument("--test", type=int, default=500)
