@@ -12,9 +12,10 @@ from typing import Any, TextIO
 
 
 class Progress:
-  """`update(step, loss=...)` moves the bar to `step` (absolute), showing steps/s and ETA."""
+  """`update(step, loss=...)` moves the bar to `step` (absolute), showing steps/s and ETA (none
+  when `total` is None: a count without an end)."""
 
-  def __init__(self, total: int, initial: int = 0, is_main_process: bool = True,
+  def __init__(self, total: int | None, initial: int = 0, is_main_process: bool = True,
                enabled: bool | None = None, stream: TextIO | None = None, desc: str = "train"):
     stream = stream or sys.stdout
     if enabled is None:

@@ -171,7 +171,7 @@ def rerank(input_path: str | pathlib.Path, output: str | pathlib.Path, checkpoin
            warn=None) -> dict[str, Any]:
   warn = warn or (lambda m: print(f"rmjax.rerank: warning: {m}", file=sys.stderr))
   input_path, out_dir = pathlib.Path(input_path), pathlib.Path(output)
-  if not input_path.is_file() and not input_path.is_dir():
+  if not input_path.exists():
     raise FileNotFoundError(f"input file not found: {input_path}")
   skipped = {"malformed": 0}
 

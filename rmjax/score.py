@@ -166,14 +166,16 @@ def score_file(checkpoint: str | pathlib.Path, input_path: str | pathlib.Path, o
   input_path, output_path = pathlib.Path(input_path), pathlib.Path(output_path)
   if input_path.is_dir():
     raise FileNotFoundError(f"--input {input_path} is a directory; give a JSON Lines file")
-  if not input_path.is_file():
+  if not input_path.exists():
     raise FileNotFoundError(f"input file not found: {input_path}")
   if batch_size < 1:
     raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
   if output_path.exists() and os.path.samefile(input_path, output_path):
     raise ValueError(f"--output {output_path} is the --input file: writing it would erase the input; give another path")
-  with open(input_path, "rb") as fh:
-    total_lines = sum(1 for line in fh if line.strip())
+  total_lines = None  # a pipe (--input <(zcat x.jsonl.gz)) can be read only once: no total for the bar
+  if input_path.is_file():
+    with open(input_path, "rb") as fh:
+      total_lines = sum(1 for line in fh if line.strip())
   scorer = make_scorer(checkpoint, batch_size)
   counts = {"scored": 0, "malformed": 0, "truncated_steps": 0}
 

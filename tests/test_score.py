@@ -72,6 +72,26 @@ def test_with_tokens_and_batch_size_do_not_change_scores(run, tmp_path):
     assert int(np.sum(ids == marker)) == len(r["steps"])
 
 
+def test_a_pipe_is_scored_like_the_file_it_carries(run, tmp_path):
+  """`--input <(zcat x.jsonl.gz)` names a pipe, which can be read once: it was refused as "not
+  found" (not a regular file). /dev/null is an empty input."""
+  import os
+  import threading
+  lines = [json.dumps({"problem": f"Compute {a} + 1.", "steps": [f"{a} + 1 = {a + 1}"]}) for a in range(3)]
+  _, from_file = _score(run, tmp_path, lines)
+  fifo, out = tmp_path / "pipe", tmp_path / "from_pipe.jsonl"
+  os.mkfifo(fifo)
+  writer = threading.Thread(target=lambda: fifo.write_text("\n".join(lines) + "\n"))
+  writer.start()
+  try:
+    assert score.main(["--checkpoint", str(run), "--input", str(fifo), "--output", str(out)]) == 0
+  finally:
+    writer.join(timeout=60)
+  assert [json.loads(x) for x in out.read_text().splitlines()] == from_file
+  assert score.main(["--checkpoint", str(run), "--input", os.devnull, "--output", str(out)]) == 0
+  assert out.read_text() == ""
+
+
 def test_bad_arguments_are_one_line_errors(run, tmp_path, capsys):
   assert score.main(["--checkpoint", str(tmp_path / "none"), "--input", str(tmp_path / "x"),
                      "--output", str(tmp_path / "o")]) == 2
