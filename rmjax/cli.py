@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import sys
@@ -81,11 +82,26 @@ def out_of_memory_line(exc: BaseException, smaller: str, platform: str | None = 
   return f"out of device memory: {what} ({bound}; to need less: {smaller}; RMJAX_DEBUG=1 shows the traceback)"
 
 
-def json_value(text: str | bytes) -> Any:
+def _refuse_constant(name: str) -> Any:
+  raise ValueError(f"{name} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+  value = float(text)
+  if not math.isfinite(value):
+    raise ValueError(f"{text[:40]} is past a float's range")
+  return value
+
+
+def json_value(text: str | bytes, finite: bool = False) -> Any:
   """json.loads, with every way user text can fail to decode as a ValueError: bad JSON or UTF-8,
-  an integer past Python's digit limit, and nesting past its recursion limit."""
+  an integer past Python's digit limit, and nesting past its recursion limit. `finite` refuses
+  NaN, Infinity and numbers past a float's range too: Python reads them as nan and inf, which
+  JSON has no way to write, so a tool passing records through (score, rerank) would write invalid
+  JSON. Readers take only typed fields, whose ranges they check, and need not refuse them."""
   try:
-    return json.loads(text)
+    return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float) if finite \
+      else json.loads(text)
   except RecursionError:
     raise ValueError("JSON nested too deeply") from None
 

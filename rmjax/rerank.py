@@ -100,7 +100,7 @@ def read_problems(path: pathlib.Path, separator: str, need_steps: bool, warn) ->
       if not raw.strip():
         continue
       try:
-        rec = parse_problem(cli.json_value(raw), separator, need_steps)
+        rec = parse_problem(cli.json_value(raw, finite=True), separator, need_steps)
       except ValueError as e:
         rec = f"not valid JSON ({cli.first_line(e)})"
       if isinstance(rec, str):

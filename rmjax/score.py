@@ -47,7 +47,7 @@ class Record:
 def parse_line(line: str, lineno: int, separator: str = DEFAULT_SEPARATOR) -> Record | str:
   """A Record, or a one-line reason why the line is malformed."""
   try:
-    obj = cli.json_value(line)
+    obj = cli.json_value(line, finite=True)
   except json.JSONDecodeError as e:
     return f"not valid JSON ({e.msg} at column {e.colno})"
   except ValueError as e:

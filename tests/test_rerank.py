@@ -151,15 +151,16 @@ def test_gsm8k_example_solutions_are_read_as_four_candidates(shared_data):
 
 
 def test_candidates_python_cannot_decode_are_skipped_lines(tmp_path):
-  """A line nested past Python's recursion limit, one with an integer past its digit limit, and
-  step scores too large for a float are skipped and named, as any malformed line is."""
+  """A line nested past Python's recursion limit, one with an integer past its digit limit, step
+  scores too large for a float, and a NaN are skipped and named, as any malformed line is."""
   path = tmp_path / "c.jsonl"
   good = {"id": "g", "problem": "p", "candidates": [{"steps": ["a"], "step_scores": [0.5], "correct": True}]}
   huge = {"id": "h", "problem": "p", "candidates": [{"steps": ["a"], "step_scores": [10 ** 400], "correct": True}]}
-  path.write_text("\n".join(["[" * 5000 + "]" * 5000, '{"id": ' + "9" * 5000 + "}", json.dumps(huge),
+  nan_id = json.dumps(dict(good, id=float("nan")))  # Python writes NaN; JSON has none: the output could not hold it
+  path.write_text("\n".join(["[" * 5000 + "]" * 5000, '{"id": ' + "9" * 5000 + "}", json.dumps(huge), nan_id,
                              json.dumps(good)]) + "\n")
   warnings = []
   got = rerank.read_problems(path, "\n", need_steps=False, warn=warnings.append)
   assert [rec["id"] for _, rec in got] == ["g"]
-  assert [w.split(": skipped: ")[0] for w in warnings] == [f"{path}:{i}" for i in (1, 2, 3)], warnings
-  assert "step_scores" in warnings[2]
+  assert [w.split(": skipped: ")[0] for w in warnings] == [f"{path}:{i}" for i in (1, 2, 3, 4)], warnings
+  assert "step_scores" in warnings[2] and "NaN is not a JSON value" in warnings[3]

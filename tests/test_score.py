@@ -125,12 +125,17 @@ def test_bad_arguments_are_one_line_errors(run, tmp_path, capsys):
 
 def test_lines_python_cannot_decode_are_reasons_not_tracebacks(tmp_path):
   """JSON nested past Python's recursion limit, and an integer past its digit limit, are
-  malformed lines like any other (json.loads raises RecursionError / ValueError for them); a
-  run's or export's JSON file nested so deep is a ValueError naming the file."""
+  malformed lines like any other (json.loads raises RecursionError / ValueError for them), as are
+  NaN, Infinity and 1e999, which Python reads but JSON cannot write (an "id": NaN passed through
+  made the output invalid JSON); a run's or export's JSON file nested so deep is a ValueError
+  naming the file."""
   from rmjax import cli
-  for line in ("[" * 5000 + "]" * 5000, '{"problem": "p", "steps": ["a"], "x": ' + "9" * 5000 + "}"):
+  record = '{"problem": "p", "steps": ["a"], "x": %s}'
+  for line in ("[" * 5000 + "]" * 5000, record % ("9" * 5000), record % "NaN", record % "-Infinity",
+               record % "1e999", record % "[0.5, 2e400]"):
     reason = score.parse_line(line, 1)
     assert isinstance(reason, str) and reason.startswith("not valid JSON"), reason
+  assert score.parse_line(record % "[0.5, 1e-400, 1e308]", 1).obj["x"] == [0.5, 0.0, 1e308]
   (tmp_path / "deep.json").write_text("[" * 5000 + "]" * 5000)
   with pytest.raises(ValueError, match="deep.json is not valid JSON: .*nested too deeply"):
     cli.read_json_object(tmp_path / "deep.json")
