@@ -69,6 +69,21 @@ def test_processbench_directory_of_hub_files(shared_data, tmp_path):
     build_source("processbench", {"path": str(tmp_path)}, split="omnimath")
 
 
+def test_a_split_held_by_two_files_is_refused_not_guessed(tmp_path):
+  """math.jsonl beside math.json (a conversion kept beside its source) may not hold the same
+  records: the directory read names both files instead of reading the .jsonl. Shards of one
+  split (math-00000-of-00002.jsonl, ...) are still read together. Records are SYNTHETIC."""
+  rows = [{"id": f"math-{i}", "problem": "p", "steps": ["s1", "s2"], "label": -1} for i in range(3)]
+  (tmp_path / "math.json").write_text(json.dumps(rows))
+  (tmp_path / "math.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:1]) + "\n")
+  with pytest.raises(ValueError, match=r"split 'math' has 2 files in .* \(math.jsonl, math.json\); give the file"):
+    build_source("processbench", {"path": str(tmp_path)}, split="math")
+  assert len(build_source("processbench", {"path": str(tmp_path / "math.json")})) == 3
+  for i in range(2):
+    (tmp_path / f"gsm8k-0000{i}-of-00002.jsonl").write_text(json.dumps(rows[i]) + "\n")
+  assert len(build_source("processbench", {"path": str(tmp_path)}, split="gsm8k")) == 2
+
+
 def test_processbench_bad_labels_are_counted(tmp_path):
   rows = [{"id": "a", "problem": "p", "steps": ["s1", "s2"], "label": 2},
           {"id": "b", "problem": "p", "steps": ["s1", "s2"], "label": True},

@@ -102,8 +102,16 @@ def resolve_record_files(path: Any, split: Optional[str], what: str) -> tuple[st
     raise ValueError(f"{what}: {path!r} is a directory; name the split to read (found {splits}), "
                      f"or give the file itself")
   for base in (path, os.path.join(path, "data")):
-    for pattern in (f"{split}.jsonl", f"{split}.json", f"{split}.parquet", f"{split}[-_.]*", f"{split}/*"):
-      files = _data_files(os.path.join(base, glob.escape(split) + pattern[len(split):]))
+    # test.jsonl beside test.json (a conversion kept beside its source) may not hold the same
+    # records: reading one of them would be a guess, so neither is read
+    whole = [f for ext in EXTENSIONS for f in _data_files(os.path.join(base, glob.escape(split) + ext))]
+    if len(whole) > 1:
+      raise ValueError(f"{what}: split {split!r} has {len(whole)} files in {base!r} "
+                       f"({', '.join(os.path.basename(f) for f in whole)}); give the file to read itself")
+    if whole:
+      return path, whole
+    for pattern in ("[-_.]*", "/*"):
+      files = _data_files(os.path.join(base, glob.escape(split) + pattern))
       if files:
         return path, files
   raise FileNotFoundError(f"{what}: no file for split {split!r} in {path!r}; splits found there: {splits}")
