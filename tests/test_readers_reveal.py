@@ -68,6 +68,11 @@ def test_missing_column_fails_at_start_with_columns_found(tmp_path):
   with pytest.raises(ValueError, match=r"lacks required column\(s\) \['correctness_label'\]; columns found: .*logic_label") as e:
     RevealReader(str(tmp_path), split="eval")
   assert "\n" not in str(e.value)
+  # A binary file's "header": control bytes escaped, and the list cut short
+  (tmp_path / "eval" / "reveal_eval.csv").write_bytes(b",".join(bytes([1, 27, 200, 65 + i % 26]) * 20 for i in range(60)))
+  with pytest.raises(ValueError, match=r"columns found: \['\\x01\\x1b.*\.\.\. \(60 columns, is it a CSV file\?\)$") as e:
+    RevealReader(str(tmp_path), split="eval")
+  assert "\x1b" not in str(e.value) and len(str(e.value)) < 500 + len(str(tmp_path))
   # The attribution column is only required when the label mode uses it.
   no_attr = FIXTURE.read_text().replace("attribution_label", "something_else", 1)
   (tmp_path / "eval" / "reveal_eval.csv").write_text(no_attr)

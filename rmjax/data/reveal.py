@@ -148,7 +148,9 @@ class RevealReader(ListReader):
     header = [h.strip() for h in header or []]
     missing = [c for c in self.options.required_columns() if c not in header]
     if missing:
-      raise ValueError(f"reveal: {self.path} lacks required column(s) {missing}; columns found: {header}")
+      found = repr(header)  # repr: a binary file's control bytes come out escaped, not echoed
+      found = found if len(found) <= 300 else f"{found[:300]}... ({len(header)} columns, is it a CSV file?)"
+      raise ValueError(f"reveal: {self.path} lacks required column(s) {missing}; columns found: {found}")
     col = {name: i for i, name in enumerate(header)}
     answers: dict[str, _Answer] = {}
     line = reader.line_num + 1
