@@ -281,8 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     records = read_tarball(args.tarball)
   except (OSError, tarfile.TarError) as e:
-    print(f"error: cannot read {args.tarball}: {cli.first_line(e)}", file=sys.stderr)
-    return 2
+    return cli.report("benchmarks.gpu_summary", f"cannot read {args.tarball}: {cli.first_line(e)}")
   for name, count in records.get("skipped_lines", {}).items():
     print(f"warning: {args.tarball}: {name}: {count} record line(s) that are not JSON skipped", file=sys.stderr)
   rows = summarise(records)

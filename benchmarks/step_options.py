@@ -183,8 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     state, batches, variants = compiled_variants(args.preset, args.mode, args.seq_len, args.batch, options,
                                                  retraced, args.every_row_last_layer, args.cpu_dot_library)
   except (ValueError, jax.errors.JaxRuntimeError) as e:  # no-op options; an option XLA does not know
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-    return 2
+    return cli.report("benchmarks.step_options", cli.first_line(e))
   seconds = time_variants(state, batches, variants, args.rounds, args.block)
   print(json.dumps({"preset": args.preset, "mode": args.mode, "seq_len": args.seq_len, "batch": args.batch,
                     "options": options, "every_row_last_layer": args.every_row_last_layer,

@@ -28,6 +28,12 @@ from typing import Any, Callable
 EXIT_USER_ERROR = 2
 
 
+def report(tool: str, message: str) -> int:
+  """Prints "<tool>: error: <message>" on stderr; returns EXIT_USER_ERROR, the status to exit with."""
+  print(f"{tool}: error: {message}", file=sys.stderr)
+  return EXIT_USER_ERROR
+
+
 class ArgumentParser(argparse.ArgumentParser):
   """argparse.ArgumentParser whose command-line mistakes are one line too: "<tool>: error: <what>
   (--help shows the usage)", exit code 2, where argparse prints its whole usage block first.
@@ -37,8 +43,7 @@ class ArgumentParser(argparse.ArgumentParser):
   def error(self, message: str):
     words = self.prog.split()
     tool = words[words.index("-m") + 1] if "-m" in words[:-1] else words[0]
-    print(f"{tool}: error: {message} (--help shows the usage)", file=sys.stderr)
-    raise SystemExit(EXIT_USER_ERROR)
+    raise SystemExit(report(tool, f"{message} (--help shows the usage)"))
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -126,10 +131,8 @@ def run(tool: str, body: Callable[[], int]) -> int:
   try:
     return body()
   except errors as e:
-    print(f"rmjax.{tool}: error: {first_line(e)}", file=sys.stderr)
-    return EXIT_USER_ERROR
+    return report(f"rmjax.{tool}", first_line(e))
   except RuntimeError as e:
     if not is_out_of_memory(e) or os.environ.get("RMJAX_DEBUG"):
       raise
-    print(f"rmjax.{tool}: error: {out_of_memory_line(e, 'a smaller batch')}", file=sys.stderr)
-    return EXIT_USER_ERROR
+    return report(f"rmjax.{tool}", out_of_memory_line(e, 'a smaller batch'))

@@ -202,3 +202,24 @@ def test_the_run_steps_with_autos_trace_and_compile_of_the_largest_shape(tmp_pat
     jax.monitoring.unregister_event_listener(listener)
     trainer.train_iter.close()
     trainer.close()
+
+
+def test_bench_auto_prints_the_choice_each_peak_and_the_old_default(capsys):
+  """`python -m rmjax.bench.auto` (the tool BUILD.md's compiled-for-H100 rows come from), here for
+  this CPU: the cost order's first candidate fits a tiny step and is chosen after one compile;
+  the old default is compiled beside it for comparison; each compile is announced on stderr."""
+  from rmjax.bench import auto as bench_auto
+  spec_file = pathlib.Path(__file__).resolve().parents[1] / "specs" / "demo.py"
+  bench_auto.main(["--spec", str(spec_file), "--preset", "tiny", "--no-cost", "--set", "batch_size=4",
+                   "--set", "grad_accum_steps=1"])
+  out, err = capsys.readouterr()
+  record = json.loads(out)
+  settings = spec_lib.performance_settings(spec_lib.load_spec_file(str(spec_file)))
+  first, old = auto.candidates("full", "cpu", **settings)[0], auto.old_default(**settings)
+  assert first != old and record["chosen"] == first.as_dict() and record["fitted"] is True
+  assert [{k: t[k] for k in ("remat", "scan_unroll", "fits")} for t in record["tried"]] == [{**first.as_dict(), "fits": True}]
+  assert 0 < record["tried"][0]["compiled_peak_mb"] < record["budget_mb"] < record["limit_mb"]
+  assert {k: record["old_default"][k] for k in ("remat", "scan_unroll")} == old.as_dict()
+  assert record["old_default"]["compiled_peak_mb"] > 0 and "predicted" not in record
+  assert (record["rows"], record["seq_len"], record["device"]) == (4, 128, "cpu")
+  assert err.splitlines() == [f"rmjax.bench.auto: compiling the 2-layer step, {c.label()}" for c in (first, old)]

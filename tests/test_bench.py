@@ -78,11 +78,11 @@ def test_bad_option_is_one_line_error(capsys):
   err = capsys.readouterr().err.strip()
   assert "max_position_embeddings" in err and len(err.splitlines()) == 1
   assert bench_main.main(["--preset", "tiny", "--grad-accum", "0", "--no-isolate"]) == 2
-  assert capsys.readouterr().err.strip() == "error: grad_accum=0 must be >= 1"
+  assert capsys.readouterr().err.strip() == "rmjax.bench: error: grad_accum=0 must be >= 1"
   for flag in (["--analysis-only"], ["--target", "h100"]):
     assert bench_main.main(["--preset", "tiny", "--impl", "torch", *flag]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: --analysis-only and --target compile rmjax's step only; use --impl rmjax"
+    assert err == "rmjax.bench: error: --analysis-only and --target compile rmjax's step only; use --impl rmjax"
 
 
 def test_scan_unroll_auto_is_trainings_first_pick_and_a_number_is_kept():
@@ -109,7 +109,7 @@ def test_bad_scan_unroll_is_one_line_error(capsys):
     assert bench_main.main(["--preset", "tiny", "--scan-unroll", value, "--no-isolate"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.strip() == f"error: scan_unroll='{value}' must be 'auto' or an integer >= 0"
+    assert captured.err.strip() == f"rmjax.bench: error: scan_unroll='{value}' must be 'auto' or an integer >= 0"
   for value in (-1, True, None):
     with pytest.raises(ValueError, match="scan_unroll"):
       common.BenchSettings(scan_unroll=value)
@@ -250,7 +250,7 @@ def test_rounds_alternate_the_order_and_report_the_median_ratio(monkeypatch, cap
 def test_rounds_below_one_is_a_one_line_error(capsys):
   assert bench_main.main(["--rounds", "0"]) == 2
   err = capsys.readouterr().err
-  assert err.strip() == "error: --rounds must be at least 1, got 0"
+  assert err.strip() == "rmjax.bench: error: --rounds must be at least 1, got 0"
 
 
 def test_layer_extrapolated_flops_equal_a_fully_unrolled_compile():
@@ -327,7 +327,7 @@ def test_gpu_target_compiles_for_the_gpu_or_says_why_not_in_one_line(target, dev
   if importlib.util.find_spec("jax_plugins") is None or importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
     assert proc.returncode == 2 and proc.stdout == ""
     err = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(err) == 1 and err[0].startswith(f"error: cannot compile for the {target} GPU target here")
+    assert len(err) == 1 and err[0].startswith(f"rmjax.bench: error: cannot compile for the {target} GPU target here")
     assert "pip install -e '.[cuda12]'" in err[0]
   else:
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -35,7 +35,7 @@ def test_loop_bench_prints_one_record_with_both_figures_and_their_ratio(tmp_path
 def test_bad_loop_option_is_one_line(capsys):
   assert bench_main.main(["--loop", "--preset", "tiny", "--set", "no_such_key=1"]) == 2
   err = capsys.readouterr().err.strip()
-  assert err.startswith("error: ") and "no_such_key" in err and len(err.splitlines()) == 1
+  assert err.startswith("rmjax.bench: error: ") and "no_such_key" in err and len(err.splitlines()) == 1
 
 
 def test_model_flops_count_each_packed_example_over_its_own_length_and_mfu_divides_by_the_peak():

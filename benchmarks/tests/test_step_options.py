@@ -37,7 +37,7 @@ def test_an_unknown_or_ineffective_option_is_one_line(option, says, capsys):
   for it again changes nothing, which the tool must say rather than time two equal programs."""
   assert step_options.main([*TINY, "--option", option]) == 2
   err = capsys.readouterr().err
-  assert err.count("\n") == 1 and err.startswith("error: ") and says in err
+  assert err.count("\n") == 1 and err.startswith("benchmarks.step_options: error: ") and says in err
 
 
 @pytest.mark.parametrize("flag", FLAGS)

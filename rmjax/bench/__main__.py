@@ -41,6 +41,8 @@ from rmjax import cli, runtime
 from rmjax.bench import common, gpu_target
 from rmjax.model.config import CPU_DOT_LIBRARIES, REMAT_POLICIES, ModelConfig
 
+TOOL = "rmjax.bench"  # its error lines' label
+
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p = cli.ArgumentParser(prog="python -m rmjax.bench", description=__doc__.split("\n\n")[0],
@@ -176,14 +178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_from(args)
     settings.on_device(False).model_config("lora")  # validate shape options before any run
   except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return cli.report(TOOL, str(e))
   if args.rounds < 1:
-    print(f"error: --rounds must be at least 1, got {args.rounds}", file=sys.stderr)
-    return 2
+    return cli.report(TOOL, f"--rounds must be at least 1, got {args.rounds}")
   if settings.analysis_only and args.impl == "torch":
-    print("error: --analysis-only and --target compile rmjax's step only; use --impl rmjax", file=sys.stderr)
-    return 2
+    return cli.report(TOOL, "--analysis-only and --target compile rmjax's step only; use --impl rmjax")
   if args.target:
     # Compile-only: the local backend is the CPU. Without this, jax would first try to start the
     # CUDA plugin on a machine without a GPU (a long warning), and the plugin would stay unusable.
@@ -191,8 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
       gpu_target.target_device(args.target)
     except gpu_target.TargetUnavailable as e:
-      print(f"error: {e}", file=sys.stderr)
-      return 2
+      return cli.report(TOOL, str(e))
   modes = common.MODES if args.mode == "both" else (args.mode,)
   impls = common.IMPLS if args.impl == "both" else (args.impl,)
   if settings.analysis_only:

@@ -87,6 +87,16 @@ def predicted_cost(compile_for, cfg: Any, candidate: Any) -> dict[str, Any]:
   return {"flops": extrapolate(0), "bytes_accessed": extrapolate(1)}
 
 
+def announced(compile_fn, model_cfg: Any):
+  """compile_fn, saying on stderr what it compiles before each compile (at a long sequence one
+  takes minutes on a CPU, and the JSON line comes only at the end)."""
+  def compile_one(candidate):
+    print(f"rmjax.bench.auto: compiling the {model_cfg.num_layers}-layer step, {candidate.label()}",
+          file=sys.stderr, flush=True)
+    return compile_fn(candidate)
+  return compile_one
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
   return round(a / b, 4) if a is not None and b else None
 
@@ -113,7 +123,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   render_cfg = RenderConfig.from_spec(spec.data)
   mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=1, tensor=1), devices=[device])
   shapes = auto.run_shapes(spec, render_cfg)
-  compile_for = lambda model_cfg: auto.step_compiler(model_cfg, head_cfg, optim_cfg, mesh, shapes)
+  compile_for = lambda model_cfg: announced(auto.step_compiler(model_cfg, head_cfg, optim_cfg, mesh, shapes), model_cfg)
   settings = spec_lib.performance_settings(spec)
   options = auto.candidates(str(spec.mode), device.platform, settings["remat"], settings["scan_unroll"])
   limit, source = target_limit(args.target) if args.target else auto.memory_limit(device)
@@ -127,7 +137,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   if args.cost:  # on this machine's device: a compile for a described GPU reports no cost analysis
     start = time.perf_counter()
     local_mesh = shd.make_mesh(shd.MeshConfig(data=1, fsdp=1, tensor=1), devices=[jax.devices()[0]])
-    compile_here = lambda model_cfg: auto.step_compiler(model_cfg, head_cfg, optim_cfg, local_mesh, shapes)
+    compile_here = lambda model_cfg: announced(auto.step_compiler(model_cfg, head_cfg, optim_cfg, local_mesh, shapes),
+                                               model_cfg)
     chosen = predicted_cost(compile_here, cfg, choice.candidate)
     old = chosen if choice.candidate == fallback else predicted_cost(compile_here, cfg, fallback)
     cost = {"predicted": {"chosen": chosen, "old_default": old,
@@ -156,8 +167,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   except (SpecError, TargetUnavailable, ValueError) as e:
     if os.environ.get("RMJAX_DEBUG"):
       raise
-    print(f"error: {cli.first_line(e)}; {_USAGE}", file=sys.stderr)
-    raise SystemExit(2) from None
+    raise SystemExit(cli.report("rmjax.bench.auto", f"{cli.first_line(e)}; {_USAGE}")) from None
   print(json.dumps(record))
 
 

@@ -365,7 +365,6 @@ def main(argv: Sequence[str] | None = None) -> int:
       with tempfile.TemporaryDirectory(prefix="rmjax-bench-loop-") as tmp:
         record = run(args, tmp)
   except (spec_lib.SpecError, *common.RUN_ERRORS) as e:
-    print(f"error: {common.error_text(e)}", file=sys.stderr)
-    return 2
+    return cli.report("rmjax.bench", common.error_text(e))
   common.emit(record)
   return 0
