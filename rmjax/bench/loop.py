@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import queue
-import sys
 import tempfile
 import threading
 import time
