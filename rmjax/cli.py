@@ -126,11 +126,14 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
 
 def run(tool: str, body: Callable[[], int]) -> int:
   """body()'s return code, or EXIT_USER_ERROR after printing "rmjax.<tool>: error: <line>"
-  (bad input, or a device out of memory: a batch too large for it is the user's setting too)."""
+  (bad input, or a device out of memory: a batch too large for it is the user's setting too).
+  RMJAX_DEBUG=1 lets the error through with its traceback, as rmjax.launch does."""
   errors = user_errors()
   try:
     return body()
   except errors as e:
+    if os.environ.get("RMJAX_DEBUG"):
+      raise
     return report(f"rmjax.{tool}", first_line(e))
   except RuntimeError as e:
     if not is_out_of_memory(e) or os.environ.get("RMJAX_DEBUG"):

@@ -292,6 +292,8 @@ def test_tools_report_a_device_out_of_memory_in_one_line(capsys, monkeypatch):
   monkeypatch.setenv("RMJAX_DEBUG", "1")
   with pytest.raises(jax.errors.JaxRuntimeError):
     cli.run("evaluate", fails(oom))
+  with pytest.raises(FileNotFoundError):  # any user error, for a bug report
+    cli.run("evaluate", fails(FileNotFoundError("no such file: x")))
 
 
 @pytest.mark.parametrize("module", ["rmjax.score", "rmjax.export", "rmjax.evaluate", "rmjax.convert", "rmjax.rerank",
