@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Any, Sequence
 
 from absl import app, flags, logging
@@ -35,8 +34,7 @@ _HELP = ("-h", "--help", "-help", "--helpshort", "--helpfull", "--helpxml")
 
 
 def _fail(message: str) -> None:
-  print(f"rmjax.launch: error: {message}", file=sys.stderr)
-  raise SystemExit(cli.EXIT_USER_ERROR)
+  raise SystemExit(cli.report("rmjax.launch", message))
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:

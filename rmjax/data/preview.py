@@ -74,8 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
     return 0
   except (FileNotFoundError, ValueError, TypeError, BadRecord, OSError) as e:
-    print(f"rmjax.data.preview: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-    return cli.EXIT_USER_ERROR
+    return cli.report("rmjax.data.preview", cli.first_line(e))
   sys.stdout.flush()
   counts = skips.as_dict().get(args.source, {})
   print(f"rmjax.data.preview: {shown} examples; skipped records and noted problems by reason: "
