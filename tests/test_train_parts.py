@@ -3,6 +3,7 @@ the multi-process skip counts, and the sources a spec builds."""
 
 import json
 import os
+import pathlib
 
 import numpy as np
 
@@ -94,6 +95,25 @@ def test_a_source_path_that_is_one_file_warns_that_evaluation_reads_the_training
     assert said == ([f"data.prm800k.path is the file {single}: a file serves every split, so training and "
                      f"evaluation both read it and its val numbers are not held out; give the directory "
                      f"holding its split files instead"] if warned else []), said
+
+
+def test_a_source_directory_of_split_files_does_not_warn_of_one_file(tmp_path, caplog):
+  """A field source's path that is a directory (train.jsonl and test.jsonl) is no single file:
+  the warning above said it was, for readers that keep the directory as their path."""
+  from rmjax import spec as spec_lib
+  from rmjax.data.example import SkipCounter
+  from rmjax.train import build
+  folder = tmp_path / "stepwise"
+  folder.mkdir()
+  for split in ("train", "test"):  # SYNTHETIC records in TRL's stepwise format
+    (folder / f"{split}.jsonl").write_text(json.dumps(
+      {"prompt": f"Compute 1 + 1 ({split}).", "completions": ["1 + 1 = 2"], "labels": [True]}) + "\n")
+  spec = spec_lib.apply_overrides(spec_lib.load_spec_file(str(pathlib.Path(__file__).parents[1] / "specs" / "field_mix.py")),
+                                  [f"data.math_shepherd.path={folder}", f"output_dir={tmp_path}"])
+  with caplog.at_level("WARNING", logger="rmjax.train.build"):
+    train, evals = build.build_sources(spec, tmp_path, SkipCounter(), SkipCounter())
+  assert len(train["math_shepherd"][0]) == len(evals["math_shepherd"]) == 1
+  assert not [r for r in caplog.records if "not held out" in r.getMessage()]
 
 
 def test_demo_vocab_size_pads_the_embedding_and_refuses_fewer_rows_than_the_tokenizer(tmp_path):

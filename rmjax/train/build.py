@@ -256,7 +256,7 @@ def build_sources(spec: Any, run_dir: pathlib.Path, skips: SkipCounter, shard_sk
   for name in spec_lib.eval_sources(spec):
     evals[name] = build(name, str(spec.data[name].eval_split))
     path = getattr(evals[name], "path", None)
-    if name in train and path is not None and path == getattr(train[name][0], "path", None):
+    if name in train and path is not None and os.path.isfile(path) and path == getattr(train[name][0], "path", None):
       log.warning(f"data.{name}.path is the file {path}: a file serves every split, so training and "
                   f"evaluation both read it and its val numbers are not held out; give the directory "
                   f"holding its split files instead")
