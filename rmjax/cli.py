@@ -75,7 +75,10 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def out_of_memory_line(exc: BaseException, smaller: str, platform: str | None = None) -> str:
   """"out of device memory: <XLA's RESOURCE_EXHAUSTED line> (<what bounds it>; <smaller>)": on a
-  GPU the share of its memory jax may use, on a CPU the host's memory."""
+  GPU the share of its memory jax may use, on a CPU the host's memory. A MemoryError (numpy or
+  Python allocating a host array, e.g. for a huge batch size) is "out of host memory"."""
+  if isinstance(exc, MemoryError):
+    return f"out of host memory: {first_line(exc)} (to need less: {smaller}; RMJAX_DEBUG=1 shows the traceback)"
   from rmjax.runtime import memory_fraction
   if platform is None:
     import jax
@@ -135,7 +138,7 @@ def run(tool: str, body: Callable[[], int]) -> int:
     if os.environ.get("RMJAX_DEBUG"):
       raise
     return report(f"rmjax.{tool}", first_line(e))
-  except RuntimeError as e:
-    if not is_out_of_memory(e) or os.environ.get("RMJAX_DEBUG"):
+  except (RuntimeError, MemoryError) as e:
+    if not (is_out_of_memory(e) or isinstance(e, MemoryError)) or os.environ.get("RMJAX_DEBUG"):
       raise
     return report(f"rmjax.{tool}", out_of_memory_line(e, 'a smaller batch'))

@@ -96,8 +96,8 @@ def run(spec: Any, dry_run: bool = False) -> Any:
     if os.environ.get("RMJAX_DEBUG"):
       raise
     _fail(f"{type(e).__name__}: {e}")
-  except jax.errors.JaxRuntimeError as e:
-    if os.environ.get("RMJAX_DEBUG") or not cli.is_out_of_memory(e):
+  except (jax.errors.JaxRuntimeError, MemoryError) as e:  # MemoryError: a host array, e.g. eval_batch_size's
+    if os.environ.get("RMJAX_DEBUG") or not (cli.is_out_of_memory(e) or isinstance(e, MemoryError)):
       raise
     _fail(out_of_memory_message(e, spec))
   if results.get("interrupted") and int(spec.stop_exit_code):
@@ -107,6 +107,9 @@ def run(spec: Any, dry_run: bool = False) -> Any:
 
 def out_of_memory_message(error: BaseException, spec: Any) -> str:
   """One line for a run that does not fit its devices: what failed, and what makes it smaller."""
+  if isinstance(error, MemoryError):  # the host's arrays: batches as the pipeline builds them
+    return cli.out_of_memory_line(error, "a smaller --spec.data.eval_batch_size, --spec.batch_size or "
+                                         "--spec.data.max_length")
   full = spec.mode == "full"
   smaller = ["--spec.model.remat=full" if str(spec.model.remat) != "full" else None,
              "--spec.opt_state_dtype=bfloat16" if full and spec.opt_state_dtype == "float32" else None,

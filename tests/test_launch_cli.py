@@ -294,6 +294,10 @@ def test_tools_report_a_device_out_of_memory_in_one_line(capsys, monkeypatch):
     cli.run("evaluate", fails(oom))
   with pytest.raises(FileNotFoundError):  # any user error, for a bug report
     cli.run("evaluate", fails(FileNotFoundError("no such file: x")))
+  monkeypatch.delenv("RMJAX_DEBUG")
+  assert cli.run("evaluate", fails(MemoryError("Unable to allocate 47.7 GiB for an array"))) == cli.EXIT_USER_ERROR
+  assert capsys.readouterr().err == ("rmjax.evaluate: error: out of host memory: Unable to allocate 47.7 GiB for an "
+                                     "array (to need less: a smaller batch; RMJAX_DEBUG=1 shows the traceback)\n")
 
 
 @pytest.mark.parametrize("module", ["rmjax.score", "rmjax.export", "rmjax.evaluate", "rmjax.convert", "rmjax.rerank",

@@ -379,7 +379,7 @@ def test_out_of_device_memory_is_one_line_naming_what_makes_the_step_smaller(mon
   with pytest.raises(SystemExit) as exited:
     launch.run(spec)
   err = capsys.readouterr().err.strip()
-  assert exited.value.code == 1 and len(err.splitlines()) == 1
+  assert exited.value.code == 2 and len(err.splitlines()) == 1
   assert err.startswith("rmjax.launch: error: out of device memory: RESOURCE_EXHAUSTED: Out of memory while "
                         "trying to allocate 17.60GiB. (the cpu backend uses this machine's memory; to need less:")
   for hint in ("--spec.opt_state_dtype=bfloat16", "--spec.grad_accum_steps=1", "--spec.model.remat=full",
@@ -387,6 +387,15 @@ def test_out_of_device_memory_is_one_line_naming_what_makes_the_step_smaller(mon
     assert hint in err
   lora = launch.out_of_memory_message(oom, demo_spec(mode="lora"))
   assert "more --spec.grad_accum_steps" in lora and "opt_state_dtype" not in lora
+  # numpy allocating a host array (a huge data.eval_batch_size) raises MemoryError: one line too
+  host = MemoryError("Unable to allocate 47.7 GiB for an array with shape (100000000, 128) and data type int32")
+  monkeypatch.setattr(loop, "train_and_evaluate", lambda spec: (_ for _ in ()).throw(host))
+  with pytest.raises(SystemExit) as exited:
+    launch.run(demo_spec())
+  err = capsys.readouterr().err
+  assert exited.value.code == 2 and err.count("\n") == 1 and err.startswith(
+    "rmjax.launch: error: out of host memory: Unable to allocate 47.7 GiB for an array with shape (100000000, 128) "
+    "and data type int32 (to need less: a smaller --spec.data.eval_batch_size"), err
   other = jax.errors.JaxRuntimeError("INTERNAL: something else")
   monkeypatch.setattr(loop, "train_and_evaluate", lambda spec: (_ for _ in ()).throw(other))
   with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):  # not a user's mistake: as it is
