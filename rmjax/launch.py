@@ -78,6 +78,7 @@ def run(spec: Any, dry_run: bool = False) -> Any:
     _fail(str(e))
   import jax  # after jax.distributed: the device count must see every process
   runtime.reuse_host_memory(jax.default_backend())
+  spec_lib.expand_home(spec)
   try:
     warnings = spec_lib.validate(spec, jax.device_count(), jax.process_count())
   except spec_lib.SpecError as e:

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping
 from rmjax.data import defaults as data_defaults, eqasc, prm800k, reveal, synthetic
 from rmjax.model.config import CPU_DOT_LIBRARIES, DTYPES, LORA_TARGETS, REMAT_POLICIES, SEGMENT_ATTENTION
 from rmjax.spec_io import (AUTO, AUTO_OR_INT_KEYS, ConfigDict, SpecError, apply_overrides, check_overrides, closest_keys,  # noqa: F401
-                           describe_type, dotted_items, dotted_keys, find_flag_value, get_dotted,
+                           describe_type, dotted_items, dotted_keys, expand_home, find_flag_value, get_dotted,
                            load_sibling, load_spec_file, override_keys, parse_set_item, spec_to_dict)
 from rmjax.spec_sources import (SOURCES, check_sources, eval_sources, is_synthetic, source_names,  # noqa: F401
                                 test_only_sources, training_sources)
@@ -122,6 +122,9 @@ def validate(spec: ConfigDict, num_devices: int, process_count: int = 1,
   _check_numbers(spec, problems, warnings)
   _check_batch_and_mesh(spec, num_devices, process_count, problems)
   _check_data(spec, problems, warnings, check_paths)
+  name = str(spec.experiment_name)
+  if not name or name in (".", "..") or "/" in name or os.sep in name:
+    problems.append(f"experiment_name={name!r} must be one folder name (the run is <output_dir>/<experiment_name>)")
   if check_paths and spec.init_from and "://" not in spec.init_from and not os.path.exists(spec.init_from):
     problems.append(f"init_from: checkpoint path not found: {spec.init_from}")
   if check_paths and spec.model.path != DEMO_MODEL and _looks_local(spec.model.path) \

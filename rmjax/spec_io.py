@@ -60,6 +60,17 @@ def get_dotted(spec: ConfigDict, key: str) -> Any:
   return node
 
 
+def expand_home(spec: ConfigDict) -> None:
+  """A path key (output_dir, init_from, any *.path) starting with "~" gets the home directory:
+  the shell expands "~" only at a word's start, not after `--spec.output_dir=`, and a run would
+  otherwise write into a folder named "~" under the working directory."""
+  for key, value in list(dotted_items(spec)):
+    if isinstance(value, str) and value.startswith("~") and (
+        key in ("output_dir", "init_from") or key.rsplit(".", 1)[-1] == "path"):
+      parent, _, leaf = key.rpartition(".")
+      (get_dotted(spec, parent) if parent else spec)[leaf] = os.path.expanduser(value)
+
+
 def closest_keys(key: str, keys: Sequence[str], n: int = 3) -> list[str]:
   """Closest valid keys to a mistyped one: whole dotted keys first, then by last component."""
   found = difflib.get_close_matches(key, keys, n=n, cutoff=0.6)

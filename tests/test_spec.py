@@ -202,10 +202,28 @@ NAN, INF = float("nan"), float("inf")
   ({"distributed__num_processes": -1}, "distributed.num_processes must be >= 0"),
   ({"distributed__num_processes": 2, "distributed__process_id": 2}, "distributed.process_id must be -1"),
   ({"data__template": "chat"}, "data.template='chat' but the tokenizer of model.path demo has no chat template"),
+  ({"experiment_name": "../../etc"}, "experiment_name='../../etc' must be one folder name"),  # wrote outside output_dir
+  ({"experiment_name": "a/b"}, "experiment_name='a/b' must be one folder name"),
+  ({"experiment_name": ""}, "experiment_name='' must be one folder name"),
 ])
 def test_values_a_run_cannot_use_are_refused_before_it_starts(changes, expected):
   with pytest.raises(spec_lib.SpecError, match=re.escape(expected)):
     spec_lib.validate(demo_spec(**changes), 1, check_paths=False)
+
+
+def test_a_home_folder_in_a_path_key_is_expanded(monkeypatch):
+  """`--spec.output_dir=~/runs`: the shell leaves "~" after "=" alone, and the run went into a
+  folder named "~" under the working directory. Only path keys change."""
+  monkeypatch.setenv("HOME", "/home/someone")
+  spec = demo_spec(output_dir="~/runs", init_from="~/ckpt", experiment_name="~x", data__prm800k__path="~/prm")
+  spec_lib.expand_home(spec)
+  assert (spec.output_dir, spec.init_from, spec.data.prm800k.path) == ("/home/someone/runs", "/home/someone/ckpt",
+                                                                      "/home/someone/prm")
+  assert spec.experiment_name == "~x"  # not a path key
+  plain = demo_spec()
+  before = spec_lib.spec_to_dict(plain)
+  spec_lib.expand_home(plain)
+  assert spec_lib.spec_to_dict(plain) == before
 
 
 def test_an_infinite_max_grad_norm_means_no_clipping_and_is_accepted():
