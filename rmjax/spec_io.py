@@ -100,6 +100,8 @@ def load_spec_file(path_arg: str, module_name: str = "rmjax_spec") -> ConfigDict
   path, _, arg = path_arg.partition(":")
   if not path:
     raise SpecError("empty spec path; pass --spec FILE, e.g. --spec specs/demo.py")
+  if os.path.isdir(path):
+    raise SpecError(f"spec {path} is a directory; give one of its .py files, e.g. specs/demo.py")
   if not os.path.isfile(path):
     raise SpecError(f"spec file not found: {path}")
   try:

@@ -360,6 +360,8 @@ def test_find_flag_value():
 def test_load_spec_file_errors(tmp_path):
   with pytest.raises(spec_lib.SpecError, match="spec file not found"):
     spec_lib.load_spec_file(str(tmp_path / "x.py"))
+  with pytest.raises(spec_lib.SpecError, match=r"is a directory; give one of its \.py files"):  # it exists
+    spec_lib.load_spec_file(str(tmp_path))
   (tmp_path / "bad.py").write_text("x = 1\n")
   with pytest.raises(spec_lib.SpecError, match="defines no get_config"):
     spec_lib.load_spec_file(str(tmp_path / "bad.py"))
