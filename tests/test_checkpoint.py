@@ -122,6 +122,23 @@ def test_retention_keeps_latest_three_and_older_best(tmp_path):
     assert ck.read_best_file(d) == {"step": 11, "val_loss": 0.25, "path": "checkpoint_step_11"}, damage
 
 
+def test_equal_losses_make_the_later_step_best_in_orbax_and_in_the_runs_record(tmp_path):
+  """Two evaluations with the same val loss: orbax's best step, the best checkpoint it keeps and
+  best.json are the later step. The run's record (the log's "best at step", final_results.json)
+  named the earlier one, which evaluate/export then did not use, and retention could delete."""
+  from rmjax.train.record import RunRecord
+  d = tmp_path / "checkpoints"
+  with ck.Checkpointer(d, ck.CheckpointConfig(max_to_keep=1, async_save=False)) as c:
+    for step, loss in ((20, 0.5), (40, 0.7), (60, 0.5), (80, 0.9)):
+      c.save(step, _tiny(), val_loss=loss)
+    assert c.best_step() == 60 and c.all_steps() == [60, 80]
+  assert ck.read_best_file(d)["step"] == 60
+  record = RunRecord()
+  assert [record.note_eval(step, {"val/loss": loss}) for step, loss in ((20, 0.5), (40, 0.7), (60, 0.5))] == \
+      [True, False, True]
+  assert (record.best_step, record.best_val_loss) == (60, 0.5)
+
+
 def test_nan_and_inf_val_loss_never_best(tmp_path):
   d = tmp_path / "checkpoints"
   with ck.Checkpointer(d, ck.CheckpointConfig(max_to_keep=2, async_save=False)) as c:

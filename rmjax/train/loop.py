@@ -252,9 +252,9 @@ class Trainer:
     """Evaluates when due, then saves when due or when keep_best has a new best."""
     val_loss = None
     if eval_due:
-      best_before = self.record.best_val_loss
+      best_before = self.record.best_step
       val_loss = selection_loss(self.evaluate(step))
-      save_due = save_due or (self.checkpointer.config.keep_best and self.record.best_val_loss < best_before)
+      save_due = save_due or (self.checkpointer.config.keep_best and self.record.best_step != best_before)
     if save_due:
       self.save(step, val_loss)
 

@@ -38,10 +38,13 @@ class RunRecord:
     self.nonfinite_skipped = int(metadata["nonfinite_steps_skipped"])
 
   def note_eval(self, step: int, metrics: dict[str, Any]) -> bool:
-    """Records an evaluation; True when its selection loss is a new (finite) best."""
+    """Records an evaluation; True when its selection loss is a new (finite) best. A loss equal
+    to the best moves the best to this later step: orbax ranks equal losses so (its best step,
+    best.json and the best checkpoint it keeps are the latest of them), and the run's record must
+    name the step that is on disk."""
     self.last_eval = metrics
     loss = selection_loss(metrics)
-    if loss is None or not math.isfinite(loss) or loss >= self.best_val_loss:
+    if loss is None or not math.isfinite(loss) or loss > self.best_val_loss:
       return False
     self.best_val_loss, self.best_step = loss, step
     return True
