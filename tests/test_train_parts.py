@@ -134,3 +134,25 @@ def test_demo_vocab_size_pads_the_embedding_and_refuses_fewer_rows_than_the_toke
   spec.model.demo.vocab_size = -1
   with pytest.raises(spec_lib.SpecError, match="model.demo.vocab_size must be >= 0"):
     spec_lib.validate(spec, num_devices=1)
+
+
+def test_a_second_run_into_a_run_folder_in_use_stops_before_writing(tmp_path):
+  """Two launches into one <output_dir>/<experiment_name> at once: the second overwrote the
+  first's checkpoints, best.json and config.json without a word. The run folder's lock (flock:
+  the kernel drops it when its holder ends, however it ends) stops the second at once, naming
+  the holder; once released, the folder is free again. A folder that cannot be made is one line."""
+  import pytest
+  from rmjax.train import loop, run_lock
+  spec = tiny_spec(tmp_path)
+  run_dir = loop.run_dir_of(spec)
+  held = run_lock.lock_run_directory(run_dir)
+  try:
+    with pytest.raises(run_lock.RunDirectoryBusy, match=f"another run is writing {run_dir} \\(process {os.getpid()} on "):
+      loop.train_and_evaluate(spec)
+    assert sorted(p.name for p in run_dir.iterdir()) == [run_lock.LOCK_FILE]  # nothing else written
+  finally:
+    run_lock.unlock(held)
+  run_lock.unlock(run_lock.lock_run_directory(run_dir))
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(run_lock.RunDirectoryUnusable, match="cannot write the run folder .*a_file/x: Not a directory"):
+    run_lock.lock_run_directory(tmp_path / "a_file" / "x")

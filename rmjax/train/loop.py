@@ -41,7 +41,7 @@ from rmjax.progress import Progress
 from rmjax.run_artifacts import save_run_model
 from rmjax.run_logging import RunLogger
 from rmjax.runtime import quiet_library_logs
-from rmjax.train import auto_settings, build, evaluation, multiprocess
+from rmjax.train import auto_settings, build, evaluation, multiprocess, run_lock
 from rmjax.train.evaluation import fmt, selection_loss
 from rmjax.train.optim import OptimConfig, param_counts
 from rmjax.train.perf import LoopMeter
@@ -68,6 +68,7 @@ class Trainer:
     self.run_dir = run_dir_of(spec)
     self.is_main = jax.process_index() == 0
     self.process_count = jax.process_count()
+    self._lock = run_lock.lock_run_directory(self.run_dir) if self.is_main else None
     self.checkpointer = ckpt_lib.Checkpointer(self.run_dir / "checkpoints",
                                               ckpt_lib.CheckpointConfig.from_spec(spec))
     self.resume_step = self.checkpointer.latest_step()
@@ -340,7 +341,11 @@ class Trainer:
     try:
       self.checkpointer.close()
     finally:
-      self.logger.close()
+      try:
+        self.logger.close()
+      finally:
+        run_lock.unlock(self._lock)
+        self._lock = None
 
 
 def train_and_evaluate(spec: Any) -> dict[str, Any]:
