@@ -13,7 +13,8 @@ run has several processes, and hands over to rmjax.train.loop.train_and_evaluate
 Exit status: 0 when the run finishes; 2 (cli.EXIT_USER_ERROR, as every rmjax tool) for any error
 reported in one line, from a mistyped flag to a spec the devices cannot run, a bad data file, a
 damaged checkpoint, a non-finite loss or a device out of memory; `--spec.stop_exit_code` for a run
-stopped by SIGTERM with its checkpoint saved; 1 only with a traceback, which is a bug in rmjax.
+stopped by SIGTERM with its checkpoint saved; 130 for Ctrl-C (the first, in the training loop,
+saves a checkpoint and stops; another stops at once); 1 only with a traceback, a bug in rmjax.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from rmjax import cli, runtime, spec as spec_lib
 _SPEC = config_flags.DEFINE_config_file("spec", None, "spec file, optionally file.py:arg", lock_config=True)
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "validate the spec, print it as JSON and exit")
 _USAGE = "usage: python -m rmjax.launch --spec FILE [--spec.key=value ...] [--dry_run]"
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: what a shell reports for a command ended by Ctrl-C
 _HELP = ("-h", "--help", "-help", "--helpshort", "--helpfull", "--helpxml")
 
 
@@ -93,6 +95,12 @@ def run(spec: Any, dry_run: bool = False) -> Any:
   from rmjax.train.loop import train_and_evaluate  # heavy: imported only when training
   try:
     results = train_and_evaluate(spec)
+  except KeyboardInterrupt:  # a second Ctrl-C in the loop, or one before it (reading, compiling)
+    if os.environ.get("RMJAX_DEBUG"):
+      raise
+    cli.report("rmjax.launch", "interrupted (Ctrl-C) before a checkpoint was saved; the run's earlier checkpoints "
+                               "are kept, and relaunching the same command resumes from the latest")
+    raise SystemExit(INTERRUPTED_EXIT_CODE) from None
   except _user_facing_errors() as e:  # a bad input or a stopped run: one line, no traceback
     if os.environ.get("RMJAX_DEBUG"):
       raise
@@ -101,6 +109,8 @@ def run(spec: Any, dry_run: bool = False) -> Any:
     if os.environ.get("RMJAX_DEBUG") or not (cli.is_out_of_memory(e) or isinstance(e, MemoryError)):
       raise
     _fail(out_of_memory_message(e, spec))
+  if results.get("interrupted") and results.get("stopped_by") == "SIGINT":
+    raise SystemExit(INTERRUPTED_EXIT_CODE)  # Ctrl-C, checkpoint saved: not finished, as a shell counts it
   if results.get("interrupted") and int(spec.stop_exit_code):
     raise SystemExit(int(spec.stop_exit_code))  # stopped by SIGTERM, checkpoint saved: not finished
   return results

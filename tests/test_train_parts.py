@@ -28,6 +28,41 @@ def test_a_sigterm_during_start_up_stops_the_loop_at_its_first_step_boundary():
     runtime._startup_sigterm.clear()
 
 
+def test_ctrl_c_in_the_loop_stops_it_with_a_checkpoint_and_again_at_once(capsys, monkeypatch):
+  """Ctrl-C was a 49-line traceback that lost the steps since the last save. The first one in the
+  loop now stops it as SIGTERM does (a checkpoint at the next step boundary); a second raises
+  KeyboardInterrupt; the previous handlers come back after the loop. The launcher exits 130 for
+  either, with one line for the second."""
+  import signal
+  import pytest
+  from rmjax import launch
+  from rmjax.train import loop
+  before = signal.getsignal(signal.SIGINT)
+  flag = stop.StopFlag(1)
+  with flag.installed():
+    os.kill(os.getpid(), signal.SIGINT)
+    assert flag.should_stop() and flag.name() == "SIGINT"
+    assert "saving a checkpoint after this step" in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  assert signal.getsignal(signal.SIGINT) is before
+  spec = tiny_spec("/nonexistent")
+  monkeypatch.delenv("RMJAX_DEBUG", raising=False)
+  monkeypatch.setattr(loop, "train_and_evaluate", lambda spec: {"interrupted": True, "stopped_by": "SIGINT"})
+  with pytest.raises(SystemExit) as leaving:
+    launch.run(spec)
+  assert leaving.value.code == launch.INTERRUPTED_EXIT_CODE == 130
+
+  def interrupted(spec):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(loop, "train_and_evaluate", interrupted)
+  with pytest.raises(SystemExit) as leaving:
+    launch.run(spec)
+  err = capsys.readouterr().err
+  assert leaving.value.code == 130 and err.count("\n") == 1
+  assert err.startswith("rmjax.launch: error: interrupted (Ctrl-C) before a checkpoint was saved")
+
+
 def test_val_loss_is_the_training_loss_pooled_over_every_step():
   """val/loss picks the best checkpoint: per source and pooled step by step (not a mean of the
   sources), with the training loss's formula (hand-computed values)."""

@@ -304,11 +304,11 @@ class Trainer:
       if pending:
         read_pending()
     if interrupted and step == start:  # stopped during start-up: nothing trained since the last save
-      self.logger.log(f"Received signal {stop.signum} (SIGTERM) before step {start + 1}: stopped; "
+      self.logger.log(f"Received {stop.name()} before step {start + 1}: stopped; "
                       "relaunch the same command to go on")
     elif interrupted:
       self.save(step, None)
-      self.logger.log(f"Received signal {stop.signum} (SIGTERM): saved step {step} and stopped; "
+      self.logger.log(f"Received {stop.name()}: saved step {step} and stopped; "
                       "relaunch the same command to resume")
     elif start >= max_steps:
       self.logger.log(f"Run already complete at step {start}")
@@ -318,13 +318,13 @@ class Trainer:
       # Stopped between the last checkpoint and final_results.json: the last evaluation is
       # recomputed for the results, and logged again only if metrics.jsonl lacks it.
       self.evaluate(start, log_scalars=not self.logger.has_scalar(start, "val/loss"))
-    return self._final_results(step, interrupted=interrupted)
+    return self._final_results(step, interrupted=interrupted, stopped_by=stop.name())
 
-  def _final_results(self, step: int, interrupted: bool) -> dict[str, Any]:
+  def _final_results(self, step: int, interrupted: bool, stopped_by: str | None) -> dict[str, Any]:
     self.checkpointer.wait_until_finished()
     results = {
       **self.record.final_results(), "total_steps": step, "max_steps": int(self.spec.max_steps),
-      "interrupted": interrupted, "resumed_from_step": self.resume_step,
+      "interrupted": interrupted, "stopped_by": stopped_by, "resumed_from_step": self.resume_step,
       "skipped_records": multiprocess.skipped_records(self.file_skips, self.shard_skips, self.process_count),
       "train_step_traces": self.steps.train_traces(self.record.train_shapes), "eval_step_traces": int(self.steps.traces["eval"]),
       "checkpoints": self.checkpointer.all_steps(),
