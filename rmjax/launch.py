@@ -140,7 +140,8 @@ def _user_facing_errors() -> tuple[type[BaseException], ...]:
   from rmjax.train.loop import NonFiniteLoss
   # ValueError: readers and builders check what the spec cannot know before reading (a split
   # missing from a directory, a file of the wrong shape) and say it in one line, as other tools do.
-  return (NonFiniteLoss, CheckpointError, BadRecord, FileNotFoundError, ValueError, spec_lib.SpecError)
+  # OSError: a file the run cannot read or write (a full disk, a read-only folder), named in its message.
+  return (NonFiniteLoss, CheckpointError, BadRecord, OSError, ValueError, spec_lib.SpecError)
 
 
 def main(argv: Sequence[str]) -> None:

@@ -267,17 +267,28 @@ class RunLogger:
         h.flush()
 
   def close(self) -> None:
+    """Closes every file, each even when another fails (a full disk); then raises the first
+    failure. A TensorBoard writer that failed to close is marked closed, so that tensorboardX's
+    own exit hook does not try again and print a traceback after the run's one error line."""
     if not self.enabled or self._closed:
       return
-    self.flush()
     self._closed = True
-    self._metrics_file.close()
-    self._tb.close()
+    failures = []
+    for close in (self._metrics_file.close, self._tb.close):
+      try:
+        close()
+      except OSError as e:
+        failures.append(e)
+    event_writer = getattr(getattr(self._tb, "file_writer", None), "event_writer", None)
+    if failures and hasattr(event_writer, "_closed"):
+      event_writer._closed = True
     for h in self._handlers:
       self.logger.removeHandler(h)
       h.close()
     self.logger.setLevel(self._old_level)
     self.logger.propagate = self._old_propagate
+    if failures:
+      raise failures[0]
 
   def __enter__(self) -> "RunLogger":
     return self

@@ -70,6 +70,26 @@ def test_logger_handlers_are_removed_on_close(tmp_path):
   assert (list(logger.handlers), logger.propagate) == before
 
 
+def test_a_full_disk_at_close_closes_everything_then_raises_once(tmp_path, monkeypatch):
+  """A disk that fills up: the TensorBoard writer fails to flush at close. Every file and handler
+  is still closed, the failure is raised once, and the writer is marked closed, so tensorboardX's
+  exit hook does not retry and print "Exception ignored in atexit callback" with a traceback."""
+  import errno
+  logger = logging.getLogger(LOGGER_NAME)
+  before = list(logger.handlers)
+  run = RunLogger(tmp_path, echo_stderr=False)
+  writer = run._tb.file_writer.event_writer
+
+  def full(*_):
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(writer._ev_writer, "flush", full)
+  with pytest.raises(OSError, match="No space left on device"):
+    run.close()
+  assert writer._closed and run._metrics_file.closed and list(logger.handlers) == before
+  run.close()  # closed: nothing raised again
+  writer._worker.stop()
+
+
 def test_non_main_process_writes_nothing(tmp_path):
   run_dir = tmp_path / "run"
   with RunLogger(run_dir, is_main_process=False, resume_step=5) as run:

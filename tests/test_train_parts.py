@@ -191,3 +191,19 @@ def test_a_second_run_into_a_run_folder_in_use_stops_before_writing(tmp_path):
   (tmp_path / "a_file").write_text("")
   with pytest.raises(run_lock.RunDirectoryUnusable, match="cannot write the run folder .*a_file/x: Not a directory"):
     run_lock.lock_run_directory(tmp_path / "a_file" / "x")
+
+
+def test_a_full_disk_writing_the_demo_data_names_the_folder(tmp_path, monkeypatch):
+  """A write error names no file ("[Errno 28] No space left on device"): the demo data's folder
+  is named, and no temporary file is left behind."""
+  import errno
+  import pytest
+  from rmjax.train import build
+
+  def full(path, *_):
+    pathlib.Path(path).write_text("{}\n")  # some bytes, then the disk is full
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(build, "write_synthetic_prm800k", full)
+  with pytest.raises(OSError, match=f"No space left on device \\(writing the synthetic demo data\\): '{tmp_path}'"):
+    build.ensure_synthetic_prm800k(tmp_path, seed=0)
+  assert list(tmp_path.iterdir()) == []

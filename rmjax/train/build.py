@@ -199,7 +199,11 @@ def ensure_synthetic_prm800k(data_dir: pathlib.Path, seed: int, cfg: SyntheticCo
     if paths[split].exists():
       continue
     tmp = data_dir / f".phase2_{split}.{os.getpid()}.tmp"
-    write_synthetic_prm800k(str(tmp), n, s, cfg)
+    try:
+      write_synthetic_prm800k(str(tmp), n, s, cfg)
+    except OSError as e:  # a full disk: name the folder (a write error names no file)
+      tmp.unlink(missing_ok=True)
+      raise OSError(e.errno, f"{e.strerror} (writing the synthetic demo data)", str(data_dir)) from None
     os.replace(tmp, paths[split])
   if not found:
     tmp = data_dir / f".{SYNTHETIC_SETTINGS}.{os.getpid()}.tmp"

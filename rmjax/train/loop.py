@@ -96,7 +96,7 @@ class Trainer:
       self._build_model()
       self._build_data()
     except BaseException:
-      self.close()
+      self.close(quiet=True)
       raise
     self.record = RunRecord()
 
@@ -337,15 +337,22 @@ class Trainer:
                       + describe_skips(results["skipped_records"]), logging.WARNING)
     return results
 
-  def close(self) -> None:
+  def close(self, quiet: bool = False) -> None:
+    """Closes the checkpointer, the logs and the run folder's lock. `quiet` (closing after an
+    error): a failure to close (a full disk) is logged, not raised over the error being reported."""
     try:
-      self.checkpointer.close()
-    finally:
       try:
-        self.logger.close()
+        self.checkpointer.close()
       finally:
-        run_lock.unlock(self._lock)
-        self._lock = None
+        try:
+          self.logger.close()
+        finally:
+          run_lock.unlock(self._lock)
+          self._lock = None
+    except Exception as e:  # noqa: BLE001  only when quiet: the caller is raising its own error
+      if not quiet:
+        raise
+      logging.getLogger("rmjax.train").warning("closing the run after its error failed too: %s", e)
 
 
 def train_and_evaluate(spec: Any) -> dict[str, Any]:
@@ -356,6 +363,9 @@ def train_and_evaluate(spec: Any) -> dict[str, Any]:
   quiet_library_logs()
   trainer = Trainer(spec)
   try:
-    return trainer.run()
-  finally:
-    trainer.close()
+    results = trainer.run()
+  except BaseException:
+    trainer.close(quiet=True)  # the run's own error is the one to report, not a close's after it
+    raise
+  trainer.close()
+  return results
