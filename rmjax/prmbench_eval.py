@@ -6,7 +6,8 @@
 --path is one PRMBench JSONL file or a directory of them (the official repo's
 mr_eval/tasks/prmtest_classified/data/). Samples follow the official evaluator (ssmisya/PRMBench):
   * each record is scored on `modified_question` / `modified_process`; its erroneous steps are
-    `error_steps` (1-based); the key is (classification, idx), a repeated key is read once;
+    `error_steps` (1-based); the key is (classification, idx), read once: its first good record
+    gives the sample, a later record with a taken key is counted as `duplicate_key`;
   * every `redundency` record also gives a sample of class "correct": `original_question` /
     `original_process` with no erroneous step (once per idx).
 A step is judged valid when its score is at least the threshold (below it is an error, as in
@@ -27,9 +28,12 @@ and predictions.jsonl (per sample: id, classification, error_steps (0-based), st
 
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Any, Optional, Sequence
+
+from rmjax.data.jsonl_index import MISSING, REGULAR, path_kind
+from rmjax.data.reader_base import Skip
+from rmjax.data.record_files import RecordFiles
 
 CORRECT = "correct"
 CORRECT_FROM = "redundency"  # sic: the class name in the data
@@ -40,54 +44,77 @@ def _steps(value: Any) -> Optional[list[str]]:
   return value if isinstance(value, list) and value and all(isinstance(s, str) for s in value) else None
 
 
+def _count(skips: dict[str, int], reason: str) -> None:
+  skips[reason] = skips.get(reason, 0) + 1
+
+
 def samples_of(records: Sequence[dict], skips: dict[str, int]) -> list[dict]:
-  """The evaluator's samples {id, classification, problem, steps, error_steps (0-based)}."""
+  """The evaluator's samples {id, classification, problem, steps, error_steps (0-based)}.
+
+  A key is taken by its first good copy: a bad copy is counted under its reason and leaves the
+  key to a later good one, and a record whose key is already taken counts as `duplicate_key`
+  (its "correct" sample is a copy too, and is not counted apart)."""
   out, seen = [], set()
 
-  def add(key: str, cls: str, problem: Any, steps: Any, errors: Any) -> None:
+  def add(key: str, cls: str, problem: Any, steps: Any, errors: Any, counted: bool = True) -> None:
     if key in seen:
+      if counted:
+        _count(skips, "duplicate_key")
       return
-    seen.add(key)
     steps = _steps(steps)
     if not isinstance(problem, str) or steps is None:
-      skips["bad_process"] = skips.get("bad_process", 0) + 1
+      _count(skips, "bad_process")
       return
     if not isinstance(errors, list) or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1
                                                for e in errors):
-      skips["bad_error_steps"] = skips.get("bad_error_steps", 0) + 1
+      _count(skips, "bad_error_steps")
       return
+    seen.add(key)
     out.append({"id": key, "classification": cls, "problem": problem, "steps": steps,
                 "error_steps": sorted({e - 1 for e in errors})})
 
   for rec in records:
     cls, idx = rec.get("classification"), rec.get("idx")
     if not isinstance(cls, str) or not isinstance(idx, str):
-      skips["no_classification_or_idx"] = skips.get("no_classification_or_idx", 0) + 1
+      _count(skips, "no_classification_or_idx")
       continue
     if cls == CORRECT_FROM:
-      add(f"{CORRECT}_{idx}", CORRECT, rec.get("original_question"), rec.get("original_process"), [])
+      add(f"{CORRECT}_{idx}", CORRECT, rec.get("original_question"), rec.get("original_process"), [],
+          counted=False)
     add(f"{cls}_{idx}", cls, rec.get("modified_question"), rec.get("modified_process"), rec.get("error_steps"))
   return out
 
 
 def read_records(path: str | pathlib.Path, skips: dict[str, int]) -> list[dict]:
+  """The JSON objects of the JSONL file `path`, or of every *.jsonl under the directory `path`;
+  a line that is none (bad JSON or UTF-8, nesting too deep, a line too long) is counted in
+  `skips` under its reason, empty lines are passed over. A scan's match that is no regular file
+  (a FIFO would block the read, a directory holds no lines) is refused, naming it: scores over
+  fewer files than the folder shows would pass for the whole benchmark's."""
   path = pathlib.Path(path)
   files = sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
-  if not files or not files[0].is_file():
+  if not files:
     raise FileNotFoundError(f"--path {path}: no PRMBench JSONL file there")
-  records = []
   for f in files:
-    for line in f.read_bytes().splitlines():
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except ValueError:
-        rec = None
-      if isinstance(rec, dict):
-        records.append(rec)
-      else:
-        skips["bad_json"] = skips.get("bad_json", 0) + 1
+    kind = path_kind(f)
+    if kind == MISSING:
+      raise FileNotFoundError(f"--path {path}: no PRMBench JSONL file there")
+    if kind != REGULAR:
+      raise ValueError(f"--path {path}{'' if f == path else f': {f}'} is {kind}, not a PRMBench JSONL file")
+  lines, records = RecordFiles([str(f) for f in files]), []
+  for _, skip in lines.tail_skips:  # a .json array's undecodable tail
+    _count(skips, skip.reason)
+  for i in range(len(lines)):
+    try:
+      rec = lines.record(i)
+    except Skip as skip:
+      if skip.reason != "empty_line":
+        _count(skips, skip.reason)
+      continue
+    if isinstance(rec, dict):
+      records.append(rec)
+    else:
+      _count(skips, "bad_json")
   return records
 
 

@@ -102,3 +102,47 @@ def test_a_directory_without_a_split_and_a_file_of_another_format_say_what_to_do
   assert "reads as prm800k (JSON Lines, one labelled solution per line)" in proc.stderr
   proc = run("--source", "reveal", "--path", FIXTURE)  # the right source: no hint
   assert proc.stdout and "is --source right" not in proc.stderr
+
+
+def _in_process(capsys, *args):
+  """preview.main in this process (fast): (exit code, stderr); argparse's exits are caught."""
+  from rmjax.data import preview
+  try:
+    code = preview.main([str(a) for a in args])
+  except SystemExit as e:
+    code = e.code
+  return code, capsys.readouterr().err
+
+
+def test_paths_that_are_no_file_say_what_they_are(tmp_path, capsys):
+  """/dev/zero, a FIFO and a symlink loop exist: the error names what each is (never "does not
+  exist") and nothing is read from them (a FIFO would block, /dev/zero never end)."""
+  import os
+  os.mkfifo(tmp_path / "fifo.jsonl")
+  os.symlink(tmp_path / "loop2", tmp_path / "loop1")
+  os.symlink(tmp_path / "loop1", tmp_path / "loop2")
+  for path, kind in (("/dev/zero", "a character device"), (tmp_path / "fifo.jsonl", "a FIFO"),
+                     (tmp_path / "loop1", "a symlink loop")):
+    code, err = _in_process(capsys, "--source", "stepwise", "--path", path)
+    assert code == 2 and err.startswith(f"rmjax.data.preview: error: stepwise: path {str(path)!r} is {kind}") \
+      and err.count("\n") == 1, err
+  code, err = _in_process(capsys, "--source", "stepwise", "--path", tmp_path / "missing.jsonl")
+  assert code == 2 and "does not exist" in err
+
+
+def test_flags_that_would_be_ignored_or_overridden_are_refused(tmp_path, capsys):
+  """--set reader (or path, split, phase) would silently replace what the flag says; --phase is
+  for a PRM800K directory (ignored with a file), 1 or 2; --limit below 0 printed nothing."""
+  rows = tmp_path / "rows.jsonl"  # SYNTHETIC stepwise rows
+  rows.write_text(json.dumps({"prompt": "p", "completions": ["a", "b"], "labels": [True, False]}) + "\n")
+  assert _in_process(capsys, "--source", "stepwise", "--path", rows)[0] == 0
+  for args, words in ((["--set", "reader=prm800k"], "--set reader: --source sets it here"),
+                      (["--set", "path=/elsewhere"], "--set path: --path sets it here"),
+                      (["--limit", "-1"], "argument --limit: expected 0 or more"),
+                      (["--phase", "2"], "only --source prm800k has phases"),
+                      (["--source", "prm800k", "--phase", "1"], f"{rows} is a regular file (a file is read as it is"),
+                      (["--source", "prm800k", "--phase", "3"], "argument --phase: invalid choice: 3")):
+    source = [] if "--source" in args else ["--source", "stepwise"]
+    code, err = _in_process(capsys, *source, "--path", rows, *args)
+    assert code == 2 and err.startswith("rmjax.data.preview: error: ") and err.count("\n") == 1, (args, err)
+    assert words in err, (args, err)

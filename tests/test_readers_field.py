@@ -210,3 +210,42 @@ def test_rmjax_reader_keeps_ids_targets_and_meta(tmp_path):
   assert [(e.source, e.id, e.targets, e.meta) for e in got] == [("mine", "q1", (None, 0.5), {"label": 1}),
                                                                  ("mine", "mine:2", (1.0,), {})]
   assert reader.skips.as_dict()["mine"] == {"bad_meta": 1}
+
+
+def test_a_byte_order_mark_before_the_first_line_is_not_part_of_the_record(tmp_path):
+  """Windows editors start a UTF-8 file with a BOM: the first record of a .jsonl file reads like
+  the others in every JSON Lines reader (field readers and PRM800K share the line index).
+  Records are SYNTHETIC."""
+  from rmjax.data.jsonl_index import LineFile
+  from rmjax.data.prm800k import Prm800kReader
+  from rmjax.data.synthetic import make_record
+  rows = [{"id": f"gsm8k-{i}", "problem": "p", "steps": ["s1", "s2"], "label": -1} for i in range(2)]
+  (tmp_path / "pb.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in rows).encode() + b"\n")
+  skips = SkipCounter()
+  reader = build_source("processbench", {"path": str(tmp_path / "pb.jsonl")}, skips=skips)
+  assert [reader[i].id for i in range(len(reader))] == ["gsm8k-0", "gsm8k-1"] and skips.total() == 0
+  (tmp_path / "p.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(make_record(0, 0)).encode() + b"\r\n")
+  assert Prm800kReader(str(tmp_path / "p.jsonl"))[0] is not None
+  (tmp_path / "bom_only.jsonl").write_bytes(b"\xef\xbb\xbf")
+  (tmp_path / "bom_empty_line.jsonl").write_bytes(b"\xef\xbb\xbf\n")
+  assert len(LineFile(str(tmp_path / "bom_only.jsonl"))) == 0
+  assert LineFile(str(tmp_path / "bom_empty_line.jsonl")).read(0) == b""
+
+
+def test_a_split_file_that_is_no_regular_file_is_named_not_dropped(tmp_path):
+  """gsm8k.json a directory, math.jsonl a FIFO: the split is listed and reading it says what
+  the path is (it was left out of the splits without a word; a FIFO would block the read).
+  Paths given themselves say what they are too. Records are SYNTHETIC."""
+  import os
+  from rmjax.data.record_files import available_splits
+  (tmp_path / "gsm8k.json").mkdir()
+  os.mkfifo(tmp_path / "math.jsonl")
+  (tmp_path / "omnimath.json").write_text(json.dumps([{"id": "o-0", "problem": "p", "steps": ["s"], "label": -1}]))
+  assert available_splits(str(tmp_path)) == ["gsm8k", "math", "omnimath"]
+  with pytest.raises(ValueError, match=r"processbench: '.*/gsm8k.json' is a directory, not a data file"):
+    build_source("processbench", {"path": str(tmp_path)}, split="gsm8k")
+  with pytest.raises(ValueError, match=r"processbench: '.*/math.jsonl' is a FIFO \(named pipe\), not a data file"):
+    build_source("processbench", {"path": str(tmp_path)}, split="math")
+  assert len(build_source("processbench", {"path": str(tmp_path)}, split="omnimath")) == 1
+  with pytest.raises(ValueError, match=r"stepwise: path '.*/math.jsonl' is a FIFO \(named pipe\), not a regular file"):
+    build_source("stepwise", {"path": str(tmp_path / "math.jsonl")})  # a spec's data.X.path

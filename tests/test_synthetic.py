@@ -168,3 +168,36 @@ def test_records_kept_with_their_settings_and_other_settings_stop_in_one_line(tm
   build.ensure_synthetic_prm800k(data, 0, SyntheticConfig(max_ops=6), 30, 5)
   with pytest.raises(SpecError, match=r"data.synthetic.max_ops 6 \(this spec: 4\)"):
     build.ensure_synthetic_prm800k(data, 0, SyntheticConfig(max_ops=4), 30, 5)
+
+
+def test_the_command_writes_only_new_files_and_refuses_bad_input_in_one_line(tmp_path, capsys):
+  """`python -m rmjax.data.synthetic DIR` writes PRM800K's own file names: a folder already
+  holding one (a stand-in for the real data here, SYNTHETIC) is refused and left as it was; so
+  are a file given as DIR and a negative count. The launcher's writers still replace files."""
+  from rmjax.data import synthetic
+
+  def fails(*argv):
+    try:
+      code = synthetic.main([str(a) for a in argv])
+    except SystemExit as e:
+      code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("rmjax.data.synthetic: error: ") and err.count("\n") == 1, err
+    return err
+
+  real = tmp_path / "real"
+  real.mkdir()
+  (real / "phase2_test.jsonl").write_text('{"SYNTHETIC": "stands in for a real PRM800K record"}\n')
+  assert f"{real / 'phase2_test.jsonl'} already exists" in fails(real, "--train", 3, "--test", 3)
+  assert [p.name for p in real.iterdir()] == ["phase2_test.jsonl"]  # nothing written, nothing lost
+  assert "SYNTHETIC" in (real / "phase2_test.jsonl").read_text()
+  assert synthetic.main([str(tmp_path / "new"), "--train", "3", "--test", "2"]) == 0
+  assert [len((tmp_path / "new" / f"phase2_{s}.jsonl").read_text().splitlines()) for s in ("train", "test")] == [3, 2]
+  assert "already exists" in fails(tmp_path / "new", "--train", 3)  # a second run too
+  (tmp_path / "afile").write_text("SYNTHETIC\n")
+  assert "afile is a regular file, not a directory" in fails(tmp_path / "afile", "--train", 3)
+  assert "argument --train: expected 0 to" in fails(tmp_path / "neg", "--train", -5)
+  assert "argument --test: expected a whole number" in fails(tmp_path / "neg", "--test", "many")
+  assert not (tmp_path / "neg").exists()
+  write_synthetic_prm800k_dir(str(tmp_path / "new"), 1, 1, seed=0)  # the library call replaces files
+  assert len((tmp_path / "new" / "phase2_train.jsonl").read_text().splitlines()) == 1

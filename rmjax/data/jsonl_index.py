@@ -9,12 +9,18 @@ offset, which is thread-safe because pread never moves a shared file position.
 
 Line i of the index is line i + 1 of the file (1-based, as editors show it); empty lines are
 kept so that this numbering always holds. Only a final empty "line" after a trailing newline
-is dropped.
+is dropped, and a UTF-8 byte order mark before the first line (editors on Windows write one)
+is not part of that line, so the first record parses like the others.
+
+`path_kind` says what a path that is no regular file is: a FIFO or a device given where a data
+file belongs would block the scan or never end it, so callers check before reading.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import threading
 
 import numpy as np
@@ -22,6 +28,27 @@ import numpy as np
 DEFAULT_CHUNK_BYTES = 16 << 20
 DEFAULT_MAX_LINE_BYTES = 64 << 20
 _NEWLINE = 10
+_BOM = b"\xef\xbb\xbf"
+REGULAR, MISSING = "a regular file", "missing"  # two of path_kind's answers
+_KINDS = ((stat.S_ISREG, REGULAR), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def path_kind(path: str | os.PathLike) -> str:
+  """What `path` is, in words for a message: "a regular file", "a directory", "a FIFO (named
+  pipe)", "a character device", "a symlink loop", "a broken symlink", "missing", ... (symlinks
+  followed), so a message about a path that is there never says it does not exist."""
+  try:
+    mode = os.stat(path).st_mode
+  except OSError as e:
+    if e.errno == errno.ELOOP:
+      return "a symlink loop"
+    if os.path.islink(path):
+      return "a broken symlink"
+    if e.errno in (errno.ENOENT, errno.ENOTDIR):
+      return MISSING
+    return f"unreadable ({e.strerror})"
+  return next((words for test, words in _KINDS if test(mode)), "a special file")
 
 
 class LineTooLong(ValueError):
@@ -29,7 +56,8 @@ class LineTooLong(ValueError):
 
 
 def scan_line_starts(path: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple[np.ndarray, int]:
-  """Byte offset of the start of every line of `path`, and the file size.
+  """Byte offset of the start of every line of `path` (the first after a UTF-8 BOM), and the
+  file size.
 
   Reads `chunk_bytes` at a time into one reused buffer; the result is an int64 array with one
   entry per line.
@@ -38,6 +66,9 @@ def scan_line_starts(path: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple
   buf = bytearray(chunk_bytes)
   offset = 0
   with open(path, "rb", buffering=0) as f:
+    if f.read(len(_BOM)) == _BOM:  # the first line starts after the byte order mark
+      pieces[0][0] = offset = len(_BOM)
+    f.seek(offset)
     while True:
       n = f.readinto(buf)
       if not n:

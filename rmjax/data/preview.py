@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 
 from rmjax import cli
 from rmjax.data.example import BadRecord, SkipCounter
+from rmjax.data.jsonl_index import MISSING, path_kind
 from rmjax.data.sources import READER_KEYS, READERS, build_source
 from rmjax.spec_io import parse_set_item
 
@@ -34,12 +35,28 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--source", required=True, choices=READERS)
   p.add_argument("--path", required=True, help="a dataset file, or a directory plus --split")
   p.add_argument("--split", default=None)
-  p.add_argument("--phase", type=int, default=None, help="PRM800K phase (1 or 2) with a directory")
+  p.add_argument("--phase", type=int, default=None, choices=(1, 2), help="PRM800K phase (1 or 2) with a directory")
   p.add_argument("--limit", type=int, default=None, help="print at most N examples")
   p.add_argument("--strict", action="store_true", help="stop at the first bad record")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="a reader option, e.g. neutral_target=0.0 or label=both (value as JSON or a Python literal if it parses)")
   return p
+
+
+# Source keys the command line sets by a flag: a --set of them would silently override it.
+_FLAG_KEYS = {"reader": "--source", "path": "--path", "split": "--split", "phase": "--phase"}
+
+
+def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  """Refuses (parser.error: one line, exit 2) what would otherwise be ignored or print nothing."""
+  if args.limit is not None and args.limit < 0:
+    parser.error(f"argument --limit: expected 0 or more examples, got {args.limit}")
+  if args.phase is not None and args.source != "prm800k":
+    parser.error(f"argument --phase: only --source prm800k has phases, not {args.source}")
+  kind = path_kind(args.path)
+  if args.phase is not None and kind not in ("a directory", MISSING):
+    parser.error(f"argument --phase: it picks phase<N>_<split>.jsonl in a directory, and {args.path} is {kind} "
+                 f"(a file is read as it is: leave --phase out)")
 
 
 _FORMATS = {"prm800k": "JSON Lines, one labelled solution per line", "eqasc": "one JSON array of questions",
@@ -51,15 +68,22 @@ _FORMATS = {"prm800k": "JSON Lines, one labelled solution per line", "eqasc": "o
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  _check_flags(parser, args)
   skips = SkipCounter()
   shown = 0
   try:
-    cfg = {"path": args.path, **dict(parse_set_item(item) for item in args.set)}
+    cfg = dict(parse_set_item(item) for item in args.set)
+    flagged = [k for k in _FLAG_KEYS if k in cfg]
+    if flagged:
+      raise ValueError(f"--set {flagged[0]}: {_FLAG_KEYS[flagged[0]]} sets it here, not --set")
+    cfg["path"] = args.path
     unknown = sorted(set(cfg) - set(READER_KEYS[args.source]))
     if unknown:
+      known = [k for k in READER_KEYS[args.source] if k not in _FLAG_KEYS]
       raise ValueError(f"unknown --set option(s) {', '.join(unknown)} for {args.source}; "
-                       f"known: {', '.join(k for k in READER_KEYS[args.source] if k != 'path')}")
+                       f"known: {', '.join(known) or 'none'}")
     if args.phase is not None:
       cfg["phase"] = args.phase
     reader = build_source(args.source, cfg, split=args.split, skips=skips, strict=args.strict)

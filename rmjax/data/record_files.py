@@ -16,7 +16,9 @@ Storage rules:
             immutable Arrow table is thread-safe), row i converted to a dict when read.
 A path is a file, a directory plus a split (`<split>.{jsonl,json,parquet}`, or shards
 `<split>-*.parquet` / `<split>/*`, directly or under data/), or `hf://datasets/<owner>/<name>`
-with an optional path inside the dataset, resolved offline in the local Hugging Face cache.
+with an optional path inside the dataset, resolved offline in the local Hugging Face cache. A
+path there that is no regular file (a directory named test.json, a FIFO, a symlink loop) is
+refused, saying what it is: never opened (a FIFO would block), never dropped without a word.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import re
 from typing import Any, Iterator, Optional, Sequence
 
 from rmjax.cli import json_value
-from rmjax.data.jsonl_index import LineFile, LineTooLong
+from rmjax.data.jsonl_index import LineFile, LineTooLong, MISSING, path_kind
 from rmjax.data.reader_base import Skip
 
 EXTENSIONS = (".jsonl", ".json", ".parquet")
@@ -65,15 +67,31 @@ def resolve_hf(path: str) -> str:
   return local
 
 
+def _data_paths(pattern: str) -> list[str]:
+  """Paths matching `pattern` named like data files, regular files or not (a directory or FIFO
+  named test.json): the split such a path names is refused in words (`_split_files`) instead of
+  vanishing from the splits, and a FIFO is never opened (its read would block)."""
+  return sorted(f for f in glob.glob(pattern) if f.endswith(EXTENSIONS))
+
+
 def _data_files(pattern: str) -> list[str]:
-  return sorted(f for f in glob.glob(pattern) if os.path.isfile(f) and f.endswith(EXTENSIONS))
+  return [f for f in _data_paths(pattern) if os.path.isfile(f)]
+
+
+def _split_files(pattern: str, what: str) -> list[str]:
+  files = _data_paths(pattern)
+  for f in files:
+    if not os.path.isfile(f):
+      raise ValueError(f"{what}: {f!r} is {path_kind(f)}, not a data file")
+  return files
 
 
 def available_splits(directory: str) -> list[str]:
-  """Split names a directory offers: stems of its data files (shard suffixes removed)."""
+  """Split names a directory offers: stems of its data files (shard suffixes removed), and of
+  paths named like one that are no regular file (reading that split then says what they are)."""
   names = set()
   for base in (directory, os.path.join(directory, "data")):
-    for f in _data_files(os.path.join(base, "*")):
+    for f in _data_paths(os.path.join(base, "*")):
       names.add(_SHARD.sub("", os.path.splitext(os.path.basename(f))[0]))
     for d in glob.glob(os.path.join(base, "*", "")):
       if _data_files(os.path.join(d, "*")) and os.path.basename(d.rstrip("/")) != "data":
@@ -96,7 +114,10 @@ def resolve_record_files(path: Any, split: Optional[str], what: str) -> tuple[st
       raise ValueError(f"{what}: {path!r} is not a {'/'.join(EXTENSIONS)} file")
     return path, [path]
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"{what}: path {path!r} does not exist (expected a file or a directory)")
+    kind = path_kind(path)
+    if kind == MISSING:
+      raise FileNotFoundError(f"{what}: path {path!r} does not exist (expected a file or a directory)")
+    raise ValueError(f"{what}: path {path!r} is {kind}, not a regular file or a directory")
   splits = available_splits(path)
   if not split:
     raise ValueError(f"{what}: {path!r} is a directory; name the split to read (found {splits}), "
@@ -104,14 +125,14 @@ def resolve_record_files(path: Any, split: Optional[str], what: str) -> tuple[st
   for base in (path, os.path.join(path, "data")):
     # test.jsonl beside test.json (a conversion kept beside its source) may not hold the same
     # records: reading one of them would be a guess, so neither is read
-    whole = [f for ext in EXTENSIONS for f in _data_files(os.path.join(base, glob.escape(split) + ext))]
+    whole = [f for ext in EXTENSIONS for f in _split_files(os.path.join(base, glob.escape(split) + ext), what)]
     if len(whole) > 1:
       raise ValueError(f"{what}: split {split!r} has {len(whole)} files in {base!r} "
                        f"({', '.join(os.path.basename(f) for f in whole)}); give the file to read itself")
     if whole:
       return path, whole
     for pattern in ("[-_.]*", "/*"):
-      files = _data_files(os.path.join(base, glob.escape(split) + pattern))
+      files = _split_files(os.path.join(base, glob.escape(split) + pattern), what)
       if files:
         return path, files
   raise FileNotFoundError(f"{what}: no file for split {split!r} in {path!r}; splits found there: {splits}")

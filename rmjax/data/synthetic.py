@@ -13,18 +13,22 @@ marked: `labeler` is "synthetic-rmjax" and the timestamp is fixed. Output depend
 (n_records, seed); record i depends only on (i, seed).
 
 CLI: python -m rmjax.data.synthetic OUT_DIR [--train N] [--test N] [--seed S]
-writes OUT_DIR/phase2_train.jsonl and OUT_DIR/phase2_test.jsonl.
+writes OUT_DIR/phase2_train.jsonl and OUT_DIR/phase2_test.jsonl, and refuses (one line, exit 2)
+when either is already there: those are the real PRM800K's file names.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
 import random
+import sys
 from typing import Any, Optional
 
 from rmjax import cli
+from rmjax.data.jsonl_index import path_kind
 
 SYNTHETIC_LABELER = "synthetic-rmjax"
 _TIMESTAMP = "2000-01-01T00:00:00.000000"
@@ -149,33 +153,58 @@ def make_record(i: int, seed: int, cfg: SyntheticConfig = SyntheticConfig()) -> 
 
 
 def write_synthetic_prm800k(path: str, n_records: int, seed: int,
-                            cfg: SyntheticConfig = SyntheticConfig()) -> str:
-  """Write `n_records` SYNTHETIC records as PRM800K raw JSONL to `path`; returns `path`."""
+                            cfg: SyntheticConfig = SyntheticConfig(), overwrite: bool = True) -> str:
+  """Write `n_records` SYNTHETIC records as PRM800K raw JSONL to `path`; returns `path`.
+  `overwrite=False` raises FileExistsError instead of replacing a file already there."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
+  with open(path, "w" if overwrite else "x") as f:
     for i in range(n_records):
       f.write(json.dumps(make_record(i, seed, cfg)) + "\n")
   return path
 
 
 def write_synthetic_prm800k_dir(out_dir: str, n_train: int, n_test: int, seed: int,
-                                cfg: SyntheticConfig = SyntheticConfig()) -> str:
+                                cfg: SyntheticConfig = SyntheticConfig(), overwrite: bool = True) -> str:
   """Write phase2_train.jsonl and phase2_test.jsonl (disjoint seeds) under `out_dir`."""
-  write_synthetic_prm800k(os.path.join(out_dir, "phase2_train.jsonl"), n_train, seed, cfg)
-  write_synthetic_prm800k(os.path.join(out_dir, "phase2_test.jsonl"), n_test, seed + TEST_SEED_OFFSET, cfg)
+  write_synthetic_prm800k(os.path.join(out_dir, "phase2_train.jsonl"), n_train, seed, cfg, overwrite)
+  write_synthetic_prm800k(os.path.join(out_dir, "phase2_test.jsonl"), n_test, seed + TEST_SEED_OFFSET, cfg, overwrite)
   return out_dir
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def _count(text: str) -> int:
+  try:
+    n = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a whole number of records, got {text!r}") from None
+  if not 0 <= n <= MAX_RECORDS:
+    raise argparse.ArgumentTypeError(f"expected 0 to {MAX_RECORDS} records, got {n}")
+  return n
+
+
+def _write_new(out_dir: str, n_train: int, n_test: int, seed: int) -> int:
+  """The command writes only files that are not there yet: its file names are the real
+  PRM800K's, so a folder of real data given by mistake must not be overwritten. (The launcher's
+  demo data is its own and is regenerated through `write_synthetic_prm800k`, not through this.)"""
+  if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+    raise ValueError(f"{out_dir} is {path_kind(out_dir)}, not a directory to write into")
+  for name in ("phase2_train.jsonl", "phase2_test.jsonl"):
+    if os.path.lexists(os.path.join(out_dir, name)):
+      raise ValueError(f"{os.path.join(out_dir, name)} already exists (PRM800K's own file name); "
+                       f"this command writes only new files: remove it or choose another folder")
+  write_synthetic_prm800k_dir(out_dir, n_train, n_test, seed, overwrite=False)
+  print(f"wrote SYNTHETIC PRM800K data to {out_dir}")
+  return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
   p = cli.ArgumentParser(prog="python -m rmjax.data.synthetic", description="Write SYNTHETIC PRM800K-format arithmetic data.")
-  p.add_argument("out_dir")
-  p.add_argument("--train", type=int, default=4000)
-  p.add_argument("--test", type=int, default=500)
+  p.add_argument("out_dir", help="a folder without phase2_{train,test}.jsonl (made if missing)")
+  p.add_argument("--train", type=_count, default=4000)
+  p.add_argument("--test", type=_count, default=500)
   p.add_argument("--seed", type=int, default=0)
   a = p.parse_args(argv)
-  write_synthetic_prm800k_dir(a.out_dir, a.train, a.test, a.seed)
-  print(f"wrote SYNTHETIC PRM800K data to {a.out_dir}")
+  return cli.run("data.synthetic", lambda: _write_new(a.out_dir, a.train, a.test, a.seed))
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())
