@@ -121,13 +121,17 @@ def test_paths_that_are_no_file_say_what_they_are(tmp_path, capsys):
   os.mkfifo(tmp_path / "fifo.jsonl")
   os.symlink(tmp_path / "loop2", tmp_path / "loop1")
   os.symlink(tmp_path / "loop1", tmp_path / "loop2")
-  for path, kind in (("/dev/zero", "a character device"), (tmp_path / "fifo.jsonl", "a FIFO"),
-                     (tmp_path / "loop1", "a symlink loop")):
-    code, err = _in_process(capsys, "--source", "stepwise", "--path", path)
-    assert code == 2 and err.startswith(f"rmjax.data.preview: error: stepwise: path {str(path)!r} is {kind}") \
-      and err.count("\n") == 1, err
-  code, err = _in_process(capsys, "--source", "stepwise", "--path", tmp_path / "missing.jsonl")
-  assert code == 2 and "does not exist" in err
+  for source in ("stepwise", "prm800k", "eqasc", "reveal"):  # field readers, and the built-in three
+    for path, kind in (("/dev/zero", "a character device"), (tmp_path / "fifo.jsonl", "a FIFO"),
+                       (tmp_path / "loop1", "a symlink loop")):
+      code, err = _in_process(capsys, "--source", source, "--path", path)
+      assert code == 2 and err.startswith(f"rmjax.data.preview: error: {source}: path {str(path)!r} is {kind}") \
+        and err.count("\n") == 1, err
+    code, err = _in_process(capsys, "--source", source, "--path", tmp_path / "missing.jsonl")
+    assert code == 2 and "does not exist" in err
+  (tmp_path / "prm" / "phase2_train.jsonl").mkdir(parents=True)  # a folder named like the split's file
+  code, err = _in_process(capsys, "--source", "prm800k", "--path", tmp_path / "prm", "--split", "train")
+  assert code == 2 and err.endswith(f"phase2_train.jsonl' is a directory, not a data file\n"), err
 
 
 def test_flags_that_would_be_ignored_or_overridden_are_refused(tmp_path, capsys):

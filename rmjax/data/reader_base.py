@@ -13,6 +13,7 @@ import threading
 from typing import Any, Callable, Hashable, Iterator, Optional, Sequence
 
 from rmjax.data.example import BadRecord, Example, SkipCounter, format_location
+from rmjax.data.jsonl_index import MISSING, path_kind
 
 
 class Skip(Exception):
@@ -79,7 +80,7 @@ def resolve_file(path: str, split: Optional[str], valid_splits: Sequence[str],
   if os.path.isfile(path):
     return path
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"{what}: path {path!r} does not exist (expected a file or a directory)")
+    raise unusable_path_error(path, what)
   if split is None:
     raise ValueError(f"{what}: {path!r} is a directory; name the split to read (one of {list(valid_splits)}), "
                      f"or give the file itself")
@@ -89,7 +90,18 @@ def resolve_file(path: str, split: Optional[str], valid_splits: Sequence[str],
   for candidate in tried:
     if os.path.isfile(candidate):
       return candidate
+    if path_kind(candidate) != MISSING:  # a directory or FIFO named like the file: said, not skipped
+      raise ValueError(f"{what}: {candidate!r} is {path_kind(candidate)}, not a data file")
   raise FileNotFoundError(f"{what}: no file for split {split!r} in {path!r}; expected one of {tried}")
+
+
+def unusable_path_error(path: str, what: str) -> Exception:
+  """The error for a data path that is neither a regular file nor a directory: nothing there
+  (FileNotFoundError), or what it is instead (a FIFO, a device, a symlink loop: ValueError)."""
+  kind = path_kind(path)
+  if kind == MISSING:
+    return FileNotFoundError(f"{what}: path {path!r} does not exist (expected a file or a directory)")
+  return ValueError(f"{what}: path {path!r} is {kind}, not a regular file or a directory")
 
 
 def text_field(obj: Any, key: str, reason: str, allow_empty: bool = True) -> str:

@@ -31,8 +31,8 @@ import re
 from typing import Any, Iterator, Optional, Sequence
 
 from rmjax.cli import json_value
-from rmjax.data.jsonl_index import LineFile, LineTooLong, MISSING, path_kind
-from rmjax.data.reader_base import Skip
+from rmjax.data.jsonl_index import LineFile, LineTooLong, path_kind
+from rmjax.data.reader_base import Skip, unusable_path_error
 
 EXTENSIONS = (".jsonl", ".json", ".parquet")
 _WS = " \t\n\r"
@@ -114,10 +114,7 @@ def resolve_record_files(path: Any, split: Optional[str], what: str) -> tuple[st
       raise ValueError(f"{what}: {path!r} is not a {'/'.join(EXTENSIONS)} file")
     return path, [path]
   if not os.path.isdir(path):
-    kind = path_kind(path)
-    if kind == MISSING:
-      raise FileNotFoundError(f"{what}: path {path!r} does not exist (expected a file or a directory)")
-    raise ValueError(f"{what}: path {path!r} is {kind}, not a regular file or a directory")
+    raise unusable_path_error(path, what)
   splits = available_splits(path)
   if not split:
     raise ValueError(f"{what}: {path!r} is a directory; name the split to read (found {splits}), "
