@@ -12,6 +12,8 @@ import os
 import pathlib
 from typing import Any, Sequence
 
+from rmjax.tool_files import output_files
+
 NAMES = ("processbench", "prmbench")
 
 
@@ -36,18 +38,17 @@ def check_threshold(threshold: float) -> float:
 
 def write_results(scorer: Any, output: str | None, name: str, result: dict[str, Any],
                   samples: Sequence[dict]) -> pathlib.Path:
-  """<output or <run_dir>/eval/step_<N>>/<name>.json and predictions.jsonl (the latter written
-  beside the old one and put in its place whole)."""
+  """<output or <run_dir>/eval/step_<N>>/<name>.json and predictions.jsonl, written beside the old
+  ones and put in their place together once both are whole (rmjax.tool_files): a full disk
+  leaves neither a cut <name>.json nor new predictions beside old results."""
   rm = scorer.run
   result |= {"checkpoint": str(rm.checkpoint_dir), "step": rm.step, "max_length": scorer.render_cfg.max_length}
   out_dir = pathlib.Path(output) if output else rm.run_dir / "eval" / f"step_{rm.step}"
-  out_dir.mkdir(parents=True, exist_ok=True)
-  partial = out_dir / "predictions.jsonl.partial"
-  with open(partial, "w", encoding="utf-8") as fh:
+  with output_files() as files:
+    fh = files.open(out_dir / "predictions.jsonl")
     for s in samples:
       fh.write(json.dumps(s) + "\n")
-  os.replace(partial, out_dir / "predictions.jsonl")
-  (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    files.write_text(out_dir / f"{name}.json", json.dumps(result, indent=2) + "\n")
   return out_dir
 
 

@@ -26,6 +26,7 @@ import sys
 from typing import Any, Callable
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command Ctrl-C stopped
 
 
 def report(tool: str, message: str) -> int:
@@ -130,10 +131,17 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
 def run(tool: str, body: Callable[[], int]) -> int:
   """body()'s return code, or EXIT_USER_ERROR after printing "rmjax.<tool>: error: <line>"
   (bad input, or a device out of memory: a batch too large for it is the user's setting too).
-  RMJAX_DEBUG=1 lets the error through with its traceback, as rmjax.launch does."""
+  RMJAX_DEBUG=1 lets the error through with its traceback, as rmjax.launch does. Ctrl-C is one
+  line and EXIT_INTERRUPTED (the tools write their results whole or not at all: tool_files)."""
   errors = user_errors()
   try:
     return body()
+  except KeyboardInterrupt:
+    if os.environ.get("RMJAX_DEBUG"):
+      raise
+    print(f"rmjax.{tool}: interrupted (Ctrl-C); its results were not written, earlier ones are as they were",
+          file=sys.stderr)
+    return EXIT_INTERRUPTED
   except errors as e:
     if os.environ.get("RMJAX_DEBUG"):
       raise

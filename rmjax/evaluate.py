@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import pathlib
 import sys
 from typing import Any, Iterator, Sequence
@@ -44,6 +43,7 @@ from rmjax.benchmarks import NAMES as BENCHMARKS
 from rmjax.data.example import describe_skips
 from rmjax.inference import with_max_length
 from rmjax.metrics import EvalAccumulator
+from rmjax.tool_files import output_files
 
 
 def load_eval_spec(run_dir: pathlib.Path, spec_file: str | None, overrides: Sequence[str] = ()) -> Any:
@@ -72,9 +72,18 @@ _EVAL_NUMBERS = (("max_eval_batches", 0), ("data.eval_batch_size", 1), ("data.nu
                  ("data.prefetch", 0), ("data.max_length", 2), ("data.max_steps_per_example", 1))
 
 
+# Spec keys that describe the model, which evaluate takes from the checkpoint (rmjax_model.json),
+# never from the spec: a --set of one would be silently ignored.
+_MODEL_KEYS = ("model", "head", "lora", "mode")
+
+
 def _check_eval_numbers(spec: Any, overrides: Sequence[str]) -> None:
   from rmjax.spec import SpecError, get_dotted
   named = {item.partition("=")[0] for item in overrides}
+  fixed = sorted(k for k in named if k.split(".")[0] in _MODEL_KEYS)
+  if fixed:
+    raise SpecError(f"--set {fixed[0]}: the model, its head, LoRA settings and mode come from the checkpoint, "
+                    f"not the spec; evaluate cannot change them (--set changes data and evaluation keys)")
   synthetic = sorted(k for k in named if k.startswith("data.synthetic."))
   if synthetic:  # build.ensure_synthetic_prm800k writes them once and then reads what is there
     raise SpecError(f"--set {synthetic[0]}: the synthetic records were written once, with the run "
@@ -96,6 +105,8 @@ def _validate_overridden(spec: Any, overrides: Sequence[str]) -> None:
   copy = spec.copy_and_resolve_references()
   copy.mesh.update(data=-1, fsdp=1, tensor=1)
   copy.data.allow_reveal_training = True
+  if not eval_sources(copy):  # validate would say "no training source", which is not evaluate's need
+    raise SpecError("--set: the spec enables no data source to evaluate (set data.<source>.use=True)")
   for name in eval_sources(copy):
     if copy.data[name].weight == 0:
       copy.data[name].weight = 1.0
@@ -200,30 +211,26 @@ def evaluate(checkpoint: str | pathlib.Path, spec_file: str | None = None, outpu
   datasets = eval_datasets(sources, render_cfg, rm.tokenizer, pcfg, skips=skips)
   scorer = RunScorer(rm, render_cfg)
   out_dir = pathlib.Path(output) if output else rm.run_dir / "eval" / f"step_{rm.step}"
-  out_dir.mkdir(parents=True, exist_ok=True)
   acc = EvalAccumulator()
-  # Written beside the last evaluation's file and put in its place only once this one has
-  # succeeded: an evaluation that fails leaves the folder as it found it.
-  partial = out_dir / "predictions.jsonl.partial"
-  try:
-    with open(partial, "w", encoding="utf-8") as pred_file:
-      for name, ds in datasets.items():
-        for batch in ds:
-          probs = scorer.probs(batch)
-          acc.add_batch(name, probs, batch)
-          for rec in row_predictions(name, batch, probs):
-            pred_file.write(json.dumps(rec) + "\n")
+  # The three files are written beside the last evaluation's and put in their place together only
+  # once all of them are written (rmjax.tool_files): an evaluation that fails, a full disk
+  # included, leaves the folder as it found it, never new predictions beside old or cut metrics.
+  with output_files() as files:
+    pred_file = files.open(out_dir / "predictions.jsonl")
+    for name, ds in datasets.items():
+      for batch in ds:
+        probs = scorer.probs(batch)
+        acc.add_batch(name, probs, batch)
+        for rec in row_predictions(name, batch, probs):
+          pred_file.write(json.dumps(rec) + "\n")
     if not any(len(preds) for preds, _ in acc.per_source().values()):
       skipped = f"; skipped records: {describe_skips(skips.as_dict())}" if skips.total() else ""
       raise ValueError(f"no supervised step was evaluated (empty sources, or every record skipped{skipped})")
     report = split_metrics(acc.result(), list(sources))
     report |= {"checkpoint": str(rm.checkpoint_dir), "step": rm.step, "max_eval_batches": limit,
                "skipped_records": skips.as_dict()}
-    os.replace(partial, out_dir / "predictions.jsonl")
-  finally:
-    partial.unlink(missing_ok=True)
-  (out_dir / "eval_metrics.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
-  reliability_diagram(acc.per_source(), out_dir / "reliability.png")
+    files.write_text(out_dir / "eval_metrics.json", json.dumps(report, indent=2, default=_json_default) + "\n")
+    files.write(out_dir / "reliability.png", lambda path: reliability_diagram(acc.per_source(), path))
   return out_dir, report
 
 

@@ -37,6 +37,8 @@ import argparse
 import json
 import os
 import pathlib
+import secrets
+import shutil
 import sys
 from typing import Any
 
@@ -50,6 +52,7 @@ from rmjax.model.head import TORCH_ACTIVATIONS, HeadConfig, torch_layer_names
 from rmjax.model.hf import TensorFiles, param_table, resolve_model_dir, save_hf_params
 from rmjax.run_artifacts import RunModel, head_cfg_to_dict, load_run_model, render_cfg_to_dict
 from rmjax.tokenizer import MARKER
+from rmjax.tool_files import naming
 
 EXPORT_FILE = "rmjax_export.json"
 FORMAT = "rmjax-export-v1"
@@ -185,8 +188,10 @@ def _base_lm_head(rm: RunModel) -> np.ndarray | None:
   return None
 
 
-def write_backbone(rm: RunModel, out_dir: pathlib.Path, *, base_only: bool = False) -> None:
-  """An HF model dir: trained weights (LoRA merged) or, with base_only, the frozen base."""
+def write_backbone(rm: RunModel, out_dir: pathlib.Path, *, base_only: bool = False,
+                   shown: pathlib.Path | None = None) -> None:
+  """An HF model dir: trained weights (LoRA merged) or, with base_only, the frozen base. A failed
+  write names `shown` (the final path, while out_dir is a temporary one), a failed read its file."""
   dec = _strip_lora(rm.params["decoder"], drop_marker=True) if base_only else rm.params["decoder"]
   cfg = rm.model_cfg
   lm_head = None
@@ -194,8 +199,9 @@ def write_backbone(rm: RunModel, out_dir: pathlib.Path, *, base_only: bool = Fal
     lm_head = _base_lm_head(rm)
     if lm_head is None:
       raise ExportError(f"untied model: the base {rm.base_model_path} has no lm_head to copy")
-  save_hf_params(dec, cfg, out_dir, lora="merge", lm_head=lm_head)
-  rm.tokenizer.save_pretrained(str(out_dir))
+  with naming(shown or out_dir):
+    save_hf_params(dec, cfg, out_dir, lora="merge", lm_head=lm_head)
+    rm.tokenizer.save_pretrained(str(out_dir))
 
 
 # -- the export -------------------------------------------------------------------------------------
@@ -220,10 +226,27 @@ def export(checkpoint: str | os.PathLike, output: str | os.PathLike, merge_lora:
   rm = load_run_model(checkpoint)
   if rm.model_cfg.marker_id is None:
     raise ExportError("the model has no marker id; cannot export a confidence model")
-  out.mkdir(parents=True, exist_ok=True)
+  # Written in a folder beside `out` and renamed to it only when complete (rename replaces an
+  # empty folder): a full disk, an error or Ctrl-C leaves no half export, which would look whole
+  # to a reader and make the next try refuse a non-empty `out`.
+  out.parent.mkdir(parents=True, exist_ok=True)
+  work = out.with_name(f".{out.name}.{secrets.token_hex(4)}.partial")
+  try:
+    work.mkdir()
+    _write_export(rm, out, work, merge_lora, write_base)
+    with naming(out):
+      os.replace(work, out)
+  except BaseException:
+    shutil.rmtree(work, ignore_errors=True)
+    raise
+  return out
+
+
+def _write_export(rm: RunModel, out: pathlib.Path, work: pathlib.Path, merge_lora: bool, write_base: bool) -> None:
+  """The export's files into `work`, to be renamed to `out`; a failed write names its path in `out`."""
   files: dict[str, Any] = {"backbone": None, "lora_adapter": None, "backbone_base": None}
   if rm.mode == "full" or merge_lora:
-    write_backbone(rm, out / BACKBONE)
+    write_backbone(rm, work / BACKBONE, shown=out / BACKBONE)
     files["backbone"] = BACKBONE
   else:
     has_base = hf_base_available(rm.base_model_path) and not write_base
@@ -232,15 +255,17 @@ def export(checkpoint: str | os.PathLike, output: str | os.PathLike, merge_lora:
       files["base_needs_resize"] = rows is not None and rows < rm.model_cfg.vocab_size
       base_ref = rm.base_model_path
     else:
-      write_backbone(rm, out / BASE_BACKBONE, base_only=True)
+      write_backbone(rm, work / BASE_BACKBONE, base_only=True, shown=out / BASE_BACKBONE)
       files["backbone_base"] = BASE_BACKBONE
-      base_ref = str(out / BASE_BACKBONE)
-    write_adapter(rm, out, base_ref)
+      base_ref = str(out / BASE_BACKBONE)  # where it will be once `work` is renamed
+    with naming(out / ADAPTER):
+      write_adapter(rm, work, base_ref)
     files["lora_adapter"] = ADAPTER
-  files["head"] = write_head(rm.params["head"], rm.head_cfg, out)
+  with naming(out):  # the head files: mlp_head.safetensors, mlp_head.pt
+    files["head"] = write_head(rm.params["head"], rm.head_cfg, work)
   meta = export_meta(rm, files) | {"merged_lora": bool(merge_lora and rm.mode == "lora")}
-  (out / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-  return out
+  with naming(out / EXPORT_FILE):
+    (work / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

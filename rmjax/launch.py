@@ -31,7 +31,6 @@ from rmjax import cli, runtime, spec as spec_lib
 _SPEC = config_flags.DEFINE_config_file("spec", None, "spec file, optionally file.py:arg", lock_config=True)
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "validate the spec, print it as JSON and exit")
 _USAGE = "usage: python -m rmjax.launch --spec FILE [--spec.key=value ...] [--dry_run]"
-INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: what a shell reports for a command ended by Ctrl-C
 _HELP = ("-h", "--help", "-help", "--helpshort", "--helpfull", "--helpxml")
 
 
@@ -100,7 +99,7 @@ def run(spec: Any, dry_run: bool = False) -> Any:
       raise
     cli.report("rmjax.launch", "interrupted (Ctrl-C) before a checkpoint was saved; the run's earlier checkpoints "
                                "are kept, and relaunching the same command resumes from the latest")
-    raise SystemExit(INTERRUPTED_EXIT_CODE) from None
+    raise SystemExit(cli.EXIT_INTERRUPTED) from None
   except _user_facing_errors() as e:  # a bad input or a stopped run: one line, no traceback
     if os.environ.get("RMJAX_DEBUG"):
       raise
@@ -110,7 +109,7 @@ def run(spec: Any, dry_run: bool = False) -> Any:
       raise
     _fail(out_of_memory_message(e, spec))
   if results.get("interrupted") and results.get("stopped_by") == "SIGINT":
-    raise SystemExit(INTERRUPTED_EXIT_CODE)  # Ctrl-C, checkpoint saved: not finished, as a shell counts it
+    raise SystemExit(cli.EXIT_INTERRUPTED)  # Ctrl-C, checkpoint saved: not finished, as a shell counts it
   if results.get("interrupted") and int(spec.stop_exit_code):
     raise SystemExit(int(spec.stop_exit_code))  # stopped by SIGTERM, checkpoint saved: not finished
   return results

@@ -21,7 +21,12 @@ become a solution score by each of min, prod, mean and last (rmjax.solutions), a
                   problems (ties and abstentions: rmjax.bon)
   candidates.jsonl  the problems with every candidate's step_scores and solution_scores
   bon.png         accuracy vs n (log-2 axis), one line per aggregation, oracle and majority
-Malformed lines are reported with their line number and skipped (counted in bon.json).
+Malformed lines are reported with their line number and skipped (counted in bon.json): among
+them a candidate's own step_scores outside [0, 1] (they are probabilities) or not one per step,
+and a line longer than 64 MiB. Every n is averaged over all problems, so n stops at the fewest
+candidates of a problem, and a warning names that problem when others have more (why:
+fewest_candidates). --input is a file or a pipe; the three files are written together or not at
+all (rmjax.tool_files), so a failure leaves DIR as it was.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from typing import Any, Optional
 from rmjax import bon, cli
 from rmjax.solutions import AGGREGATIONS, DEFAULT_SEPARATOR, add_solution_args, aggregate, parse_separator, \
   solution_steps
+from rmjax.tool_files import check_input, jsonl_lines, output_files
+
 
 def _answer(value: Any) -> Optional[str]:
   return None if value is None else str(value).strip()
@@ -59,6 +66,24 @@ def _finite_float(x: int | float) -> bool:
     return False
 
 
+def _check_step_scores(scores: Any, steps: list[str] | None) -> str | None:
+  """Why a candidate's own step_scores cannot be used, or None. They are probabilities (what
+  rmjax.score writes): a score outside [0, 1] is not one, and would make prod overflow to
+  Infinity (invalid JSON) or rank a wrong scale first; a list whose length is not the number of
+  steps (when steps are given) belongs to another solution."""
+  if scores is None:
+    return "no 'step_scores' (give --checkpoint to score the candidates)"
+  if not isinstance(scores, list) or not all(
+      s is None or (isinstance(s, (int, float)) and not isinstance(s, bool) and _finite_float(s)) for s in scores):
+    return "'step_scores' must be a list of numbers (or null)"
+  bad = next((s for s in scores if s is not None and not 0.0 <= s <= 1.0), None)
+  if bad is not None:
+    return f"'step_scores' must be probabilities in [0, 1], got {bad!r}"
+  if steps is not None and len(scores) != len(steps):
+    return f"{len(scores)} step_scores for {len(steps)} step{'s' * (len(steps) != 1)}"
+  return None
+
+
 def parse_problem(obj: Any, separator: str, need_steps: bool) -> dict | str:
   """{"id", "problem", "candidates": [{..., "steps", "correct", "answer", "step_scores"}]}, or why not."""
   if not isinstance(obj, dict):
@@ -80,34 +105,47 @@ def parse_problem(obj: Any, separator: str, need_steps: bool) -> dict | str:
       return f"candidate {i}: {steps}"
     cand["steps"] = steps
     cand.pop("text", None)
-    scores = c.get("step_scores")
     if not need_steps:
-      if scores is None:
-        return f"candidate {i}: no 'step_scores' (give --checkpoint to score the candidates)"
-      if not isinstance(scores, list) or not all(
-          s is None or (isinstance(s, (int, float)) and not isinstance(s, bool) and _finite_float(s)) for s in scores):
-        return f"candidate {i}: 'step_scores' must be a list of numbers (or null)"
+      why = _check_step_scores(c.get("step_scores"), steps if ("steps" in c or "text" in c) else None)
+      if why:
+        return f"candidate {i}: {why}"
     out.append(cand)
   return {"id": obj.get("id"), "problem": problem, "candidates": out}
 
 
 def read_problems(path: pathlib.Path, separator: str, need_steps: bool, warn) -> list[tuple[int, dict]]:
-  if path.is_dir():
-    raise FileNotFoundError(f"--input {path} is a directory; give a JSON Lines file")
+  """(line number, problem) of each valid line; bounded lines, a BOM dropped (rmjax.tool_files)."""
   out = []
-  with open(path, "rb") as fh:
-    for lineno, raw in enumerate(fh, 1):
-      if not raw.strip():
-        continue
-      try:
-        rec = parse_problem(cli.json_value(raw, finite=True), separator, need_steps)
-      except ValueError as e:
-        rec = f"not valid JSON ({cli.first_line(e)})"
-      if isinstance(rec, str):
-        warn(f"{path}:{lineno}: skipped: {rec}")
-        continue
-      out.append((lineno, rec))
+  for lineno, raw in jsonl_lines(check_input(path), warn):
+    try:
+      rec = parse_problem(cli.json_value(raw, finite=True), separator, need_steps)
+    except ValueError as e:
+      rec = f"not valid JSON ({cli.first_line(e)})"
+    if isinstance(rec, str):
+      warn(f"{path}:{lineno}: skipped: {rec}")
+      continue
+    out.append((lineno, rec))
   return out
+
+
+def fewest_candidates(path: pathlib.Path, read: list[tuple[int, dict]]) -> str | None:
+  """One line naming the problem that limits n, when problems have different numbers of
+  candidates; else None.
+
+  Why the table stops at the fewest candidates of any problem instead of averaging each n over
+  the problems that have n: the Best-of-N curves of the literature (Cobbe et al. 2021; Lightman
+  et al. 2023) average every n over the SAME problems, so a rise with n is the reward model's, not
+  a change of problem set (the problems with many candidates are often the hard ones, sampled
+  more). A problem with few candidates then silently shrinks the table: this says which."""
+  sizes = [len(p["candidates"]) for _, p in read]
+  if min(sizes) == max(sizes):
+    return None
+  lineno, p = next((ln, p) for ln, p in read if len(p["candidates"]) == min(sizes))
+  others = sum(s == min(sizes) for s in sizes) - 1
+  also = f" (and {others} more problem{'s' * (others > 1)})" if others else ""
+  return (f"n stops at {min(sizes)}: {path}:{lineno} (id {p['id']!r}){also} has {min(sizes)} candidate"
+          f"{'s' * (min(sizes) > 1)}, others up to {max(sizes)}; every n is averaged over the same problems, "
+          f"so n is at most the fewest candidates of a problem")
 
 
 def score_candidates(scorer: Any, problems: list[dict]) -> int:
@@ -171,8 +209,6 @@ def rerank(input_path: str | pathlib.Path, output: str | pathlib.Path, checkpoin
            warn=None) -> dict[str, Any]:
   warn = warn or (lambda m: print(f"rmjax.rerank: warning: {m}", file=sys.stderr))
   input_path, out_dir = pathlib.Path(input_path), pathlib.Path(output)
-  if not input_path.exists():
-    raise FileNotFoundError(f"input file not found: {input_path}")
   skipped = {"malformed": 0}
 
   def count_warn(msg: str) -> None:
@@ -183,6 +219,9 @@ def rerank(input_path: str | pathlib.Path, output: str | pathlib.Path, checkpoin
   if not read:
     raise ValueError(f"{input_path}: no problem to rerank ({skipped['malformed']} malformed lines skipped)")
   problems = [p for _, p in read]
+  limit = fewest_candidates(input_path, read)
+  if limit:
+    warn(limit)
   unscored = 0
   if checkpoint is not None:
     from rmjax.inference import RunScorer, with_max_length
@@ -198,12 +237,14 @@ def rerank(input_path: str | pathlib.Path, output: str | pathlib.Path, checkpoin
       c["solution_scores"] = {how: aggregate(c["step_scores"], how) for how in AGGREGATIONS}
   report = bon_report(problems)
   report |= {"checkpoint": checkpoint, "skipped_lines": skipped["malformed"], "unscored_steps": unscored}
-  out_dir.mkdir(parents=True, exist_ok=True)
-  with open(out_dir / "candidates.jsonl", "w", encoding="utf-8") as fh:
+  # The three files appear together or not at all (rmjax.tool_files): never a new candidates.jsonl
+  # beside an old bon.json. allow_nan=False: JSON has no Infinity; better no file than an invalid one.
+  with output_files() as files:
+    fh = files.open(out_dir / "candidates.jsonl")
     for p in problems:
-      fh.write(json.dumps(p, ensure_ascii=False) + "\n")
-  (out_dir / "bon.json").write_text(json.dumps(report, indent=2) + "\n")
-  bon_plot(report, out_dir / "bon.png")
+      fh.write(json.dumps(p, ensure_ascii=False, allow_nan=False) + "\n")
+    files.write_text(out_dir / "bon.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+    files.write(out_dir / "bon.png", lambda path: bon_plot(report, path))
   return report
 
 

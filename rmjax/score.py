@@ -12,7 +12,11 @@ steps are written back as `steps`); other keys pass through. Output lines add `s
 (P(step correct) per step, in order; null for a step whose marker does not fit in max_length,
 with a warning), with --aggregate min|prod|mean|last a `solution_score` (rmjax.solutions; null
 when a step has no score) and, with --with-tokens, `input_ids` and `marker_positions`.
-Malformed lines are reported with their line number on stderr and skipped.
+Malformed lines are reported with their line number on stderr and skipped, as is a line longer
+than 64 MiB. --input is a file or a pipe (`--input <(zcat x.jsonl.gz)`); a UTF-8 byte order mark
+before line 1 is dropped. --output is written whole or not at all: under a temporary name beside
+it, renamed into place when every line is written, so a full disk, an error or Ctrl-C (exit
+status 130) leaves an earlier --output as it was (rmjax.tool_files).
 
 --checkpoint is a run directory (its best checkpoint), a checkpoint_step_<N> directory (both
 scored in JAX by rmjax.inference, the evaluation step of training on every local device, with
@@ -34,6 +38,7 @@ from typing import Any, Iterator, Sequence
 from rmjax import cli
 from rmjax.export import EXPORT_FILE
 from rmjax.solutions import DEFAULT_SEPARATOR, add_solution_args, aggregate, parse_separator, solution_steps
+from rmjax.tool_files import check_input, jsonl_lines, output_files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,20 +74,18 @@ def parse_line(line: str, lineno: int, separator: str = DEFAULT_SEPARATOR) -> Re
 
 
 def read_records(path: pathlib.Path, warn, separator: str = DEFAULT_SEPARATOR) -> Iterator[Record]:
-  with open(path, "rb") as fh:  # bytes: one non-UTF-8 line is skipped, not the whole file
-    for lineno, raw in enumerate(fh, 1):
-      if not raw.strip():
-        continue
-      try:
-        line = raw.decode("utf-8")
-      except UnicodeDecodeError as e:
-        warn(f"{path}:{lineno}: skipped: not valid UTF-8 (byte {e.start})")
-        continue
-      rec = parse_line(line, lineno, separator)
-      if isinstance(rec, str):
-        warn(f"{path}:{lineno}: skipped: {rec}")
-        continue
-      yield rec
+  # bytes, in bounded lines (rmjax.tool_files): one non-UTF-8 or overlong line is skipped, not the file
+  for lineno, raw in jsonl_lines(path, warn):
+    try:
+      line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      warn(f"{path}:{lineno}: skipped: not valid UTF-8 (byte {e.start})")
+      continue
+    rec = parse_line(line, lineno, separator)
+    if isinstance(rec, str):
+      warn(f"{path}:{lineno}: skipped: {rec}")
+      continue
+    yield rec
 
 
 # -- scorers ----------------------------------------------------------------------------------------
@@ -164,18 +167,16 @@ def score_file(checkpoint: str | pathlib.Path, input_path: str | pathlib.Path, o
   from rmjax.progress import Progress
   warn = warn or (lambda m: print(f"rmjax.score: warning: {m}", file=sys.stderr))
   input_path, output_path = pathlib.Path(input_path), pathlib.Path(output_path)
-  if input_path.is_dir():
-    raise FileNotFoundError(f"--input {input_path} is a directory; give a JSON Lines file")
-  if not input_path.exists():
-    raise FileNotFoundError(f"input file not found: {input_path}")
+  check_input(input_path)
   if batch_size < 1:
     raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
   if output_path.exists() and os.path.samefile(input_path, output_path):
     raise ValueError(f"--output {output_path} is the --input file: writing it would erase the input; give another path")
   total_lines = None  # a pipe (--input <(zcat x.jsonl.gz)) can be read only once: no total for the bar
   if input_path.is_file():
-    with open(input_path, "rb") as fh:
-      total_lines = sum(1 for line in fh if line.strip())
+    total_lines = 0
+    for _ in jsonl_lines(input_path, lambda _: None):
+      total_lines += 1
   scorer = make_scorer(checkpoint, batch_size)
   counts = {"scored": 0, "malformed": 0, "truncated_steps": 0}
 
@@ -183,9 +184,10 @@ def score_file(checkpoint: str | pathlib.Path, input_path: str | pathlib.Path, o
     counts["malformed"] += 1
     warn(msg)
 
-  output_path.parent.mkdir(parents=True, exist_ok=True)
-  with open(output_path, "w", encoding="utf-8") as out, \
-       Progress(total_lines, enabled=progress, stream=sys.stderr, desc="score") as bar:
+  # Written under a temporary name beside --output and renamed into place only when every line
+  # is written: a full disk, an error or Ctrl-C leaves the earlier --output as it was.
+  with output_files() as files, Progress(total_lines, enabled=progress, stream=sys.stderr, desc="score") as bar:
+    out = files.open(output_path)
     for batch in _batches(read_records(input_path, count_warn, separator), batch_size):
       for rec, (scores, tokens) in zip(batch, scorer.score_batch(batch)):
         obj, missing = output_record(rec, scores, tokens, with_tokens, aggregate_by)

@@ -6,6 +6,9 @@ way, so both call this module.
 
 Splitting: the text is cut at every occurrence of the separator (default a blank line,
 "\\n\\n"); each piece is stripped of surrounding whitespace and empty pieces are dropped.
+Before cutting, line endings are made "\\n" (Windows' "\\r\\n" and old Mac's "\\r", in the
+text and in the separator), and a line of only spaces or tabs is made empty: it is a blank line
+to a reader, so "a\\n  \\nb" is two steps, as "a\\r\\n\\r\\nb" is.
 
 Aggregations of the step scores s_1..s_k (P(step correct) each):
   min   the weakest step (a solution is as good as its worst step)
@@ -20,6 +23,7 @@ steps were fine.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Optional, Sequence
 
 AGGREGATIONS = ("min", "prod", "mean", "last")
@@ -42,11 +46,20 @@ def parse_separator(text: str) -> str:
   return "".join(out)
 
 
+def _normalise(text: str) -> str:
+  """Line endings as "\\n", whitespace-only lines empty (module docstring)."""
+  return _BLANK_LINE.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
+
+
+_BLANK_LINE = re.compile(r"^[^\S\n]+$", re.MULTILINE)  # a line of whitespace other than newlines
+
+
 def split_steps(text: str, separator: str = DEFAULT_SEPARATOR) -> list[str]:
-  """The non-empty, stripped pieces of `text` between separators."""
+  """The non-empty, stripped pieces of `text` between separators, line endings normalised first."""
   if not separator:
     raise ValueError("the step separator must not be empty")
-  return [p.strip() for p in text.split(separator) if p.strip()]
+  sep = separator.replace("\r\n", "\n").replace("\r", "\n")
+  return [p.strip() for p in _normalise(text).split(sep) if p.strip()]
 
 
 def solution_steps(obj: dict, separator: str = DEFAULT_SEPARATOR) -> list[str] | str:
@@ -84,7 +97,8 @@ def aggregate(scores: Sequence[Optional[float]], how: str) -> Optional[float]:
 def add_solution_args(parser: Any, with_aggregate: bool = True) -> None:
   """--step-separator (and --aggregate) on a command's argparse parser."""
   parser.add_argument("--step-separator", default="\\n\\n", metavar="SEP",
-                      help="splits a solution given as 'text' into steps (escapes \\n \\t; default a blank line)")
+                      help="splits a solution given as 'text' into steps (escapes \\n \\t; default a blank line; "
+                           "\\r\\n counts as \\n, a line of spaces as blank)")
   if with_aggregate:
     parser.add_argument("--aggregate", choices=AGGREGATIONS, default=None,
                         help="also write solution_score, the step scores aggregated this way")

@@ -252,3 +252,73 @@ def test_processbench_metric_at_ties_unscored_steps_and_the_best_threshold():
   fine = np.linspace(0.0, 1.0, 2001)  # every gap between grid scores holds several of these
   assert max(official_processbench(samples, t)[1] for t in fine) == pytest.approx(best["average_f1"], abs=1e-12)
   assert official_processbench(samples, best["threshold"])[1] == pytest.approx(best["average_f1"], abs=1e-12)
+
+
+def test_processbench_split_file_that_is_a_directory_is_an_error_not_a_missing_split(tmp_path):
+  """`gsm8k.json` a directory beside a real math.json (SYNTHETIC records): scoring math alone,
+  as if gsm8k were not there, would report a partial benchmark as the whole; it is refused."""
+  from rmjax import processbench_eval
+  from rmjax.data.example import SkipCounter
+  (tmp_path / "gsm8k.json").mkdir()
+  (tmp_path / "math.json").write_text(json.dumps([{"id": "math-0", "problem": "p", "steps": ["s"], "label": -1}]))
+  with pytest.raises(ValueError, match=r"'.*/gsm8k.json' is a directory, not a data file"):
+    processbench_eval.read_splits(tmp_path, SkipCounter())
+  (tmp_path / "gsm8k.json").rmdir()
+  assert list(processbench_eval.read_splits(tmp_path, SkipCounter())) == ["math"]
+
+
+def test_a_failed_write_leaves_the_earlier_evaluation_whole(run, tmp_path, capsys, monkeypatch):
+  """A full disk could leave eval_metrics.json 0 bytes (or cut at 4096) beside a complete new
+  predictions.jsonl; a benchmark's <name>.json likewise. Now nothing changes, and the error names
+  the file."""
+  import errno
+  import types
+  from rmjax import benchmarks, plots, tool_files
+  out = tmp_path / "ev"
+  out.mkdir()
+  for name in ("eval_metrics.json", "predictions.jsonl", "reliability.png"):
+    (out / name).write_text(f"old {name}\n")
+  before = sorted((p.name, p.read_text()) for p in out.iterdir())
+
+  def full(per_source, path):
+    pathlib.Path(path).write_bytes(b"\x89PNG")
+    raise OSError(errno.ENOSPC, "No space left on device")
+  with monkeypatch.context() as m:
+    m.setattr(plots, "reliability_diagram", full)
+    assert evaluate.main(["--checkpoint", str(run), "--output", str(out), "--max-eval-batches", "1"]) == 2
+  err = capsys.readouterr().err
+  assert err.endswith(f"rmjax.evaluate: error: cannot write {out / 'reliability.png'}: No space left on device\n")
+  assert sorted((p.name, p.read_text()) for p in out.iterdir()) == before
+  # benchmarks.write_results: <name>.json fails after predictions.jsonl was written
+  (out / "processbench.json").write_text("old processbench.json\n")
+  before = sorted((p.name, p.read_text()) for p in out.iterdir())
+  real_open = open
+
+  def fake_open(path, *a, **k):
+    if "processbench.json" in str(path):
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return real_open(path, *a, **k)
+  monkeypatch.setattr(tool_files, "open", fake_open, raising=False)
+  scorer = types.SimpleNamespace(run=types.SimpleNamespace(checkpoint_dir=run, step=1, run_dir=run),
+                                 render_cfg=types.SimpleNamespace(max_length=64))
+  with pytest.raises(OSError, match=f"cannot write {out / 'processbench.json'}: No space left on device"):
+    benchmarks.write_results(scorer, str(out), "processbench", {"f1": 0.5}, [{"id": "new"}])
+  assert sorted((p.name, p.read_text()) for p in out.iterdir()) == before
+
+
+@pytest.mark.parametrize("item", ["model.path=/x", "mode=lora", "head.hidden_dims=(8,)", "lora.rank=4"])
+def test_set_of_what_the_checkpoint_fixes_is_refused(run, tmp_path, capsys, item):
+  """The model, its head, LoRA and mode come from the checkpoint: a --set of them was ignored."""
+  assert evaluate.main(["--checkpoint", str(run), "--output", str(tmp_path / "x"), "--set", item]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"rmjax.evaluate: error: --set {item.partition('=')[0]}: the model, its head, LoRA "
+                        "settings and mode come from the checkpoint") and err.count("\n") == 1
+
+
+def test_set_turning_every_source_off_says_so_not_no_training_source(run, tmp_path, capsys):
+  args = ["--checkpoint", str(run), "--output", str(tmp_path / "x")]
+  for name in ("prm800k", "eqasc", "reveal"):
+    args += ["--set", f"data.{name}.use=False"]
+  assert evaluate.main(args) == 2
+  err = capsys.readouterr().err
+  assert err == "rmjax.evaluate: error: --set: the spec enables no data source to evaluate (set data.<source>.use=True)\n"

@@ -271,3 +271,24 @@ def test_export_errors_are_one_line(world, capsys):
   assert err.startswith("rmjax.export: error:") and "not empty" in err and "\n" not in err
   assert export.main(["--checkpoint", str(d / "nope"), "--output", str(d / "ex_x")]) == 2
   assert "not found" in capsys.readouterr().err
+
+
+def test_a_full_disk_names_the_file_and_leaves_no_half_export(world, capsys, monkeypatch):
+  """safetensors said "Error while serializing: I/O error: No space left on device (os error 28)"
+  naming no path, and the half-written directory then made the next try refuse a non-empty
+  --output."""
+  from safetensors import SafetensorError
+  d, _, _, _ = world
+
+  def full(*args, **kwargs):
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+  monkeypatch.setattr(export, "save_file", full)
+  out = d / "ex_full_disk"
+  assert export.main(["--checkpoint", str(d / "lora"), "--output", str(out)]) == 2
+  assert capsys.readouterr().err == (f"rmjax.export: error: cannot write {out / 'lora_adapter'}: Error while "
+                                     "serializing: I/O error: No space left on device (os error 28)\n")
+  assert not out.exists() and not [p for p in d.iterdir() if p.name.startswith(".ex_full_disk")]
+  monkeypatch.undo()
+  out.mkdir()  # an empty --output folder is filled
+  assert export.main(["--checkpoint", str(d / "lora"), "--output", str(out)]) == 0
+  assert (out / export.EXPORT_FILE).is_file() and (out / "lora_adapter" / "adapter_config.json").is_file()

@@ -164,3 +164,70 @@ def test_candidates_python_cannot_decode_are_skipped_lines(tmp_path):
   assert [rec["id"] for _, rec in got] == ["g"]
   assert [w.split(": skipped: ")[0] for w in warnings] == [f"{path}:{i}" for i in (1, 2, 3, 4)], warnings
   assert "step_scores" in warnings[2] and "NaN is not a JSON value" in warnings[3]
+
+
+def test_step_scores_out_of_range_or_per_other_steps_are_skipped_lines(tmp_path, capsys):
+  """1e300 and -5 were accepted as step scores (prod wrote `Infinity`, invalid JSON), and a list
+  of step_scores of another length than the steps was taken as is; a BOM made line 1 invalid."""
+  def problem(pid, *cands):
+    return json.dumps({"id": pid, "problem": "p", "candidates": [
+      {"steps": steps, "step_scores": scores, "correct": ok} for steps, scores, ok in cands]})
+  inp = tmp_path / "c.jsonl"
+  lines = [problem("big", (["a"], [1e300], True), (["a"], [0.5], False)),
+           problem("neg", (["a"], [0.5], True), (["a"], [-5], False)),
+           problem("short", (["a", "b", "c"], [0.1], True), (["a"], [0.9], False)),
+           problem("long", (["a"], [0.9, 0.9], True), (["a"], [0.9], False)),
+           problem("ok", (["a", "b"], [0.25, None], True), (["a"], [1e-320], False))]
+  inp.write_bytes(b"\xef\xbb\xbf" + ("\n".join(lines) + "\n").encode())
+  assert rerank.main(["--input", str(inp), "--output", str(tmp_path / "o")]) == 0
+  err = capsys.readouterr().err
+  for lineno, why in [(1, "candidate 0: 'step_scores' must be probabilities in [0, 1], got 1e+300"),
+                      (2, "candidate 1: 'step_scores' must be probabilities in [0, 1], got -5"),
+                      (3, "candidate 0: 1 step_scores for 3 steps"), (4, "candidate 0: 2 step_scores for 1 step")]:
+    assert f"c.jsonl:{lineno}: skipped: {why}" in err, err
+  report = json.loads((tmp_path / "o" / "bon.json").read_text())
+  assert report["problems"] == 1 and report["skipped_lines"] == 4
+  json.loads((tmp_path / "o" / "candidates.jsonl").read_text(), parse_constant=lambda c: pytest.fail(c))
+
+
+def test_a_problem_with_fewer_candidates_is_named_as_the_limit_of_n(tmp_path, capsys):
+  """One problem with 1 candidate beside one with 8 silently cut the table to n = 1."""
+  cands = lambda k: [{"steps": ["a"], "step_scores": [i / 8], "correct": i % 2 == 0} for i in range(k)]
+  inp = tmp_path / "c.jsonl"
+  inp.write_text("\n".join(json.dumps({"id": i, "problem": "p", "candidates": cands(k)})
+                           for i, k in [("big", 8), ("small", 1), ("big2", 8)]) + "\n")
+  assert rerank.main(["--input", str(inp), "--output", str(tmp_path / "o")]) == 0
+  err = capsys.readouterr().err.splitlines()
+  assert err == [f"rmjax.rerank: warning: n stops at 1: {inp}:2 (id 'small') has 1 candidate, others up to 8; "
+                 "every n is averaged over the same problems, so n is at most the fewest candidates of a problem"]
+  assert json.loads((tmp_path / "o" / "bon.json").read_text())["n"] == [1]
+
+
+def test_a_failed_write_leaves_the_earlier_result_whole(tmp_path, capsys, monkeypatch):
+  """A full disk while writing bon.png used to leave a new candidates.jsonl and bon.json beside
+  the old plot (and, earlier in the order, a cut candidates.jsonl beside an old bon.json)."""
+  import errno
+  out = tmp_path / "o"
+  out.mkdir()
+  for name in ("bon.json", "candidates.jsonl", "bon.png"):
+    (out / name).write_text(f"old {name}\n")
+  inp = tmp_path / "c.jsonl"
+  inp.write_text(json.dumps({"problem": "p", "candidates": [{"step_scores": [0.2], "correct": True}]}) + "\n")
+
+  def full(report, path):
+    path.write_bytes(b"\x89PNG")
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(rerank, "bon_plot", full)
+  assert rerank.main(["--input", str(inp), "--output", str(out)]) == 2
+  assert capsys.readouterr().err == f"rmjax.rerank: error: cannot write {out / 'bon.png'}: No space left on device\n"
+  assert sorted((p.name, p.read_text()) for p in out.iterdir()) == [
+    ("bon.json", "old bon.json\n"), ("bon.png", "old bon.png\n"), ("candidates.jsonl", "old candidates.jsonl\n")]
+
+
+def test_crlf_and_whitespace_only_lines_separate_steps():
+  """"a\\r\\n\\r\\nb" (Windows line endings) was one step, and so was "a\\n  \\nb" (a blank line with
+  spaces on it)."""
+  assert split_steps("a\r\n\r\nb\r\n\r\nc") == ["a", "b", "c"]
+  assert split_steps("a\n  \nb\n\t\n\nc") == ["a", "b", "c"]
+  assert split_steps("a\r\nb\rc", "\n") == ["a", "b", "c"] and split_steps("a\nb", "\r\n") == ["a", "b"]
+  assert split_steps("x\n  y\n\nz") == ["x\n  y", "z"]  # indentation inside a step stays

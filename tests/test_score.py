@@ -74,7 +74,8 @@ def test_with_tokens_and_batch_size_do_not_change_scores(run, tmp_path):
 
 def test_a_pipe_is_scored_like_the_file_it_carries(run, tmp_path):
   """`--input <(zcat x.jsonl.gz)` names a pipe, which can be read once: it was refused as "not
-  found" (not a regular file). /dev/null is an empty input."""
+  found" (not a regular file). /dev/null, a character device, is accepted as an empty input
+  (the null device only: other character devices, such as /dev/zero, are refused)."""
   import os
   import threading
   lines = [json.dumps({"problem": f"Compute {a} + 1.", "steps": [f"{a} + 1 = {a + 1}"]}) for a in range(3)]
@@ -197,3 +198,82 @@ def test_bench_score_times_both_paths_on_the_same_solutions(run, tmp_path, capsy
   for impl in ("rmjax", "torch"):
     assert result[impl]["solutions_per_s"] > 0
   assert result["ratio"] == pytest.approx(result["rmjax"]["solutions_per_s"] / result["torch"]["solutions_per_s"])
+
+
+def _failing_open(monkeypatch, fail_on: str, after: int = 1):
+  """tool_files' open, whose files named `fail_on` raise ENOSPC on the write after `after` writes:
+  a disk that fills while the output is written."""
+  import builtins
+  import errno
+  from rmjax import tool_files
+
+  class Full:
+    def __init__(self, fh):
+      self.fh, self.writes = fh, 0
+
+    def write(self, text):
+      self.writes += 1
+      if self.writes > after:
+        raise OSError(errno.ENOSPC, "No space left on device")
+      return self.fh.write(text)
+
+    def close(self):
+      self.fh.close()
+
+  def fake_open(path, *args, **kwargs):
+    fh = builtins.open(path, *args, **kwargs)
+    return Full(fh) if fail_on in str(path) else fh
+  monkeypatch.setattr(tool_files, "open", fake_open, raising=False)
+
+
+def test_a_failed_or_interrupted_score_leaves_the_earlier_output_and_names_it(run, tmp_path, capsys, monkeypatch):
+  """A full disk half-way used to leave --output cut mid-line ("[Errno 28] ..." naming no path),
+  and Ctrl-C a 41-line traceback and a partial file that looked complete: now one line naming
+  --output, which keeps what it held, and no temporary file is left."""
+  lines = [json.dumps({"problem": f"Compute {a} + 1.", "steps": [f"{a} + 1 = {a + 1}"]}) for a in range(3)]
+  inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+  inp.write_text("\n".join(lines) + "\n")
+  out.write_text("earlier\n")
+  args = ["--checkpoint", str(run), "--input", str(inp), "--output", str(out)]
+  with monkeypatch.context() as m:
+    _failing_open(m, "out.jsonl")
+    assert score.main(args) == 2
+  err = capsys.readouterr().err
+  assert err.endswith(f"rmjax.score: error: cannot write {out}: No space left on device\n"), err
+  assert out.read_text() == "earlier\n" and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+  calls = []
+
+  def interrupt(*a, **k):
+    calls.append(1)
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    return real(*a, **k)
+  real = score.output_record
+  monkeypatch.setattr(score, "output_record", interrupt)
+  assert score.main(args) == 130
+  assert capsys.readouterr().err == ("rmjax.score: interrupted (Ctrl-C); its results were not written, earlier ones "
+                                     "are as they were\n")
+  assert out.read_text() == "earlier\n" and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+
+
+def test_only_files_and_pipes_are_read_and_lines_are_bounded(run, tmp_path, capsys, monkeypatch):
+  """/dev/zero was read forever (one endless line in memory), a symlink loop was "not found",
+  a line longer than the limit was read whole, and a byte order mark made line 1 invalid JSON."""
+  import os
+  from rmjax import tool_files
+  out = tmp_path / "o.jsonl"
+  assert score.main(["--checkpoint", str(run), "--input", "/dev/zero", "--output", str(out)]) == 2
+  assert capsys.readouterr().err == ("rmjax.score: error: --input /dev/zero is a character device, "
+                                     "not a file or a pipe\n")
+  os.symlink("loop1", tmp_path / "loop1")
+  assert score.main(["--checkpoint", str(run), "--input", str(tmp_path / "loop1"), "--output", str(out)]) == 2
+  assert "loop1 is a symlink loop" in capsys.readouterr().err and not out.exists()
+  monkeypatch.setattr(tool_files, "MAX_LINE_BYTES", 200)
+  good = json.dumps({"problem": "Compute 1 + 2.", "steps": ["1 + 2 = 3"]})
+  long = json.dumps({"problem": "x" * 300, "steps": ["a"]})
+  inp = tmp_path / "in.jsonl"
+  inp.write_bytes(b"\xef\xbb\xbf" + f"{good}\n{long}\n{good}\n".encode())
+  assert score.main(["--checkpoint", str(run), "--input", str(inp), "--output", str(out)]) == 0
+  err = capsys.readouterr().err
+  assert f"{inp}:2: skipped: line longer than 200 bytes" in err and "in.jsonl:1" not in err
+  assert "skipped 1 malformed" in err and len(out.read_text().splitlines()) == 2

@@ -35,7 +35,7 @@ def test_ctrl_c_in_the_loop_stops_it_with_a_checkpoint_and_again_at_once(capsys,
   either, with one line for the second."""
   import signal
   import pytest
-  from rmjax import launch
+  from rmjax import cli, launch
   from rmjax.train import loop
   before = signal.getsignal(signal.SIGINT)
   flag = stop.StopFlag(1)
@@ -51,7 +51,7 @@ def test_ctrl_c_in_the_loop_stops_it_with_a_checkpoint_and_again_at_once(capsys,
   monkeypatch.setattr(loop, "train_and_evaluate", lambda spec: {"interrupted": True, "stopped_by": "SIGINT"})
   with pytest.raises(SystemExit) as leaving:
     launch.run(spec)
-  assert leaving.value.code == launch.INTERRUPTED_EXIT_CODE == 130
+  assert leaving.value.code == cli.EXIT_INTERRUPTED == 130
 
   def interrupted(spec):
     raise KeyboardInterrupt

@@ -29,8 +29,8 @@ DEFAULT_CHUNK_BYTES = 16 << 20
 DEFAULT_MAX_LINE_BYTES = 64 << 20
 _NEWLINE = 10
 _BOM = b"\xef\xbb\xbf"
-REGULAR, MISSING = "a regular file", "missing"  # two of path_kind's answers
-_KINDS = ((stat.S_ISREG, REGULAR), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+REGULAR, DIRECTORY, FIFO, MISSING = "a regular file", "a directory", "a FIFO (named pipe)", "missing"  # path_kind's
+_KINDS = ((stat.S_ISREG, REGULAR), (stat.S_ISDIR, DIRECTORY), (stat.S_ISFIFO, FIFO),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
