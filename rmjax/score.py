@@ -172,11 +172,8 @@ def score_file(checkpoint: str | pathlib.Path, input_path: str | pathlib.Path, o
     raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
   if output_path.exists() and os.path.samefile(input_path, output_path):
     raise ValueError(f"--output {output_path} is the --input file: writing it would erase the input; give another path")
-  total_lines = None  # a pipe (--input <(zcat x.jsonl.gz)) can be read only once: no total for the bar
-  if input_path.is_file():
-    total_lines = 0
-    for _ in jsonl_lines(input_path, lambda _: None):
-      total_lines += 1
+  # the progress bar's total; a pipe (--input <(zcat x.jsonl.gz)) can be read only once: none
+  total_lines = sum(1 for _ in jsonl_lines(input_path, lambda _: None)) if input_path.is_file() else None
   scorer = make_scorer(checkpoint, batch_size)
   counts = {"scored": 0, "malformed": 0, "truncated_steps": 0}
 
