@@ -202,11 +202,13 @@ def main(argv: list[str] | None = None) -> int:
   parser = cli.ArgumentParser(prog="python -m rmjax.score", description=__doc__.split("\n\n")[0])
   parser.add_argument("--checkpoint", required=True, help="run dir, checkpoint_step_<N> dir or export dir")
   parser.add_argument("--input", required=True, help="JSONL, one {problem, steps | text} object per line")
-  parser.add_argument("--output", required=True, help="JSONL to write")
+  parser.add_argument("--output", required=True, help="JSONL to write; - or a pipe streams it")
   parser.add_argument("--batch-size", type=int, default=8)
   parser.add_argument("--with-tokens", action="store_true", help="also write input_ids and marker_positions")
   add_solution_args(parser)
   args = parser.parse_args(argv)
+  if args.output == "-":  # stdout, as - means to most tools (else a file named "-" appeared)
+    args.output = "/dev/stdout"
   return cli.run("score", lambda: _score_command(args))
 
 

@@ -10,8 +10,9 @@ place only when ALL of them were written; on any failure the temporary files are
 earlier outputs stay as they were. A write that fails says which file: "cannot write <path>:
 <reason>".
 
-A target that exists and is not a regular file (--output /dev/null, a pipe) cannot be replaced
-by a rename: it is written in place, as a stream.
+A target that exists and is not a regular file (--output /dev/null, a pipe), or that a /dev
+name points at (/dev/stdout, /dev/fd/N from `>(...)`), cannot be replaced by a rename: it is
+appended to in place, as a stream (`is_stream`).
 
 score and rerank read JSON Lines through `jsonl_lines`: a regular file or a pipe (`--input
 <(zcat x.gz)`), os.devnull as an empty input, nothing else (a character device such as
@@ -55,6 +56,14 @@ def _write_errors() -> tuple[type[BaseException], ...]:
   return (OSError, SafetensorError)
 
 
+def is_stream(path: str | os.PathLike) -> bool:
+  """Whether `path` is written in place, as a stream: it exists and is no regular file (a pipe,
+  /dev/null), or it is a /dev or /proc name (/dev/stdout, /dev/fd/N from `>(...)`), asked before
+  resolving: /dev/fd/63 resolves to no path, and /dev/stdout to whatever the shell opened."""
+  path = pathlib.Path(path)
+  return path.exists() and (not path.is_file() or str(path).startswith(("/dev/", "/proc/")))
+
+
 @contextlib.contextmanager
 def naming(path: str | os.PathLike) -> Iterator[None]:
   """An OSError or safetensors error raised inside becomes `cannot_write(path, ...)`."""
@@ -86,11 +95,12 @@ class OutputFiles:
   def path(self, final: str | os.PathLike) -> pathlib.Path:
     """Where to write `final` now: a temporary path beside it (with its suffix, so a library that
     picks a format by suffix picks the same), or `final` itself when it is not a regular file."""
-    final = pathlib.Path(os.path.realpath(final))  # through a symlink: replace its target, not the link
+    final = pathlib.Path(final)
     if final.is_dir():
       raise IsADirectoryError(f"cannot write {final}: it is a directory")
-    if final.exists() and not final.is_file():
+    if is_stream(final):
       return final
+    final = pathlib.Path(os.path.realpath(final))  # through a symlink: replace its target, not the link
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.partial{final.suffix}")
     self._pending.append((tmp, final))
@@ -111,8 +121,8 @@ class OutputFiles:
   def open(self, final: str | os.PathLike) -> _NamedWriter:
     """A text file to write `final` line by line; closed by commit / discard."""
     tmp = self.path(final)
-    with naming(final):
-      fh = open(tmp, "w", encoding="utf-8")
+    with naming(final):  # a stream is appended to: `>> log` must keep what is there
+      fh = open(tmp, "a" if is_stream(final) else "w", encoding="utf-8")
     self._open.append((fh, final))
     return _NamedWriter(fh, pathlib.Path(final))
 

@@ -1,6 +1,7 @@
 """`python -m rmjax.score`: input validation, pass-through keys, truncation nulls, batching."""
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -91,6 +92,29 @@ def test_a_pipe_is_scored_like_the_file_it_carries(run, tmp_path):
   assert [json.loads(x) for x in out.read_text().splitlines()] == from_file
   assert score.main(["--checkpoint", str(run), "--input", os.devnull, "--output", str(out)]) == 0
   assert out.read_text() == ""
+
+
+
+def test_output_to_a_pipe_or_stdout_is_streamed(run, tmp_path, capfd):
+  """`--output >(gzip > x.gz)` names /dev/fd/N, which resolves to no path: the write failed with
+  "No such file or directory". `--output -` wrote a file named "-"; it is stdout."""
+  import os
+  import threading
+  lines = [json.dumps({"problem": f"Compute {a} + 1.", "steps": [f"{a} + 1 = {a + 1}"]}) for a in range(3)]
+  _, from_file = _score(run, tmp_path, lines)
+  fifo, got = tmp_path / "out_pipe", []
+  os.mkfifo(fifo)
+  reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+  reader.start()
+  try:
+    assert score.main(["--checkpoint", str(run), "--input", str(tmp_path / "in.jsonl"), "--output", str(fifo)]) == 0
+  finally:
+    reader.join(timeout=60)
+  assert [json.loads(x) for x in got[0].splitlines()] == from_file
+  capfd.readouterr()
+  assert score.main(["--checkpoint", str(run), "--input", str(tmp_path / "in.jsonl"), "--output", "-"]) == 0
+  assert [json.loads(x) for x in capfd.readouterr().out.splitlines()] == from_file
+  assert not (pathlib.Path.cwd() / "-").exists()
 
 
 def test_bad_arguments_are_one_line_errors(run, tmp_path, capsys):
