@@ -50,7 +50,6 @@ Mapping (seed -> spec key):
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import re
 import sys
@@ -195,6 +194,8 @@ def map_seed(mode: str, args: argparse.Namespace, config: Mapping[str, Any],
   for key, (target, on, off) in special.items():
     if key in config:
       used.add(key)
+      if not isinstance(config[key], bool):  # "false" is truthy: it turned bf16 on
+        raise spec_lib.SpecError(f"seed config key {key!r} must be true or false, got {config[key]!r}")
       overrides[target] = on if config[key] else off
   for key in _FLAG_KEYS:  # flags beat the JSON config
     value = getattr(args, key, None)
@@ -233,15 +234,12 @@ def read_config(path: str | None) -> dict[str, Any]:
   if not path:
     return {}
   try:
-    with open(path) as f:
-      config = json.load(f)
+    return cli.read_json_object(path)
   except FileNotFoundError:
     raise spec_lib.SpecError(f"config file not found: {path}") from None
-  except json.JSONDecodeError as e:
-    raise spec_lib.SpecError(f"config file {path} is not valid JSON: {e}") from None
-  if not isinstance(config, dict):
-    raise spec_lib.SpecError(f"config file {path} must hold a JSON object, got {type(config).__name__}")
-  return config
+  except (OSError, ValueError) as e:  # a directory, unreadable, not UTF-8 JSON, not an object
+    raise spec_lib.SpecError(f"config file {cli.first_line(e)}" if isinstance(e, ValueError)
+                             else f"config file {path}: {e.strerror or e}") from None
 
 
 def main(mode: str, argv: Sequence[str] | None = None) -> Any:

@@ -168,6 +168,21 @@ def test_seed_lora_flags_and_json_config(seed):
   assert warnings == ["ignored seed config keys (no rmjax equivalent): lora_dropout, report_to"]
 
 
+def test_seed_config_files_and_booleans_that_are_no_json_object_or_bool_are_one_line(seed, tmp_path):
+  """A directory or a non-UTF-8 file as --config was a traceback; "bf16": "false" (a string, so
+  truthy) trained in bfloat16 without a word."""
+  (tmp_path / "bin.json").write_bytes(b"\xff\xfe{}")
+  (tmp_path / "list.json").write_text("[1]")
+  for path, says in ((tmp_path, f"config file {tmp_path}: Is a directory"),
+                     (tmp_path / "bin.json", f"config file {tmp_path / 'bin.json'} is not valid JSON"),
+                     (tmp_path / "list.json", "holds a JSON list, expected an object")):
+    with pytest.raises(seed.spec_lib.SpecError, match=re.escape(says)):
+      seed.read_config(str(path))
+  for key in ("bf16", "gradient_checkpointing"):
+    with pytest.raises(seed.spec_lib.SpecError, match=f"seed config key '{key}' must be true or false, got 'false'"):
+      seed.map_seed("full", seed.build_parser("full").parse_args([]), {key: "false"}, num_devices=1)
+
+
 def test_seed_datasets_list(seed):
   config = {"datasets": [{"name": "eqasc", "path": "/e", "weight": 2}, {"name": "gsm8k", "path": "/g"}]}
   spec, warnings = seed.map_seed("full", seed.build_parser("full").parse_args([]), config, num_devices=1)
