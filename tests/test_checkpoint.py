@@ -386,6 +386,15 @@ def test_flax_train_state_with_frozen_branch_and_subtree_restore(tmp_path):
   _leaves_equal(weights, {"params": state.params, "frozen": state.frozen})
   with pytest.raises(ck.CheckpointNotFound, match="no state"):
     ck.restore_subtree(tmp_path / "checkpoints", sub)
+  # init_from a checkpoint of another shape, or without the frozen weights a LoRA run needs: a
+  # mismatch naming the array (it was "corrupt or unreadable" with orbax's advice about strict=False)
+  other = ck.abstract_like({"params": {**state.params, "a": jnp.zeros(5)}, "frozen": state.frozen})
+  with pytest.raises(ck.CheckpointMismatch, match=r"does not fit the model this spec builds \(params/a: stored "
+                                                  r"\(3,\), this model \(5,\)\)"):
+    ck.restore_subtree(tmp_path / "checkpoints" / "checkpoint_step_4", other)
+  more = ck.abstract_like({"params": state.params, "frozen": {**state.frozen, "d": jnp.zeros(2)}})
+  with pytest.raises(ck.CheckpointMismatch, match=r"1 array\(s\) of this model not in the checkpoint, e.g. frozen/d"):
+    ck.restore_subtree(tmp_path / "checkpoints" / "checkpoint_step_4", more)
 
 
 def test_data_positions_of_another_process_count_are_a_layout_error_not_corruption(tmp_path):

@@ -26,7 +26,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from rmjax import background_errors
-from rmjax.checkpoint.errors import CheckpointCorrupt, CheckpointNotFound, CheckpointWriteError, one_line
+from rmjax.checkpoint.errors import (CheckpointCorrupt, CheckpointMismatch, CheckpointNotFound, CheckpointWriteError,
+                                     one_line)
 
 STEP_PREFIX = "checkpoint_step"
 BEST_FILE = "best.json"
@@ -138,6 +139,13 @@ def restore_subtree(step_dir: os.PathLike | str, abstract_subtree: dict) -> dict
   step_dir = pathlib.Path(step_dir).absolute()
   if not (step_dir / "state").is_dir():
     raise CheckpointNotFound(f"{step_dir} is not a checkpoint_step_<N> folder (no state/ inside)")
+  stored = stored_shapes(step_dir / "state")
+  if stored is not None:  # another model's checkpoint is a mismatch, said as such, not corruption
+    stored = {p: shape for p, shape in stored.items() if p.split("/")[0] in abstract_subtree}
+    problem = shape_mismatch(stored, shapes_by_path(dict(abstract_subtree)))
+    if problem:
+      raise CheckpointMismatch(f"checkpoint {step_dir} does not fit the model this spec builds ({problem}); "
+                               f"it takes a checkpoint of the same model shape, mode and head")
   args = ocp.args.PyTreeRestore(
     item=abstract_subtree, partial_restore=True,
     restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_subtree))
