@@ -7,8 +7,9 @@ counting, not by sampling:
 
   top_pick_accuracy  the candidate with the highest score is picked; candidates tied on the top
                      score share the pick evenly (a subset whose top holds t candidates, c of
-                     them correct, counts c / t). A candidate with no score (None) ranks below
-                     every scored one (all unscored candidates tie with each other).
+                     them correct, counts c / t). A candidate with no score (None: a step did
+                     not fit) ranks below every scored one and is never picked: a subset of
+                     unscored candidates only counts 0, as the reward model chose none of them.
   oracle             pass@n: the subset holds at least one correct candidate.
   majority           the answer given most often in the subset wins; candidates without an
                      answer (None) do not vote; answers tied for the most votes share the win
@@ -57,7 +58,7 @@ def top_pick_accuracy(scores: Sequence[Optional[float]], correct: Sequence[bool]
     g = sum(1 for s, _ in keyed if s == value)
     c = sum(1 for s, ok in keyed if s == value and ok)
     below -= g
-    if c:
+    if c and value != float("-inf"):  # the unscored are never picked (module docstring)
       ways = sum(comb(g, t) * comb(below, n - t) for t in range(1, min(g, n) + 1))
       total += Fraction(c, g) * ways
   return float(total / comb(num, n))

@@ -230,8 +230,10 @@ def rerank(input_path: str | pathlib.Path, output: str | pathlib.Path, checkpoin
     cfg = with_max_length(rm.render_cfg, max_length) if max_length is not None else None
     unscored = score_candidates(RunScorer(rm, cfg, rows=batch_size), problems)
     if unscored:
-      warn(f"{unscored} steps do not fit in max_length (their candidates have no solution score and rank "
-           f"last; --max-length raises it)")
+      ids = [str(p.get("id")) for p in problems if any(None in c["step_scores"] for c in p["candidates"])]
+      warn(f"{unscored} steps do not fit in max_length, in problems {', '.join(ids[:5])}"
+           f"{f' and {len(ids) - 5} more' if len(ids) > 5 else ''} (their candidates have no solution score and "
+           f"are never picked; --max-length raises it)")
   for p in problems:
     for c in p["candidates"]:
       c["solution_scores"] = {how: aggregate(c["step_scores"], how) for how in AGGREGATIONS}

@@ -16,14 +16,15 @@ AGG = {"min": min, "prod": lambda s: float(np.prod(s)), "mean": lambda s: float(
 
 
 def brute_top(scores, correct, n):
-  """Mean over subsets of the correct share among the subset's top-scored (None lowest)."""
+  """Mean over subsets of the correct share among the subset's top-scored (None lowest, and a
+  subset of None only picks nothing)."""
   key = [float("-inf") if s is None else s for s in scores]
   total = 0.0
   subsets = list(itertools.combinations(range(len(scores)), n))
   for sub in subsets:
     best = max(key[i] for i in sub)
     top = [i for i in sub if key[i] == best]
-    total += sum(correct[i] for i in top) / len(top)
+    total += 0 if best == float("-inf") else sum(correct[i] for i in top) / len(top)
   return total / len(subsets)
 
 
@@ -79,6 +80,10 @@ def test_a_tie_on_top_shares_the_pick_and_n_values():
   # two candidates tie on 0.9 (one correct): half a pick; n=2 of {0.9 ok, 0.9 bad, 0.1 ok}
   assert bon.top_pick_accuracy([0.9, 0.9, 0.1], [True, False, True], 1) == pytest.approx(2 / 3)
   assert bon.top_pick_accuracy([0.9, 0.9, 0.1], [True, False, True], 2) == pytest.approx((0.5 + 1 + 0) / 3)
+  # unscored (a step did not fit) is never picked: a correct one alone counted as a right pick
+  assert bon.top_pick_accuracy([None, None], [True, False], 1) == 0.0
+  assert bon.top_pick_accuracy([None, 0.2, None], [True, False, True], 2) == 0.0  # 0.2 is in every pair with a None
+  assert bon.top_pick_accuracy([None, 0.2], [True, True], 1) == 0.5
   assert bon.n_values(8) == [1, 2, 4, 8] and bon.n_values(6) == [1, 2, 4, 6] and bon.n_values(1) == [1]
   with pytest.raises(ValueError, match="n=3"):
     bon.oracle([True, False], 3)

@@ -205,6 +205,25 @@ def test_rerank_scores_real_gsm8k_candidates_with_the_checkpoint(run, tmp_path, 
     assert abs(report["oracle"][str(n)] - want) <= 1e-9
 
 
+def test_rerank_names_the_problems_whose_steps_do_not_fit_and_never_picks_them(run, tmp_path, capsys):
+  """README: a step that does not fit "is reported by count and sample id and never counts as
+  correct". The warning gave the count only, and a problem whose candidates were all unscored
+  shared the pick among them, counting a correct one half right. SYNTHETIC candidates."""
+  from rmjax import rerank
+  long = "Problem " * 200  # past the run's max_length with any step
+  problems = [{"id": "long", "problem": long, "candidates": [{"steps": ["1 + 1 = 2"], "answer": "2", "correct": True},
+                                                              {"steps": ["1 + 1 = 3"], "answer": "3", "correct": False}]},
+              {"id": "short", "problem": "Compute 1 + 1.",
+               "candidates": [{"steps": ["1 + 1 = 2"], "answer": "2", "correct": True},
+                              {"steps": ["1 + 1 = 2"], "answer": "2", "correct": True}]}]
+  (tmp_path / "c.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
+  assert rerank.main(["--checkpoint", str(run), "--input", str(tmp_path / "c.jsonl"), "--output", str(tmp_path / "o")]) == 0
+  err = capsys.readouterr().err
+  assert "2 steps do not fit in max_length, in problems long (their candidates" in err, err
+  report = json.loads((tmp_path / "o" / "bon.json").read_text())
+  assert report["unscored_steps"] == 2 and report["accuracy"]["min"]["1"] == 0.5  # "short" right, "long" no pick
+
+
 def test_bench_score_times_both_paths_on_the_same_solutions(run, tmp_path, capsys):
   from rmjax import export
   from rmjax.bench import score as bench_score
