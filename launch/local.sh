@@ -18,7 +18,8 @@
 set -euo pipefail
 
 if [[ $# -lt 1 || ! "$1" =~ ^[1-9][0-9]*$ ]]; then
-  sed -n '2,18p' "$0" >&2
+  echo "local.sh: error: the first argument is the number of processes (1 or more), got '${1:-}'; usage:" \
+    "launch/local.sh NUM_PROCESSES [rmjax.launch arguments...]" >&2
   exit 2
 fi
 N=$1; shift

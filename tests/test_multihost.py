@@ -121,6 +121,11 @@ def test_launch_local_sh_exits_with_the_failed_process_status_and_stops_the_othe
   proc = subprocess.run(["bash", str(R.ROOT / "launch" / "local.sh"), "2", "--spec", "specs/demo.py"],
                         cwd=R.ROOT, env=env, capture_output=True, text=True, timeout=60)
   assert proc.returncode == 3, proc.stderr
+  # a process count that is no positive number: one error line (it printed the script's comments)
+  proc = subprocess.run(["bash", str(R.ROOT / "launch" / "local.sh"), "0", "--spec", "specs/demo.py"],
+                        cwd=R.ROOT, env=env, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 2 and proc.stderr.startswith("local.sh: error: the first argument is the number of "
+                                                        "processes") and proc.stderr.count("\n") == 1, proc.stderr
 
 
 def test_k8s_job_and_runtime_agree_on_process_layout():
