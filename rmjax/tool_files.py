@@ -30,11 +30,10 @@ import secrets
 import stat
 from typing import Any, Callable, Iterator
 
-from rmjax.data.jsonl_index import DIRECTORY, FIFO, MISSING, REGULAR, path_kind
+from rmjax.data.jsonl_index import BOM, DEFAULT_MAX_LINE_BYTES, DIRECTORY, FIFO, MISSING, REGULAR, path_kind
 
-MAX_LINE_BYTES = 64 << 20  # 64 MiB: far above any solution, far below a machine's memory
+MAX_LINE_BYTES = DEFAULT_MAX_LINE_BYTES  # the readers' bound: far above any solution, far below memory
 _CHUNK = 1 << 20
-_BOM = b"\xef\xbb\xbf"
 
 
 def cannot_write(path: str | os.PathLike, exc: BaseException) -> OSError:
@@ -198,7 +197,7 @@ def jsonl_lines(path: pathlib.Path, warn: Callable[[str], None]) -> Iterator[tup
           pass
         warn(f"{path}:{lineno}: skipped: line longer than {MAX_LINE_BYTES} bytes ({MAX_LINE_BYTES / 2**20:g} MiB)")
         continue
-      if lineno == 1 and raw.startswith(_BOM):
-        raw = raw[len(_BOM):]
+      if lineno == 1 and raw.startswith(BOM):
+        raw = raw[len(BOM):]
       if raw.strip():
         yield lineno, raw

@@ -28,7 +28,7 @@ import numpy as np
 DEFAULT_CHUNK_BYTES = 16 << 20
 DEFAULT_MAX_LINE_BYTES = 64 << 20
 _NEWLINE = 10
-_BOM = b"\xef\xbb\xbf"
+BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark, which Windows editors write first
 REGULAR, DIRECTORY, FIFO, MISSING = "a regular file", "a directory", "a FIFO (named pipe)", "missing"  # path_kind's
 _KINDS = ((stat.S_ISREG, REGULAR), (stat.S_ISDIR, DIRECTORY), (stat.S_ISFIFO, FIFO),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
@@ -66,8 +66,8 @@ def scan_line_starts(path: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple
   buf = bytearray(chunk_bytes)
   offset = 0
   with open(path, "rb", buffering=0) as f:
-    if f.read(len(_BOM)) == _BOM:  # the first line starts after the byte order mark
-      pieces[0][0] = offset = len(_BOM)
+    if f.read(len(BOM)) == BOM:  # the first line starts after the byte order mark
+      pieces[0][0] = offset = len(BOM)
     f.seek(offset)
     while True:
       n = f.readinto(buf)
