@@ -30,6 +30,7 @@ import secrets
 import stat
 from typing import Any, Callable, Iterator
 
+from rmjax.cli import first_line
 from rmjax.data.jsonl_index import BOM, DEFAULT_MAX_LINE_BYTES, DIRECTORY, FIFO, MISSING, REGULAR, path_kind
 
 MAX_LINE_BYTES = DEFAULT_MAX_LINE_BYTES  # the readers' bound: far above any solution, far below memory
@@ -39,15 +40,10 @@ _CHUNK = 1 << 20
 def cannot_write(path: str | os.PathLike, exc: BaseException) -> OSError:
   """An OSError "cannot write <path>: <reason>" for an OSError or a library's write error (the
   safetensors library says "Error while serializing: I/O error: No space left on device")."""
-  reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
+  reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
   out = OSError(f"cannot write {path}: {reason}")
   out.errno = getattr(exc, "errno", None)
   return out
-
-
-def _first_line(exc: BaseException) -> str:
-  from rmjax.cli import first_line
-  return first_line(exc)
 
 
 def _write_errors() -> tuple[type[BaseException], ...]:

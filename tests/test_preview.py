@@ -131,7 +131,7 @@ def test_paths_that_are_no_file_say_what_they_are(tmp_path, capsys):
     assert code == 2 and "does not exist" in err
   (tmp_path / "prm" / "phase2_train.jsonl").mkdir(parents=True)  # a folder named like the split's file
   code, err = _in_process(capsys, "--source", "prm800k", "--path", tmp_path / "prm", "--split", "train")
-  assert code == 2 and err.endswith(f"phase2_train.jsonl' is a directory, not a data file\n"), err
+  assert code == 2 and err.endswith("phase2_train.jsonl' is a directory, not a data file\n"), err
 
 
 def test_flags_that_would_be_ignored_or_overridden_are_refused(tmp_path, capsys):
