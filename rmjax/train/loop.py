@@ -23,6 +23,7 @@ Rules it keeps:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pathlib
@@ -340,15 +341,12 @@ class Trainer:
   def close(self, quiet: bool = False) -> None:
     """Closes the checkpointer, the logs and the run folder's lock. `quiet` (closing after an
     error): a failure to close (a full disk) is logged, not raised over the error being reported."""
+    lock, self._lock = self._lock, None
     try:
-      try:
+      with contextlib.ExitStack() as closing:  # each runs even when an earlier one fails
+        closing.callback(run_lock.unlock, lock)
+        closing.callback(self.logger.close)
         self.checkpointer.close()
-      finally:
-        try:
-          self.logger.close()
-        finally:
-          run_lock.unlock(self._lock)
-          self._lock = None
     except Exception as e:  # noqa: BLE001  only when quiet: the caller is raising its own error
       if not quiet:
         raise
